@@ -1,0 +1,60 @@
+# Every target is self-sufficient: it creates .venv and installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+
+.PHONY: install tools redis run demo test proto lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml clients/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ./clients -e '.[dev]'
+	touch $(STAMP)
+
+# buf (lint and `buf curl`) comes from npm as a package with its binary inside.
+tools: $(BUF)
+
+$(BUF):
+	mkdir -p .tools
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+# redis-server for the shared rate-limit tests; installed with apt when missing and we are root.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is missing: install it (e.g. apt-get install redis-server)"; exit 1; fi; }
+
+run: install
+	$(PY) -m server
+
+# The service against the local stand-in upstream: see README "Try it locally".
+demo: install
+	$(PY) -m server.demo
+
+test: install tools redis
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+proto: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
+	  --python_out=clients --grpc_python_out=clients \
+	  --mypy_out=clients --mypy_grpc_out=clients \
+	  protos/aiservices/v1/tool_service.proto
+
+lint: install tools
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy server clients/aiservices tests bench
+	cd protos && ../$(BUF) lint
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
