@@ -1,0 +1,1 @@
+"""aiservices server: a grpc.aio ToolService in front of AI-powered tools."""
