@@ -1,0 +1,454 @@
+"""API keys: the keys file, authentication, the authorization header and the `keys` CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server.auth import (
+    ApiKey,
+    KeysFileError,
+    KeyStore,
+    generate_key,
+    hash_key,
+    keys_main,
+    parse_authorization,
+)
+
+KEY_A = "ais_first-key-for-tests_0123456789abcdefghijklmn"
+KEY_B = "ais_second-key-for-tests_0123456789abcdefghijklm"
+HASH_A = "sha256:" + hashlib.sha256(KEY_A.encode()).hexdigest()
+HASH_B = "sha256:" + hashlib.sha256(KEY_B.encode()).hexdigest()
+
+GOOD_FILE = f"""
+[[keys]]
+id = "svc-a"
+hash = "{HASH_A}"
+permissions = ["tools.agenta.api.refine_prompt"]
+
+[[keys]]
+id = "svc.b_2"
+hash = "{HASH_B}"
+permissions = ["*"]
+organization = "acme"
+rate_limit = {{ burst = 30, per_minute = 90 }}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "keys.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def entry(**fields: str) -> str:
+    """One [[keys]] table; values are TOML source text, a key set to "" is left out."""
+    values = {
+        "id": '"svc-a"',
+        "hash": f'"{HASH_A}"',
+        "permissions": '["tools.x"]',
+        **fields,
+    }
+    return "[[keys]]\n" + "".join(f"{k} = {v}\n" for k, v in values.items() if v)
+
+
+def load_error(tmp_path: Path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(KeysFileError) as info:
+        KeyStore.from_file(path)
+    message = str(info.value)
+    assert message.startswith(f"API keys file {path}: ")
+    assert "\n" not in message
+    return message.removeprefix(f"API keys file {path}: ")
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def test_good_file_loads_every_field(tmp_path: Path) -> None:
+    store = KeyStore.from_file(write(tmp_path, GOOD_FILE))
+
+    assert len(store) == 2
+    assert store.ids() == ("svc-a", "svc.b_2")
+    a = store.authenticate(KEY_A)
+    b = store.authenticate(KEY_B)
+    assert a == ApiKey(
+        id="svc-a",
+        digest=hashlib.sha256(KEY_A.encode()).digest(),
+        permissions=frozenset({"tools.agenta.api.refine_prompt"}),
+        organization=None,
+        rate_limit=None,
+    )
+    assert b is not None
+    assert b.id == "svc.b_2"
+    assert b.permissions == frozenset({"*"})
+    assert b.organization == "acme"
+    assert b.rate_limit == (30, 90.0)
+    assert isinstance(b.rate_limit[1], float)
+
+
+def test_principal_carries_the_key_identity() -> None:
+    key = ApiKey(
+        id="svc-a",
+        digest=bytes(32),
+        permissions=frozenset({"tools.x"}),
+        organization="acme",
+    )
+    principal = key.principal(user_id="u1")
+    assert (principal.key_id, principal.organization, principal.user_id) == ("svc-a", "acme", "u1")
+    assert principal.may("tools.x")
+    assert not principal.may("tools.y")
+
+
+def test_repr_never_shows_the_digest() -> None:
+    key = ApiKey(id="svc-a", digest=hashlib.sha256(KEY_A.encode()).digest())
+    assert HASH_A.removeprefix("sha256:") not in repr(key)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[[keys]]\nid = \n", "not valid TOML (line 2, column 6: Invalid value)"),
+        ("", "no [[keys]] entries"),
+        (entry(hash=""), "keys[0].hash: required field is missing"),
+        (entry(permissions=""), "keys[0].permissions: required field is missing"),
+        (
+            entry(hash='"sha256:ABC"'),
+            'keys[0].hash: must look like "sha256:<64 lowercase hex digits>"',
+        ),
+        (
+            entry(hash=f'"{HASH_A.upper()}"'),
+            'keys[0].hash: must look like "sha256:<64 lowercase hex digits>"',
+        ),
+        (
+            entry(hash=f'"{HASH_A.removeprefix("sha256:")}"'),
+            'keys[0].hash: must look like "sha256:<64 lowercase hex digits>"',
+        ),
+        (
+            entry() + entry(id='"svc-b"', hash=f'"{HASH_B}"') + entry(hash=f'"{HASH_B}"'),
+            'keys[2].id: duplicate id "svc-a"',
+        ),
+        (
+            entry() + entry(id='"svc-b"'),
+            'keys[1].hash: same hash as key "svc-a"',
+        ),
+        (entry(permission='["*"]'), "keys[0].permission: unknown field"),
+        (entry() + "\n[extra]\nx = 1\n", "extra: unknown field"),
+        (entry(permissions='"tools.x"'), "keys[0].permissions: must be an array"),
+        (entry(permissions='["tools.x", 3]'), "keys[0].permissions[1]: must be a string"),
+        (
+            entry(permissions='["tools x"]'),
+            "keys[0].permissions[0]: must be a non-empty string without spaces",
+        ),
+        (entry(id='"svc a"'), "keys[0].id: must be 1 to 64 characters from A-Z a-z 0-9 . _ -"),
+        (
+            entry(id=f'"{"a" * 65}"'),
+            "keys[0].id: must be 1 to 64 characters from A-Z a-z 0-9 . _ -",
+        ),
+        (entry(organization="7"), "keys[0].organization: must be a string"),
+        (
+            entry(rate_limit="{ burst = 0, per_minute = 90 }"),
+            "keys[0].rate_limit.burst: must be greater than 0",
+        ),
+        (
+            entry(rate_limit="{ burst = 2.5, per_minute = 90 }"),
+            "keys[0].rate_limit.burst: must be an integer",
+        ),
+        (
+            entry(rate_limit="{ burst = 3, per_minute = -1.0 }"),
+            "keys[0].rate_limit.per_minute: must be greater than 0",
+        ),
+        (
+            entry(rate_limit="{ burst = 3 }"),
+            "keys[0].rate_limit.per_minute: required field is missing",
+        ),
+        (
+            entry(rate_limit="{ burst = 3, per_minute = 9, burts = 1 }"),
+            "keys[0].rate_limit.burts: unknown field",
+        ),
+        ('[keys]\nid = "a"\n', "keys: must be [[keys]] tables (an array of tables), not [keys]"),
+    ],
+    ids=lambda value: value if len(value) < 40 else value[:40],
+)
+def test_malformed_file_gives_one_line(tmp_path: Path, text: str, problem: str) -> None:
+    assert load_error(tmp_path, text) == problem
+
+
+def test_several_problems_report_the_first_and_count(tmp_path: Path) -> None:
+    message = load_error(tmp_path, entry(hash='"x"', permissions="", colour='"red"'))
+    assert message == (
+        'keys[0].hash: must look like "sha256:<64 lowercase hex digits>" (and 2 more problems)'
+    )
+
+
+def test_values_are_never_echoed(tmp_path: Path) -> None:
+    """A clear key pasted into `hash` by mistake must not reach the start-up log."""
+    assert KEY_A not in load_error(tmp_path, entry(hash=f'"{KEY_A}"'))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(KeysFileError) as info:
+        KeyStore.from_file(path)
+    assert str(info.value) == f"API keys file {path}: cannot read it (No such file or directory)"
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(KeysFileError, match=r"^API keys file .*: cannot read it \(.+\)$"):
+        KeyStore.from_file(tmp_path)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_bytes(b'id = "\xff"\n')
+    with pytest.raises(KeysFileError, match=r": not valid TOML \(not UTF-8 text\)$"):
+        KeyStore.from_file(path)
+
+
+def test_store_rejects_duplicates_built_in_code() -> None:
+    a = ApiKey(id="svc-a", digest=bytes(32))
+    with pytest.raises(ValueError, match="duplicate id"):
+        KeyStore([a, ApiKey(id="svc-a", digest=bytes([1]) * 32)])
+    with pytest.raises(ValueError, match="same hash"):
+        KeyStore([a, ApiKey(id="svc-b", digest=bytes(32))])
+    with pytest.raises(ValueError, match="32 bytes"):
+        ApiKey(id="svc-c", digest=b"short")
+
+
+# --- authenticate ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store() -> KeyStore:
+    return KeyStore(
+        [
+            ApiKey(id="svc-a", digest=hashlib.sha256(KEY_A.encode()).digest()),
+            ApiKey(id="svc-b", digest=hashlib.sha256(KEY_B.encode()).digest()),
+        ]
+    )
+
+
+def test_authenticate_right_key(store: KeyStore) -> None:
+    found = store.authenticate(KEY_A)
+    assert found is not None
+    assert found.id == "svc-a"
+    other = store.authenticate(KEY_B)
+    assert other is not None
+    assert other.id == "svc-b"
+
+
+@pytest.mark.parametrize(
+    "presented",
+    [
+        "ais_wrong",
+        KEY_A[:-1] + ("x" if KEY_A[-1] != "x" else "y"),
+        "X" + KEY_A[1:],
+        KEY_A + " ",
+        KEY_A[:-1],
+        "",
+        HASH_A,
+        HASH_A.removeprefix("sha256:"),
+    ],
+    ids=["wrong", "last-char", "first-char", "trailing-space", "truncated", "empty", "hash", "hex"],
+)
+def test_authenticate_refuses(store: KeyStore, presented: str) -> None:
+    assert store.authenticate(presented) is None
+
+
+def test_authenticate_uses_constant_time_compare(
+    store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final equality test must go through hmac.compare_digest."""
+    calls: list[tuple[bytes, bytes]] = []
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return False
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    assert store.authenticate(KEY_A) is None
+    assert calls == [(hashlib.sha256(KEY_A.encode()).digest(),) * 2]
+
+
+def test_store_holds_no_clear_key(store: KeyStore) -> None:
+    for key in store:
+        assert KEY_A not in repr(vars(key))
+        assert KEY_B not in repr(vars(key))
+    assert KEY_A not in repr(store)
+
+
+# --- parse_authorization -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (f"Bearer {KEY_A}", KEY_A),
+        (f"ApiKey {KEY_A}", KEY_A),
+        (f"bearer {KEY_A}", KEY_A),
+        (f"APIKEY {KEY_A}", KEY_A),
+        (None, None),
+        ("", None),
+        ("Bearer", None),
+        ("Bearer ", None),
+        (f"Bearer {KEY_A} extra", None),
+        (f"Bearer  {KEY_A}", None),
+        (f"Basic {KEY_A}", None),
+        (KEY_A, None),
+        ("Bearer ais_\u00e9", None),
+        ("Bearer ais_\x01x", None),
+        ("Bearer " + "a" * 1025, None),
+    ],
+    ids=[
+        "bearer",
+        "apikey",
+        "lower-case",
+        "upper-case",
+        "missing",
+        "empty",
+        "scheme-only",
+        "empty-key",
+        "two-tokens",
+        "two-spaces",
+        "basic",
+        "no-scheme",
+        "non-ascii",
+        "control-char",
+        "too-long",
+    ],
+)
+def test_parse_authorization(value: str | None, expected: str | None) -> None:
+    assert parse_authorization(value) == expected
+
+
+# --- generate_key / hash_key -------------------------------------------------------------------
+
+
+def test_generate_key_is_prefixed_random_and_presentable() -> None:
+    key = generate_key()
+    assert key.startswith("ais_")
+    assert len(key) == 4 + 43
+    assert key != generate_key()
+    assert parse_authorization(f"Bearer {key}") == key
+
+
+def test_hash_key_format() -> None:
+    assert hash_key(KEY_A) == HASH_A
+    assert hash_key("abc") == (
+        "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def test_keys_new_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = keys_main(
+        [
+            "new",
+            "--id",
+            "svc-new",
+            "--permission",
+            "tools.agenta.api.refine_prompt",
+            "--permission",
+            "*",
+            "--organization",
+            'ac"me',
+            "--burst",
+            "5",
+            "--per-minute",
+            "12.5",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+
+    lines = out.splitlines()
+    assert lines[0].startswith("key: ais_")
+    key = lines[0].removeprefix("key: ")
+    assert "only once" in lines[1]
+    entry_text = out[out.index("[[keys]]") :]
+    assert key not in entry_text
+
+    store = KeyStore.from_file(write(tmp_path, entry_text))
+    found = store.authenticate(key)
+    assert found is not None
+    assert found.id == "svc-new"
+    assert found.permissions == frozenset({"tools.agenta.api.refine_prompt", "*"})
+    assert found.organization == 'ac"me'
+    assert found.rate_limit == (5, 12.5)
+    assert store.authenticate(generate_key()) is None
+
+
+def test_keys_new_minimal_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert keys_main(["new", "--id", "svc-min", "--permission", "tools.x"]) == 0
+    out = capsys.readouterr().out
+    key = out.splitlines()[0].removeprefix("key: ")
+    entry_text = out[out.index("[[keys]]") :]
+    assert tomllib.loads(entry_text)["keys"][0].keys() == {"id", "hash", "permissions"}
+    found = KeyStore.from_file(write(tmp_path, entry_text)).authenticate(key)
+    assert found is not None
+    assert (found.organization, found.rate_limit) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        ([], "required"),
+        (["rotate"], "invalid choice"),
+        (["new", "--permission", "x"], "--id"),
+        (["new", "--id", "svc-a"], "--permission"),
+        (["new", "--id", "svc a", "--permission", "x"], "--id must be 1 to 64 characters"),
+        (["new", "--id", "a" * 65, "--permission", "x"], "--id must be 1 to 64 characters"),
+        (["new", "--id", "a", "--permission", ""], "--permission must be a non-empty"),
+        (["new", "--id", "a", "--permission", "x", "--burst", "3"], "go together"),
+        (["new", "--id", "a", "--permission", "x", "--per-minute", "3"], "go together"),
+        (
+            ["new", "--id", "a", "--permission", "x", "--burst", "0", "--per-minute", "3"],
+            "--burst must be a positive integer",
+        ),
+        (
+            ["new", "--id", "a", "--permission", "x", "--burst", "2", "--per-minute", "nan"],
+            "--per-minute must be a positive number",
+        ),
+        (["new", "--id", "a", "--permission", "x", "--burst", "two", "--per-minute", "3"], "int"),
+    ],
+)
+def test_keys_bad_usage(argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert keys_main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith("python -m server keys")
+    assert fragment in captured.err
+
+
+def test_keys_hash_reads_stdin(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(KEY_A + "\n"))
+    assert keys_main(["hash"]) == 0
+    assert capsys.readouterr().out == HASH_A + "\n"
+
+
+@pytest.mark.parametrize(
+    ("stdin", "fragment"),
+    [("", "no key"), ("\n  \n", "no key"), ("a\nb\n", "one key"), ("a b\n", "printable ASCII")],
+)
+def test_keys_hash_bad_input(
+    stdin: str,
+    fragment: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    assert keys_main(["hash"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert fragment in captured.err
