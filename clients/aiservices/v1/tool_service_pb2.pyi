@@ -34,11 +34,11 @@ class _ToolErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolErr
     TOOL_ERROR_CODE_UPSTREAM_TIMEOUT: _ToolErrorCode.ValueType  # 2
     """The upstream did not answer in time."""
     TOOL_ERROR_CODE_UPSTREAM_ERROR: _ToolErrorCode.ValueType  # 3
-    """The upstream answered with an error status or a reply that is not the expected shape."""
+    """The upstream answered with an error status (429 and 503 are retryable, with retry_after
+    when the upstream said) or a reply that is not the completion-runner shape.
+    """
     TOOL_ERROR_CODE_INVALID_MODEL_OUTPUT: _ToolErrorCode.ValueType  # 4
     """The model's output failed validation (wrong shape, changed roles, lost variables)."""
-    TOOL_ERROR_CODE_UPSTREAM_RATE_LIMITED: _ToolErrorCode.ValueType  # 5
-    """The upstream refused the call because it is rate limited."""
 
 class ToolErrorCode(_ToolErrorCode, metaclass=_ToolErrorCodeEnumTypeWrapper):
     """ToolErrorCode classifies tool failures."""
@@ -50,11 +50,11 @@ TOOL_ERROR_CODE_UPSTREAM_UNAVAILABLE: ToolErrorCode.ValueType  # 1
 TOOL_ERROR_CODE_UPSTREAM_TIMEOUT: ToolErrorCode.ValueType  # 2
 """The upstream did not answer in time."""
 TOOL_ERROR_CODE_UPSTREAM_ERROR: ToolErrorCode.ValueType  # 3
-"""The upstream answered with an error status or a reply that is not the expected shape."""
+"""The upstream answered with an error status (429 and 503 are retryable, with retry_after
+when the upstream said) or a reply that is not the completion-runner shape.
+"""
 TOOL_ERROR_CODE_INVALID_MODEL_OUTPUT: ToolErrorCode.ValueType  # 4
 """The model's output failed validation (wrong shape, changed roles, lost variables)."""
-TOOL_ERROR_CODE_UPSTREAM_RATE_LIMITED: ToolErrorCode.ValueType  # 5
-"""The upstream refused the call because it is rate limited."""
 Global___ToolErrorCode: _TypeAlias = ToolErrorCode  # noqa: Y015
 
 @_typing.final

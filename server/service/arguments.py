@@ -1,0 +1,99 @@
+"""Argument checks against a tool's JSON Schema, phrased for callers.
+
+Messages name the field and the rule, never the value: values may be prompt text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+from server.errors import FieldViolation, InvalidArgument
+
+_TYPE_WORDS = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "a boolean",
+    "object": "an object",
+    "array": "a list",
+    "null": "null",
+}
+
+
+def _path(base: str, parts: Iterable[Any]) -> str:
+    path = base
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+def _describe(error: ValidationError) -> list[FieldViolation]:
+    field = _path("arguments", error.absolute_path)
+    rule, expected = error.validator, error.validator_value
+    if rule == "additionalProperties" and isinstance(error.instance, dict):
+        known = set(error.schema.get("properties", {}))
+        return [
+            FieldViolation(f"{field}.{key}", "unknown argument")
+            for key in sorted(set(error.instance) - known)
+        ]
+    if rule == "required" and isinstance(error.instance, dict):
+        return [
+            FieldViolation(f"{field}.{key}", "is required")
+            for key in expected
+            if key not in error.instance
+        ]
+    if rule == "type":
+        types = [expected] if isinstance(expected, str) else list(expected)
+        words = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+        return [FieldViolation(field, f"must be {words}")]
+    descriptions = {
+        "maxLength": f"must be at most {expected} characters",
+        "minLength": f"must be at least {expected} characters",
+        "enum": "must be one of " + ", ".join(map(str, expected or [])),
+        "maximum": f"must be at most {expected}",
+        "minimum": f"must be at least {expected}",
+        "maxItems": f"must have at most {expected} items",
+        "minItems": f"must have at least {expected} items",
+        "pattern": "has an invalid format",
+    }
+    return [FieldViolation(field, descriptions.get(str(rule), f"breaks the schema rule {rule}"))]
+
+
+class ArgumentValidator:
+    """A compiled validator for one tool's input schema."""
+
+    def __init__(self, schema: dict[str, Any]) -> None:
+        Draft202012Validator.check_schema(schema)
+        self._schema = schema
+        self._validator = Draft202012Validator(schema)
+
+    def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """Raise InvalidArgument listing every violation; return arguments with ints restored."""
+        restored = restore_integers(arguments, self._schema)
+        errors = sorted(self._validator.iter_errors(restored), key=lambda e: list(e.path))
+        if errors:
+            violations = [v for error in errors for v in _describe(error)]
+            raise InvalidArgument("arguments do not match the tool's input schema", violations)
+        return restored  # type: ignore[no-any-return]
+
+
+def restore_integers(value: Any, schema: dict[str, Any]) -> Any:
+    """Struct carries every number as a double: give back ints where the schema says integer."""
+    kind = schema.get("type")
+    kinds = {kind} if isinstance(kind, str) else set(kind or ())
+    if isinstance(value, float) and "integer" in kinds and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        fallback = extra if isinstance(extra, dict) else {}
+        return {k: restore_integers(v, properties.get(k, fallback)) for k, v in value.items()}
+    if isinstance(value, list):
+        items = schema.get("items")
+        item_schema = items if isinstance(items, dict) else {}
+        return [restore_integers(v, item_schema) for v in value]
+    return value

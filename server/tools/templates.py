@@ -1,0 +1,129 @@
+"""Prompt templates as Agenta stores them: a JSON object with `messages` and a
+`template_format`, and the variables each format declares."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import jinja2
+import jinja2.meta
+
+
+class TemplateFormat(StrEnum):
+    CURLY = "curly"
+    FSTRING = "fstring"
+    JINJA2 = "jinja2"
+    MUSTACHE = "mustache"
+
+
+class TemplateError(ValueError):
+    """The template cannot be used; the message describes the problem, never the text."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    messages: tuple[Message, ...]
+    template_format: TemplateFormat
+
+    @property
+    def roles(self) -> list[str]:
+        return [message.role for message in self.messages]
+
+    def variables(self) -> set[str]:
+        return template_variables((m.content for m in self.messages), self.template_format)
+
+
+def _content_text(content: Any, where: str) -> str:
+    """Content is a string or a list of parts; text parts are joined in order."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for index, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise TemplateError(f"{where}.content[{index}] must be an object")
+            if part.get("type", "text") == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise TemplateError(f"{where}.content[{index}].text must be a string")
+                texts.append(text)
+        return "\n".join(texts)
+    raise TemplateError(f"{where}.content must be a string or a list of text parts")
+
+
+def parse_template(text: str) -> PromptTemplate:
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError):
+        raise TemplateError("is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise TemplateError("must be a JSON object")
+    raw_format = document.get("template_format") or TemplateFormat.CURLY.value
+    try:
+        template_format = TemplateFormat(raw_format)
+    except (ValueError, TypeError):
+        allowed = ", ".join(f.value for f in TemplateFormat)
+        raise TemplateError(f"template_format must be one of {allowed}") from None
+    raw_messages = document.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise TemplateError("must have a non-empty messages list")
+    messages = []
+    for index, item in enumerate(raw_messages):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict):
+            raise TemplateError(f"{where} must be an object with role and content")
+        role = item.get("role")
+        if not isinstance(role, str) or not role:
+            raise TemplateError(f"{where}.role must be a non-empty string")
+        if "content" not in item or item["content"] is None:
+            raise TemplateError(f"{where}.content is required")
+        messages.append(Message(role, _content_text(item["content"], where)))
+    template = PromptTemplate(tuple(messages), template_format)
+    template.variables()  # a template its own format cannot parse is unusable
+    return template
+
+
+_CURLY = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
+# {{name}}, {{{name}}}, {{& name}}, {{#section}}, {{^inverted}}; not comments, partials, closers.
+_MUSTACHE = re.compile(r"\{\{(\{?)\s*([#^&]?)\s*([^{}!>/=]+?)\s*\}?\}\}")
+_JINJA = jinja2.Environment(autoescape=False)
+
+
+def _fstring_fields(text: str) -> set[str]:
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(text) if field}
+    except ValueError:
+        raise TemplateError("has unbalanced braces for template_format fstring") from None
+
+
+def _jinja_fields(text: str) -> set[str]:
+    try:
+        return set(jinja2.meta.find_undeclared_variables(_JINJA.parse(text)))
+    except jinja2.TemplateSyntaxError:
+        raise TemplateError("is not valid jinja2") from None
+
+
+def template_variables(contents: Iterable[str], template_format: TemplateFormat) -> set[str]:
+    found: set[str] = set()
+    for text in contents:
+        if template_format is TemplateFormat.CURLY:
+            found |= {match.group(1) for match in _CURLY.finditer(text)}
+        elif template_format is TemplateFormat.MUSTACHE:
+            found |= {match.group(3) for match in _MUSTACHE.finditer(text)}
+        elif template_format is TemplateFormat.FSTRING:
+            found |= _fstring_fields(text)
+        else:
+            found |= _jinja_fields(text)
+    return found

@@ -1,0 +1,80 @@
+"""Request id and access log: the outermost interceptor, so it sees every outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from server.transport.interceptors.base import (
+    Behaviour,
+    Context,
+    UnaryInterceptor,
+    metadata_value,
+)
+from server.transport.state import CallState, begin_call
+
+access_log = logging.getLogger("aiservices.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def _status_name(context: Context, fallback: str) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    return fallback
+
+
+class RequestContextInterceptor(UnaryInterceptor):
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        async def run(request: Any, context: Context) -> Any:
+            given = metadata_value(context, "x-request-id")
+            request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+            state = CallState(method=method, request_id=request_id)
+            state.trailers["x-request-id"] = request_id
+            begin_call(state)
+            code = "UNKNOWN"
+            try:
+                response = await behaviour(request, context)
+                context.set_trailing_metadata(tuple(state.trailers.items()))
+                code = "OK"
+                return response
+            except grpc.aio.AbortError:
+                code = _status_name(context, "UNKNOWN")
+                raise
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+                raise
+            finally:
+                _log_access(state, code)
+
+        return run
+
+
+def _log_access(state: CallState, code: str) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    fields: dict[str, Any] = {
+        "request_id": state.request_id,
+        "method": state.method,
+        "code": code,
+        "duration_ms": round((time.perf_counter() - state.started) * 1000, 3),
+        "key_id": state.principal.key_id,
+    }
+    if state.tool:
+        fields["tool"] = state.tool
+        fields["outcome"] = state.tool_outcome
+    if state.upstream_status is not None:
+        fields["upstream_status"] = state.upstream_status
+    if state.upstream_latency is not None:
+        fields["upstream_ms"] = round(state.upstream_latency * 1000, 3)
+    if state.trace_id:
+        fields["trace_id"] = state.trace_id
+    access_log.info("rpc", extra=fields)

@@ -1,0 +1,129 @@
+"""aiservices.v1.ToolService over grpc.aio: protobuf in, DTOs to the dispatcher, protobuf out.
+
+Every domain error becomes a gRPC status here; anything unexpected becomes INTERNAL with a
+support id that is also logged, and nothing of the exception reaches the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import grpc
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
+
+from server.errors import DeadlineExceeded, ServiceError
+from server.service.dispatch import ToolDispatcher
+from server.tools.base import CallContext, ToolErrorCode
+from server.transport.convert import call_response, dict_from, tool_message
+from server.transport.state import current_call
+from server.transport.status import abort, internal_status
+
+log = logging.getLogger("aiservices.server")
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Method = Callable[[Any, Request, Context], Awaitable[Response]]
+
+# A tool timeout this close to the caller's deadline is the deadline passing.
+_DEADLINE_SLACK = 0.05
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+def guarded(method: Method[Request, Response]) -> Method[Request, Response]:
+    @wraps(method)
+    async def run(self: Any, request: Request, context: Context) -> Response:
+        try:
+            return await method(self, request, context)
+        except ServiceError as error:
+            await abort(context, error, current_call().trailers)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            support_id = uuid.uuid4().hex[:16]
+            # Type and place only: exception text may quote request data.
+            log.error(
+                "unexpected error",
+                extra={"support_id": support_id, "error": type(exc).__name__, "at": _where(exc)},
+            )
+            await abort(context, internal_status(support_id), current_call().trailers)
+
+    return run
+
+
+def _metadata_value(context: Context, key: str) -> str | None:
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return value if isinstance(value, str) else None
+    return None
+
+
+class ToolServicer(pb_grpc.ToolServiceServicer):
+    def __init__(self, dispatcher: ToolDispatcher) -> None:
+        self._dispatcher = dispatcher
+        # Tool messages are built once: GetStatus is on every caller's hot path.
+        self._messages: dict[str, pb.Tool] = {}
+
+    def _tool_messages(self, definitions: list[Any]) -> list[pb.Tool]:
+        messages = []
+        for definition in definitions:
+            message = self._messages.get(definition.name)
+            if message is None:
+                message = self._messages[definition.name] = tool_message(definition)
+            messages.append(message)
+        return messages
+
+    @guarded
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: Context
+    ) -> pb.GetStatusResponse:
+        tools = self._dispatcher.visible_tools(current_call().principal)
+        return pb.GetStatusResponse(
+            enabled=self._dispatcher.enabled, tools=self._tool_messages(tools)
+        )
+
+    @guarded
+    async def ListTools(
+        self, request: pb.ListToolsRequest, context: Context
+    ) -> pb.ListToolsResponse:
+        page = self._dispatcher.list_tools(
+            current_call().principal, request.cursor, request.page_size
+        )
+        return pb.ListToolsResponse(
+            tools=self._tool_messages(page.tools), next_cursor=page.next_cursor
+        )
+
+    @guarded
+    async def CallTool(self, request: pb.CallToolRequest, context: Context) -> pb.CallToolResponse:
+        state = current_call()
+        state.tool = request.name
+        remaining = context.time_remaining()
+        call = CallContext(
+            principal=state.principal,
+            request_id=state.request_id,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+            traceparent=_metadata_value(context, "traceparent"),
+        )
+        result = await self._dispatcher.call(request.name, dict_from(request.arguments), call)
+        if (
+            result.error is not None
+            and result.error.code is ToolErrorCode.UPSTREAM_TIMEOUT
+            and call.deadline is not None
+            and (call.time_left() or 0.0) <= _DEADLINE_SLACK
+        ):
+            raise DeadlineExceeded("the call's deadline passed before the upstream answered")
+        state.trace_id = result.trace_id
+        state.tool_outcome = result.error.code.value if result.error else "OK"
+        return call_response(result, state.request_id)

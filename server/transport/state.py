@@ -1,0 +1,45 @@
+"""Per-call state shared by the interceptors and the servicer of one RPC.
+
+grpc.aio gives interceptors no way to hand objects to the handler, so the outermost
+interceptor puts a CallState in a context variable; the call runs in one task, so every
+layer of that call sees the same object.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from server.identity import ANONYMOUS, Principal
+
+
+@dataclass
+class CallState:
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    principal: Principal = ANONYMOUS
+    tool: str = ""
+    trace_id: str = ""
+    upstream_status: int | None = None
+    upstream_latency: float | None = None
+    tool_outcome: str = ""
+    # Trailing metadata for the caller, sent with the status whether the call succeeds or not.
+    trailers: dict[str, str] = field(default_factory=dict)
+
+
+_current: ContextVar[CallState | None] = ContextVar("aiservices_call_state", default=None)
+
+
+def current_call() -> CallState:
+    """The state of the running call; a fresh one when no interceptor made it (tests, tools)."""
+    state = _current.get()
+    if state is None:
+        state = CallState(method="", request_id="")
+        _current.set(state)
+    return state
+
+
+def begin_call(state: CallState) -> None:
+    _current.set(state)

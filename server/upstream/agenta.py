@@ -1,0 +1,164 @@
+"""Client for a prompt deployed on an Agenta completion runner.
+
+It speaks HTTP only and reports failures as `UpstreamError`s, classified so callers can tell
+"could not reach it" from "it was slow" from "it answered badly".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import httpx
+
+RUN_PATH = "/services/completion/run"
+
+
+class UpstreamError(Exception):
+    """Base of upstream failures; messages are safe to show callers (no keys, no payloads)."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Could not connect, or the connection broke before a reply arrived."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        # False when the request never left: retrying cannot run the prompt twice.
+        self.sent = sent
+
+
+class UpstreamTimeout(UpstreamError):
+    retryable = True
+
+
+class UpstreamStatusError(UpstreamError):
+    """A non-2xx reply."""
+
+    def __init__(self, status: int, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
+        self.retryable = status in (408, 425, 429, 500, 502, 503, 504)
+
+
+class UpstreamBadReply(UpstreamError):
+    """A 2xx reply that is not the completion-runner JSON shape."""
+
+
+@dataclass(frozen=True)
+class CompletionReply:
+    data: Any
+    trace_id: str
+    status: int
+    latency: float
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date); None when absent/bad."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _classify(exc: httpx.TransportError) -> UpstreamError:
+    """Map httpx errors, native or from its aiohttp transport (which reports a dropped
+    connection as ConnectTimeout), to our kinds by looking at the underlying cause."""
+    cause = exc.__cause__
+    native = not isinstance(cause, aiohttp.ClientError)
+    if isinstance(cause, aiohttp.ClientConnectorError) or (
+        native and isinstance(exc, httpx.ConnectError)
+    ):
+        return UpstreamUnavailable("could not connect to the upstream", sent=False)
+    if isinstance(cause, aiohttp.ServerTimeoutError) or (
+        native and isinstance(exc, httpx.TimeoutException)
+    ):
+        return UpstreamTimeout("the upstream did not answer in time")
+    return UpstreamUnavailable("the upstream closed the connection", sent=True)
+
+
+def _trace_id(reply: dict[str, Any]) -> str:
+    value = reply.get("trace_id") or reply.get("traceId") or ""
+    return value if isinstance(value, str) else str(value)
+
+
+class AgentaCompletionClient:
+    """Runs a deployed prompt: `POST {base_url}/services/completion/run`."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        base_url: str,
+        api_key: str,
+        environment: str,
+        timeout: float,
+    ) -> None:
+        self._http = http
+        self._url = base_url.rstrip("/") + RUN_PATH
+        self._headers = {"Authorization": f"ApiKey {api_key}"}
+        self._environment = environment
+        self.timeout = timeout
+
+    async def run(
+        self,
+        app: str,
+        inputs: dict[str, str],
+        *,
+        time_left: float | None = None,
+        traceparent: str | None = None,
+    ) -> CompletionReply:
+        """One request, bounded by the smaller of `time_left` and the configured timeout."""
+        budget = self.timeout if time_left is None else min(self.timeout, time_left)
+        if budget <= 0:
+            raise UpstreamTimeout("no time left for the upstream call")
+        headers = self._headers
+        if traceparent:
+            headers = {**headers, "traceparent": traceparent}
+        body = {"inputs": inputs, "environment": self._environment, "app": app}
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(budget):
+                response = await self._http.post(
+                    self._url, json=body, headers=headers, timeout=httpx.Timeout(budget)
+                )
+        except TimeoutError:
+            raise UpstreamTimeout("the upstream did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise _classify(exc) from None
+        latency = time.monotonic() - started
+        return self._parse(response, latency)
+
+    @staticmethod
+    def _parse(response: httpx.Response, latency: float) -> CompletionReply:
+        status = response.status_code
+        if not 200 <= status < 300:
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            raise UpstreamStatusError(
+                status, f"the upstream answered HTTP {status}", retry_after=retry_after
+            )
+        try:
+            reply = response.json()
+        except ValueError:
+            raise UpstreamBadReply("the upstream reply is not JSON") from None
+        if not isinstance(reply, dict) or "data" not in reply:
+            raise UpstreamBadReply("the upstream reply has no data field")
+        return CompletionReply(reply["data"], _trace_id(reply), status, latency)

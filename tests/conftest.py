@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from aiservices import ToolClient
+
+from server.standin import StandinUpstream
+from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
+
+
+@pytest.fixture
+def upstream() -> Iterator[StandinUpstream]:
+    """A real HTTP Agenta completion runner stand-in on 127.0.0.1."""
+    standin = StandinUpstream(api_key=UPSTREAM_KEY)
+    standin.start_in_thread()
+    yield standin
+    standin.stop_thread()
+
+
+@pytest.fixture
+def server(upstream: StandinUpstream) -> Iterator[ServerThread]:
+    with ServerThread(make_settings(upstream.url)) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[ToolClient]:
+    with ToolClient(server.target, timeout=10.0) as tool_client:
+        yield tool_client
