@@ -1,0 +1,87 @@
+"""Redis GCRA rate limiter: one atomic Lua script, Redis server time, shared by all replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis.asyncio
+
+from server.ratelimit.gcra import Decision, RateLimit, decision_from_us
+
+# The same math as gcra.gcra(), line for line, in integer microseconds (exact in Lua doubles).
+# Time comes from the Redis server (TIME), so replicas with skewed clocks share one budget exactly;
+# a refused call writes nothing; an admitted one stores the new TAT with PX set to the time until
+# the bucket is full again, so idle keys vanish by themselves. Scripts that read TIME and then
+# write are fine since Redis 5 (effects replication; redis.replicate_commands() is not needed).
+#
+# KEYS[1]  the key
+# ARGV[1]  burst
+# ARGV[2]  emission interval, microseconds
+# ARGV[3]  optional, tests only: "now" in microseconds instead of the server clock
+# returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
+LUA_GCRA = """
+local burst = tonumber(ARGV[1])
+local interval = tonumber(ARGV[2])
+local now
+if ARGV[3] then
+  now = tonumber(ARGV[3])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat < now then
+  tat = now
+end
+local new_tat = tat + interval
+local allow_at = new_tat - burst * interval
+local diff = now - allow_at
+if diff < 0 then
+  return {0, 0, -diff, tat - now}
+end
+local reset_after = new_tat - now
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil(reset_after / 1000))
+return {1, math.floor(diff / interval), 0, reset_after}
+"""
+
+DEFAULT_PREFIX = "aiservices:rl:"
+
+
+class RedisRateLimiter:
+    """GCRA state in Redis under `prefix + key`, decided by one EVALSHA per call.
+
+    The limiter owns `client` unless `owns_client=False`: `close()` closes it. Redis errors
+    propagate (redis.exceptions.RedisError, OSError); wrap it in FailoverRateLimiter to fail open.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        owns_client: bool = True,
+    ) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._owns_client = owns_client
+        self._script = client.register_script(LUA_GCRA)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def acquire(self, key: str, limit: RateLimit) -> Decision:
+        return await self._run(key, limit, (limit.burst, limit.interval_us))
+
+    async def _acquire_at(self, key: str, limit: RateLimit, now_us: int) -> Decision:
+        """Run the script with a given "now" instead of the server clock (tests only)."""
+        return await self._run(key, limit, (limit.burst, limit.interval_us, now_us))
+
+    async def _run(self, key: str, limit: RateLimit, args: Sequence[int]) -> Decision:
+        reply = await self._script(keys=[self._prefix + key], args=args)
+        allowed, remaining, retry_after_us, reset_after_us = (int(v) for v in reply)
+        return decision_from_us(limit, allowed == 1, remaining, retry_after_us, reset_after_us)
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
