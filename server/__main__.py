@@ -8,6 +8,7 @@ import signal
 import sys
 
 from server.app import AiServicesServer, BindError
+from server.auth.cli import keys_main
 from server.config import SettingsError, load_settings
 from server.logs import configure_logging
 
@@ -31,12 +32,12 @@ async def serve() -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["keys"]:
-        from server.auth.cli import keys_main
-
         return keys_main(argv[1:])
     if argv and argv[0] not in ("serve",):
-        print(f"usage: python -m server [serve | keys ...]; unknown command {argv[0]!r}",
-              file=sys.stderr)
+        print(
+            f"usage: python -m server [serve | keys ...]; unknown command {argv[0]!r}",
+            file=sys.stderr,
+        )
         return 2
     try:
         return asyncio.run(serve())

@@ -104,7 +104,7 @@ def test_struct_integers_survive_the_round_trip(echo_server: ServerThread) -> No
     assert type(received["nested"]["ids"][2]) is int
     assert type(received["ratio"]) is float
     assert result.structured_content == arguments
-    assert type(result.structured_content["count"]) is int  # type: ignore[index]
+    assert type(result.structured_content["count"]) is int
 
 
 def test_a_float_where_an_integer_is_required_is_refused(echo_server: ServerThread) -> None:
@@ -148,10 +148,12 @@ def test_reflection_lists_the_services(echo_server: ServerThread) -> None:
 
 
 def test_reflection_can_be_turned_off() -> None:
-    with ServerThread(make_settings(None, reflection=False)) as running:
-        with grpc.insecure_channel(running.target) as channel:
-            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            request = reflection_pb2.ServerReflectionRequest(list_services="")
-            with pytest.raises(grpc.RpcError) as caught:
-                list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    with (
+        ServerThread(make_settings(None, reflection=False)) as running,
+        grpc.insecure_channel(running.target) as channel,
+    ):
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.ServerReflectionInfo(iter([request]), timeout=5))
     assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from aiservices import ToolClient, ToolServiceError
 
-from server.standin import Garbage, Hang, Refine, Reply, Reset, Slow, Status, StandinUpstream
+from server.standin import Garbage, Hang, Refine, Reply, Reset, Slow, StandinUpstream, Status
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
 
 TOOL = "tools.agenta.api.refine_prompt"
@@ -131,22 +131,43 @@ def test_null_summary_becomes_the_default(client: ToolClient, upstream: StandinU
         ({"prompt_template_json": 42}, "arguments.prompt_template_json", "string"),
         ({"prompt_template_json": ""}, "arguments.prompt_template_json", "at least 1"),
         ({"prompt_template_json": "x" * 100_001}, "arguments.prompt_template_json", "100000"),
-        ({"prompt_template_json": template(), "guidelines": "g" * 10_001},
-         "arguments.guidelines", "10000"),
-        ({"prompt_template_json": template(), "context": "c" * 10_001},
-         "arguments.context", "10000"),
-        ({"prompt_template_json": template(), "guidelines": None}, "arguments.guidelines",
-         "string"),
+        (
+            {"prompt_template_json": template(), "guidelines": "g" * 10_001},
+            "arguments.guidelines",
+            "10000",
+        ),
+        (
+            {"prompt_template_json": template(), "context": "c" * 10_001},
+            "arguments.context",
+            "10000",
+        ),
+        (
+            {"prompt_template_json": template(), "guidelines": None},
+            "arguments.guidelines",
+            "string",
+        ),
         ({"prompt_template_json": "not json {"}, "arguments.prompt_template_json", "JSON"),
         ({"prompt_template_json": "[1, 2]"}, "arguments.prompt_template_json", "object"),
-        ({"prompt_template_json": '{"messages": []}'}, "arguments.prompt_template_json",
-         "messages"),
-        ({"prompt_template_json": '{"messages": [{"content": "hi"}]}'},
-         "arguments.prompt_template_json", "role"),
-        ({"prompt_template_json": template(template_format="handlebars")},
-         "arguments.prompt_template_json", "template_format"),
-        ({"prompt_template_json": template([{"role": "user", "content": "{oops"}], "fstring")},
-         "arguments.prompt_template_json", "brace"),
+        (
+            {"prompt_template_json": '{"messages": []}'},
+            "arguments.prompt_template_json",
+            "messages",
+        ),
+        (
+            {"prompt_template_json": '{"messages": [{"content": "hi"}]}'},
+            "arguments.prompt_template_json",
+            "role",
+        ),
+        (
+            {"prompt_template_json": template(template_format="handlebars")},
+            "arguments.prompt_template_json",
+            "template_format",
+        ),
+        (
+            {"prompt_template_json": template([{"role": "user", "content": "{oops"}], "fstring")},
+            "arguments.prompt_template_json",
+            "brace",
+        ),
     ],
 )
 def test_bad_arguments_are_invalid_argument_with_field_violations(
@@ -194,7 +215,9 @@ def test_upstream_5xx_is_a_retryable_upstream_error(
     assert str(status) in result.text
 
 
-def test_upstream_429_carries_its_retry_after(client: ToolClient, upstream: StandinUpstream) -> None:
+def test_upstream_429_carries_its_retry_after(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
     upstream.push(Status(429, headers={"Retry-After": "7"}))
     result = call_expecting_tool_error(client, "UPSTREAM_ERROR")
     assert result.error.retryable

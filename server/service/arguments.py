@@ -33,9 +33,11 @@ def _path(base: str, parts: Iterable[Any]) -> str:
 
 def _describe(error: ValidationError) -> list[FieldViolation]:
     field = _path("arguments", error.absolute_path)
-    rule, expected = error.validator, error.validator_value
+    rule: Any = error.validator
+    expected: Any = error.validator_value
+    schema: Any = error.schema
     if rule == "additionalProperties" and isinstance(error.instance, dict):
-        known = set(error.schema.get("properties", {}))
+        known = set(schema.get("properties", {}))
         return [
             FieldViolation(f"{field}.{key}", "unknown argument")
             for key in sorted(set(error.instance) - known)
@@ -50,10 +52,11 @@ def _describe(error: ValidationError) -> list[FieldViolation]:
         types = [expected] if isinstance(expected, str) else list(expected)
         words = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
         return [FieldViolation(field, f"must be {words}")]
+    if rule == "enum":
+        return [FieldViolation(field, "must be one of " + ", ".join(map(str, expected)))]
     descriptions = {
         "maxLength": f"must be at most {expected} characters",
         "minLength": f"must be at least {expected} characters",
-        "enum": "must be one of " + ", ".join(map(str, expected or [])),
         "maximum": f"must be at most {expected}",
         "minimum": f"must be at least {expected}",
         "maxItems": f"must have at most {expected} items",

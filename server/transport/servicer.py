@@ -13,7 +13,7 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from aiservices.v1 import tool_service_pb2 as pb
@@ -30,7 +30,7 @@ log = logging.getLogger("aiservices.server")
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context: TypeAlias = grpc.aio.ServicerContext
 Method = Callable[[Any, Request, Context], Awaitable[Response]]
 
 # A tool timeout this close to the caller's deadline is the deadline passing.

@@ -51,13 +51,17 @@ def to_grpc_status(
 ) -> grpc.Status:
     code = status_code_for(error)
     details = [
-        _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))
+        _pack(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+        )
     ]
     extra = dict(trailers or {})
     if isinstance(error, errors.InvalidArgument) and error.violations:
         request = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in error.violations
             ]
         )
@@ -86,7 +90,7 @@ class _Status(grpc.Status):  # type: ignore[misc]
 
 
 async def abort(
-    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    context: grpc.aio.ServicerContext,
     error: errors.ServiceError,
     trailers: dict[str, str] | None = None,
 ) -> NoReturn:

@@ -7,11 +7,11 @@ extra coroutine frame. Health checking and reflection are never wrapped.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
-Context = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Context: TypeAlias = grpc.aio.ServicerContext
 Behaviour = Callable[[Any, Context], Awaitable[Any]]
 
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")

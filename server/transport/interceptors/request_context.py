@@ -50,7 +50,9 @@ class RequestContextInterceptor(UnaryInterceptor):
                 raise
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
-                code = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+                code = (
+                    "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+                )
                 raise
             finally:
                 _log_access(state, code)
