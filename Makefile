@@ -32,7 +32,7 @@ redis:
 	  else echo "redis-server is missing: install it (e.g. apt-get install redis-server)"; exit 1; fi; }
 
 run: install
-	$(PY) -m server
+	$(PY) -m server --dev-keys
 
 # The service against the local stand-in upstream: see README "Try it locally".
 demo: install

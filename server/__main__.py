@@ -1,4 +1,7 @@
-"""`python -m server` runs the service; `python -m server keys ...` manages API keys."""
+"""`python -m server` runs the service; `python -m server keys ...` manages API keys.
+
+`--dev-keys` (used by `make run`) creates a local development key when no keys file is set.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +9,28 @@ import asyncio
 import logging
 import signal
 import sys
+from pathlib import Path
 
-from server.app import AiServicesServer, BindError
+from server.app import AiServicesServer, StartupError
 from server.auth.cli import keys_main
-from server.config import SettingsError, load_settings
+from server.config import AuthMode, SettingsError, load_settings
+from server.devkeys import ensure_dev_keys
 from server.logs import configure_logging
 
 log = logging.getLogger("aiservices.server")
 
 
-async def serve() -> int:
+async def serve(*, dev_keys: bool = False) -> int:
     settings = load_settings()
     configure_logging(settings.log_level.value)
+    if dev_keys and settings.auth is AuthMode.KEYS and settings.api_keys_file is None:
+        keys_file, key = ensure_dev_keys(Path(".dev"))
+        settings = settings.model_copy(update={"api_keys_file": keys_file})
+        print(
+            f"development API key (kept in {keys_file.parent}/api-key): {key}\n"
+            f"send it as metadata 'authorization: Bearer <key>'",
+            file=sys.stderr,
+        )
     server = AiServicesServer(settings)
     await server.start()
     stopping = asyncio.Event()
@@ -41,7 +54,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         return asyncio.run(serve())
-    except (SettingsError, BindError) as exc:
+    except (SettingsError, StartupError) as exc:
         print(f"aiservices: {exc}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 import httpx
@@ -12,10 +13,14 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.config import Settings
+from server.auth import KeysFileError, KeyStore
+from server.config import AuthMode, Settings, is_loopback
+from server.ratelimit import RateLimit, RateLimiter, limiter_from_url
 from server.service.dispatch import ToolDispatcher
 from server.tools.base import Tool
 from server.tools.refine_prompt import RefinePromptTool
+from server.transport.interceptors.auth import AuthInterceptor
+from server.transport.interceptors.rate_limit import RateLimitInterceptor
 from server.transport.interceptors.request_context import RequestContextInterceptor
 from server.transport.servicer import ToolServicer
 from server.upstream.agenta import AgentaCompletionClient
@@ -26,8 +31,53 @@ log = logging.getLogger("aiservices.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ToolService"].full_name
 
 
-class BindError(RuntimeError):
-    """The listening address could not be bound."""
+class StartupError(RuntimeError):
+    """The server cannot start; the message is the one line an operator needs."""
+
+
+def load_keys(settings: Settings) -> KeyStore | None:
+    """The key store, or None when authentication is disabled (loopback only)."""
+    if settings.auth is AuthMode.DISABLED:
+        if not is_loopback(settings.grpc_address):
+            raise StartupError(
+                f"AGENTA_AI_SERVICES_AUTH=disabled serves only on loopback, not on "
+                f"{settings.grpc_address}: set AGENTA_AI_SERVICES_API_KEYS_FILE instead"
+            )
+        log.warning(
+            "AUTHENTICATION IS DISABLED: every local caller may call every tool",
+            extra={"address": settings.grpc_address},
+        )
+        return None
+    if settings.api_keys_file is None:
+        raise StartupError(
+            "AGENTA_AI_SERVICES_API_KEYS_FILE is not set: point it at a keys file "
+            "(`python -m server keys new --help`), or set AGENTA_AI_SERVICES_AUTH=disabled "
+            "for local development"
+        )
+    try:
+        return KeyStore.from_file(settings.api_keys_file)
+    except KeysFileError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def _read(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"AGENTA_AI_SERVICES_{setting} {path}: {exc.strerror}") from None
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    chain = _read(settings.tls_cert_file, "TLS_CERT_FILE")
+    key = _read(settings.tls_key_file, "TLS_KEY_FILE")
+    client_ca = settings.tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(key, chain)],
+        root_certificates=_read(client_ca, "TLS_CLIENT_CA_FILE") if client_ca else None,
+        require_client_auth=client_ca is not None,
+    )
 
 
 def build_tools(settings: Settings, http: httpx.AsyncClient) -> list[Tool]:
@@ -57,17 +107,25 @@ class AiServicesServer:
         *,
         http_client: httpx.AsyncClient | None = None,
         tools: Sequence[Tool] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self._http = http_client
         self._owns_http = http_client is None
         self._tools = tools
+        self._limiter = limiter
+        self._owns_limiter = limiter is None
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
 
     async def start(self) -> int:
         settings = self.settings
+        keys = load_keys(settings)
+        credentials = server_credentials(settings)
+        if self._limiter is None:
+            url = settings.redis_url.get_secret_value() if settings.redis_url else None
+            self._limiter = limiter_from_url(url)
         if self._http is None:
             self._http = build_http_client(
                 max_connections=settings.upstream_max_connections,
@@ -75,8 +133,18 @@ class AiServicesServer:
             )
         tools = list(self._tools) if self._tools is not None else build_tools(settings, self._http)
         dispatcher = ToolDispatcher(tools, enabled=settings.upstream_enabled)
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
+        if keys is not None:
+            interceptors.append(AuthInterceptor(keys))
+        default_limit = RateLimit(
+            burst=settings.rate_limit_burst, per_minute=settings.rate_limit_per_minute
+        )
+        known = {tool.definition.name for tool in tools}
+        interceptors.append(
+            RateLimitInterceptor(self._limiter, default_limit, is_known_tool=known.__contains__)
+        )
         server = grpc.aio.server(
-            interceptors=[RequestContextInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -90,9 +158,12 @@ class AiServicesServer:
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         try:
-            self.port = server.add_insecure_port(settings.grpc_address)
+            if credentials is None:
+                self.port = server.add_insecure_port(settings.grpc_address)
+            else:
+                self.port = server.add_secure_port(settings.grpc_address, credentials)
         except RuntimeError as exc:
-            raise BindError(f"cannot listen on {settings.grpc_address}: {exc}") from None
+            raise StartupError(f"cannot listen on {settings.grpc_address}: {exc}") from None
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME):
@@ -104,6 +175,10 @@ class AiServicesServer:
                 "port": self.port,
                 "enabled": settings.upstream_enabled,
                 "reflection": settings.reflection,
+                "tls": credentials is not None,
+                "mtls": settings.tls_client_ca_file is not None,
+                "keys": len(keys) if keys is not None else 0,
+                "redis": settings.redis_url is not None,
             },
         )
         return self.port
@@ -119,4 +194,6 @@ class AiServicesServer:
             await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
         if self._owns_http and self._http is not None:
             await self._http.aclose()
+        if self._owns_limiter and self._limiter is not None:
+            await self._limiter.close()
         log.info("stopped")

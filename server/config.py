@@ -7,7 +7,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "AGENTA_AI_SERVICES_"
@@ -71,6 +71,32 @@ class Settings(BaseSettings):
     # Access control.
     auth: AuthMode = AuthMode.KEYS
     api_keys_file: Path | None = None
+    rate_limit_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 10
+    rate_limit_per_minute: Annotated[float, Field(gt=0, le=6_000_000)] = 30.0
+    # May hold a password: a secret, never logged.
+    redis_url: SecretStr | None = None
+
+    # TLS: cert and key serve TLS; a client CA on top requires client certificates (mTLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(f"{ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE go together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(f"{ENV_PREFIX}TLS_CLIENT_CA_FILE needs a TLS certificate and key")
+        return self
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
 
     @field_validator("api_url")
     @classmethod
@@ -113,5 +139,8 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         error = exc.errors()[0]
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            raise SettingsError(f"invalid settings: {message}") from None
         name = ENV_PREFIX + ".".join(str(part) for part in error["loc"]).upper()
-        raise SettingsError(f"invalid setting {name}: {error['msg']}") from None
+        raise SettingsError(f"invalid setting {name}: {message}") from None

@@ -6,6 +6,7 @@ import pytest
 from aiservices import ToolClient
 
 from server.standin import StandinUpstream
+from tests.support.keys import TestKeys, load_test_keys
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
 
 
@@ -25,6 +26,12 @@ def server(upstream: StandinUpstream) -> Iterator[ServerThread]:
 
 
 @pytest.fixture
-def client(server: ServerThread) -> Iterator[ToolClient]:
-    with ToolClient(server.target, timeout=10.0) as tool_client:
+def keys() -> TestKeys:
+    return load_test_keys()
+
+
+@pytest.fixture
+def client(server: ServerThread, keys: TestKeys) -> Iterator[ToolClient]:
+    """A caller with the permission refine_prompt needs."""
+    with ToolClient(server.target, api_key=keys.editor, timeout=10.0) as tool_client:
         yield tool_client

@@ -12,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from server.tools.base import CallContext, JsonObject, ToolDefinition, ToolOutput
+from tests.support.keys import load_test_keys
 from tests.support.servers import ServerThread, make_settings
 
 
@@ -51,17 +52,22 @@ class EchoTool:
         return ToolOutput(text="echo", structured=arguments)
 
 
+def full_client(server: ServerThread) -> ToolClient:
+    return ToolClient(server.target, api_key=load_test_keys().full)
+
+
 @pytest.fixture
 def echo_server() -> Any:
     tools = [EchoTool(f"tests.echo.{index:02d}") for index in range(7)]
-    settings = make_settings("http://127.0.0.1:9")  # enabled; never called
+    # Enabled (the upstream is never called) and with room for many calls.
+    settings = make_settings("http://127.0.0.1:9", rate_limit_burst=1000)
     with ServerThread(settings, tools=tools) as running:
         running.tools = tools  # type: ignore[attr-defined]
         yield running
 
 
 def test_list_tools_pages_with_an_opaque_cursor(echo_server: ServerThread) -> None:
-    with ToolClient(echo_server.target) as client:
+    with full_client(echo_server) as client:
         first = client.list_tools_page(page_size=3)
         assert [t.name for t in first.tools] == [f"tests.echo.{i:02d}" for i in range(3)]
         assert first.next_cursor
@@ -76,14 +82,20 @@ def test_list_tools_pages_with_an_opaque_cursor(echo_server: ServerThread) -> No
 
 @pytest.mark.parametrize("cursor", ["garbage!", "djE6eA", "bm90LWEtY3Vyc29y"])
 def test_a_bad_cursor_is_invalid_argument(echo_server: ServerThread, cursor: str) -> None:
-    with ToolClient(echo_server.target) as client, pytest.raises(ToolServiceError) as caught:
+    with (
+        full_client(echo_server) as client,
+        pytest.raises(ToolServiceError) as caught,
+    ):
         client.list_tools_page(cursor=cursor)
     assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert dict(caught.value.field_violations).keys() == {"cursor"}
 
 
 def test_a_negative_page_size_is_invalid_argument(echo_server: ServerThread) -> None:
-    with ToolClient(echo_server.target) as client, pytest.raises(ToolServiceError) as caught:
+    with (
+        full_client(echo_server) as client,
+        pytest.raises(ToolServiceError) as caught,
+    ):
         client.list_tools_page(page_size=-1)
     assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
 
@@ -96,7 +108,7 @@ def test_struct_integers_survive_the_round_trip(echo_server: ServerThread) -> No
         "flag": True,
         "label": "7",
     }
-    with ToolClient(echo_server.target) as client:
+    with full_client(echo_server) as client:
         result = client.call_tool("tests.echo.00", arguments)
     received = echo_server.tools[0].received[0]  # type: ignore[attr-defined]
     assert received == arguments
@@ -108,14 +120,17 @@ def test_struct_integers_survive_the_round_trip(echo_server: ServerThread) -> No
 
 
 def test_a_float_where_an_integer_is_required_is_refused(echo_server: ServerThread) -> None:
-    with ToolClient(echo_server.target) as client, pytest.raises(ToolServiceError) as caught:
+    with (
+        full_client(echo_server) as client,
+        pytest.raises(ToolServiceError) as caught,
+    ):
         client.call_tool("tests.echo.00", {"count": 2.5})
     assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
     assert dict(caught.value.field_violations) == {"arguments.count": "must be an integer"}
 
 
 async def test_async_client_calls_the_real_server(echo_server: ServerThread) -> None:
-    async with AsyncToolClient(echo_server.target) as client:
+    async with AsyncToolClient(echo_server.target, api_key=load_test_keys().full) as client:
         results = await asyncio.gather(
             *(client.call_tool("tests.echo.01", {"count": n}) for n in range(20))
         )

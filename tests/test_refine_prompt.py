@@ -10,6 +10,7 @@ import pytest
 from aiservices import ToolClient, ToolServiceError
 
 from server.standin import Garbage, Hang, Refine, Reply, Reset, Slow, StandinUpstream, Status
+from tests.support.keys import load_test_keys
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
 
 TOOL = "tools.agenta.api.refine_prompt"
@@ -263,7 +264,7 @@ def test_connection_refused_is_upstream_unavailable(upstream: StandinUpstream) -
     upstream.stop_thread()  # nothing listens there any more
     with (
         ServerThread(make_settings(url)) as running,
-        ToolClient(running.target, timeout=10) as client,
+        ToolClient(running.target, api_key=load_test_keys().editor, timeout=10) as client,
     ):
         result = call_expecting_tool_error(client, "UPSTREAM_UNAVAILABLE")
         assert result.error.retryable
@@ -273,7 +274,7 @@ def test_slow_upstream_beyond_the_timeout_is_upstream_timeout(upstream: StandinU
     upstream.push(Slow(3.0))
     with (
         ServerThread(make_settings(upstream.url, upstream_timeout=0.3)) as running,
-        ToolClient(running.target, timeout=10) as client,
+        ToolClient(running.target, api_key=load_test_keys().editor, timeout=10) as client,
     ):
         result = call_expecting_tool_error(client, "UPSTREAM_TIMEOUT")
         assert result.error.retryable
@@ -382,7 +383,10 @@ def test_list_of_text_parts_content_is_understood(
 
 def test_disabled_when_upstream_settings_are_missing() -> None:
     settings = make_settings(None, api_key="k", api_url="http://127.0.0.1:9", environment_slug=" ")
-    with ServerThread(settings) as running, ToolClient(running.target, timeout=10) as client:
+    with (
+        ServerThread(settings) as running,
+        ToolClient(running.target, api_key=load_test_keys().editor, timeout=10) as client,
+    ):
         status = client.status()
         assert status.enabled is False
         assert status.tools == []

@@ -63,13 +63,6 @@ def guarded(method: Method[Request, Response]) -> Method[Request, Response]:
     return run
 
 
-def _metadata_value(context: Context, key: str) -> str | None:
-    for name, value in context.invocation_metadata() or ():
-        if name == key:
-            return value if isinstance(value, str) else None
-    return None
-
-
 class ToolServicer(pb_grpc.ToolServiceServicer):
     def __init__(self, dispatcher: ToolDispatcher) -> None:
         self._dispatcher = dispatcher
@@ -114,7 +107,7 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
             principal=state.principal,
             request_id=state.request_id,
             deadline=None if remaining is None else time.monotonic() + remaining,
-            traceparent=_metadata_value(context, "traceparent"),
+            traceparent=state.metadata.get("traceparent"),
         )
         result = await self._dispatcher.call(request.name, dict_from(request.arguments), call)
         if (

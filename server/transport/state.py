@@ -25,6 +25,10 @@ class CallState:
     upstream_status: int | None = None
     upstream_latency: float | None = None
     tool_outcome: str = ""
+    # Invocation metadata with text values, read once for every layer of the call.
+    metadata: dict[str, str] = field(default_factory=dict)
+    # The authenticated key's own rate limit (burst, per_minute), when it has one.
+    key_rate_limit: tuple[int, float] | None = None
     # Trailing metadata for the caller, sent with the status whether the call succeeds or not.
     trailers: dict[str, str] = field(default_factory=dict)
 

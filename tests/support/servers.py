@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from server.app import AiServicesServer
 from server.config import Settings
 from server.tools.base import Tool
+from tests.support.keys import load_test_keys
 
 T = TypeVar("T")
 
@@ -25,6 +26,7 @@ APP = "ai-services-refine"
 
 def make_settings(upstream_url: str | None = None, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
+        "api_keys_file": load_test_keys().path,
         "grpc_address": "127.0.0.1:0",
         "shutdown_grace": 2.0,
         "upstream_timeout": 5.0,

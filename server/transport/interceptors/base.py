@@ -48,9 +48,3 @@ class UnaryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         raise NotImplementedError
 
-
-def metadata_value(context: Context, key: str) -> str | None:
-    for name, value in context.invocation_metadata() or ():
-        if name == key:
-            return value if isinstance(value, str) else None
-    return None

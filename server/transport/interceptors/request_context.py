@@ -11,12 +11,7 @@ from typing import Any
 
 import grpc
 
-from server.transport.interceptors.base import (
-    Behaviour,
-    Context,
-    UnaryInterceptor,
-    metadata_value,
-)
+from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
 from server.transport.state import CallState, begin_call
 
 access_log = logging.getLogger("aiservices.access")
@@ -34,9 +29,14 @@ def _status_name(context: Context, fallback: str) -> str:
 class RequestContextInterceptor(UnaryInterceptor):
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         async def run(request: Any, context: Context) -> Any:
-            given = metadata_value(context, "x-request-id")
+            metadata = {
+                name: value
+                for name, value in context.invocation_metadata() or ()
+                if isinstance(value, str)
+            }
+            given = metadata.get("x-request-id")
             request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-            state = CallState(method=method, request_id=request_id)
+            state = CallState(method=method, request_id=request_id, metadata=metadata)
             state.trailers["x-request-id"] = request_id
             begin_call(state)
             code = "UNKNOWN"

@@ -1,0 +1,84 @@
+"""Authentication: `authorization: Bearer <key>` (or `ApiKey <key>`) against the keys file.
+
+A key with permission `act_for_users` may name the end user and organisation it acts for;
+from any other key those headers are ignored, so they cannot be used to dodge rate limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from server.auth import KeyStore, parse_authorization
+from server.errors import FieldViolation, InvalidArgument, Unauthenticated
+from server.identity import Principal
+from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
+from server.transport.state import current_call
+from server.transport.status import abort
+
+log = logging.getLogger("aiservices.auth")
+
+ACT_FOR_USERS = "act_for_users"
+USER_HEADER = "x-agenta-user-id"
+ORGANIZATION_HEADER = "x-agenta-organization-id"
+_IDENTIFIER = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")
+
+
+def _delegated(metadata: dict[str, str], header: str) -> str | None:
+    value = metadata.get(header)
+    if value is None:
+        return None
+    if not _IDENTIFIER.fullmatch(value):
+        raise InvalidArgument(
+            f"{header} is malformed",
+            [FieldViolation(f"metadata.{header}", "must be 1-128 of A-Z a-z 0-9 . _ : @ + -")],
+        )
+    return value
+
+
+class AuthInterceptor(UnaryInterceptor):
+    def __init__(self, keys: KeyStore) -> None:
+        super().__init__()
+        self._keys = keys
+        self._ignored_delegation: set[str] = set()
+
+    def _principal(self, metadata: dict[str, str]) -> tuple[Principal, tuple[int, float] | None]:
+        presented = parse_authorization(metadata.get("authorization"))
+        if presented is None:
+            raise Unauthenticated(
+                "missing or malformed credentials: send metadata 'authorization: Bearer <key>'"
+            )
+        key = self._keys.authenticate(presented)
+        if key is None:
+            raise Unauthenticated("unknown API key")
+        principal = key.principal()
+        if ACT_FOR_USERS in key.permissions:
+            user = _delegated(metadata, USER_HEADER)
+            organization = _delegated(metadata, ORGANIZATION_HEADER)
+            principal = Principal(
+                key_id=key.id,
+                permissions=key.permissions,
+                organization=organization or key.organization,
+                user_id=user,
+            )
+        elif (
+            USER_HEADER in metadata or ORGANIZATION_HEADER in metadata
+        ) and key.id not in self._ignored_delegation:
+            self._ignored_delegation.add(key.id)
+            log.debug(
+                "ignoring delegation headers from a key without act_for_users",
+                extra={"key_id": key.id},
+            )
+        return principal, key.rate_limit
+
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        async def run(request: Any, context: Context) -> Any:
+            state = current_call()
+            try:
+                state.principal, state.key_rate_limit = self._principal(state.metadata)
+            except (Unauthenticated, InvalidArgument) as error:
+                await abort(context, error, state.trailers)
+            return await behaviour(request, context)
+
+        return run

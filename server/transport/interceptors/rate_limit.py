@@ -1,0 +1,71 @@
+"""Rate limiting of CallTool per (organisation, user or key id, tool) with GCRA.
+
+GetStatus and ListTools are not limited: they are cheap and callers poll them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from server.errors import RateLimited
+from server.ratelimit import RateLimit, RateLimiter
+from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
+from server.transport.state import current_call
+from server.transport.status import abort
+
+LIMITED_METHODS = frozenset({"/aiservices.v1.ToolService/CallTool"})
+
+
+class RateLimitInterceptor(UnaryInterceptor):
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        default: RateLimit,
+        *,
+        is_known_tool: Callable[[str], bool],
+        on_refusal: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self._limiter = limiter
+        self._default = default
+        self._is_known_tool = is_known_tool
+        self._on_refusal = on_refusal
+        self._limits: dict[tuple[int, float], RateLimit] = {}
+
+    def _limit_for(self, override: tuple[int, float] | None) -> RateLimit:
+        if override is None:
+            return self._default
+        limit = self._limits.get(override)
+        if limit is None:
+            limit = self._limits[override] = RateLimit(burst=override[0], per_minute=override[1])
+        return limit
+
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        if method not in LIMITED_METHODS:
+            return behaviour
+
+        async def run(request: Any, context: Context) -> Any:
+            tool: str = request.name
+            if not self._is_known_tool(tool):
+                return await behaviour(request, context)  # NOT_FOUND comes from dispatch
+            state = current_call()
+            principal = state.principal
+            key = f"{principal.organization or '-'}|{principal.user_id or principal.key_id}|{tool}"
+            limit = self._limit_for(state.key_rate_limit)
+            decision = await self._limiter.acquire(key, limit)
+            state.trailers["x-ratelimit-limit"] = str(decision.limit)
+            state.trailers["x-ratelimit-remaining"] = str(decision.remaining)
+            if not decision.allowed:
+                if self._on_refusal is not None:
+                    self._on_refusal(tool)
+                error = RateLimited(
+                    f"rate limit exceeded for {tool}: {limit.burst} calls, then "
+                    f"{limit.per_minute:g} per minute",
+                    decision.retry_after,
+                    metadata={"tool": tool, "limit": str(decision.limit)},
+                )
+                await abort(context, error, state.trailers)
+            return await behaviour(request, context)
+
+        return run
