@@ -1,0 +1,43 @@
+"""Stand-in Agenta completion runner: a loopback HTTP upstream for tests, demo and benchmark."""
+
+from server.standin.app import (
+    AUTO,
+    LOOPBACK_HOSTS,
+    REFINE_SUFFIX,
+    RUN_PATH,
+    Exchange,
+    Garbage,
+    Hang,
+    RecordedRequest,
+    Refine,
+    Reply,
+    Reset,
+    Scenario,
+    Slow,
+    StandinUpstream,
+    Status,
+    Truncated,
+    check_loopback,
+    refine_template,
+)
+
+__all__ = [
+    "AUTO",
+    "LOOPBACK_HOSTS",
+    "REFINE_SUFFIX",
+    "RUN_PATH",
+    "Exchange",
+    "Garbage",
+    "Hang",
+    "RecordedRequest",
+    "Refine",
+    "Reply",
+    "Reset",
+    "Scenario",
+    "Slow",
+    "StandinUpstream",
+    "Status",
+    "Truncated",
+    "check_loopback",
+    "refine_template",
+]
