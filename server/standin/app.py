@@ -107,8 +107,9 @@ def _json_response(
 def refine_template(template_json: str) -> list[dict[str, Any]]:
     """Refine a template the way the stand-in does, so tests can predict the exact output.
 
-    Roles, order, extra keys and the whole original content (and so every template variable) are
-    kept; only ``REFINE_SUFFIX`` is appended to string content or to the last text part.
+    Roles, order and the whole original content (and so every template variable) are kept;
+    ``REFINE_SUFFIX`` is appended. Content given as a list of text parts comes back as one
+    string, as the deployed refine prompt answers with plain ``{role, content}`` messages.
     Raises ``ValueError`` when the template is not an object with a ``messages`` list of objects.
     """
     template = json.loads(template_json)
@@ -118,18 +119,15 @@ def refine_template(template_json: str) -> list[dict[str, Any]]:
     for message in template["messages"]:
         if not isinstance(message, dict):
             raise ValueError("every message must be a JSON object")
-        out = dict(message)
         content = message.get("content")
-        if isinstance(content, str):
-            out["content"] = content + REFINE_SUFFIX
-        elif isinstance(content, list):
-            parts = [dict(p) if isinstance(p, dict) else p for p in content]
-            for part in reversed(parts):
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    part["text"] = part["text"] + REFINE_SUFFIX
-                    break
-            out["content"] = parts
-        refined.append(out)
+        if isinstance(content, list):
+            content = "\n".join(
+                part["text"]
+                for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            )
+        text = content if isinstance(content, str) else ""
+        refined.append({"role": message.get("role"), "content": text + REFINE_SUFFIX})
     return refined
 
 
