@@ -15,7 +15,9 @@ from grpc_reflection.v1alpha import reflection
 
 from server.auth import KeysFileError, KeyStore
 from server.config import AuthMode, Settings, is_loopback
+from server.metrics import Metrics
 from server.ratelimit import RateLimit, RateLimiter, limiter_from_url
+from server.service.concurrency import CallGate
 from server.service.dispatch import ToolDispatcher
 from server.tools.base import Tool
 from server.tools.refine_prompt import RefinePromptTool
@@ -23,7 +25,8 @@ from server.transport.interceptors.auth import AuthInterceptor
 from server.transport.interceptors.rate_limit import RateLimitInterceptor
 from server.transport.interceptors.request_context import RequestContextInterceptor
 from server.transport.servicer import ToolServicer
-from server.upstream.agenta import AgentaCompletionClient
+from server.transport.state import current_call
+from server.upstream.agenta import AgentaCompletionClient, ResponseObserver
 from server.upstream.http import build_http_client
 
 log = logging.getLogger("aiservices.server")
@@ -80,7 +83,18 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def build_tools(settings: Settings, http: httpx.AsyncClient) -> list[Tool]:
+def upstream_observer(metrics: Metrics) -> ResponseObserver:
+    """Each upstream attempt lands in the metrics and in the call's access-log line."""
+
+    def observe(status: str, seconds: float) -> None:
+        metrics.upstream_requests.labels(status).observe(seconds)
+        state = current_call()
+        state.upstream_status, state.upstream_latency = status, seconds
+
+    return observe
+
+
+def build_tools(settings: Settings, http: httpx.AsyncClient, metrics: Metrics) -> list[Tool]:
     if not settings.upstream_enabled:
         return []
     assert settings.api_key and settings.api_url  # guaranteed by upstream_enabled
@@ -90,6 +104,8 @@ def build_tools(settings: Settings, http: httpx.AsyncClient) -> list[Tool]:
         api_key=settings.api_key.get_secret_value(),
         environment=str(settings.environment_slug).strip(),
         timeout=settings.upstream_timeout,
+        max_retries=settings.upstream_retries,
+        observer=upstream_observer(metrics),
     )
     return [RefinePromptTool(client, app=str(settings.refine_prompt_key).strip())]
 
@@ -117,31 +133,49 @@ class AiServicesServer:
         self._owns_limiter = limiter is None
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
+        self.metrics = Metrics()
         self.port = 0
+        self.metrics_port: int | None = None
 
     async def start(self) -> int:
         settings = self.settings
         keys = load_keys(settings)
         credentials = server_credentials(settings)
+        metrics = self.metrics
         if self._limiter is None:
             url = settings.redis_url.get_secret_value() if settings.redis_url else None
-            self._limiter = limiter_from_url(url)
+            self._limiter = limiter_from_url(url, on_fallback=metrics.redis_fallbacks.inc)
         if self._http is None:
             self._http = build_http_client(
                 max_connections=settings.upstream_max_connections,
                 timeout=settings.upstream_timeout,
             )
-        tools = list(self._tools) if self._tools is not None else build_tools(settings, self._http)
-        dispatcher = ToolDispatcher(tools, enabled=settings.upstream_enabled)
-        interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor()]
+        tools = (
+            list(self._tools)
+            if self._tools is not None
+            else build_tools(settings, self._http, metrics)
+        )
+        gate = CallGate(
+            settings.max_concurrent_calls,
+            max_wait=settings.queue_timeout,
+            on_refusal=metrics.overloaded.inc,
+        )
+        metrics.in_flight.set_function(lambda: gate.in_flight)
+        metrics.in_flight_limit.set(settings.max_concurrent_calls)
+        dispatcher = ToolDispatcher(tools, enabled=settings.upstream_enabled, gate=gate)
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(metrics)]
         if keys is not None:
             interceptors.append(AuthInterceptor(keys))
         default_limit = RateLimit(
             burst=settings.rate_limit_burst, per_minute=settings.rate_limit_per_minute
         )
-        known = {tool.definition.name for tool in tools}
         interceptors.append(
-            RateLimitInterceptor(self._limiter, default_limit, is_known_tool=known.__contains__)
+            RateLimitInterceptor(
+                self._limiter,
+                default_limit,
+                is_known_tool=dispatcher.is_known,
+                on_refusal=lambda tool, key_id: metrics.rate_limited.labels(tool, key_id).inc(),
+            )
         )
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -151,7 +185,8 @@ class AiServicesServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_ToolServiceServicer_to_server(ToolServicer(dispatcher), server)
+        servicer = ToolServicer(dispatcher, metrics=metrics, log_payloads=settings.log_payloads)
+        pb_grpc.add_ToolServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
             reflection.enable_server_reflection(
@@ -164,6 +199,14 @@ class AiServicesServer:
                 self.port = server.add_secure_port(settings.grpc_address, credentials)
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {settings.grpc_address}: {exc}") from None
+        metrics_address = settings.metrics_host_port
+        if metrics_address is not None:
+            try:
+                self.metrics_port = metrics.serve(*metrics_address)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {settings.metrics_address}: {exc.strerror}"
+                ) from None
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME):
@@ -179,6 +222,7 @@ class AiServicesServer:
                 "mtls": settings.tls_client_ca_file is not None,
                 "keys": len(keys) if keys is not None else 0,
                 "redis": settings.redis_url is not None,
+                "metrics_port": self.metrics_port,
             },
         )
         return self.port
@@ -196,4 +240,5 @@ class AiServicesServer:
             await self._http.aclose()
         if self._owns_limiter and self._limiter is not None:
             await self._limiter.close()
+        self.metrics.close()
         log.info("stopped")

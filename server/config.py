@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     refine_prompt_key: str | None = None
     upstream_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
     upstream_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 1000
+    upstream_retries: Annotated[int, Field(ge=0, le=3)] = 1
+    # Tool calls in flight at once; beyond it calls wait up to QUEUE_TIMEOUT, then UNAVAILABLE.
+    max_concurrent_calls: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    queue_timeout: Annotated[float, Field(ge=0, le=60)] = 0.1
 
     # Server.
     grpc_address: str = "127.0.0.1:50051"
@@ -67,6 +71,9 @@ class Settings(BaseSettings):
     max_message_bytes: Annotated[int, Field(ge=1_048_576)] = 4 * 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 10.0
     log_level: LogLevel = LogLevel.INFO
+    # Prompt text and model output appear in logs only when this is true.
+    log_payloads: bool = False
+    metrics_address: str | None = None
 
     # Access control.
     auth: AuthMode = AuthMode.KEYS
@@ -113,6 +120,18 @@ class Settings(BaseSettings):
     def _check_address(cls, value: str) -> str:
         _split_host_port(value)
         return value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _check_metrics_address(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        _split_host_port(value)
+        return value
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        return None if self.metrics_address is None else _split_host_port(self.metrics_address)
 
     @field_validator("log_level", mode="before")
     @classmethod

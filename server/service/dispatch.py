@@ -17,6 +17,7 @@ from server.errors import (
 )
 from server.identity import Principal
 from server.service.arguments import ArgumentValidator
+from server.service.concurrency import CallGate
 from server.tools.base import CallContext, Tool, ToolDefinition, ToolFailure, ToolResult
 
 DEFAULT_PAGE_SIZE = 50
@@ -52,8 +53,11 @@ def _decode_cursor(cursor: str) -> int:
 class ToolDispatcher:
     """Owns the registered tools and runs calls against them."""
 
-    def __init__(self, tools: Sequence[Tool], *, enabled: bool) -> None:
+    def __init__(
+        self, tools: Sequence[Tool], *, enabled: bool, gate: CallGate | None = None
+    ) -> None:
         self.enabled = enabled
+        self.gate = gate
         self._tools: dict[str, Tool] = {}
         self._validators: dict[str, ArgumentValidator] = {}
         for tool in tools:
@@ -103,7 +107,14 @@ class ToolDispatcher:
         tool = self.tool_for(context.principal, name)
         checked = self._validators[name].validate(arguments)
         try:
-            output = await tool.call(checked, context)
+            if self.gate is None:
+                output = await tool.call(checked, context)
+            else:
+                async with self.gate.slot():
+                    output = await tool.call(checked, context)
         except ToolFailure as failure:
             return ToolResult.failure(failure)
         return ToolResult.success(output)
+
+    def is_known(self, name: str) -> bool:
+        return name in self._tools

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import traceback
 import uuid
@@ -20,6 +21,7 @@ from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 
 from server.errors import DeadlineExceeded, ServiceError
+from server.metrics import Metrics
 from server.service.dispatch import ToolDispatcher
 from server.tools.base import CallContext, ToolErrorCode
 from server.transport.convert import call_response, dict_from, tool_message
@@ -63,9 +65,20 @@ def guarded(method: Method[Request, Response]) -> Method[Request, Response]:
     return run
 
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
 class ToolServicer(pb_grpc.ToolServiceServicer):
-    def __init__(self, dispatcher: ToolDispatcher) -> None:
+    def __init__(
+        self,
+        dispatcher: ToolDispatcher,
+        *,
+        metrics: Metrics | None = None,
+        log_payloads: bool = False,
+    ) -> None:
         self._dispatcher = dispatcher
+        self._metrics = metrics
+        self._log_payloads = log_payloads
         # Tool messages are built once: GetStatus is on every caller's hot path.
         self._messages: dict[str, pb.Tool] = {}
 
@@ -103,13 +116,19 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
         state = current_call()
         state.tool = request.name
         remaining = context.time_remaining()
+        traceparent = state.metadata.get("traceparent")
+        if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
+            traceparent = None  # malformed: do not forward it
         call = CallContext(
             principal=state.principal,
             request_id=state.request_id,
             deadline=None if remaining is None else time.monotonic() + remaining,
-            traceparent=state.metadata.get("traceparent"),
+            traceparent=traceparent,
         )
-        result = await self._dispatcher.call(request.name, dict_from(request.arguments), call)
+        arguments = dict_from(request.arguments)
+        if self._log_payloads:
+            state.payload = {"arguments": arguments}
+        result = await self._dispatcher.call(request.name, arguments, call)
         if (
             result.error is not None
             and result.error.code is ToolErrorCode.UPSTREAM_TIMEOUT
@@ -119,4 +138,10 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
             raise DeadlineExceeded("the call's deadline passed before the upstream answered")
         state.trace_id = result.trace_id
         state.tool_outcome = result.error.code.value if result.error else "OK"
+        if self._metrics is not None:
+            self._metrics.tool_calls.labels(
+                request.name, state.tool_outcome, state.principal.key_id
+            ).inc()
+        if state.payload is not None:
+            state.payload["result"] = result.structured or result.text
         return call_response(result, state.request_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.identity import ANONYMOUS, Principal
 
@@ -22,9 +23,11 @@ class CallState:
     principal: Principal = ANONYMOUS
     tool: str = ""
     trace_id: str = ""
-    upstream_status: int | None = None
+    upstream_status: str | None = None
     upstream_latency: float | None = None
     tool_outcome: str = ""
+    # Arguments and result, kept only when payload logging is switched on.
+    payload: dict[str, Any] | None = None
     # Invocation metadata with text values, read once for every layer of the call.
     metadata: dict[str, str] = field(default_factory=dict)
     # The authenticated key's own rate limit (burst, per_minute), when it has one.

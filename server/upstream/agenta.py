@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,8 +102,19 @@ def _trace_id(reply: dict[str, Any]) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+# (status or failure kind, seconds): reported once per HTTP attempt, for metrics and logs.
+ResponseObserver = Callable[[str, float], None]
+
+# Retry-After delays are honoured only when this much time is left for the retried attempt.
+MIN_ATTEMPT_SECONDS = 0.5
+
+
 class AgentaCompletionClient:
-    """Runs a deployed prompt: `POST {base_url}/services/completion/run`."""
+    """Runs a deployed prompt: `POST {base_url}/services/completion/run`.
+
+    Retries only where it is safe and can help: a connection that failed before the request
+    was sent, and 429/503 with a Retry-After that fits in the time left.
+    """
 
     def __init__(
         self,
@@ -111,12 +124,16 @@ class AgentaCompletionClient:
         api_key: str,
         environment: str,
         timeout: float,
+        max_retries: int = 1,
+        observer: ResponseObserver | None = None,
     ) -> None:
         self._http = http
         self._url = base_url.rstrip("/") + RUN_PATH
         self._headers = {"Authorization": f"ApiKey {api_key}"}
         self._environment = environment
         self.timeout = timeout
+        self.max_retries = max_retries
+        self._observer = observer
 
     async def run(
         self,
@@ -126,26 +143,68 @@ class AgentaCompletionClient:
         time_left: float | None = None,
         traceparent: str | None = None,
     ) -> CompletionReply:
-        """One request, bounded by the smaller of `time_left` and the configured timeout."""
+        """The reply, within the smaller of `time_left` and the configured timeout."""
         budget = self.timeout if time_left is None else min(self.timeout, time_left)
-        if budget <= 0:
-            raise UpstreamTimeout("no time left for the upstream call")
+        deadline = time.monotonic() + budget
         headers = self._headers
         if traceparent:
             headers = {**headers, "traceparent": traceparent}
         body = {"inputs": inputs, "environment": self._environment, "app": app}
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(body, headers, deadline - time.monotonic())
+            except UpstreamError as error:
+                delay = self._retry_delay(error, attempt, deadline)
+                if delay is None:
+                    raise
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    def _retry_delay(self, error: UpstreamError, attempt: int, deadline: float) -> float | None:
+        if attempt >= self.max_retries:
+            return None
+        if isinstance(error, UpstreamUnavailable) and not error.sent:
+            delay = random.uniform(0.05, 0.25)
+        elif (
+            isinstance(error, UpstreamStatusError)
+            and error.status in (429, 503)
+            and error.retry_after is not None
+        ):
+            delay = error.retry_after + random.uniform(0.0, 0.1)
+        else:
+            return None
+        if time.monotonic() + delay + MIN_ATTEMPT_SECONDS > deadline:
+            return None
+        return delay
+
+    async def _attempt(
+        self, body: dict[str, Any], headers: dict[str, str], budget: float
+    ) -> CompletionReply:
+        if budget <= 0:
+            raise UpstreamTimeout("no time left for the upstream call")
         started = time.monotonic()
+        outcome = "error"
         try:
             async with asyncio.timeout(budget):
                 response = await self._http.post(
                     self._url, json=body, headers=headers, timeout=httpx.Timeout(budget)
                 )
+            outcome = str(response.status_code)
         except TimeoutError:
+            outcome = "timeout"
             raise UpstreamTimeout("the upstream did not answer in time") from None
         except httpx.TransportError as exc:
-            raise _classify(exc) from None
-        latency = time.monotonic() - started
-        return self._parse(response, latency)
+            error = _classify(exc)
+            outcome = "timeout" if isinstance(error, UpstreamTimeout) else "unavailable"
+            raise error from None
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            if self._observer is not None:
+                self._observer(outcome, time.monotonic() - started)
+        return self._parse(response, time.monotonic() - started)
 
     @staticmethod
     def _parse(response: httpx.Response, latency: float) -> CompletionReply:

@@ -24,7 +24,7 @@ class RateLimitInterceptor(UnaryInterceptor):
         default: RateLimit,
         *,
         is_known_tool: Callable[[str], bool],
-        on_refusal: Callable[[str], None] | None = None,
+        on_refusal: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__()
         self._limiter = limiter
@@ -58,7 +58,7 @@ class RateLimitInterceptor(UnaryInterceptor):
             state.trailers["x-ratelimit-remaining"] = str(decision.remaining)
             if not decision.allowed:
                 if self._on_refusal is not None:
-                    self._on_refusal(tool)
+                    self._on_refusal(tool, principal.key_id)
                 error = RateLimited(
                     f"rate limit exceeded for {tool}: {limit.burst} calls, then "
                     f"{limit.per_minute:g} per minute",

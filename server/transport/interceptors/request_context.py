@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from server.metrics import Metrics
 from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
 from server.transport.state import CallState, begin_call
 
@@ -27,7 +28,13 @@ def _status_name(context: Context, fallback: str) -> str:
 
 
 class RequestContextInterceptor(UnaryInterceptor):
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        super().__init__()
+        self._metrics = metrics
+
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        metrics = self._metrics
+
         async def run(request: Any, context: Context) -> Any:
             metadata = {
                 name: value
@@ -37,6 +44,8 @@ class RequestContextInterceptor(UnaryInterceptor):
             given = metadata.get("x-request-id")
             request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
             state = CallState(method=method, request_id=request_id, metadata=metadata)
+            if metrics is not None:
+                metrics.rpc_started(method)
             state.trailers["x-request-id"] = request_id
             begin_call(state)
             code = "UNKNOWN"
@@ -55,19 +64,22 @@ class RequestContextInterceptor(UnaryInterceptor):
                 )
                 raise
             finally:
-                _log_access(state, code)
+                duration = time.perf_counter() - state.started
+                if metrics is not None:
+                    metrics.rpc_handled(method, code, duration)
+                _log_access(state, code, duration)
 
         return run
 
 
-def _log_access(state: CallState, code: str) -> None:
+def _log_access(state: CallState, code: str, duration: float) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
     fields: dict[str, Any] = {
         "request_id": state.request_id,
         "method": state.method,
         "code": code,
-        "duration_ms": round((time.perf_counter() - state.started) * 1000, 3),
+        "duration_ms": round(duration * 1000, 3),
         "key_id": state.principal.key_id,
     }
     if state.tool:
@@ -79,4 +91,6 @@ def _log_access(state: CallState, code: str) -> None:
         fields["upstream_ms"] = round(state.upstream_latency * 1000, 3)
     if state.trace_id:
         fields["trace_id"] = state.trace_id
+    if state.payload is not None:
+        fields["payload"] = state.payload
     access_log.info("rpc", extra=fields)
