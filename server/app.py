@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from server.service.dispatch import ToolDispatcher
 from server.tools.base import Tool
 from server.tools.refine_prompt import RefinePromptTool
 from server.transport.interceptors.auth import AuthInterceptor
+from server.transport.interceptors.drain import DrainInterceptor
 from server.transport.interceptors.rate_limit import RateLimitInterceptor
 from server.transport.interceptors.request_context import RequestContextInterceptor
 from server.transport.servicer import ToolServicer
@@ -134,6 +136,7 @@ class AiServicesServer:
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
+        self._drain = DrainInterceptor()
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -163,7 +166,10 @@ class AiServicesServer:
         metrics.in_flight.set_function(lambda: gate.in_flight)
         metrics.in_flight_limit.set(settings.max_concurrent_calls)
         dispatcher = ToolDispatcher(tools, enabled=settings.upstream_enabled, gate=gate)
-        interceptors: list[grpc.aio.ServerInterceptor] = [RequestContextInterceptor(metrics)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            RequestContextInterceptor(metrics),
+            self._drain,
+        ]
         if keys is not None:
             interceptors.append(AuthInterceptor(keys))
         default_limit = RateLimit(
@@ -233,9 +239,19 @@ class AiServicesServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let calls in flight finish, close."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
+            in_flight = self._drain.in_flight
+            if not await self._drain.drain(grace):
+                log.warning(
+                    "calls still in flight after the grace period are cancelled",
+                    extra={"in_flight": self._drain.in_flight, "grace_seconds": grace},
+                )
+            elif in_flight:
+                log.info("drained", extra={"finished_calls": in_flight})
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self._owns_http and self._http is not None:
             await self._http.aclose()
         if self._owns_limiter and self._limiter is not None:

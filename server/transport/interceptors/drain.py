@@ -1,0 +1,51 @@
+"""Graceful drain: once shutdown starts, new calls are refused with UNAVAILABLE while calls in
+flight finish, and health checks keep answering NOT_SERVING so load balancers move away.
+
+grpc's own `server.stop(grace)` also refuses new calls, but it stops answering health checks
+at once; draining here first keeps the server observable until the last call is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from server.errors import ShuttingDown
+from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
+from server.transport.state import current_call
+from server.transport.status import abort
+
+
+class DrainInterceptor(UnaryInterceptor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        async def run(request: Any, context: Context) -> Any:
+            if self.draining:
+                error = ShuttingDown("the server is shutting down; retry on another replica", 1.0)
+                await abort(context, error, current_call().trailers)
+            self.in_flight += 1
+            self._idle.clear()
+            try:
+                return await behaviour(request, context)
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self._idle.set()
+
+        return run
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new calls and wait up to `grace` seconds for those in flight; True when idle."""
+        self.draining = True
+        try:
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
