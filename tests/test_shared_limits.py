@@ -1,0 +1,196 @@
+"""Two server processes, one real redis-server: one shared rate-limit budget, failing open.
+
+Everything is real: `python -m server` twice, redis-server with a password, the stand-in
+upstream. Each phase uses its own delegated user (gateway key + `x-agenta-user-id`), so budgets
+left over from one phase cannot decide another.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import grpc
+import pytest
+from aiservices import ToolClient, ToolServiceError
+
+from server.ratelimit.redis_store import DEFAULT_PREFIX
+from server.standin import StandinUpstream
+from tests.support.keys import TestKeys
+from tests.support.processes import ServerProcess
+from tests.support.redis_server import RedisServer
+from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY
+
+TOOL = "tools.agenta.api.refine_prompt"
+ARGUMENTS = {
+    "prompt_template_json": json.dumps({"messages": [{"role": "user", "content": "Hi {{name}}"}]})
+}
+BURST = 10
+ORGANIZATION = "acme"  # the gateway key's organization in the test keys file
+# The retry interval of FailoverRateLimiter (1 s): an outage must outlast it for the server to
+# probe the dead Redis again, which must not log a second warning.
+OUTAGE_SECONDS = 2.5
+
+
+def redis_key(user: str) -> str:
+    return f"{DEFAULT_PREFIX}{ORGANIZATION}|{user}|{TOOL}"
+
+
+def outage_warnings(server: ServerProcess) -> list[dict[str, object]]:
+    return [
+        record
+        for record in server.records
+        if record.get("level") in ("WARNING", "ERROR", "CRITICAL")
+        and any(
+            word in str(record.get("msg", "")).lower() for word in ("redis", "rate limit store")
+        )
+    ]
+
+
+class Replica:
+    """One server process and a client for it, calling as a delegated user."""
+
+    def __init__(self, process: ServerProcess, client: ToolClient) -> None:
+        self.process = process
+        self.client = client
+
+    @property
+    def name(self) -> str:
+        return self.process.name
+
+    def call(self, user: str) -> None:
+        """One call as `user`; it must be admitted and served by the upstream."""
+        result = self.client.call_tool(TOOL, ARGUMENTS, metadata=[("x-agenta-user-id", user)])
+        assert not result.is_error, f"{self.name}: tool error for {user}: {result.error}"
+        assert result.structured_content and result.structured_content["messages"]
+
+    def refused(self, user: str) -> ToolServiceError:
+        try:
+            self.call(user)
+        except ToolServiceError as error:
+            return error
+        pytest.fail(f"{self.name}: a call for {user} was admitted past the shared budget")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(password=secrets.token_urlsafe(24))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def replicas(
+    redis_server: RedisServer, upstream: StandinUpstream, keys: TestKeys
+) -> Iterator[tuple[Replica, Replica]]:
+    env = {
+        "API_KEYS_FILE": str(keys.path),
+        "REDIS_URL": redis_server.url,
+        "API_KEY": UPSTREAM_KEY,
+        "API_URL": upstream.url,
+        "ENVIRONMENT_SLUG": ENVIRONMENT,
+        "REFINE_PROMPT_KEY": APP,
+        "RATE_LIMIT_BURST": str(BURST),
+        "RATE_LIMIT_PER_MINUTE": "30",
+        "SHUTDOWN_GRACE": "2",
+    }
+    with ExitStack() as stack:
+        processes = [
+            stack.enter_context(ServerProcess(env, name=name).spawn()) for name in ("A", "B")
+        ]
+        for process in processes:
+            process.wait_until_serving()
+        a, b = (
+            Replica(p, stack.enter_context(ToolClient(p.target, api_key=keys.gateway, timeout=5)))
+            for p in processes
+        )
+        yield a, b
+
+
+def assert_one_budget(a: Replica, b: Replica, user: str) -> None:
+    """`BURST` calls alternating between A and B are admitted; the next is refused on both."""
+    for index in range(BURST):
+        replica = (a, b)[index % 2]
+        try:
+            replica.call(user)
+        except ToolServiceError as exc:
+            pytest.fail(f"{replica.name}: call {index + 1} of {BURST} for {user} failed: {exc}")
+    for replica in (a, b):
+        error = replica.refused(user)
+        assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED, f"{replica.name}: {error}"
+        assert error.retry_after is not None and 1 <= error.retry_after <= 2, error.retry_after
+
+
+def test_two_processes_share_one_budget(
+    replicas: tuple[Replica, Replica], redis_server: RedisServer
+) -> None:
+    a, b = replicas
+    assert_one_budget(a, b, "shared-user")
+    # The budget lives in Redis, where an operator would look for it.
+    assert redis_server.client().exists(redis_key("shared-user")) == 1
+
+
+def test_redis_outage_fails_open_and_shared_budget_returns(
+    replicas: tuple[Replica, Replica], redis_server: RedisServer, keys: TestKeys
+) -> None:
+    a, b = replicas
+    redis = redis_server.client()
+
+    # Both replicas are using Redis before it dies.
+    for replica in (a, b):
+        replica.call(f"before-{replica.name}")
+        assert redis.exists(redis_key(f"before-{replica.name}")) == 1
+    redis.close()
+
+    redis_server.kill()
+
+    # Every call is still served: no UNAVAILABLE/INTERNAL, no refusal for a fresh budget. The
+    # outage lasts past the retry interval, so each replica probes the dead Redis again.
+    for replica in (a, b):
+        replica.call(f"outage-first-{replica.name}")
+        assert replica.process.wait_for_record(
+            lambda r: r.get("level") == "WARNING" and "rate limit store" in str(r.get("msg")),
+            timeout=5,
+        ), f"{replica.name} logged no outage warning:\n" + "\n".join(replica.process.lines)
+    outage_ends = time.monotonic() + OUTAGE_SECONDS
+    served = 0
+    while time.monotonic() < outage_ends:
+        for replica in (a, b):
+            replica.call(f"outage-{served}")
+            served += 1
+
+    redis_server.start()  # same port, empty: the shared budget starts afresh
+
+    # Each replica switches back: a probe call lands in Redis (bounded poll, fresh users so the
+    # in-memory budget never refuses a probe).
+    for replica in (a, b):
+        deadline = time.monotonic() + 10
+        attempt = 0
+        with redis_server.client() as redis:
+            while True:
+                user = f"probe-{replica.name}-{attempt}"
+                replica.call(user)
+                if redis.exists(redis_key(user)):
+                    break
+                attempt += 1
+                assert time.monotonic() < deadline, f"{replica.name} never used Redis again"
+        assert replica.process.wait_for_record(
+            lambda r: "rate limit store is back" in str(r.get("msg")), timeout=5
+        ), f"{replica.name} did not log that Redis is back"
+
+    assert_one_budget(a, b, "after-restart")
+
+    # The full logs: drain on SIGTERM, then one warning per outage and no secret in any line.
+    for replica in (a, b):
+        assert replica.process.terminate() == 0
+        lines = replica.process.lines
+        warnings = outage_warnings(replica.process)
+        assert len(warnings) == 1, f"{replica.name}: {len(warnings)} outage warnings: {warnings}"
+        assert redis_server.password and not any(redis_server.password in ln for ln in lines)
+        assert not any(keys.gateway in line for line in lines)
