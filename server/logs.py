@@ -32,3 +32,5 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every request at INFO; the access log already has the upstream status.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
