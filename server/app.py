@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.auth import KeysFileError, KeyStore
-from server.config import AuthMode, Settings, is_loopback
+from server.config import AuthMode, Settings, is_loopback, split_host_port
 from server.metrics import Metrics
 from server.ratelimit import RateLimit, RateLimiter, limiter_from_url
 from server.service.concurrency import CallGate
@@ -63,6 +64,23 @@ def load_keys(settings: Settings) -> KeyStore | None:
         return KeyStore.from_file(settings.api_keys_file)
     except KeysFileError as exc:
         raise StartupError(str(exc)) from None
+
+
+def ensure_bindable(address: str, setting: str) -> None:
+    """Fail with one line naming the setting before grpc logs its own multi-line bind error."""
+    host, port = split_host_port(address)
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(
+                f"invalid setting AGENTA_AI_SERVICES_{setting}: cannot listen on {address}: "
+                f"{exc.strerror}"
+            ) from None
 
 
 def _read(path: Path, setting: str) -> bytes:
@@ -142,6 +160,9 @@ class AiServicesServer:
 
     async def start(self) -> int:
         settings = self.settings
+        ensure_bindable(settings.grpc_address, "GRPC_ADDRESS")
+        if settings.metrics_address is not None:
+            ensure_bindable(settings.metrics_address, "METRICS_ADDRESS")
         keys = load_keys(settings)
         credentials = server_credentials(settings)
         metrics = self.metrics
@@ -179,7 +200,7 @@ class AiServicesServer:
             RateLimitInterceptor(
                 self._limiter,
                 default_limit,
-                is_known_tool=dispatcher.is_known,
+                may_call=dispatcher.may_call,
                 on_refusal=lambda tool, key_id: metrics.rate_limited.labels(tool, key_id).inc(),
             )
         )
@@ -203,15 +224,19 @@ class AiServicesServer:
                 self.port = server.add_insecure_port(settings.grpc_address)
             else:
                 self.port = server.add_secure_port(settings.grpc_address, credentials)
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {settings.grpc_address}: {exc}") from None
+        except RuntimeError:
+            raise StartupError(
+                f"invalid setting AGENTA_AI_SERVICES_GRPC_ADDRESS: cannot listen on "
+                f"{settings.grpc_address}"
+            ) from None
         metrics_address = settings.metrics_host_port
         if metrics_address is not None:
             try:
                 self.metrics_port = metrics.serve(*metrics_address)
             except OSError as exc:
                 raise StartupError(
-                    f"cannot serve metrics on {settings.metrics_address}: {exc.strerror}"
+                    f"invalid setting AGENTA_AI_SERVICES_METRICS_ADDRESS: cannot listen on "
+                    f"{settings.metrics_address}: {exc.strerror}"
                 ) from None
         await server.start()
         self._server = server

@@ -25,7 +25,7 @@ class LogLevel(StrEnum):
     ERROR = "ERROR"
 
 
-def _split_host_port(address: str) -> tuple[str, int]:
+def split_host_port(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("must look like HOST:PORT, e.g. 127.0.0.1:50051 or [::1]:50051")
@@ -33,7 +33,7 @@ def _split_host_port(address: str) -> tuple[str, int]:
 
 
 def is_loopback(address: str) -> bool:
-    host, _ = _split_host_port(address)
+    host, _ = split_host_port(address)
     if host == "localhost":
         return True
     try:
@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     @field_validator("grpc_address")
     @classmethod
     def _check_address(cls, value: str) -> str:
-        _split_host_port(value)
+        split_host_port(value)
         return value
 
     @field_validator("metrics_address")
@@ -126,12 +126,12 @@ class Settings(BaseSettings):
     def _check_metrics_address(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        _split_host_port(value)
+        split_host_port(value)
         return value
 
     @property
     def metrics_host_port(self) -> tuple[str, int] | None:
-        return None if self.metrics_address is None else _split_host_port(self.metrics_address)
+        return None if self.metrics_address is None else split_host_port(self.metrics_address)
 
     @field_validator("log_level", mode="before")
     @classmethod

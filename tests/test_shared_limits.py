@@ -36,7 +36,7 @@ OUTAGE_SECONDS = 2.5
 
 
 def redis_key(user: str) -> str:
-    return f"{DEFAULT_PREFIX}{ORGANIZATION}|{user}|{TOOL}"
+    return f"{DEFAULT_PREFIX}{ORGANIZATION}|u:{user}|{TOOL}"
 
 
 def outage_warnings(server: ServerProcess) -> list[dict[str, object]]:

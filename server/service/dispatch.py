@@ -116,5 +116,7 @@ class ToolDispatcher:
             return ToolResult.failure(failure)
         return ToolResult.success(output)
 
-    def is_known(self, name: str) -> bool:
-        return name in self._tools
+    def may_call(self, principal: Principal, name: str) -> bool:
+        """True when the call would reach the tool: enabled, known and permitted."""
+        tool = self._tools.get(name)
+        return self.enabled and tool is not None and principal.may(tool.definition.permission)

@@ -23,7 +23,7 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from server.errors import DeadlineExceeded, ServiceError
 from server.metrics import Metrics
 from server.service.dispatch import ToolDispatcher
-from server.tools.base import CallContext, ToolErrorCode
+from server.tools.base import CallContext, ToolDefinition, ToolErrorCode
 from server.transport.convert import call_response, dict_from, tool_message
 from server.transport.state import current_call
 from server.transport.status import abort, internal_status
@@ -65,7 +65,10 @@ def guarded(method: Method[Request, Response]) -> Method[Request, Response]:
     return run
 
 
-_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+# W3C trace context: version ff is invalid, and so are all-zero trace and parent ids.
+_TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
 
 
 class ToolServicer(pb_grpc.ToolServiceServicer):
@@ -82,7 +85,7 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
         # Tool messages are built once: GetStatus is on every caller's hot path.
         self._messages: dict[str, pb.Tool] = {}
 
-    def _tool_messages(self, definitions: list[Any]) -> list[pb.Tool]:
+    def _tool_messages(self, definitions: list[ToolDefinition]) -> list[pb.Tool]:
         messages = []
         for definition in definitions:
             message = self._messages.get(definition.name)

@@ -25,10 +25,15 @@ ORGANIZATION_HEADER = "x-agenta-organization-id"
 _IDENTIFIER = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")
 
 
-def _delegated(metadata: dict[str, str], header: str) -> str | None:
+def _delegated(metadata: dict[str, str], repeated: set[str], header: str) -> str | None:
     value = metadata.get(header)
     if value is None:
         return None
+    if header in repeated:
+        raise InvalidArgument(
+            f"{header} was sent more than once",
+            [FieldViolation(f"metadata.{header}", "must be sent at most once")],
+        )
     if not _IDENTIFIER.fullmatch(value):
         raise InvalidArgument(
             f"{header} is malformed",
@@ -43,7 +48,11 @@ class AuthInterceptor(UnaryInterceptor):
         self._keys = keys
         self._ignored_delegation: set[str] = set()
 
-    def _principal(self, metadata: dict[str, str]) -> tuple[Principal, tuple[int, float] | None]:
+    def _principal(
+        self, metadata: dict[str, str], repeated: set[str]
+    ) -> tuple[Principal, tuple[int, float] | None]:
+        if "authorization" in repeated:
+            raise Unauthenticated("more than one authorization header: send exactly one")
         presented = parse_authorization(metadata.get("authorization"))
         if presented is None:
             raise Unauthenticated(
@@ -54,8 +63,8 @@ class AuthInterceptor(UnaryInterceptor):
             raise Unauthenticated("unknown API key")
         principal = key.principal()
         if ACT_FOR_USERS in key.permissions:
-            user = _delegated(metadata, USER_HEADER)
-            organization = _delegated(metadata, ORGANIZATION_HEADER)
+            user = _delegated(metadata, repeated, USER_HEADER)
+            organization = _delegated(metadata, repeated, ORGANIZATION_HEADER)
             principal = Principal(
                 key_id=key.id,
                 permissions=key.permissions,
@@ -76,7 +85,9 @@ class AuthInterceptor(UnaryInterceptor):
         async def run(request: Any, context: Context) -> Any:
             state = current_call()
             try:
-                state.principal, state.key_rate_limit = self._principal(state.metadata)
+                state.principal, state.key_rate_limit = self._principal(
+                    state.metadata, state.repeated
+                )
             except (Unauthenticated, InvalidArgument) as error:
                 await abort(context, error, state.trailers)
             return await behaviour(request, context)

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.errors import RateLimited
+from server.identity import Principal
 from server.ratelimit import RateLimit, RateLimiter
 from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
 from server.transport.state import current_call
@@ -23,13 +24,13 @@ class RateLimitInterceptor(UnaryInterceptor):
         limiter: RateLimiter,
         default: RateLimit,
         *,
-        is_known_tool: Callable[[str], bool],
+        may_call: Callable[[Principal, str], bool],
         on_refusal: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__()
         self._limiter = limiter
         self._default = default
-        self._is_known_tool = is_known_tool
+        self._may_call = may_call
         self._on_refusal = on_refusal
         self._limits: dict[tuple[int, float], RateLimit] = {}
 
@@ -47,11 +48,14 @@ class RateLimitInterceptor(UnaryInterceptor):
 
         async def run(request: Any, context: Context) -> Any:
             tool: str = request.name
-            if not self._is_known_tool(tool):
-                return await behaviour(request, context)  # NOT_FOUND comes from dispatch
             state = current_call()
             principal = state.principal
-            key = f"{principal.organization or '-'}|{principal.user_id or principal.key_id}|{tool}"
+            if not self._may_call(principal, tool):
+                # Unknown tool or no permission: dispatch answers NOT_FOUND or PERMISSION_DENIED
+                # without spending the caller's budget.
+                return await behaviour(request, context)
+            caller = f"u:{principal.user_id}" if principal.user_id else f"k:{principal.key_id}"
+            key = f"{principal.organization or '-'}|{caller}|{tool}"
             limit = self._limit_for(state.key_rate_limit)
             decision = await self._limiter.acquire(key, limit)
             state.trailers["x-ratelimit-limit"] = str(decision.limit)

@@ -36,14 +36,18 @@ class RequestContextInterceptor(UnaryInterceptor):
         metrics = self._metrics
 
         async def run(request: Any, context: Context) -> Any:
-            metadata = {
-                name: value
-                for name, value in context.invocation_metadata() or ()
-                if isinstance(value, str)
-            }
+            metadata: dict[str, str] = {}
+            repeated: set[str] = set()
+            for name, value in context.invocation_metadata() or ():
+                if isinstance(value, str):
+                    if name in metadata:
+                        repeated.add(name)
+                    metadata[name] = value
             given = metadata.get("x-request-id")
             request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-            state = CallState(method=method, request_id=request_id, metadata=metadata)
+            state = CallState(
+                method=method, request_id=request_id, metadata=metadata, repeated=repeated
+            )
             if metrics is not None:
                 metrics.rpc_started(method)
             state.trailers["x-request-id"] = request_id
@@ -82,6 +86,10 @@ def _log_access(state: CallState, code: str, duration: float) -> None:
         "duration_ms": round(duration * 1000, 3),
         "key_id": state.principal.key_id,
     }
+    if state.principal.user_id is not None:
+        fields["user_id"] = state.principal.user_id
+    if state.principal.organization is not None:
+        fields["organization"] = state.principal.organization
     if state.tool:
         fields["tool"] = state.tool
         fields["outcome"] = state.tool_outcome
