@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -33,13 +32,7 @@ async def serve(*, dev_keys: bool = False) -> int:
         )
     server = AiServicesServer(settings)
     await server.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
-    await stopping.wait()
-    log.info("draining", extra={"grace_seconds": settings.shutdown_grace})
-    await server.stop()
+    await server.serve_until_signalled()
     return 0
 
 

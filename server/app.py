@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -261,6 +263,16 @@ class AiServicesServer:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+    async def serve_until_signalled(self) -> None:
+        """Run until SIGINT or SIGTERM, then drain and stop."""
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace})
+        await self.stop()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let calls in flight finish, close."""

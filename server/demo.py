@@ -10,7 +10,6 @@ import asyncio
 import json
 import logging
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -74,13 +73,8 @@ async def run_demo() -> int:
         port = await server.start()
         host = settings.grpc_address.rpartition(":")[0]
         print(_instructions(f"{host}:{port}", key), file=sys.stderr, flush=True)
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stopping.set)
-        await stopping.wait()
+        await server.serve_until_signalled()
     finally:
-        await server.stop()
         await upstream.stop()
     return 0
 
