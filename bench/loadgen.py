@@ -82,6 +82,7 @@ class LoadResult:
     inflight_min: int = 0
     inflight_max: int = 0
     unfinished: int = 0
+    """Workers still in a call ``timeout_s + 2`` s after the window closed (then cancelled)."""
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -163,13 +164,15 @@ class Load:
                 for i in range(config.concurrency)
             ]
             try:
-                return await self._measure()
+                result = await self._measure()
             finally:
                 self.stopping = True
                 _, pending = await asyncio.wait(workers, timeout=config.timeout_s + 2.0)
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+            result.unfinished = len(pending)
+            return result
         finally:
             for channel in channels:
                 await channel.close()

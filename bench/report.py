@@ -110,7 +110,8 @@ def render(
         "the baseline row; CPU ratio: the same for baseline µs/call / server µs/call (robust "
         "when other processes share the cores); bound by: the side whose CPU was >= 85% busy, "
         '"core shared" when the core was >= 95% busy counting other processes, '
-        '"latency" when none was. CLIENT CPU means the load generator limited the run.'
+        '"latency" when none was. CLIENT CPU means the load generator, not the server, '
+        "limited the run."
     )
     notes = [
         f"- {scenario.key}. {scenario.title}: {note}"
@@ -128,14 +129,15 @@ def render(
                 )
     if noisy:
         notes.append(
-            "- Other processes took CPU during: " + "; ".join(noisy) + ". Absolute figures are "
-            "low there; the interleaved ratios hold better."
+            "- CPU time not charged to any benchmark process (other processes on the machine, "
+            "or kernel network work) during: " + "; ".join(noisy) + ". Where that lands on the "
+            "server core, req/s is low; µs/call and the interleaved ratios hold better."
         )
     client_bound = [
         f"{scenario.key} {row.label} c={row.concurrency}"
         for scenario in scenarios
         for row in scenario.rows
-        if "CLIENT" in row.bound
+        if row.bound == "CLIENT CPU"
     ]
     if client_bound:
         notes.append(

@@ -93,21 +93,24 @@ class Row:
 
     @property
     def bound(self) -> str:
-        """What limited the run, from the medians: which CPU was saturated, if any."""
-        found = []
+        """What limited the run, from the medians: which CPU was saturated, if any.
+
+        "CLIENT CPU" only when the load generator saturated and the server did not: then the
+        req/s is the client's limit, not the server's.
+        """
         server = self.median("server_util") or 0.0
         client = self.median("client_util") or 0.0
         load_busy = self.median("load_cpu_busy")
         server_busy = self.median("server_cpu_busy")
         if server >= SATURATED:
-            found.append("server CPU")
-        elif server_busy is not None and server_busy >= 0.95:
-            found.append("server core shared")
+            return "server CPU (client near its limit too)" if client >= SATURATED else "server CPU"
+        if server_busy is not None and server_busy >= 0.95:
+            return "server core shared"
         if client >= SATURATED:
-            found.append("CLIENT CPU")
-        elif load_busy is not None and load_busy >= 0.95:
-            found.append("load core")
-        return " + ".join(found) if found else "latency"
+            return "CLIENT CPU"
+        if load_busy is not None and load_busy >= 0.95:
+            return "load core"
+        return "latency"
 
     @property
     def other_load(self) -> tuple[float | None, float | None]:
