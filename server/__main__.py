@@ -39,14 +39,16 @@ async def serve(*, dev_keys: bool = False) -> int:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["keys"]:
         return keys_main(argv[1:])
-    if argv and argv[0] not in ("serve",):
+    dev_keys = argv[:1] == ["--dev-keys"]
+    if argv[dev_keys:]:
         print(
-            f"usage: python -m server [serve | keys ...]; unknown command {argv[0]!r}",
+            "usage: python -m server [--dev-keys] | python -m server keys ...; "
+            f"unknown argument {argv[dev_keys]!r}",
             file=sys.stderr,
         )
         return 2
     try:
-        return asyncio.run(serve())
+        return asyncio.run(serve(dev_keys=dev_keys))
     except (SettingsError, StartupError) as exc:
         print(f"aiservices: {exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ from tests.support.redis_server import RedisServer
 
 DEFAULT = RateLimit(burst=10, per_minute=30)
 BASE_US = 1_700_000_000 * 1_000_000  # a Unix time in microseconds, like Redis TIME gives
-LOGGER = "server.ratelimit"
+LOGGER = "aiservices.ratelimit"
 
 
 # --- the shared table -------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from server.ratelimit.gcra import Decision, RateLimit, RateLimiter
 
-_LOG = logging.getLogger("server.ratelimit")
+_LOG = logging.getLogger("aiservices.ratelimit")
 
 # user:password@ in anything that looks like a URL, in case an error message carries one.
 _URL_USERINFO = re.compile(r"(?<=://)[^@/\s]*@")

@@ -34,8 +34,9 @@ class _ToolErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolErr
     TOOL_ERROR_CODE_UPSTREAM_TIMEOUT: _ToolErrorCode.ValueType  # 2
     """The upstream did not answer in time."""
     TOOL_ERROR_CODE_UPSTREAM_ERROR: _ToolErrorCode.ValueType  # 3
-    """The upstream answered with an error status (429 and 503 are retryable, with retry_after
-    when the upstream said) or a reply that is not the completion-runner shape.
+    """The upstream answered with an error status (408, 425, 429 and 5xx gateway or availability
+    errors are retryable, with retry_after when the upstream sent Retry-After) or a reply
+    that is not the completion-runner shape.
     """
     TOOL_ERROR_CODE_INVALID_MODEL_OUTPUT: _ToolErrorCode.ValueType  # 4
     """The model's output failed validation (wrong shape, changed roles, lost variables)."""
@@ -50,8 +51,9 @@ TOOL_ERROR_CODE_UPSTREAM_UNAVAILABLE: ToolErrorCode.ValueType  # 1
 TOOL_ERROR_CODE_UPSTREAM_TIMEOUT: ToolErrorCode.ValueType  # 2
 """The upstream did not answer in time."""
 TOOL_ERROR_CODE_UPSTREAM_ERROR: ToolErrorCode.ValueType  # 3
-"""The upstream answered with an error status (429 and 503 are retryable, with retry_after
-when the upstream said) or a reply that is not the completion-runner shape.
+"""The upstream answered with an error status (408, 425, 429 and 5xx gateway or availability
+errors are retryable, with retry_after when the upstream sent Retry-After) or a reply
+that is not the completion-runner shape.
 """
 TOOL_ERROR_CODE_INVALID_MODEL_OUTPUT: ToolErrorCode.ValueType  # 4
 """The model's output failed validation (wrong shape, changed roles, lost variables)."""

@@ -47,4 +47,3 @@ class UnaryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         raise NotImplementedError
-

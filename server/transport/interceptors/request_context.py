@@ -92,6 +92,7 @@ def _log_access(state: CallState, code: str, duration: float) -> None:
         fields["organization"] = state.principal.organization
     if state.tool:
         fields["tool"] = state.tool
+    if state.tool_outcome:
         fields["outcome"] = state.tool_outcome
     if state.upstream_status is not None:
         fields["upstream_status"] = state.upstream_status
