@@ -26,6 +26,7 @@ from server.service.dispatch import ToolDispatcher
 from server.tools.base import Tool
 from server.tools.refine_prompt import RefinePromptTool
 from server.transport.interceptors.auth import AuthInterceptor
+from server.transport.interceptors.base import InterceptorChain, UnaryInterceptor
 from server.transport.interceptors.drain import DrainInterceptor
 from server.transport.interceptors.rate_limit import RateLimitInterceptor
 from server.transport.interceptors.request_context import RequestContextInterceptor
@@ -189,7 +190,7 @@ class AiServicesServer:
         metrics.in_flight.set_function(lambda: gate.in_flight)
         metrics.in_flight_limit.set(settings.max_concurrent_calls)
         dispatcher = ToolDispatcher(tools, enabled=settings.upstream_enabled, gate=gate)
-        interceptors: list[grpc.aio.ServerInterceptor] = [
+        interceptors: list[UnaryInterceptor] = [
             RequestContextInterceptor(metrics),
             self._drain,
         ]
@@ -207,7 +208,7 @@ class AiServicesServer:
             )
         )
         server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[InterceptorChain(interceptors)],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),

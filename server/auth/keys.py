@@ -89,7 +89,8 @@ def is_valid_name(value: str) -> bool:
 
 def is_valid_key_text(key: str) -> bool:
     """Whether `key` could be presented in a header: 1..MAX_KEY_LENGTH printable ASCII, no space."""
-    return 0 < len(key) <= MAX_KEY_LENGTH and all("!" <= ch <= "~" for ch in key)
+    # isascii + isprintable + no space is exactly "!".."~", without a loop in Python.
+    return 0 < len(key) <= MAX_KEY_LENGTH and key.isascii() and key.isprintable() and " " not in key
 
 
 def _digest(key: str) -> bytes:

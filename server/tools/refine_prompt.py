@@ -181,7 +181,7 @@ def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonO
         raise _invalid_output(
             f"it is not a valid {source.template_format.value} template", trace_id
         ) from None
-    lost = source.variables() - kept
+    lost = source.variables - kept
     if lost:
         names = ", ".join(sorted(lost)[:10])
         raise _invalid_output(f"it dropped template variables: {names}", trace_id)

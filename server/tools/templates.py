@@ -36,13 +36,12 @@ class Message:
 class PromptTemplate:
     messages: tuple[Message, ...]
     template_format: TemplateFormat
+    # Found once at parse time: also what proves the template parses in its own format.
+    variables: frozenset[str]
 
     @property
     def roles(self) -> list[str]:
         return [message.role for message in self.messages]
-
-    def variables(self) -> set[str]:
-        return template_variables((m.content for m in self.messages), self.template_format)
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -90,9 +89,8 @@ def parse_template(text: str) -> PromptTemplate:
         if "content" not in item or item["content"] is None:
             raise TemplateError(f"{where}.content is required")
         messages.append(Message(role, _content_text(item["content"], where)))
-    template = PromptTemplate(tuple(messages), template_format)
-    template.variables()  # a template its own format cannot parse is unusable
-    return template
+    variables = template_variables((m.content for m in messages), template_format)
+    return PromptTemplate(tuple(messages), template_format, frozenset(variables))
 
 
 _CURLY = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")

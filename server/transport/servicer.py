@@ -82,8 +82,10 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._log_payloads = log_payloads
-        # Tool messages are built once: GetStatus is on every caller's hot path.
+        # Built once: GetStatus is on every caller's hot path, and its answer depends only on
+        # the caller's permissions (a handful of distinct sets, one per kind of key).
         self._messages: dict[str, pb.Tool] = {}
+        self._status_by_permissions: dict[frozenset[str], pb.GetStatusResponse] = {}
 
     def _tool_messages(self, definitions: list[ToolDefinition]) -> list[pb.Tool]:
         messages = []
@@ -98,10 +100,15 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: Context
     ) -> pb.GetStatusResponse:
-        tools = self._dispatcher.visible_tools(current_call().principal)
-        return pb.GetStatusResponse(
-            enabled=self._dispatcher.enabled, tools=self._tool_messages(tools)
-        )
+        permissions = current_call().principal.permissions
+        response = self._status_by_permissions.get(permissions)
+        if response is None:
+            tools = self._dispatcher.visible_tools(current_call().principal)
+            response = pb.GetStatusResponse(
+                enabled=self._dispatcher.enabled, tools=self._tool_messages(tools)
+            )
+            self._status_by_permissions[permissions] = response
+        return response
 
     @guarded
     async def ListTools(

@@ -128,7 +128,7 @@ class AgentaCompletionClient:
         observer: ResponseObserver | None = None,
     ) -> None:
         self._http = http
-        self._url = base_url.rstrip("/") + RUN_PATH
+        self._url = httpx.URL(base_url.rstrip("/") + RUN_PATH)  # parsed once, not per call
         self._headers = {"Authorization": f"ApiKey {api_key}"}
         self._environment = environment
         self.timeout = timeout

@@ -44,7 +44,6 @@ def _delegated(metadata: dict[str, str], repeated: set[str], header: str) -> str
 
 class AuthInterceptor(UnaryInterceptor):
     def __init__(self, keys: KeyStore) -> None:
-        super().__init__()
         self._keys = keys
         self._ignored_delegation: set[str] = set()
 

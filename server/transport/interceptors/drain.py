@@ -18,7 +18,6 @@ from server.transport.status import abort
 
 class DrainInterceptor(UnaryInterceptor):
     def __init__(self) -> None:
-        super().__init__()
         self.draining = False
         self.in_flight = 0
         self._idle = asyncio.Event()

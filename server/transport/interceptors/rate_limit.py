@@ -27,7 +27,6 @@ class RateLimitInterceptor(UnaryInterceptor):
         may_call: Callable[[Principal, str], bool],
         on_refusal: Callable[[str, str], None] | None = None,
     ) -> None:
-        super().__init__()
         self._limiter = limiter
         self._default = default
         self._may_call = may_call

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from server.logs import emit_json
 from server.metrics import Metrics
 from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
 from server.transport.state import CallState, begin_call
@@ -29,7 +30,6 @@ def _status_name(context: Context, fallback: str) -> str:
 
 class RequestContextInterceptor(UnaryInterceptor):
     def __init__(self, metrics: Metrics | None = None) -> None:
-        super().__init__()
         self._metrics = metrics
 
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
@@ -102,4 +102,4 @@ def _log_access(state: CallState, code: str, duration: float) -> None:
         fields["trace_id"] = state.trace_id
     if state.payload is not None:
         fields["payload"] = state.payload
-    access_log.info("rpc", extra=fields)
+    emit_json(access_log, "rpc", fields)
