@@ -19,12 +19,10 @@ from server.ratelimit import (
     InMemoryRateLimiter,
     RateLimit,
     RateLimiter,
-    RedisRateLimiter,
     gcra,
     limiter_from_url,
-    redis_client_from_url,
 )
-from server.ratelimit.redis_store import DEFAULT_PREFIX
+from server.ratelimit.redis_store import DEFAULT_PREFIX, RedisRateLimiter, redis_client_from_url
 from tests.support.redis_server import RedisServer
 
 DEFAULT = RateLimit(burst=10, per_minute=30)

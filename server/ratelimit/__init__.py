@@ -1,21 +1,16 @@
 """GCRA rate limiting for CallTool: in memory, or in Redis shared by replicas, failing open.
 
 This layer knows nothing of gRPC: callers build a key (organization, user or key id, tool), pick
-a RateLimit and act on the Decision.
+a RateLimit and act on the Decision. The Redis store is in `server.ratelimit.redis_store`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import redis.asyncio
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-
 from server.ratelimit.failover import FailoverRateLimiter
 from server.ratelimit.gcra import Decision, RateLimit, RateLimiter, gcra
 from server.ratelimit.memory import InMemoryRateLimiter
-from server.ratelimit.redis_store import RedisRateLimiter
 
 __all__ = [
     "Decision",
@@ -23,29 +18,9 @@ __all__ = [
     "InMemoryRateLimiter",
     "RateLimit",
     "RateLimiter",
-    "RedisRateLimiter",
     "gcra",
     "limiter_from_url",
-    "redis_client_from_url",
 ]
-
-# Socket timeouts for the Redis client: the hot path is bounded by FailoverRateLimiter's own
-# (shorter) timeout anyway; these stop a dead connection from lingering in the pool.
-REDIS_SOCKET_TIMEOUT = 0.5
-
-
-def redis_client_from_url(url: str) -> redis.asyncio.Redis:
-    """A Redis client for rate limiting: short socket timeouts, at most one immediate retry.
-
-    The URL may hold a password: never log it (FailoverRateLimiter does not)."""
-    return redis.asyncio.Redis.from_url(
-        url.strip(),
-        socket_timeout=REDIS_SOCKET_TIMEOUT,
-        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
-        # One immediate retry replaces a stale pooled connection (e.g. after a Redis restart);
-        # backing off would only run into the failover timeout.
-        retry=Retry(NoBackoff(), 1),
-    )
 
 
 def limiter_from_url(
@@ -58,6 +33,12 @@ def limiter_from_url(
     open to in memory. No connection is made here (the client connects on first use)."""
     if url is None or not url.strip():
         return InMemoryRateLimiter()
+    # Imported only when Redis is configured: the client library costs memory in every replica.
+    from server.ratelimit.redis_store import (  # noqa: PLC0415
+        RedisRateLimiter,
+        redis_client_from_url,
+    )
+
     return FailoverRateLimiter(
         RedisRateLimiter(redis_client_from_url(url)),
         InMemoryRateLimiter(),

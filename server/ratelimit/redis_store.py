@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from server.ratelimit.gcra import Decision, RateLimit, decision_from_us
 
@@ -85,3 +87,22 @@ class RedisRateLimiter:
     async def close(self) -> None:
         if self._owns_client:
             await self._client.aclose()
+
+
+# Socket timeouts for the Redis client: the hot path is bounded by FailoverRateLimiter's own
+# (shorter) timeout anyway; these stop a dead connection from lingering in the pool.
+REDIS_SOCKET_TIMEOUT = 0.5
+
+
+def redis_client_from_url(url: str) -> redis.asyncio.Redis:
+    """A Redis client for rate limiting: short socket timeouts, at most one immediate retry.
+
+    The URL may hold a password: never log it (FailoverRateLimiter does not)."""
+    return redis.asyncio.Redis.from_url(
+        url.strip(),
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+        # One immediate retry replaces a stale pooled connection (e.g. after a Redis restart);
+        # backing off would only run into the failover timeout.
+        retry=Retry(NoBackoff(), 1),
+    )

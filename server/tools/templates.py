@@ -9,10 +9,8 @@ import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
 from typing import Any
-
-import jinja2
-import jinja2.meta
 
 
 class TemplateFormat(StrEnum):
@@ -96,7 +94,6 @@ def parse_template(text: str) -> PromptTemplate:
 _CURLY = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
 # {{name}}, {{{name}}}, {{& name}}, {{#section}}, {{^inverted}}; not comments, partials, closers.
 _MUSTACHE = re.compile(r"\{\{(\{?)\s*([#^&]?)\s*([^{}!>/=]+?)\s*\}?\}\}")
-_JINJA = jinja2.Environment(autoescape=False)
 
 
 def _fstring_fields(text: str) -> set[str]:
@@ -106,9 +103,19 @@ def _fstring_fields(text: str) -> set[str]:
         raise TemplateError("has unbalanced braces for template_format fstring") from None
 
 
+@cache
+def _jinja() -> Any:
+    """Loaded on the first jinja2 template: most templates are curly, and jinja2 costs memory."""
+    import jinja2  # noqa: PLC0415
+    import jinja2.meta  # noqa: PLC0415
+
+    return jinja2, jinja2.Environment(autoescape=False)
+
+
 def _jinja_fields(text: str) -> set[str]:
+    jinja2, environment = _jinja()
     try:
-        return set(jinja2.meta.find_undeclared_variables(_JINJA.parse(text)))
+        return set(jinja2.meta.find_undeclared_variables(environment.parse(text)))
     except jinja2.TemplateSyntaxError:
         raise TemplateError("is not valid jinja2") from None
 
