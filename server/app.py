@@ -33,7 +33,7 @@ from server.transport.interceptors.request_context import RequestContextIntercep
 from server.transport.servicer import ToolServicer
 from server.transport.state import current_call
 from server.upstream.agenta import AgentaCompletionClient, ResponseObserver
-from server.upstream.http import build_http_client
+from server.upstream.http import build_http_transport
 
 log = logging.getLogger("aiservices.server")
 
@@ -117,12 +117,14 @@ def upstream_observer(metrics: Metrics) -> ResponseObserver:
     return observe
 
 
-def build_tools(settings: Settings, http: httpx.AsyncClient, metrics: Metrics) -> list[Tool]:
+def build_tools(
+    settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
+) -> list[Tool]:
     if not settings.upstream_enabled:
         return []
     assert settings.api_key and settings.api_url  # guaranteed by upstream_enabled
     client = AgentaCompletionClient(
-        http,
+        transport,
         base_url=settings.api_url,
         api_key=settings.api_key.get_secret_value(),
         environment=str(settings.environment_slug).strip(),
@@ -136,21 +138,21 @@ def build_tools(settings: Settings, http: httpx.AsyncClient, metrics: Metrics) -
 class AiServicesServer:
     """One grpc.aio server with the ToolService, health and reflection.
 
-    Pass `http_client` to share or inspect the upstream client; otherwise the server makes
-    one at start and closes it at stop.
+    Pass `http_transport` to share or inspect the upstream HTTP transport; otherwise the server
+    makes one at start and closes it at stop.
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        http_client: httpx.AsyncClient | None = None,
+        http_transport: httpx.AsyncBaseTransport | None = None,
         tools: Sequence[Tool] | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
-        self._http = http_client
-        self._owns_http = http_client is None
+        self._http = http_transport
+        self._owns_http = http_transport is None
         self._tools = tools
         self._limiter = limiter
         self._owns_limiter = limiter is None
@@ -173,10 +175,7 @@ class AiServicesServer:
             url = settings.redis_url.get_secret_value() if settings.redis_url else None
             self._limiter = limiter_from_url(url, on_fallback=metrics.redis_fallbacks.inc)
         if self._http is None:
-            self._http = build_http_client(
-                max_connections=settings.upstream_max_connections,
-                timeout=settings.upstream_timeout,
-            )
+            self._http = build_http_transport(max_connections=settings.upstream_max_connections)
         tools = (
             list(self._tools)
             if self._tools is not None

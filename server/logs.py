@@ -17,6 +17,10 @@ from typing import Any, TextIO
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+# One encoder for every line: json.dumps with options builds a new encoder per call.
+_JSON = json.JSONEncoder(default=str, separators=(",", ":"))
+
+
 @lru_cache(maxsize=4)
 def _second_text(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
@@ -39,7 +43,7 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
-        return json.dumps(entry, default=str, separators=(",", ":"))
+        return _JSON.encode(entry)
 
 
 class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -115,7 +119,7 @@ def emit_json(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
         return
     entry = {"ts": timestamp(time.time()), "level": "INFO", "logger": logger.name, "msg": msg}
     entry.update(fields)
-    handler.write_line(json.dumps(entry, default=str, separators=(",", ":")))
+    handler.write_line(_JSON.encode(entry))
 
 
 def configure_logging(level: str, stream: TextIO | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
 from collections.abc import Callable
@@ -18,6 +19,8 @@ import aiohttp
 import httpx
 
 RUN_PATH = "/services/completion/run"
+USER_AGENT = "aiservices/0.1"
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class UpstreamError(Exception):
@@ -118,7 +121,7 @@ class AgentaCompletionClient:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         *,
         base_url: str,
         api_key: str,
@@ -127,9 +130,14 @@ class AgentaCompletionClient:
         max_retries: int = 1,
         observer: ResponseObserver | None = None,
     ) -> None:
-        self._http = http
+        self._transport = transport
         self._url = httpx.URL(base_url.rstrip("/") + RUN_PATH)  # parsed once, not per call
-        self._headers = {"Authorization": f"ApiKey {api_key}"}
+        self._headers = {
+            "Authorization": f"ApiKey {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": USER_AGENT,
+        }
         self._environment = environment
         self.timeout = timeout
         self.max_retries = max_retries
@@ -185,11 +193,20 @@ class AgentaCompletionClient:
             raise UpstreamTimeout("no time left for the upstream call")
         started = time.monotonic()
         outcome = "error"
+        request = httpx.Request(
+            "POST",
+            self._url,
+            headers=headers,
+            content=_JSON.encode(body).encode(),
+            extensions={"timeout": {"connect": budget, "read": budget, "pool": budget}},
+        )
         try:
             async with asyncio.timeout(budget):
-                response = await self._http.post(
-                    self._url, json=body, headers=headers, timeout=httpx.Timeout(budget)
-                )
+                response = await self._transport.handle_async_request(request)
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
             outcome = str(response.status_code)
         except TimeoutError:
             outcome = "timeout"

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 import time
-import uuid
+from secrets import token_hex
 from typing import Any
 
 import grpc
@@ -44,7 +44,7 @@ class RequestContextInterceptor(UnaryInterceptor):
                         repeated.add(name)
                     metadata[name] = value
             given = metadata.get("x-request-id")
-            request_id = given if given and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+            request_id = given if given and _REQUEST_ID.fullmatch(given) else token_hex(16)
             state = CallState(
                 method=method, request_id=request_id, metadata=metadata, repeated=repeated
             )
