@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 import time
 from functools import lru_cache
 from typing import Any, TextIO
@@ -58,6 +59,7 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self._pending: list[str] = []
         self._scheduled = False
+        self._loops: dict[int, asyncio.AbstractEventLoop] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -75,13 +77,27 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._pending.append(line)
         if self._scheduled:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = self._loop_of_thread()
+        if loop is None:
             self.flush()
             return
         self._scheduled = True
         loop.call_soon(self.flush)
+
+    def _loop_of_thread(self) -> asyncio.AbstractEventLoop | None:
+        """The running loop of this thread, remembered: get_running_loop makes a system call
+        on Python 3.11, once per log line."""
+        thread = threading.get_ident()
+        loop = self._loops.get(thread)
+        if loop is not None and loop.is_running():
+            return loop
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loops.pop(thread, None)
+            return None
+        self._loops[thread] = loop
+        return loop
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
