@@ -110,7 +110,7 @@ def upstream_observer(metrics: Metrics) -> ResponseObserver:
     """Each upstream attempt lands in the metrics and in the call's access-log line."""
 
     def observe(status: str, seconds: float) -> None:
-        metrics.upstream_requests.labels(status).observe(seconds)
+        metrics.upstream_request(status, seconds)
         state = current_call()
         state.upstream_status, state.upstream_latency = status, seconds
 

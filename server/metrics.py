@@ -76,6 +76,8 @@ class Metrics:
         )
         self._rpc_children: dict[str, tuple[Any, Any, str, str]] = {}
         self._handled_children: dict[tuple[str, str], Any] = {}
+        self._tool_call_children: dict[tuple[str, str, str], Any] = {}
+        self._upstream_children: dict[str, Any] = {}
         self._http: WSGIServer | None = None
 
     def _children(self, method: str) -> tuple[Any, Any, str, str]:
@@ -99,6 +101,19 @@ class Metrics:
             handled = self.handled.labels("unary", service, name, code)
             self._handled_children[(method, code)] = handled
         handled.inc()
+
+    def tool_call(self, tool: str, outcome: str, key_id: str) -> None:
+        labels = (tool, outcome, key_id)
+        child = self._tool_call_children.get(labels)
+        if child is None:
+            child = self._tool_call_children[labels] = self.tool_calls.labels(*labels)
+        child.inc()
+
+    def upstream_request(self, status: str, seconds: float) -> None:
+        child = self._upstream_children.get(status)
+        if child is None:
+            child = self._upstream_children[status] = self.upstream_requests.labels(status)
+        child.observe(seconds)
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics on host:port in a daemon thread; returns the bound port."""

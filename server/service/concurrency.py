@@ -7,8 +7,7 @@ that retries elsewhere is better served than one that queues behind a stuck upst
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 from server.errors import Overloaded
 
@@ -29,8 +28,8 @@ class CallGate:
         self._slots = asyncio.Semaphore(max_in_flight)
         self.in_flight = 0
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def acquire(self) -> None:
+        """Take a slot, waiting at most `max_wait`; pair with release() in a finally."""
         if self._slots.locked():
             try:
                 async with asyncio.timeout(self._max_wait):
@@ -45,8 +44,7 @@ class CallGate:
         else:
             await self._slots.acquire()
         self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            self._slots.release()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._slots.release()

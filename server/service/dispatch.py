@@ -110,8 +110,11 @@ class ToolDispatcher:
             if self.gate is None:
                 output = await tool.call(checked, context)
             else:
-                async with self.gate.slot():
+                await self.gate.acquire()
+                try:
                     output = await tool.call(checked, context)
+                finally:
+                    self.gate.release()
         except ToolFailure as failure:
             return ToolResult.failure(failure)
         return ToolResult.success(output)

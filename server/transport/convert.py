@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiservices.v1 import tool_service_pb2 as pb
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from server.tools.base import ToolDefinition, ToolResult
 
@@ -16,8 +16,26 @@ def struct_from(value: dict[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
+def _python_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        return value.number_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return dict_from(value.struct_value)
+    if kind == "list_value":
+        return [_python_value(item) for item in value.list_value.values]
+    return None
+
+
 def dict_from(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+    """Plain Python from a Struct (numbers stay floats; the schema check restores ints).
+
+    Direct, rather than json_format.MessageToDict: it runs on every CallTool."""
+    return {key: _python_value(value) for key, value in struct.fields.items()}
 
 
 def tool_message(definition: ToolDefinition) -> pb.Tool:

@@ -149,9 +149,7 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
         state.trace_id = result.trace_id
         state.tool_outcome = result.error.code.value if result.error else "OK"
         if self._metrics is not None:
-            self._metrics.tool_calls.labels(
-                request.name, state.tool_outcome, state.principal.key_id
-            ).inc()
+            self._metrics.tool_call(request.name, state.tool_outcome, state.principal.key_id)
         if state.payload is not None:
             state.payload["result"] = result.structured or result.text
         return call_response(result, state.request_id)
