@@ -5,22 +5,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from pathlib import Path
 
-from server.app import AiServicesServer, StartupError
+from server.app import AiServicesServer, StartupError, run_event_loop
 from server.auth.cli import keys_main
-from server.config import AuthMode, SettingsError, load_settings
+from server.config import AuthMode, Settings, SettingsError, load_settings
 from server.devkeys import ensure_dev_keys
 from server.logs import configure_logging
 
 log = logging.getLogger("aiservices.server")
 
 
-async def serve(*, dev_keys: bool = False) -> int:
-    settings = load_settings()
+async def serve(settings: Settings, *, dev_keys: bool = False) -> int:
     configure_logging(settings.log_level.value)
     if dev_keys and settings.auth is AuthMode.KEYS and settings.api_keys_file is None:
         keys_file, key = ensure_dev_keys(Path(".dev"))
@@ -48,7 +46,8 @@ def main(argv: list[str]) -> int:
         )
         return 2
     try:
-        return asyncio.run(serve(dev_keys=dev_keys))
+        settings = load_settings()
+        return run_event_loop(serve(settings, dev_keys=dev_keys), settings.event_loop)
     except (SettingsError, StartupError) as exc:
         print(f"aiservices: {exc}", file=sys.stderr)
         return 2

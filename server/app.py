@@ -7,18 +7,20 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import httpx
+import uvloop
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.auth import KeysFileError, KeyStore
-from server.config import AuthMode, Settings, is_loopback, split_host_port
+from server.config import AuthMode, EventLoop, Settings, is_loopback, split_host_port
 from server.metrics import Metrics
 from server.ratelimit import RateLimit, RateLimiter, limiter_from_url
 from server.service.concurrency import CallGate
@@ -37,11 +39,20 @@ from server.upstream.http import build_http_transport
 
 log = logging.getLogger("aiservices.server")
 
+T = TypeVar("T")
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ToolService"].full_name
 
 
 class StartupError(RuntimeError):
     """The server cannot start; the message is the one line an operator needs."""
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], event_loop: EventLoop) -> T:
+    """Run `main` on the configured event loop implementation."""
+    if event_loop is EventLoop.UVLOOP:
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def load_keys(settings: Settings) -> KeyStore | None:
@@ -256,6 +267,7 @@ class AiServicesServer:
                 "keys": len(keys) if keys is not None else 0,
                 "redis": settings.redis_url is not None,
                 "metrics_port": self.metrics_port,
+                "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             },
         )
         return self.port

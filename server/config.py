@@ -18,6 +18,11 @@ class AuthMode(StrEnum):
     DISABLED = "disabled"
 
 
+class EventLoop(StrEnum):
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"
+
+
 class LogLevel(StrEnum):
     DEBUG = "DEBUG"
     INFO = "INFO"
@@ -70,6 +75,8 @@ class Settings(BaseSettings):
     reflection: bool = True
     max_message_bytes: Annotated[int, Field(ge=1_048_576)] = 4 * 1024 * 1024
     shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    # uvloop cuts about a tenth of the CPU per call (README, Performance).
+    event_loop: EventLoop = EventLoop.UVLOOP
     log_level: LogLevel = LogLevel.INFO
     # Prompt text and model output appear in logs only when this is true.
     log_payloads: bool = False

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from aiservices import ToolClient
 
 from tests.support.processes import REPO_ROOT, ServerProcess
@@ -24,6 +25,17 @@ def test_dev_keys_make_a_working_key_when_no_keys_file_is_set() -> None:
         assert server.terminate() == 0
     # The key was printed once for the developer, and never logged.
     assert sum(key in line for line in server.lines) == 1
+
+
+@pytest.mark.parametrize(("setting", "loop"), [(None, "uvloop"), ("asyncio", "asyncio")])
+def test_the_configured_event_loop_serves_and_drains(setting: str | None, loop: str) -> None:
+    env = {"AUTH": "disabled"} | ({"EVENT_LOOP": setting} if setting else {})
+    with ServerProcess(env) as server:
+        [serving] = [r for r in server.records if r.get("msg") == "serving"]
+        assert serving["event_loop"] == loop
+        with ToolClient(server.target, timeout=10) as client:
+            assert client.status().enabled is False
+        assert server.terminate() == 0
 
 
 def test_unknown_arguments_are_refused_with_usage() -> None:
