@@ -29,6 +29,7 @@ from server.tools.base import Tool
 from server.tools.refine_prompt import RefinePromptTool
 from server.transport.interceptors.auth import AuthInterceptor
 from server.transport.interceptors.base import InterceptorChain, UnaryInterceptor
+from server.transport.interceptors.decode import DecodeGuardInterceptor
 from server.transport.interceptors.drain import DrainInterceptor
 from server.transport.interceptors.rate_limit import RateLimitInterceptor
 from server.transport.interceptors.request_context import RequestContextInterceptor
@@ -206,6 +207,7 @@ class AiServicesServer:
         ]
         if keys is not None:
             interceptors.append(AuthInterceptor(keys))
+        interceptors.append(DecodeGuardInterceptor())
         default_limit = RateLimit(
             burst=settings.rate_limit_burst, per_minute=settings.rate_limit_per_minute
         )

@@ -58,7 +58,7 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        self._scheduled = False
+        self._scheduled: asyncio.AbstractEventLoop | None = None
         self._loops: dict[int, asyncio.AbstractEventLoop] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -75,14 +75,13 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _write_line(self, line: str) -> None:
         self._pending.append(line)
-        if self._scheduled:
-            return
         loop = self._loop_of_thread()
         if loop is None:
             self.flush()
-            return
-        self._scheduled = True
-        loop.call_soon(self.flush)
+        elif self._scheduled is not loop:
+            # Per loop: a flush scheduled on a loop that then stopped must not hold lines back.
+            self._scheduled = loop
+            loop.call_soon(self.flush)
 
     def _loop_of_thread(self) -> asyncio.AbstractEventLoop | None:
         """The running loop of this thread, remembered: get_running_loop makes a system call
@@ -101,7 +100,7 @@ class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._scheduled = False
+            self._scheduled = None
             if self._pending:
                 lines, self._pending = self._pending, []
                 self._write(lines)

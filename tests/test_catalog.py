@@ -172,3 +172,46 @@ def test_reflection_can_be_turned_off() -> None:
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.ServerReflectionInfo(iter([request]), timeout=5))
     assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+def _nested_struct_bytes(depth: int) -> bytes:
+    """A Struct nested `depth` levels deep, encoded by hand: protobuf refuses to build it."""
+
+    def length_delimited(field: int, payload: bytes) -> bytes:
+        size, length = b"", len(payload)
+        while True:
+            byte = length & 0x7F
+            length >>= 7
+            size += bytes([byte | (0x80 if length else 0)])
+            if not length:
+                break
+        return bytes([(field << 3) | 2]) + size + payload
+
+    struct = b""
+    for _ in range(depth):
+        value = length_delimited(5, struct)  # Value.struct_value
+        entry = length_delimited(1, b"k") + length_delimited(2, value)  # map entry
+        struct = length_delimited(1, entry)  # Struct.fields
+    return length_delimited(1, b"tests.echo.00") + length_delimited(2, struct)
+
+
+def test_an_undecodable_request_is_invalid_argument_with_details(
+    echo_server: ServerThread,
+) -> None:
+    with grpc.insecure_channel(echo_server.target) as channel:
+        call_tool = channel.unary_unary("/aiservices.v1.ToolService/CallTool")
+        with pytest.raises(grpc.RpcError) as caught:
+            call_tool(
+                _nested_struct_bytes(200),
+                metadata=[("authorization", f"Bearer {load_test_keys().full}")],
+                timeout=5,
+            )
+        error = caught.value
+        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "could not be decoded" in error.details()
+        trailers = dict(error.trailing_metadata())
+        assert "x-request-id" in trailers
+        assert "grpc-status-details-bin" in trailers
+        with pytest.raises(grpc.RpcError) as anonymous:
+            call_tool(_nested_struct_bytes(200), timeout=5)
+        assert anonymous.value.code() is grpc.StatusCode.UNAUTHENTICATED

@@ -77,3 +77,16 @@ def test_the_access_log_obeys_the_level(stream: CountingStream) -> None:
     logging.getLogger().setLevel("WARNING")
     logs.emit_json(logging.getLogger("aiservices.access"), "rpc", {"request_id": "x"})
     assert stream.getvalue() == ""
+
+
+def test_a_loop_that_stops_before_flushing_does_not_hold_later_lines(
+    stream: CountingStream,
+) -> None:
+    log = logging.getLogger("aiservices.server")
+    loop = asyncio.new_event_loop()
+    loop.call_soon(log.info, "inside")  # schedules a flush behind the stop below
+    loop.call_soon(loop.stop)
+    loop.run_forever()
+    loop.close()  # the scheduled flush never runs
+    log.info("after")  # no loop now: written at once, with what was pending
+    assert [line["msg"] for line in lines(stream)] == ["inside", "after"]

@@ -9,7 +9,17 @@ import grpc
 import pytest
 from aiservices import ToolClient, ToolServiceError
 
-from server.standin import Garbage, Hang, Refine, Reply, Reset, Slow, StandinUpstream, Status
+from server.standin import (
+    Garbage,
+    Hang,
+    RawBytes,
+    Refine,
+    Reply,
+    Reset,
+    Slow,
+    StandinUpstream,
+    Status,
+)
 from tests.support.keys import load_test_keys
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
 
@@ -421,3 +431,91 @@ def test_default_refinement_is_deterministic(client: ToolClient, upstream: Stand
     upstream.push(Refine(summary="Tightened."))
     result = client.call_tool(TOOL, {"prompt_template_json": template()})
     assert result.text == "Tightened."
+
+
+# --- hostile upstream replies and inputs -----------------------------------------------
+
+
+def test_a_reply_that_is_not_http_is_an_upstream_error(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
+    upstream.push(RawBytes())
+    result = call_expecting_tool_error(client, "UPSTREAM_ERROR")
+    assert "not valid HTTP" in result.text
+
+
+def test_a_deeply_nested_reply_is_an_upstream_error(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    upstream.push(Garbage(body=deep, content_type="application/json"))
+    call_expecting_tool_error(client, "UPSTREAM_ERROR")
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("99999999999999999999", 86_400.0), ("\u00b2", None), ("7", 7.0)],
+)
+def test_retry_after_is_read_safely(
+    client: ToolClient, upstream: StandinUpstream, header: str, expected: float | None
+) -> None:
+    upstream.push(Status(429, headers={"Retry-After": header}))
+    result = call_expecting_tool_error(client, "UPSTREAM_ERROR")
+    assert result.error.retry_after == expected
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{{ " + "9" * 5000 + " }}", "{{ " + "(" * 3000 + "x" + ")" * 3000 + " }}"],
+)
+def test_a_jinja2_template_jinja2_cannot_handle_is_invalid_argument(
+    client: ToolClient, content: str
+) -> None:
+    source_json = template([{"role": "user", "content": content}], "jinja2")
+    with pytest.raises(ToolServiceError) as caught:
+        client.call_tool(TOOL, {"prompt_template_json": source_json})
+    assert caught.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_model_output_jinja2_cannot_handle_is_invalid_model_output(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
+    source_json = template([{"role": "user", "content": "Hi {{ name }}"}], "jinja2")
+    bad = "Hi {{ name }} {{ " + "9" * 5000 + " }}"
+    upstream.push(Reply(json.dumps(refined([{"role": "user", "content": bad}]))))
+    result = client.call_tool(TOOL, {"prompt_template_json": source_json})
+    assert result.error is not None
+    assert result.error.code == "INVALID_MODEL_OUTPUT"
+
+
+@pytest.mark.parametrize(
+    ("template_format", "source", "broken"),
+    [
+        ("mustache", "{{#items}}- {{label}}{{/items}}", "{{items}} - {{label}}"),
+        ("mustache", "{{^empty}}hi {{name}}{{/empty}}", "{{#empty}}hi {{name}}{{/empty}}"),
+        ("fstring", "Pad {x:{width}}", "Pad {x}"),
+    ],
+)
+def test_structure_of_variables_is_checked_too(
+    client: ToolClient,
+    upstream: StandinUpstream,
+    template_format: str,
+    source: str,
+    broken: str,
+) -> None:
+    source_json = template([{"role": "user", "content": source}], template_format)
+    upstream.push(Reply(json.dumps(refined([{"role": "user", "content": broken}]))))
+    result = client.call_tool(TOOL, {"prompt_template_json": source_json})
+    assert result.error is not None
+    assert result.error.code == "INVALID_MODEL_OUTPUT"
+    assert "dropped template variables" in result.text
+
+
+def test_a_huge_unknown_tool_name_is_not_found_and_not_echoed_in_full(
+    client: ToolClient,
+) -> None:
+    name = "tools." + "x" * 20_000
+    with pytest.raises(ToolServiceError) as caught:
+        client.call_tool(name, {})
+    assert caught.value.code is grpc.StatusCode.NOT_FOUND
+    assert len(caught.value.message) < 400

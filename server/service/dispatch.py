@@ -21,6 +21,8 @@ from server.service.concurrency import CallGate
 from server.tools.base import CallContext, Tool, ToolDefinition, ToolFailure, ToolResult
 
 DEFAULT_PAGE_SIZE = 50
+# Names are echoed in errors and logs only this far: a caller may send megabytes.
+MAX_NAME_SHOWN = 200
 MAX_PAGE_SIZE = 100
 _CURSOR_PREFIX = "v1:"
 
@@ -95,7 +97,8 @@ class ToolDispatcher:
             raise FeatureDisabled("AI services are not configured on this server")
         tool = self._tools.get(name)
         if tool is None:
-            raise ToolNotFound(f"no tool named {name!r}", metadata={"tool": name[:200]})
+            shown = name[:MAX_NAME_SHOWN]
+            raise ToolNotFound(f"no tool named {shown!r}", metadata={"tool": shown})
         if not principal.may(tool.definition.permission):
             raise PermissionDenied(
                 f"this caller may not call {name}",

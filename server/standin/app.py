@@ -292,6 +292,20 @@ class Reset(Scenario):
 
 
 @dataclass(frozen=True, slots=True)
+class RawBytes(Scenario):
+    """Write these bytes instead of an HTTP response, then close: a broken proxy in between."""
+
+    data: bytes = b"HELLO NOT HTTP\r\n\r\n"
+
+    async def respond(self, exchange: Exchange) -> web.StreamResponse:
+        transport = exchange.request.transport
+        if transport is not None:
+            transport.write(self.data)
+            transport.close()  # FIN after the bytes; aiohttp's own reply then fails quietly
+        return web.Response()
+
+
+@dataclass(frozen=True, slots=True)
 class Truncated(Scenario):
     """Send the headers and half of a valid body, then close cleanly: an incomplete response."""
 

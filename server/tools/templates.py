@@ -96,11 +96,18 @@ _CURLY = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
 _MUSTACHE = re.compile(r"\{\{(\{?)\s*([#^&]?)\s*([^{}!>/=]+?)\s*\}?\}\}")
 
 
-def _fstring_fields(text: str) -> set[str]:
+def _fstring_fields(text: str, depth: int = 0) -> set[str]:
+    """Field names, including those nested in format specs such as `{x:{width}}`."""
+    fields: set[str] = set()
     try:
-        return {field for _, field, _, _ in string.Formatter().parse(text) if field}
+        for _, field, spec, _ in string.Formatter().parse(text):
+            if field:
+                fields.add(field)
+            if spec and depth < 2:
+                fields |= _fstring_fields(spec, depth + 1)
     except ValueError:
         raise TemplateError("has unbalanced braces for template_format fstring") from None
+    return fields
 
 
 @cache
@@ -116,7 +123,7 @@ def _jinja_fields(text: str) -> set[str]:
     jinja2, environment = _jinja()
     try:
         return set(jinja2.meta.find_undeclared_variables(environment.parse(text)))
-    except jinja2.TemplateSyntaxError:
+    except (jinja2.TemplateError, ValueError, RecursionError):
         raise TemplateError("is not valid jinja2") from None
 
 
@@ -126,7 +133,11 @@ def template_variables(contents: Iterable[str], template_format: TemplateFormat)
         if template_format is TemplateFormat.CURLY:
             found |= {match.group(1) for match in _CURLY.finditer(text)}
         elif template_format is TemplateFormat.MUSTACHE:
-            found |= {match.group(3) for match in _MUSTACHE.finditer(text)}
+            # A section keeps its sigil: turning {{#items}} into {{items}} breaks the loop.
+            found |= {
+                match.group(2).replace("&", "") + match.group(3)
+                for match in _MUSTACHE.finditer(text)
+            }
         elif template_format is TemplateFormat.FSTRING:
             found |= _fstring_fields(text)
         else:

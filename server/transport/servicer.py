@@ -22,7 +22,7 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 
 from server.errors import DeadlineExceeded, ServiceError
 from server.metrics import Metrics
-from server.service.dispatch import ToolDispatcher
+from server.service.dispatch import MAX_NAME_SHOWN, ToolDispatcher
 from server.tools.base import CallContext, ToolDefinition, ToolErrorCode
 from server.transport.convert import call_response, dict_from, tool_message
 from server.transport.state import current_call
@@ -124,7 +124,7 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
     @guarded
     async def CallTool(self, request: pb.CallToolRequest, context: Context) -> pb.CallToolResponse:
         state = current_call()
-        state.tool = request.name
+        state.tool = request.name[:MAX_NAME_SHOWN]
         remaining = context.time_remaining()
         traceparent = state.metadata.get("traceparent")
         if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):

@@ -19,6 +19,8 @@ import aiohttp
 import httpx
 
 RUN_PATH = "/services/completion/run"
+# A longer Retry-After is no use to a caller and would not fit a protobuf Duration anyway.
+MAX_RETRY_AFTER = 86_400.0
 USER_AGENT = "aiservices/0.1"
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -75,13 +77,14 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    delay = when.timestamp() - (time.time() if now is None else now)
+    return min(max(0.0, delay), MAX_RETRY_AFTER)
 
 
 def _classify(exc: httpx.TransportError) -> UpstreamError:
@@ -215,6 +218,13 @@ class AgentaCompletionClient:
             error = _classify(exc)
             outcome = "timeout" if isinstance(error, UpstreamTimeout) else "unavailable"
             raise error from None
+        except aiohttp.ClientResponseError:
+            # Not HTTP at all (bad status line, headers or length): the transport passes it on.
+            outcome = "invalid"
+            raise UpstreamBadReply("the upstream reply is not valid HTTP") from None
+        except aiohttp.ClientError:
+            outcome = "unavailable"
+            raise UpstreamUnavailable("the upstream connection failed", sent=True) from None
         except asyncio.CancelledError:
             outcome = "cancelled"
             raise
@@ -233,7 +243,7 @@ class AgentaCompletionClient:
             )
         try:
             reply = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UpstreamBadReply("the upstream reply is not JSON") from None
         if not isinstance(reply, dict) or "data" not in reply:
             raise UpstreamBadReply("the upstream reply has no data field")

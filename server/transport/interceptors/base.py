@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 
 Context: TypeAlias = grpc.aio.ServicerContext
 Behaviour = Callable[[Any, Context], Awaitable[Any]]
@@ -20,6 +21,24 @@ OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 def is_open_method(method: str) -> bool:
     return method.startswith(OPEN_PREFIXES)
+
+
+class UndecodableRequest:
+    """Stands in for request bytes that did not parse, so an interceptor can refuse them with a
+    proper status: left to grpc, the parser's exception becomes UNKNOWN with its text."""
+
+
+UNDECODABLE = UndecodableRequest()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, RecursionError, ValueError):
+            return UNDECODABLE
+
+    return deserialize
 
 
 class UnaryInterceptor:
@@ -53,7 +72,7 @@ class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             behaviour = interceptor.wrap(method, behaviour)
         wrapped = grpc.unary_unary_rpc_method_handler(
             behaviour,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
