@@ -279,14 +279,22 @@ class AiServicesServer:
             await self._server.wait_for_termination()
 
     async def serve_until_signalled(self) -> None:
-        """Run until SIGINT or SIGTERM, then drain and stop."""
-        stopping = asyncio.Event()
+        """Run until SIGINT or SIGTERM, then drain and stop; a second signal stops at once."""
+        signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stopping.set)
-        await stopping.wait()
+            loop.add_signal_handler(signum, signalled.set)
+        await signalled.wait()
+        signalled.clear()
         log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace})
-        await self.stop()
+        stopping = asyncio.ensure_future(self.stop())
+        again = asyncio.ensure_future(signalled.wait())
+        await asyncio.wait({stopping, again}, return_when=asyncio.FIRST_COMPLETED)
+        if again.done() and not stopping.done():
+            log.warning("second signal: calls still in flight are cancelled now")
+            self._drain.hurry()
+        again.cancel()
+        await stopping
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, let calls in flight finish, close."""
@@ -302,7 +310,8 @@ class AiServicesServer:
                 )
             elif in_flight:
                 log.info("drained", extra={"finished_calls": in_flight})
-            await self._server.stop(max(0.0, deadline - time.monotonic()))
+            left = 0.0 if self._drain.hurried else max(0.0, deadline - time.monotonic())
+            await self._server.stop(left)
         if self._owns_http and self._http is not None:
             await self._http.aclose()
         if self._owns_limiter and self._limiter is not None:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from aiservices import ToolClient
+from aiservices import ToolClient, ToolServiceError
 
+from server.standin import Hang, StandinUpstream
 from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY
 
 
 def test_dev_keys_make_a_working_key_when_no_keys_file_is_set() -> None:
@@ -50,3 +56,37 @@ def test_unknown_arguments_are_refused_with_usage() -> None:
     assert result.returncode == 2
     assert "usage: python -m server" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_signal_stops_at_once_without_waiting_the_grace() -> None:
+    upstream = StandinUpstream(api_key=UPSTREAM_KEY, default=Hang()).start_in_thread()
+    env = {
+        "AUTH": "disabled",
+        "SHUTDOWN_GRACE": "60",
+        "API_KEY": UPSTREAM_KEY,
+        "API_URL": upstream.url,
+        "ENVIRONMENT_SLUG": ENVIRONMENT,
+        "REFINE_PROMPT_KEY": APP,
+    }
+    try:
+        with (
+            ServerProcess(env) as server,
+            ToolClient(server.target, timeout=30) as client,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            held = pool.submit(
+                client.call_tool,
+                "tools.agenta.api.refine_prompt",
+                {"prompt_template_json": '{"messages": [{"role": "user", "content": "hi"}]}'},
+            )
+            assert upstream.wait_for_requests(1, timeout=10)
+            os.kill(server.pid, signal.SIGTERM)
+            assert server.wait_for_record(lambda r: r.get("msg") == "draining", timeout=10)
+            started = time.monotonic()
+            assert server.terminate(timeout=15) == 0  # the second SIGTERM
+            assert time.monotonic() - started < 15  # not the 60 s grace
+            assert any("second signal" in str(r.get("msg")) for r in server.records)
+            with pytest.raises(ToolServiceError):
+                held.result(timeout=10)
+    finally:
+        upstream.stop_thread()

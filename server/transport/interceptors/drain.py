@@ -22,6 +22,15 @@ class DrainInterceptor(UnaryInterceptor):
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._hurry = asyncio.Event()
+
+    @property
+    def hurried(self) -> bool:
+        return self._hurry.is_set()
+
+    def hurry(self) -> None:
+        """Stop waiting for calls in flight (an operator's second signal)."""
+        self._hurry.set()
 
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         async def run(request: Any, context: Context) -> Any:
@@ -42,9 +51,11 @@ class DrainInterceptor(UnaryInterceptor):
     async def drain(self, grace: float) -> bool:
         """Refuse new calls and wait up to `grace` seconds for those in flight; True when idle."""
         self.draining = True
-        try:
-            async with asyncio.timeout(grace):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        idle = asyncio.ensure_future(self._idle.wait())
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        done, pending = await asyncio.wait(
+            {idle, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in pending:
+            waiter.cancel()
+        return idle in done
