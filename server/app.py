@@ -274,10 +274,6 @@ class AiServicesServer:
         )
         return self.port
 
-    async def wait(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
-
     async def serve_until_signalled(self) -> None:
         """Run until SIGINT or SIGTERM, then drain and stop; a second signal stops at once."""
         signalled = asyncio.Event()
