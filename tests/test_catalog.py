@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import pytest
 from aiservices import AsyncToolClient, ToolClient, ToolServiceError
+from aiservices.client import MAX_NESTING
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -215,3 +216,20 @@ def test_an_undecodable_request_is_invalid_argument_with_details(
         with pytest.raises(grpc.RpcError) as anonymous:
             call_tool(_nested_struct_bytes(200), timeout=5)
         assert anonymous.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def _nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(levels):
+        value = {"k": value}
+    return value
+
+
+def test_the_deepest_arguments_the_client_sends_are_decoded(echo_server: ServerThread) -> None:
+    # The client's limit (aiservices.client.MAX_NESTING) is one the server can decode.
+    arguments = {"nested": _nested(MAX_NESTING - 2)}
+    with full_client(echo_server) as client:
+        result = client.call_tool("tests.echo.00", arguments)
+        assert result.structured_content == arguments
+        with pytest.raises(ValueError, match="nested deeper"):
+            client.call_tool("tests.echo.00", {"nested": _nested(MAX_NESTING)})

@@ -139,9 +139,17 @@ def _fill_value(target: struct_pb2.Value, item: Any, path: str, seen: set[int]) 
         raise TypeError(f"{path}: {type(item).__name__} is not a JSON value")
 
 
+# Protobuf refuses to decode messages nested deeper than 100; each level of a Struct is up to
+# three messages (Struct, map entry, Value).
+MAX_NESTING = 32
+
+
 def _enter(container: object, path: str, seen: set[int]) -> None:
+    # `seen` holds the containers on the current path, so its size is the depth.
     if id(container) in seen:
         raise ValueError(f"{path}: circular reference")
+    if len(seen) >= MAX_NESTING:
+        raise ValueError(f"{path}: nested deeper than {MAX_NESTING} levels")
     seen.add(id(container))
 
 
