@@ -34,6 +34,7 @@ __all__ = [
     "Exchange",
     "Garbage",
     "Hang",
+    "RawBytes",
     "RecordedRequest",
     "Refine",
     "Reply",

@@ -100,14 +100,14 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: Context
     ) -> pb.GetStatusResponse:
-        permissions = current_call().principal.permissions
-        response = self._status_by_permissions.get(permissions)
+        principal = current_call().principal
+        response = self._status_by_permissions.get(principal.permissions)
         if response is None:
-            tools = self._dispatcher.visible_tools(current_call().principal)
+            tools = self._dispatcher.visible_tools(principal)
             response = pb.GetStatusResponse(
                 enabled=self._dispatcher.enabled, tools=self._tool_messages(tools)
             )
-            self._status_by_permissions[permissions] = response
+            self._status_by_permissions[principal.permissions] = response
         return response
 
     @guarded
