@@ -79,6 +79,10 @@ def test_upstream_request_follows_the_completion_runner_contract(
     first, second = upstream.requests
     assert first.path == "/services/completion/run"
     assert first.headers["authorization"] == f"ApiKey {UPSTREAM_KEY}"
+    assert first.headers["content-type"] == "application/json"
+    assert first.headers["accept"] == "application/json"
+    assert first.headers["user-agent"].startswith("aiservices/")
+    assert "transfer-encoding" not in first.headers
     assert first.body == {
         "inputs": {
             "__ag_prompt_template_json": template(),

@@ -135,12 +135,17 @@ class AgentaCompletionClient:
     ) -> None:
         self._transport = transport
         self._url = httpx.URL(base_url.rstrip("/") + RUN_PATH)  # parsed once, not per call
-        self._headers = {
-            "Authorization": f"ApiKey {api_key}",
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        }
+        # Normalised once: httpx.Request(content=...) re-parses every header on each call,
+        # which cost about a fifth of the upstream call's CPU under load.
+        self._headers: list[tuple[bytes, bytes]] = httpx.Headers(
+            {
+                "Host": self._url.netloc.decode("ascii"),
+                "Authorization": f"ApiKey {api_key}",
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": USER_AGENT,
+            }
+        ).raw
         self._environment = environment
         self.timeout = timeout
         self.max_retries = max_retries
@@ -159,12 +164,13 @@ class AgentaCompletionClient:
         deadline = time.monotonic() + budget
         headers = self._headers
         if traceparent:
-            headers = {**headers, "traceparent": traceparent}
-        body = {"inputs": inputs, "environment": self._environment, "app": app}
+            headers = [*headers, (b"traceparent", traceparent.encode("ascii"))]
+        body = _JSON.encode({"inputs": inputs, "environment": self._environment, "app": app})
+        content = body.encode()
         attempt = 0
         while True:
             try:
-                return await self._attempt(body, headers, deadline - time.monotonic())
+                return await self._attempt(content, headers, deadline - time.monotonic())
             except UpstreamError as error:
                 delay = self._retry_delay(error, attempt, deadline)
                 if delay is None:
@@ -190,19 +196,23 @@ class AgentaCompletionClient:
         return delay
 
     async def _attempt(
-        self, body: dict[str, Any], headers: dict[str, str], budget: float
+        self, content: bytes, headers: list[tuple[bytes, bytes]], budget: float
     ) -> CompletionReply:
         if budget <= 0:
             raise UpstreamTimeout("no time left for the upstream call")
         started = time.monotonic()
         outcome = "error"
+        # A request built from a stream skips httpx's header preparation (the headers above
+        # are complete); read() then holds the body as bytes, which the transport sends as is.
+        # No timeout extension: the one asyncio.timeout below bounds connect, send and read
+        # together, and per-phase timers in the transport would only add work to every call.
         request = httpx.Request(
             "POST",
             self._url,
-            headers=headers,
-            content=_JSON.encode(body).encode(),
-            extensions={"timeout": {"connect": budget, "read": budget, "pool": budget}},
+            headers=httpx.Headers([*headers, (b"Content-Length", b"%d" % len(content))]),
+            stream=httpx.ByteStream(content),
         )
+        request.read()
         try:
             async with asyncio.timeout(budget):
                 response = await self._transport.handle_async_request(request)
