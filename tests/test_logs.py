@@ -90,3 +90,17 @@ def test_a_loop_that_stops_before_flushing_does_not_hold_later_lines(
     loop.close()  # the scheduled flush never runs
     log.info("after")  # no loop now: written at once, with what was pending
     assert [line["msg"] for line in lines(stream)] == ["inside", "after"]
+
+
+def test_values_json_cannot_hold_still_make_one_valid_line(stream: CountingStream) -> None:
+    """A log call never raises and never breaks the one-object-per-line shape."""
+    access = logging.getLogger("aiservices.access")
+    logs.emit_json(access, "rpc", {"huge": 2**70, "lone_surrogate": "a\udc80b", "when": {1, 2}})
+    logs.emit_json(access, "rpc", {"ratio": float("nan"), "note": "line\u2028break\x85"})
+    first, second = lines(stream)
+    assert first["huge"] == 2**70
+    assert first["lone_surrogate"] == "a\udc80b"
+    assert first["when"] == "{1, 2}"
+    assert second["ratio"] is None
+    assert second["note"] == "line\u2028break\x85"
+    assert len(stream.getvalue().splitlines()) == 2
