@@ -1,7 +1,8 @@
 """The baselines: a bare grpc.aio server for the same proto, with trivial handlers.
 
-``python -m bench.baseline [--status-file F] [--upstream URL]`` listens on 127.0.0.1 (a free
-port, printed as one JSON line ``{"port": N}`` on stdout) until SIGTERM or SIGINT.
+``python -m bench.baseline [--status-file F] [--upstream URL] [--client aiohttp|service]
+[--loop uvloop|asyncio]`` listens on 127.0.0.1 (a free port, printed as one JSON line
+``{"port": N}`` on stdout) until SIGTERM or SIGINT.
 
 - GetStatus and ListTools answer a message built once at start: the real server's GetStatus
   reply read from ``--status-file`` (so both servers put the same bytes on the wire), or
@@ -9,6 +10,11 @@ port, printed as one JSON line ``{"port": N}`` on stdout) until SIGTERM or SIGIN
 - CallTool does the least a refine_prompt call needs: one POST with a plain aiohttp session to
   the upstream (the same body and header the real service sends), parse the reply, return the
   summary and the refined messages. No schema checks, no rate limit, no auth.
+- It runs on the event loop the real server runs on (``--loop``, the server's EVENT_LOOP), so
+  the comparison is of the service's own work, not of event loops.
+- With ``--client service`` CallTool makes that POST through the service's own upstream client
+  instead (``AgentaCompletionClient`` on httpx over aiohttp): the difference between the two
+  baselines is what the HTTP client layer costs, apart from everything else the service does.
 """
 
 from __future__ import annotations
@@ -23,36 +29,61 @@ from typing import Any
 
 import aiohttp
 import grpc
+import httpx
+import uvloop
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from bench.common import ENVIRONMENT_SLUG, REFINE_PROMPT_KEY, UPSTREAM_API_KEY
+from server.upstream.agenta import AgentaCompletionClient, UpstreamError
+from server.upstream.http import build_http_transport
 
 RUN_PATH = "/services/completion/run"
 MAX_CONNECTIONS = 1000
+TIMEOUT_S = 60.0
+CLIENTS = ("aiohttp", "service")
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 class BaselineServicer(pb_grpc.ToolServiceServicer):
-    def __init__(self, status: pb.GetStatusResponse, upstream: str | None) -> None:
+    def __init__(
+        self, status: pb.GetStatusResponse, upstream: str | None, client: str = "aiohttp"
+    ) -> None:
         self._status = status
         self._tools = pb.ListToolsResponse(tools=status.tools)
+        self._upstream = upstream
         self._url = None if upstream is None else upstream.rstrip("/") + RUN_PATH
+        self._client = client
         self._session: aiohttp.ClientSession | None = None
+        self._service_client: AgentaCompletionClient | None = None
+        self._transport: httpx.AsyncBaseTransport | None = None
 
     async def start(self) -> None:
-        if self._url is not None:
-            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=MAX_CONNECTIONS)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=60.0),
-                headers={"Authorization": f"ApiKey {UPSTREAM_API_KEY}"},
+        if self._upstream is None:
+            return
+        if self._client == "service":
+            self._transport = build_http_transport(max_connections=MAX_CONNECTIONS)
+            self._service_client = AgentaCompletionClient(
+                self._transport,
+                base_url=self._upstream,
+                api_key=UPSTREAM_API_KEY,
+                environment=ENVIRONMENT_SLUG,
+                timeout=TIMEOUT_S,
             )
+            return
+        connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, limit_per_host=MAX_CONNECTIONS)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
+            headers={"Authorization": f"ApiKey {UPSTREAM_API_KEY}"},
+        )
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+        if self._transport is not None:
+            await self._transport.aclose()
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -67,42 +98,51 @@ class BaselineServicer(pb_grpc.ToolServiceServicer):
     async def CallTool(
         self, request: pb.CallToolRequest, context: grpc.aio.ServicerContext
     ) -> pb.CallToolResponse:
+        fields = request.arguments.fields
+        inputs = {
+            "__ag_prompt_template_json": fields["prompt_template_json"].string_value,
+            "__ag_guidelines": "",
+            "__ag_context": "",
+        }
+        if self._service_client is not None:
+            try:
+                reply = await self._service_client.run(REFINE_PROMPT_KEY, inputs)
+            except UpstreamError as error:
+                return _upstream_failed(error.message)
+            return _refined(reply.data, reply.trace_id)
         if self._session is None or self._url is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no upstream")
             raise AssertionError("unreachable")
-        fields = request.arguments.fields
-        body = {
-            "inputs": {
-                "__ag_prompt_template_json": fields["prompt_template_json"].string_value,
-                "__ag_guidelines": "",
-                "__ag_context": "",
-            },
-            "environment": ENVIRONMENT_SLUG,
-            "app": REFINE_PROMPT_KEY,
-        }
+        body = {"inputs": inputs, "environment": ENVIRONMENT_SLUG, "app": REFINE_PROMPT_KEY}
         async with self._session.post(self._url, json=body) as response:
             status = response.status
             payload = await response.read()
         if status != 200:
-            return pb.CallToolResponse(
-                is_error=True,
-                content=[pb.ContentBlock(text=pb.TextContent(text=f"upstream HTTP {status}"))],
-            )
-        reply: dict[str, Any] = json.loads(payload)
-        data = reply["data"]
-        if isinstance(data, str):
-            data = json.loads(data)
-        structured = struct_pb2.Struct()
-        structured.update(data)
-        return pb.CallToolResponse(
-            content=[pb.ContentBlock(text=pb.TextContent(text=str(data.get("summary") or "")))],
-            structured_content=structured,
-            meta=pb.CallToolMeta(trace_id=str(reply.get("trace_id") or "")),
-        )
+            return _upstream_failed(f"upstream HTTP {status}")
+        parsed: dict[str, Any] = json.loads(payload)
+        return _refined(parsed["data"], str(parsed.get("trace_id") or ""))
 
 
-async def serve(status: pb.GetStatusResponse, upstream: str | None) -> None:
-    servicer = BaselineServicer(status, upstream)
+def _upstream_failed(text: str) -> pb.CallToolResponse:
+    return pb.CallToolResponse(
+        is_error=True, content=[pb.ContentBlock(text=pb.TextContent(text=text))]
+    )
+
+
+def _refined(data: Any, trace_id: str) -> pb.CallToolResponse:
+    if isinstance(data, str):
+        data = json.loads(data)
+    structured = struct_pb2.Struct()
+    structured.update(data)
+    return pb.CallToolResponse(
+        content=[pb.ContentBlock(text=pb.TextContent(text=str(data.get("summary") or "")))],
+        structured_content=structured,
+        meta=pb.CallToolMeta(trace_id=trace_id),
+    )
+
+
+async def serve(status: pb.GetStatusResponse, upstream: str | None, client: str) -> None:
+    servicer = BaselineServicer(status, upstream, client)
     await servicer.start()
     server = grpc.aio.server(
         options=[
@@ -130,11 +170,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__)
     parser.add_argument("--status-file", type=Path, help="serialized GetStatusResponse")
     parser.add_argument("--upstream", help="base URL of the stand-in upstream (127.0.0.1)")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="event loop, as the real server's EVENT_LOOP",
+    )
+    parser.add_argument(
+        "--client", choices=CLIENTS, default="aiohttp", help="how CallTool posts upstream"
+    )
     args = parser.parse_args(argv)
     status = pb.GetStatusResponse(enabled=True)
     if args.status_file is not None:
         status = pb.GetStatusResponse.FromString(args.status_file.read_bytes())
-    asyncio.run(serve(status, args.upstream))
+    main = serve(status, args.upstream, args.client)
+    if args.loop == "uvloop":
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
     return 0
 
 

@@ -167,13 +167,14 @@ class Harness:
         )
         return self._ready("server", process, port)
 
-    def baseline(self, upstream_url: str | None) -> Server:
-        cmd = [python(), "-m", "bench.baseline"]
+    def baseline(self, upstream_url: str | None, client: str = "aiohttp") -> Server:
+        loop = self.server_env.get("EVENT_LOOP", "uvloop")
+        cmd = [python(), "-m", "bench.baseline", "--client", client, "--loop", loop]
         if self.status_file is not None:
             cmd += ["--status-file", str(self.status_file)]
         if upstream_url is not None:
             cmd += ["--upstream", upstream_url]
-        process = self._spawn("baseline", cmd, self.pinning.server_cpu)
+        process = self._spawn(f"baseline-{client}", cmd, self.pinning.server_cpu)
         return self._ready("baseline", process)
 
     def stop(self, server: Server) -> None:

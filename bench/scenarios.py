@@ -142,7 +142,11 @@ class Runner:
                 if selected & {"1", "2"}:
                     out.update(self._status(base, real))
                 if "3" in selected:
-                    out["3"] = self._calltool(base, real)
+                    client_base = h.baseline(h.instant[0], client="service")
+                    try:
+                        out["3"] = self._calltool(base, client_base, real)
+                    finally:
+                        h.stop(client_base)
                 if "5" in selected:
                     out["5"] = self._growth_concurrency(real)
             finally:
@@ -192,31 +196,40 @@ class Runner:
 
     # --- 3 -----------------------------------------------------------------------------------
 
-    def _calltool(self, base: Server, real: Server) -> Scenario:
+    def _calltool(self, base: Server, client_base: Server, real: Server) -> Scenario:
         progress(f"scenario 3: CallTool to an instant upstream, concurrency {FAST_CONCURRENCY}")
         base_row = Row("bare grpc.aio + aiohttp POST", FAST_CONCURRENCY)
+        client_row = Row("bare grpc.aio + service HTTP client", FAST_CONCURRENCY, ratio_to=base_row)
         real_row = Row("real server CallTool", FAST_CONCURRENCY, ratio_to=base_row)
         self._interleave(
             [
                 (base_row, lambda: self._fast(base, "call", FAST_CONCURRENCY)),
+                (client_row, lambda: self._fast(client_base, "call", FAST_CONCURRENCY)),
                 (real_row, lambda: self._fast(real, "call", FAST_CONCURRENCY)),
             ]
         )
+        notes = [
+            "The baseline handler posts the same body with one plain aiohttp.ClientSession, "
+            "parses the reply and returns summary, refined messages and trace id: no "
+            "argument or output checks, no auth, no rate limit, no logging.",
+            "The second baseline is the same handler posting through the service's own "
+            "upstream client (AgentaCompletionClient: httpx over httpx-aiohttp), so the "
+            "difference between the two is the HTTP client layer alone.",
+        ]
+        split = _cost_split(base_row, client_row, real_row)
+        if split:
+            notes.append(split)
         return Scenario(
             "3",
             "CallTool refine_prompt, instant upstream",
-            [base_row, real_row],
+            [base_row, client_row, real_row],
             targets=[
                 Target("CallTool req/s on one server core", real_row.median("rps"), ">=", 1000),
                 Target("CallTool req/s ratio real / bare", real_row.ratio, ">=", 0.85),
                 Target("CallTool core capacity req/s", real_row.capacity, ">=", 1000),
                 Target("CallTool CPU ratio bare / real", real_row.cpu_ratio, ">=", 0.85),
             ],
-            notes=[
-                "The baseline handler posts the same body with one plain aiohttp.ClientSession, "
-                "parses the reply and returns summary, refined messages and trace id: no "
-                "argument or output checks, no auth, no rate limit, no logging."
-            ],
+            notes=notes,
         )
 
     # --- 4 -----------------------------------------------------------------------------------
@@ -273,6 +286,20 @@ class Runner:
                 for _ in range(self.p.runs):
                     self._slow_run(row, in_flight)
             scenario.rows.append(row)
+
+
+def _cost_split(base: Row, client: Row, real: Row) -> str:
+    """Where the real server's extra CPU per call goes, from the medians of the three rows."""
+    costs = [row.median("server_cpu_us_per_call") for row in (base, client, real)]
+    if any(cost is None for cost in costs):
+        return ""
+    bare, with_client, full = (float(cost or 0.0) for cost in costs)
+    return (
+        f"Server CPU per call over the aiohttp baseline: {full - bare:,.0f} µs, of which "
+        f"{with_client - bare:,.0f} µs is the HTTP client layer (second baseline minus the "
+        f"first) and {full - with_client:,.0f} µs the service's own work (auth, rate limit, "
+        "argument and template checks, metrics, access log)."
+    )
 
 
 def parse_only(values: list[str]) -> set[str]:
