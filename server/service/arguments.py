@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
@@ -66,17 +67,79 @@ def _describe(error: ValidationError) -> list[FieldViolation]:
     return [FieldViolation(field, descriptions.get(str(rule), f"breaks the schema rule {rule}"))]
 
 
+# Keywords that mean the same in draft 2020-12 (jsonschema) and draft-07 (fastjsonschema), plus
+# annotations both ignore. Not here: format (asserted by fastjsonschema, not by jsonschema),
+# pattern (regex dialects), $ref and the applicators whose meaning changed between drafts.
+FAST_KEYWORDS = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "minLength",
+        "maxLength",
+        "enum",
+        "const",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "minItems",
+        "maxItems",
+        "items",
+        "description",
+        "title",
+        "default",
+        "examples",
+    }
+)
+_SCHEMA_MAPS = frozenset({"properties"})
+_SCHEMA_VALUES = frozenset({"additionalProperties", "items"})
+
+
+def fast_path_applies(schema: Any) -> bool:
+    """Whether every keyword of `schema`, at every depth, is in FAST_KEYWORDS."""
+    if isinstance(schema, bool):
+        return True
+    if not isinstance(schema, dict) or not set(schema) <= FAST_KEYWORDS:
+        return False
+    for keyword, value in schema.items():
+        if keyword in _SCHEMA_MAPS:
+            if not isinstance(value, dict) or not all(map(fast_path_applies, value.values())):
+                return False
+        elif keyword in _SCHEMA_VALUES and not fast_path_applies(value):
+            return False
+    return True
+
+
 class ArgumentValidator:
-    """A compiled validator for one tool's input schema."""
+    """A compiled validator for one tool's input schema.
+
+    jsonschema is the authority and words the errors. When the schema uses only keywords both
+    libraries read alike, valid arguments are first confirmed by a fastjsonschema-compiled
+    function: about 20 times cheaper, and most calls are valid (about 8 % of a CallTool's CPU).
+    """
 
     def __init__(self, schema: dict[str, Any]) -> None:
         Draft202012Validator.check_schema(schema)
         self._schema = schema
         self._validator = Draft202012Validator(schema)
+        self._fast: Any = fastjsonschema.compile(schema) if fast_path_applies(schema) else None
+
+    @property
+    def has_fast_path(self) -> bool:
+        return self._fast is not None
 
     def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """Raise InvalidArgument listing every violation; return arguments with ints restored."""
         restored = restore_integers(arguments, self._schema)
+        if self._fast is not None:
+            try:
+                self._fast(restored)
+            except (fastjsonschema.JsonSchemaException, RecursionError):
+                pass  # jsonschema below decides, and says what is wrong
+            else:
+                return restored  # type: ignore[no-any-return]
         errors = sorted(self._validator.iter_errors(restored), key=lambda e: list(e.path))
         if errors:
             violations = [v for error in errors for v in _describe(error)]
