@@ -156,6 +156,33 @@ def test_bad_credentials_are_unauthenticated(
     assert caught.value.domain == "aiservices"
 
 
+def test_a_key_that_authenticated_lets_no_near_miss_in_after_it(
+    stub: pb_grpc.ToolServiceStub, keys: TestKeys
+) -> None:
+    """Accepted header values are remembered: only the exact value may skip the checks."""
+
+    def status(header: str) -> grpc.StatusCode:
+        try:
+            stub.GetStatus(
+                pb.GetStatusRequest(), metadata=(("authorization", header),), timeout=TIMEOUT
+            )
+        except grpc.RpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    valid = f"Bearer {keys.editor}"
+    assert status(valid) is grpc.StatusCode.OK
+    for near_miss in (
+        f"Bearer {one_char_changed(keys.editor)}",
+        f"Basic {keys.editor}",
+        f"Bearer {keys.editor}x",
+        f"Bearer {keys.editor[:-1]}",
+    ):
+        assert status(near_miss) is grpc.StatusCode.UNAUTHENTICATED, near_miss
+    assert status(valid) is grpc.StatusCode.OK
+    assert status(f"bearer {keys.editor}") is grpc.StatusCode.OK
+
+
 @pytest.mark.parametrize("order", ["valid first", "valid last"])
 def test_two_authorization_headers_are_unauthenticated(
     stub: pb_grpc.ToolServiceStub, keys: TestKeys, order: str

@@ -10,7 +10,7 @@ import logging
 import re
 from typing import Any
 
-from server.auth import KeyStore, parse_authorization
+from server.auth import ApiKey, KeyStore, parse_authorization
 from server.errors import FieldViolation, InvalidArgument, Unauthenticated
 from server.identity import Principal
 from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
@@ -22,6 +22,8 @@ log = logging.getLogger("aiservices.auth")
 ACT_FOR_USERS = "act_for_users"
 USER_HEADER = "x-agenta-user-id"
 ORGANIZATION_HEADER = "x-agenta-organization-id"
+# Distinct accepted header values remembered: a few per key ("Bearer k", "ApiKey k", ...).
+MAX_ACCEPTED_HEADERS = 4096
 _IDENTIFIER = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")
 
 
@@ -48,20 +50,29 @@ class AuthInterceptor(UnaryInterceptor):
         self._ignored_delegation: set[str] = set()
         # Built once per key: a Principal per call was a measurable share of a trivial RPC.
         self._principals: dict[str, Principal] = {}
+        # Header values that authenticated, so a caller's later calls skip parsing and hashing.
+        # Only accepted keys get in, so strangers cannot grow it; the keys file never changes
+        # while the server runs, so an entry never goes stale. Never logged.
+        self._accepted: dict[str, ApiKey] = {}
 
     def _principal(
         self, metadata: dict[str, str], repeated: set[str]
     ) -> tuple[Principal, tuple[int, float] | None]:
         if "authorization" in repeated:
             raise Unauthenticated("more than one authorization header: send exactly one")
-        presented = parse_authorization(metadata.get("authorization"))
-        if presented is None:
-            raise Unauthenticated(
-                "missing or malformed credentials: send metadata 'authorization: Bearer <key>'"
-            )
-        key = self._keys.authenticate(presented)
+        header = metadata.get("authorization")
+        key = self._accepted.get(header) if header is not None else None
         if key is None:
-            raise Unauthenticated("unknown API key")
+            presented = parse_authorization(header)
+            if presented is None:
+                raise Unauthenticated(
+                    "missing or malformed credentials: send metadata 'authorization: Bearer <key>'"
+                )
+            key = self._keys.authenticate(presented)
+            if key is None:
+                raise Unauthenticated("unknown API key")
+            if header is not None and len(self._accepted) < MAX_ACCEPTED_HEADERS:
+                self._accepted[header] = key
         principal = self._principals.get(key.id)
         if principal is None:
             principal = self._principals[key.id] = key.principal()
