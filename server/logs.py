@@ -12,7 +12,6 @@ import logging
 import sys
 import threading
 import time
-from functools import lru_cache
 from typing import Any, TextIO
 
 import orjson
@@ -41,15 +40,20 @@ def encode_line(entry: dict[str, Any]) -> str:
     return line if line.isascii() else _JSON.encode(orjson.loads(line))
 
 
-@lru_cache(maxsize=4)
-def _second_text(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+class _Second:
+    """The last formatted second, as one (second, text) pair so threads never mix two."""
+
+    last: tuple[int, str] = (-1, "")
 
 
 def timestamp(created: float) -> str:
-    """ISO 8601 UTC with milliseconds; the formatted second is reused within that second."""
+    """ISO 8601 UTC with milliseconds."""
     second = int(created)
-    return f"{_second_text(second)}.{int((created - second) * 1000):03d}Z"
+    cached_second, text = _Second.last
+    if second != cached_second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _Second.last = (second, text)
+    return f"{text}.{int((created - second) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -152,8 +156,7 @@ def emit_json(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
         logger.info(msg, extra=fields)
         return
     entry = {"ts": timestamp(time.time()), "level": "INFO", "logger": logger.name, "msg": msg}
-    entry.update(fields)
-    handler.write_line(encode_line(entry))
+    handler.write_line(encode_line({**entry, **fields}))
 
 
 def configure_logging(level: str, stream: TextIO | None = None) -> None:
