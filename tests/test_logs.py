@@ -17,9 +17,11 @@ class CountingStream(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
         self.writes = 0
+        self.written = asyncio.Event()  # set by writes made on the event loop
 
     def write(self, text: str) -> int:
         self.writes += 1
+        self.written.set()
         return super().write(text)
 
 
@@ -48,18 +50,35 @@ def test_lines_outside_an_event_loop_are_written_at_once(stream: CountingStream)
     assert str(line["ts"]).endswith("Z")
 
 
-async def test_lines_of_one_loop_iteration_go_out_in_one_write(stream: CountingStream) -> None:
+async def test_lines_logged_across_loop_iterations_go_out_in_one_write(
+    stream: CountingStream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Long enough that a slow machine cannot flush early between the iterations below.
+    monkeypatch.setattr(logs, "FLUSH_AFTER_SECONDS", 0.3)
     access = logging.getLogger("aiservices.access")
+    logged_at = asyncio.get_running_loop().time()
     for index in range(50):
         logs.emit_json(access, "rpc", {"request_id": f"r{index}", "code": "OK"})
+        await asyncio.sleep(0)  # other calls run in between, as under load
     logging.getLogger("aiservices.server").warning("mixed in")
-    assert stream.getvalue() == ""  # not yet: written when the loop turns
-    await asyncio.sleep(0)
+    assert stream.getvalue() == ""  # held back for one write
+    async with asyncio.timeout(2.0):
+        await stream.written.wait()
+    waited = asyncio.get_running_loop().time() - logged_at
     written = lines(stream)
     assert stream.writes == 1
+    assert 0.25 < waited < 2.0
     assert [line.get("request_id") for line in written[:50]] == [f"r{i}" for i in range(50)]
     assert written[50]["msg"] == "mixed in"
     assert {line["logger"] for line in written[:50]} == {"aiservices.access"}
+
+
+async def test_a_full_batch_is_written_without_waiting(stream: CountingStream) -> None:
+    access = logging.getLogger("aiservices.access")
+    for index in range(logs.MAX_PENDING_LINES):
+        logs.emit_json(access, "rpc", {"request_id": f"r{index}"})
+    assert stream.writes == 1
+    assert len(lines(stream)) == logs.MAX_PENDING_LINES
 
 
 def test_direct_lines_match_the_formatter(stream: CountingStream) -> None:
