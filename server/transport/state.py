@@ -31,7 +31,7 @@ class CallState:
     # Invocation metadata with text values, read once for every layer of the call.
     metadata: dict[str, str] = field(default_factory=dict)
     # Metadata names sent more than once: ambiguous for credentials and identities.
-    repeated: set[str] = field(default_factory=set)
+    repeated: frozenset[str] = frozenset()
     # The authenticated key's own rate limit (burst, per_minute), when it has one.
     key_rate_limit: tuple[int, float] | None = None
     # Trailing metadata for the caller, sent with the status whether the call succeeds or not.

@@ -27,7 +27,7 @@ MAX_ACCEPTED_HEADERS = 4096
 _IDENTIFIER = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")
 
 
-def _delegated(metadata: dict[str, str], repeated: set[str], header: str) -> str | None:
+def _delegated(metadata: dict[str, str], repeated: frozenset[str], header: str) -> str | None:
     value = metadata.get(header)
     if value is None:
         return None
@@ -56,7 +56,7 @@ class AuthInterceptor(UnaryInterceptor):
         self._accepted: dict[str, ApiKey] = {}
 
     def _principal(
-        self, metadata: dict[str, str], repeated: set[str]
+        self, metadata: dict[str, str], repeated: frozenset[str]
     ) -> tuple[Principal, tuple[int, float] | None]:
         if "authorization" in repeated:
             raise Unauthenticated("more than one authorization header: send exactly one")
@@ -79,6 +79,8 @@ class AuthInterceptor(UnaryInterceptor):
         if ACT_FOR_USERS in key.permissions:
             user = _delegated(metadata, repeated, USER_HEADER)
             organization = _delegated(metadata, repeated, ORGANIZATION_HEADER)
+            if user is None and organization is None:
+                return principal, key.rate_limit  # acting for itself
             principal = Principal(
                 key_id=key.id,
                 permissions=key.permissions,

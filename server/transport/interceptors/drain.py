@@ -20,8 +20,8 @@ class DrainInterceptor(UnaryInterceptor):
     def __init__(self) -> None:
         self.draining = False
         self.in_flight = 0
+        # Set once draining and no call is left; not touched per call otherwise.
         self._idle = asyncio.Event()
-        self._idle.set()
         self._hurry = asyncio.Event()
 
     @property
@@ -38,12 +38,11 @@ class DrainInterceptor(UnaryInterceptor):
                 error = ShuttingDown("the server is shutting down; retry on another replica", 1.0)
                 await abort(context, error, current_call().trailers)
             self.in_flight += 1
-            self._idle.clear()
             try:
                 return await behaviour(request, context)
             finally:
                 self.in_flight -= 1
-                if self.in_flight == 0:
+                if self.in_flight == 0 and self.draining:
                     self._idle.set()
 
         return run
@@ -51,6 +50,8 @@ class DrainInterceptor(UnaryInterceptor):
     async def drain(self, grace: float) -> bool:
         """Refuse new calls and wait up to `grace` seconds for those in flight; True when idle."""
         self.draining = True
+        if self.in_flight == 0:
+            self._idle.set()
         idle = asyncio.ensure_future(self._idle.wait())
         hurry = asyncio.ensure_future(self._hurry.wait())
         done, pending = await asyncio.wait(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Sequence
 from random import getrandbits
 from typing import Any
 
@@ -19,6 +20,21 @@ from server.transport.state import CallState, begin_call
 access_log = logging.getLogger("aiservices.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def _repeated(pairs: Sequence[tuple[str, str | bytes]]) -> frozenset[str]:
+    """Text metadata names sent more than once (ambiguous for credentials and identities)."""
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for name, value in pairs:
+        if isinstance(value, str):
+            if name in seen:
+                repeated.add(name)
+            seen.add(name)
+    return frozenset(repeated)
 
 
 def _status_name(context: Context, fallback: str) -> str:
@@ -36,13 +52,10 @@ class RequestContextInterceptor(UnaryInterceptor):
         metrics = self._metrics
 
         async def run(request: Any, context: Context) -> Any:
-            metadata: dict[str, str] = {}
-            repeated: set[str] = set()
-            for name, value in context.invocation_metadata() or ():
-                if isinstance(value, str):
-                    if name in metadata:
-                        repeated.add(name)
-                    metadata[name] = value
+            pairs = context.invocation_metadata() or ()
+            metadata = {name: value for name, value in pairs if value.__class__ is str}
+            # Fewer entries than pairs: a name sent twice, or a binary (-bin) value.
+            repeated = _repeated(pairs) if len(metadata) < len(pairs) else _NONE
             given = metadata.get("x-request-id")
             # An identifier, not a secret: 128 random bits without a system call per RPC.
             request_id = (
