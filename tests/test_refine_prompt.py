@@ -162,6 +162,12 @@ def test_null_summary_becomes_the_default(client: ToolClient, upstream: StandinU
             "string",
         ),
         ({"prompt_template_json": "not json {"}, "arguments.prompt_template_json", "JSON"),
+        (
+            # NaN is not JSON (RFC 8259), whatever Python's json module accepts.
+            {"prompt_template_json": '{"messages": [{"role": "user", "content": "hi"}], "t": NaN}'},
+            "arguments.prompt_template_json",
+            "JSON",
+        ),
         ({"prompt_template_json": "[1, 2]"}, "arguments.prompt_template_json", "object"),
         (
             {"prompt_template_json": '{"messages": []}'},
@@ -312,6 +318,7 @@ def test_caller_deadline_is_deadline_exceeded_and_drops_the_upstream_request(
     ("data", "words"),
     [
         ("this is not json", "not valid JSON"),
+        ('{"messages": [], "summary": NaN}', "not valid JSON"),
         (json.dumps(["a", "list"]), "not a JSON object"),
         (json.dumps({"summary": "no messages"}), "messages"),
         (json.dumps(refined([])), "messages"),

@@ -7,8 +7,9 @@ back: a model may drop a variable or merge messages, and a caller must never get
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 from server.errors import FieldViolation, InvalidArgument
 from server.tools.base import (
@@ -140,7 +141,7 @@ def _decode_data(data: Any) -> Any:
     text = data.strip()
     if text.startswith("```"):
         text = text.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
-    return json.loads(text)
+    return orjson.loads(text)
 
 
 def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonObject:

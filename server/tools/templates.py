@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections.abc import Iterable
@@ -11,6 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from typing import Any
+
+import orjson
 
 
 class TemplateFormat(StrEnum):
@@ -62,7 +63,7 @@ def _content_text(content: Any, where: str) -> str:
 
 def parse_template(text: str) -> PromptTemplate:
     try:
-        document = json.loads(text)
+        document = orjson.loads(text)
     except (ValueError, RecursionError):
         raise TemplateError("is not valid JSON") from None
     if not isinstance(document, dict):

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import orjson
 
 RUN_PATH = "/services/completion/run"
 # A longer Retry-After is no use to a caller and would not fit a protobuf Duration anyway.
@@ -252,7 +253,7 @@ class AgentaCompletionClient:
                 status, f"the upstream answered HTTP {status}", retry_after=retry_after
             )
         try:
-            reply = response.json()
+            reply = orjson.loads(response.content)
         except (ValueError, RecursionError):
             raise UpstreamBadReply("the upstream reply is not JSON") from None
         if not isinstance(reply, dict) or "data" not in reply:
