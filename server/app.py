@@ -172,6 +172,9 @@ class AiServicesServer:
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
         self._drain = DrainInterceptor()
+        # Set by start(): what grpc runs per call, for in-process measurement (bench.hotpath).
+        self.chain: InterceptorChain | None = None
+        self.servicer: ToolServicer | None = None
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -219,8 +222,9 @@ class AiServicesServer:
                 on_refusal=lambda tool, key_id: metrics.rate_limited.labels(tool, key_id).inc(),
             )
         )
+        self.chain = InterceptorChain(interceptors)
         server = grpc.aio.server(
-            interceptors=[InterceptorChain(interceptors)],
+            interceptors=[self.chain],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -228,6 +232,7 @@ class AiServicesServer:
             ],
         )
         servicer = ToolServicer(dispatcher, metrics=metrics, log_payloads=settings.log_payloads)
+        self.servicer = servicer
         pb_grpc.add_ToolServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:

@@ -55,6 +55,12 @@ class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._interceptors = list(interceptors)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        """`behaviour` with every interceptor around it, as a call to `method` runs it."""
+        for interceptor in reversed(self._interceptors):
+            behaviour = interceptor.wrap(method, behaviour)
+        return behaviour
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -67,11 +73,8 @@ class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or is_open_method(method) or handler.unary_unary is None:
             return handler
-        behaviour = handler.unary_unary
-        for interceptor in reversed(self._interceptors):
-            behaviour = interceptor.wrap(method, behaviour)
         wrapped = grpc.unary_unary_rpc_method_handler(
-            behaviour,
+            self.wrap(method, handler.unary_unary),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
