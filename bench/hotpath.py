@@ -21,6 +21,7 @@ import argparse
 import cProfile
 import io
 import json
+import logging
 import pstats
 import statistics
 import sys
@@ -165,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ):
         # Access lines are written as in production, to a file rather than the terminal.
         configure_logging("INFO", access_log)
-        return uvloop.run(measure(args.rpc, args.rounds, calls, args.profile, Path(tmp)))
+        try:
+            return uvloop.run(measure(args.rpc, args.rounds, calls, args.profile, Path(tmp)))
+        finally:
+            logging.shutdown()  # written out while the file is still open
 
 
 if __name__ == "__main__":
