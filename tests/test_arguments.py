@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
+import fastjsonschema
 import pytest
 from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 
 from server.errors import InvalidArgument
 from server.service.arguments import ArgumentValidator, restore_integers
-from server.tools.refine_prompt import INPUT_SCHEMA
+from server.tools.refine_prompt import DEFINITION, INPUT_SCHEMA
 
 # (schema of one argument, value): the edges where two validators could read a rule differently.
 CASES: list[tuple[dict[str, Any], Any]] = [
@@ -100,3 +106,42 @@ def test_schemas_beyond_the_shared_keywords_use_jsonschema_alone(rule: dict[str,
     # jsonschema's reading holds: formats are annotations, so any string passes.
     if "format" in rule:
         assert validator.validate({"v": "not an address"}) == {"v": "not an address"}
+
+
+def test_every_built_in_schema_is_a_valid_draft_2020_12_schema() -> None:
+    """At start-up only fastjsonschema's compiler reads fast-path schemas; jsonschema checks
+    them here."""
+    for schema in (DEFINITION.input_schema, DEFINITION.output_schema):
+        Draft202012Validator.check_schema(schema)
+
+
+def test_a_malformed_schema_is_refused_when_the_tool_is_registered() -> None:
+    with pytest.raises(fastjsonschema.JsonSchemaDefinitionException):
+        ArgumentValidator({"type": "object", "properties": {"v": {"type": "text"}}})
+    with pytest.raises(SchemaError):
+        ArgumentValidator({"type": "object", "properties": {"v": {"pattern": 5}}})
+
+
+def test_jsonschema_is_loaded_at_the_first_refusal_only() -> None:
+    """Its 2.5 MB stay out of a server whose callers send valid arguments."""
+    script = textwrap.dedent(
+        """
+        import json, sys
+        from server.errors import InvalidArgument
+        from server.service.arguments import ArgumentValidator
+        from server.tools.refine_prompt import DEFINITION, INPUT_SCHEMA
+
+        validator = ArgumentValidator(INPUT_SCHEMA)
+        validator.validate({"prompt_template_json": "{}"})
+        loaded_before = "jsonschema" in sys.modules
+        try:
+            validator.validate({"prompt_template_json": 7})
+        except InvalidArgument as error:
+            print(json.dumps([loaded_before, "jsonschema" in sys.modules,
+                              [v.description for v in error.violations]]))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert json.loads(done.stdout) == [False, True, ["must be a string"]]
