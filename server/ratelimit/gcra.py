@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 MICROS = 1_000_000
@@ -56,7 +57,7 @@ class RateLimit:
         """Seconds between two calls in steady state (60 / per_minute)."""
         return 60.0 / self.per_minute
 
-    @property
+    @cached_property
     def interval_us(self) -> int:
         """The emission interval in whole microseconds (at least 1), as the math uses it."""
         return max(1, round(60 * MICROS / self.per_minute))

@@ -114,6 +114,17 @@ def fast_path_applies(schema: Any) -> bool:
     return True
 
 
+def _mentions_integer(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        if kind == "integer" or (isinstance(kind, list) and "integer" in kind):
+            return True
+        return any(_mentions_integer(value) for value in schema.values())
+    if isinstance(schema, list):
+        return any(_mentions_integer(value) for value in schema)
+    return False
+
+
 def full_validator(schema: dict[str, Any]) -> Draft202012Validator:
     """jsonschema's validator for `schema`, after checking the schema itself."""
     from jsonschema import Draft202012Validator  # noqa: PLC0415  (2.5 MB: loaded when needed)
@@ -134,6 +145,9 @@ class ArgumentValidator:
 
     def __init__(self, schema: dict[str, Any]) -> None:
         self._schema = schema
+        # Struct carries every number as a double; without integers in the schema there is
+        # nothing to restore.
+        self._has_integers = _mentions_integer(schema)
         self._fast: Any = None
         self._full: Draft202012Validator | None = None
         if fast_path_applies(schema):
@@ -147,21 +161,23 @@ class ArgumentValidator:
 
     def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """Raise InvalidArgument listing every violation; return arguments with ints restored."""
-        restored = restore_integers(arguments, self._schema)
+        restored: dict[str, Any] = (
+            restore_integers(arguments, self._schema) if self._has_integers else arguments
+        )
         if self._fast is not None:
             try:
                 self._fast(restored)
             except (fastjsonschema.JsonSchemaException, RecursionError):
                 pass  # jsonschema below decides, and says what is wrong
             else:
-                return restored  # type: ignore[no-any-return]
+                return restored
         if self._full is None:
             self._full = full_validator(self._schema)
         errors = sorted(self._full.iter_errors(restored), key=lambda e: list(e.path))
         if errors:
             violations = [v for error in errors for v in _describe(error)]
             raise InvalidArgument("arguments do not match the tool's input schema", violations)
-        return restored  # type: ignore[no-any-return]
+        return restored
 
 
 def restore_integers(value: Any, schema: dict[str, Any]) -> Any:

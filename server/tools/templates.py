@@ -132,7 +132,7 @@ def template_variables(contents: Iterable[str], template_format: TemplateFormat)
     found: set[str] = set()
     for text in contents:
         if template_format is TemplateFormat.CURLY:
-            found |= {match.group(1) for match in _CURLY.finditer(text)}
+            found.update(_CURLY.findall(text))
         elif template_format is TemplateFormat.MUSTACHE:
             # A section keeps its sigil: turning {{#items}} into {{items}} breaks the loop.
             found |= {
