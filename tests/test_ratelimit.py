@@ -234,6 +234,24 @@ async def test_memory_admits_again_after_retry_after() -> None:
     assert (await limiter.acquire("other", DEFAULT)).remaining == 9
 
 
+async def test_memory_refund_gives_back_exactly_one_unit() -> None:
+    clock = FakeClock()
+    limiter = InMemoryRateLimiter(clock=clock)
+    for _ in range(10):
+        await limiter.acquire("k", DEFAULT)
+    await limiter.refund("k", DEFAULT)
+    again = await limiter.acquire("k", DEFAULT)
+    assert again.allowed and again.remaining == 0
+    assert not (await limiter.acquire("k", DEFAULT)).allowed
+    # A full bucket stays full: refunds never add beyond the burst.
+    await limiter.refund("fresh", DEFAULT)
+    await limiter.refund("k", DEFAULT)
+    await limiter.refund("k", DEFAULT)
+    await limiter.refund("k", DEFAULT)
+    assert [(await limiter.acquire("fresh", DEFAULT)).remaining for _ in range(2)] == [9, 8]
+    assert len(limiter) == 2
+
+
 async def test_memory_idle_keys_expire() -> None:
     clock = FakeClock()
     limiter = InMemoryRateLimiter(clock=clock)
@@ -328,6 +346,29 @@ async def test_redis_real_time_burst(redis_limiter: RedisRateLimiter) -> None:
     refused = decisions[10]
     assert 1.5 < refused.retry_after <= 2.0
     assert 19.5 < refused.reset_after <= 20.0
+
+
+async def test_redis_refund_matches_the_python_math(
+    redis_server: RedisServer, redis_limiter: RedisRateLimiter
+) -> None:
+    memory_clock = FakeClock(start=BASE_US / 1_000_000)
+    memory = InMemoryRateLimiter(clock=memory_clock)
+    steps = ["acquire"] * 10 + ["refund", "acquire", "acquire"] + ["refund"] * 12 + ["acquire"]
+    for index, step in enumerate(steps):
+        now = at_us(index * 0.01)
+        memory_clock.now = now / 1_000_000
+        if step == "refund":
+            await redis_limiter._refund_at("refund", DEFAULT, now)
+            await memory.refund("refund", DEFAULT)
+            continue
+        shared = await redis_limiter._acquire_at("refund", DEFAULT, now)
+        local = await memory.acquire("refund", DEFAULT)
+        assert (shared.allowed, shared.remaining) == (local.allowed, local.remaining), index
+    assert (shared.allowed, shared.remaining) == (True, 9)  # refunds stop at a full bucket
+    check_client = redis_server.client()
+    await redis_limiter.refund("never-seen", DEFAULT)
+    assert not check_client.exists("test:rl:never-seen")
+    check_client.close()
 
 
 async def test_redis_key_expires_when_bucket_is_full(
@@ -506,8 +547,25 @@ class BrokenLimiter:
         self.calls += 1
         raise ConnectionRefusedError("connect to redis://user:hunter2@127.0.0.1:1 refused")
 
+    async def refund(self, key: str, limit: RateLimit) -> None:
+        raise ConnectionRefusedError("connect to redis://user:hunter2@127.0.0.1:1 refused")
+
     async def close(self) -> None:
         pass
+
+
+async def test_failover_refunds_where_calls_are_decided_and_drops_failed_refunds() -> None:
+    clock = FakeClock()
+    fallback = InMemoryRateLimiter(clock=clock)
+    limiter = FailoverRateLimiter(BrokenLimiter(), fallback, clock=clock)
+    await limiter.refund("k", DEFAULT)  # the primary fails: dropped, and no outage starts
+    assert not limiter.degraded
+    for _ in range(10):
+        await limiter.acquire("k", DEFAULT)  # the first call finds the primary down
+    assert limiter.degraded
+    await limiter.refund("k", DEFAULT)  # goes to the fallback, which decided these calls
+    assert (await limiter.acquire("k", DEFAULT)).allowed
+    assert not (await limiter.acquire("k", DEFAULT)).allowed
 
 
 async def test_failover_probes_primary_at_most_once_per_interval(

@@ -337,6 +337,43 @@ async def test_beyond_the_in_flight_bound_calls_are_refused_fast_and_status_stay
     assert in_flight(bounded) == 0
 
 
+async def test_a_call_refused_as_overloaded_gives_its_rate_limit_unit_back(
+    upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    settings = make_settings(
+        upstream.url,
+        max_concurrent_calls=1,
+        queue_timeout=0.1,
+        rate_limit_burst=2,
+        rate_limit_per_minute=1,
+        upstream_timeout=PATIENT,
+    )
+    running = ServerThread(settings)
+    await asyncio.to_thread(running.start)
+    release = threading.Event()
+    upstream.push(Held(release))
+    try:
+        async with AsyncToolClient(running.target, api_key=keys.editor, timeout=30) as client:
+            held = asyncio.create_task(client.call_tool(TOOL, ARGUMENTS))
+            try:
+                assert await upstream.until_requests(1, timeout=5)
+                with pytest.raises(ToolServiceError) as overloaded:
+                    await client.call_tool(TOOL, ARGUMENTS)
+                assert overloaded.value.reason == "OVERLOADED"
+                # The held call spent one unit of two; the refused one spent nothing.
+                assert overloaded.value.trailing_metadata["x-ratelimit-remaining"] == "1"
+            finally:
+                release.set()
+            assert not (await held).is_error
+            assert not (await client.call_tool(TOOL, ARGUMENTS)).is_error
+            with pytest.raises(ToolServiceError) as limited:
+                await client.call_tool(TOOL, ARGUMENTS)
+            assert limited.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await asyncio.to_thread(running.stop)
+    assert upstream.request_count == 2
+
+
 # --- trace propagation ------------------------------------------------------------------
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"

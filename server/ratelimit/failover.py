@@ -91,6 +91,18 @@ class FailoverRateLimiter:
             self._logger.info("rate limit store is back; using it again")
         return decision
 
+    async def refund(self, key: str, limit: RateLimit) -> None:
+        """Refund where calls are decided now; a refund that fails is dropped (fail open: it
+        only costs the caller one unit), and does not start an outage by itself."""
+        if self._down:
+            await self._fallback.refund(key, limit)
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._primary.refund(key, limit)
+        except Exception as exc:
+            self._logger.debug("rate limit refund dropped (%s)", describe_error(exc, self._timeout))
+
     def _primary_failed(self, exc: Exception) -> None:
         if self._down:
             return

@@ -112,6 +112,19 @@ class RateLimiter(Protocol):
         """Decide one call for `key`; an admitted call consumes budget, a refused one does not."""
         ...
 
+    async def refund(self, key: str, limit: RateLimit) -> None:
+        """Give back the unit an admitted call consumed, when the call then did not run."""
+        ...
+
     async def close(self) -> None:
         """Release what the limiter holds (connections); it is not used afterwards."""
         ...
+
+
+def refunded(tat: int | None, now: int, limit: RateLimit) -> int | None:
+    """The TAT after giving one unit back, or None when nothing is left to keep (the bucket
+    is full again). Never earlier than `now`: a refund cannot create more than a full bucket."""
+    if tat is None:
+        return None
+    new_tat = tat - limit.interval_us
+    return new_tat if new_tat > now else None

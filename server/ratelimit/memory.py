@@ -6,7 +6,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from server.ratelimit.gcra import MICROS, Decision, RateLimit, gcra
+from server.ratelimit.gcra import MICROS, Decision, RateLimit, gcra, refunded
 
 # How many expired entries one call may sweep at most. Each call adds at most one entry, so the
 # sweep keeps pace with insertions while the latency of a single call stays bounded.
@@ -55,6 +55,18 @@ class InMemoryRateLimiter:
                 tats.popitem(last=False)
             tats[key] = new_tat
         return decision
+
+    async def refund(self, key: str, limit: RateLimit) -> None:
+        self.refund_now(key, limit)
+
+    def refund_now(self, key: str, limit: RateLimit) -> None:
+        """The synchronous form of `refund`."""
+        now = round(self._clock() * MICROS)
+        new_tat = refunded(self._tats.get(key), now, limit)
+        if new_tat is None:
+            self._tats.pop(key, None)
+        else:
+            self._tats[key] = new_tat
 
     def _sweep(self, now: int) -> None:
         tats = self._tats

@@ -46,6 +46,31 @@ redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil(reset
 return {1, math.floor(diff / interval), 0, reset_after}
 """
 
+# Gives back one unit (gcra.refunded): the TAT moves back one interval, or the key goes when
+# that leaves a full bucket. KEYS[1] the key; ARGV[1] the interval, microseconds; ARGV[2]
+# optional, tests only: "now" in microseconds.
+LUA_REFUND = """
+local interval = tonumber(ARGV[1])
+local now
+if ARGV[2] then
+  now = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil then
+  return 0
+end
+local new_tat = tat - interval
+if new_tat <= now then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return 1
+"""
+
 DEFAULT_PREFIX = "aiservices:rl:"
 
 
@@ -67,6 +92,7 @@ class RedisRateLimiter:
         self._prefix = prefix
         self._owns_client = owns_client
         self._script = client.register_script(LUA_GCRA)
+        self._refund_script = client.register_script(LUA_REFUND)
 
     @property
     def prefix(self) -> str:
@@ -78,6 +104,13 @@ class RedisRateLimiter:
     async def _acquire_at(self, key: str, limit: RateLimit, now_us: int) -> Decision:
         """Run the script with a given "now" instead of the server clock (tests only)."""
         return await self._run(key, limit, (limit.burst, limit.interval_us, now_us))
+
+    async def refund(self, key: str, limit: RateLimit) -> None:
+        await self._refund_script(keys=[self._prefix + key], args=[limit.interval_us])
+
+    async def _refund_at(self, key: str, limit: RateLimit, now_us: int) -> None:
+        """Refund with a given "now" instead of the server clock (tests only)."""
+        await self._refund_script(keys=[self._prefix + key], args=[limit.interval_us, now_us])
 
     async def _run(self, key: str, limit: RateLimit, args: Sequence[int]) -> Decision:
         reply = await self._script(keys=[self._prefix + key], args=args)

@@ -50,7 +50,9 @@ def guarded(method: Method[Request, Response]) -> Method[Request, Response]:
         try:
             return await method(self, request, context)
         except ServiceError as error:
-            await abort(context, error, current_call().trailers)
+            state = current_call()
+            state.refusing(error)
+            await abort(context, error, state.trailers)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:

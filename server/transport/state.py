@@ -8,10 +8,12 @@ layer of that call sees the same object.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.errors import ServiceError
 from server.identity import ANONYMOUS, Principal
 
 
@@ -36,6 +38,17 @@ class CallState:
     key_rate_limit: tuple[int, float] | None = None
     # Trailing metadata for the caller, sent with the status whether the call succeeds or not.
     trailers: dict[str, str] = field(default_factory=dict)
+    # Run with the domain error just before a call is refused (while trailers can still change).
+    refusal_hooks: list[Callable[[ServiceError], None]] | None = None
+
+    def on_refusal(self, hook: Callable[[ServiceError], None]) -> None:
+        if self.refusal_hooks is None:
+            self.refusal_hooks = []
+        self.refusal_hooks.append(hook)
+
+    def refusing(self, error: ServiceError) -> None:
+        for hook in self.refusal_hooks or ():
+            hook(error)
 
 
 _current: ContextVar[CallState | None] = ContextVar("aiservices_call_state", default=None)

@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from server.errors import RateLimited
+import grpc
+
+from server.errors import Overloaded, RateLimited, ServiceError
 from server.identity import Principal
 from server.ratelimit import RateLimit, RateLimiter
 from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
@@ -69,6 +71,21 @@ class RateLimitInterceptor(UnaryInterceptor):
                     metadata={"tool": tool, "limit": str(decision.limit)},
                 )
                 await abort(context, error, state.trailers)
-            return await behaviour(request, context)
+            overloaded = False
+
+            def unit_unused(error: ServiceError) -> None:
+                # Refused before the tool ran: the unit goes back, and the trailers say so.
+                nonlocal overloaded
+                if isinstance(error, Overloaded):
+                    overloaded = True
+                    state.trailers["x-ratelimit-remaining"] = str(decision.remaining + 1)
+
+            state.on_refusal(unit_unused)
+            try:
+                return await behaviour(request, context)
+            except grpc.aio.AbortError:
+                if overloaded:
+                    await self._limiter.refund(key, limit)
+                raise
 
         return run
