@@ -36,19 +36,23 @@ class CallState:
     repeated: frozenset[str] = frozenset()
     # The authenticated key's own rate limit (burst, per_minute), when it has one.
     key_rate_limit: tuple[int, float] | None = None
+    # Set when the unit the rate limiter charged must be given back (the tool never ran).
+    rate_limit_unit_unused: bool = False
     # Trailing metadata for the caller, sent with the status whether the call succeeds or not.
     trailers: dict[str, str] = field(default_factory=dict)
     # Run with the domain error just before a call is refused (while trailers can still change).
-    refusal_hooks: list[Callable[[ServiceError], None]] | None = None
+    # Hooks get the state as an argument: a hook holding it would make every call's state a
+    # reference cycle, left for the garbage collector instead of freed when the call ends.
+    refusal_hooks: list[Callable[[CallState, ServiceError], None]] | None = None
 
-    def on_refusal(self, hook: Callable[[ServiceError], None]) -> None:
+    def on_refusal(self, hook: Callable[[CallState, ServiceError], None]) -> None:
         if self.refusal_hooks is None:
             self.refusal_hooks = []
         self.refusal_hooks.append(hook)
 
     def refusing(self, error: ServiceError) -> None:
         for hook in self.refusal_hooks or ():
-            hook(error)
+            hook(self, error)
 
 
 _current: ContextVar[CallState | None] = ContextVar("aiservices_call_state", default=None)

@@ -14,10 +14,19 @@ from server.errors import Overloaded, RateLimited, ServiceError
 from server.identity import Principal
 from server.ratelimit import RateLimit, RateLimiter
 from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
-from server.transport.state import current_call
+from server.transport.state import CallState, current_call
 from server.transport.status import abort
 
 LIMITED_METHODS = frozenset({"/aiservices.v1.ToolService/CallTool"})
+
+
+def _unit_unused(state: CallState, error: ServiceError) -> None:
+    """Refused as OVERLOADED, the call never ran: its unit goes back, and the trailers say so."""
+    if isinstance(error, Overloaded):
+        state.rate_limit_unit_unused = True
+        remaining = state.trailers.get("x-ratelimit-remaining")
+        if remaining is not None and remaining.isdigit():
+            state.trailers["x-ratelimit-remaining"] = str(int(remaining) + 1)
 
 
 class RateLimitInterceptor(UnaryInterceptor):
@@ -71,20 +80,11 @@ class RateLimitInterceptor(UnaryInterceptor):
                     metadata={"tool": tool, "limit": str(decision.limit)},
                 )
                 await abort(context, error, state.trailers)
-            overloaded = False
-
-            def unit_unused(error: ServiceError) -> None:
-                # Refused before the tool ran: the unit goes back, and the trailers say so.
-                nonlocal overloaded
-                if isinstance(error, Overloaded):
-                    overloaded = True
-                    state.trailers["x-ratelimit-remaining"] = str(decision.remaining + 1)
-
-            state.on_refusal(unit_unused)
+            state.on_refusal(_unit_unused)
             try:
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
-                if overloaded:
+                if state.rate_limit_unit_unused:
                     await self._limiter.refund(key, limit)
                 raise
 
