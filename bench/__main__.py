@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench.harness import harness
+from bench.harness import env_setting, harness
 from bench.procs import ROOT, Pinning, ProcessFailed
 from bench.report import machine, render, versions, write_json
 from bench.scenarios import FULL, QUICK, Runner, describe_profile, parse_only
@@ -34,13 +34,6 @@ RESULTS = ROOT / "bench" / "results"
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
-
-
-def _env_pair(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError("must look like NAME=VALUE")
-    return name.upper().removeprefix("AGENTA_AI_SERVICES_"), value
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -60,7 +53,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--server-env",
         action="append",
-        type=_env_pair,
+        type=env_setting,
         default=[],
         metavar="NAME=VALUE",
         help="extra AGENTA_AI_SERVICES_ setting for the real server (prefix optional)",

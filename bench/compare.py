@@ -18,7 +18,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-from bench.harness import Server, harness
+from bench.harness import Server, env_setting, harness
 from bench.procs import Pinning
 
 
@@ -32,12 +32,7 @@ class Variant:
 def parse_variant(text: str) -> Variant:
     head, _, settings_text = text.partition(":")
     name, _, checkout = head.partition("@")
-    settings: dict[str, str] = {}
-    for pair in filter(None, settings_text.split(";")):
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"{pair!r} must look like NAME=VALUE")
-        settings[key.upper().removeprefix("AGENTA_AI_SERVICES_")] = value
+    settings = dict(map(env_setting, filter(None, settings_text.split(";"))))
     if not name:
         raise argparse.ArgumentTypeError(f"{text!r} has no name")
     return Variant(name, checkout or None, settings)

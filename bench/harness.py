@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -28,8 +29,8 @@ from bench.common import (
 from bench.loadgen import LoadConfig, LoadResult
 from bench.procs import Managed, Pinning, ProcessFailed, json_port, python, standin_url
 from server.auth import generate_key, hash_key
+from server.config import ENV_PREFIX as PREFIX
 
-PREFIX = "AGENTA_AI_SERVICES_"
 SLOW_DELAY_S = 1.0
 
 
@@ -49,6 +50,23 @@ class Server:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+
+def env_setting(text: str) -> tuple[str, str]:
+    """`NAME=VALUE` for the server under test; the AGENTA_AI_SERVICES_ prefix is optional."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} must look like NAME=VALUE")
+    return name.upper().removeprefix(PREFIX), value
+
+
+def write_keys_file(path: Path) -> str:
+    """A keys file with one key allowed everything (delegation included); returns the key."""
+    key = generate_key()
+    path.write_text(
+        f'[[keys]]\nid = "bench"\nhash = "{hash_key(key)}"\npermissions = ["*", "act_for_users"]\n'
+    )
+    return key
 
 
 class Harness:
@@ -94,13 +112,7 @@ class Harness:
 
     def start(self) -> None:
         """The API key and the two stand-in upstreams, which live as long as the harness."""
-        self.key = generate_key()
-        self.keys_file.write_text(
-            "[[keys]]\n"
-            'id = "bench"\n'
-            f'hash = "{hash_key(self.key)}"\n'
-            'permissions = ["*", "act_for_users"]\n'
-        )
+        self.key = write_keys_file(self.keys_file)
         self.instant = self._upstream(0.0)
         self.slow = self._upstream(SLOW_DELAY_S)
 

@@ -37,20 +37,24 @@ from aiservices.v1 import tool_service_pb2 as pb
 from google.protobuf import struct_pb2
 from pydantic import SecretStr
 
+from bench.common import (
+    ARGUMENTS,
+    ENVIRONMENT_SLUG,
+    PROMPT_TEMPLATE_JSON,
+    REFINE_PROMPT_KEY,
+    TOOL_NAME,
+    UPSTREAM_API_KEY,
+)
+from bench.harness import write_keys_file
 from server.app import AiServicesServer
-from server.auth.keys import generate_key, hash_key
 from server.config import Settings
 from server.logs import configure_logging
 
 SERVICE = "/aiservices.v1.ToolService/"
-TOOL = "tools.agenta.api.refine_prompt"
-MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant for {{product}}."},
-    {"role": "user", "content": "Answer {{question}} in {{language}}."},
-]
+# The upstream's answer: the benchmark's template back, which passes every output check.
 REPLY = json.dumps(
     {
-        "data": json.dumps({"messages": MESSAGES, "summary": "Made it warmer."}),
+        "data": json.dumps({**json.loads(PROMPT_TEMPLATE_JSON), "summary": "Made it warmer."}),
         "trace_id": "ab" * 16,
     }
 ).encode()
@@ -89,9 +93,9 @@ def _settings(keys_file: Path) -> Settings:
         grpc_address="127.0.0.1:0",
         api_keys_file=keys_file,
         api_url="http://127.0.0.1:9",
-        api_key=SecretStr("bench-upstream-key"),
-        environment_slug="production",
-        refine_prompt_key="ai-services-refine-prompt",
+        api_key=SecretStr(UPSTREAM_API_KEY),
+        environment_slug=ENVIRONMENT_SLUG,
+        refine_prompt_key=REFINE_PROMPT_KEY,
         rate_limit_burst=1_000_000,
         rate_limit_per_minute=6_000_000,
         reflection=False,
@@ -102,14 +106,13 @@ def _request(rpc: str) -> Any:
     if rpc == "status":
         return pb.GetStatusRequest()
     arguments = struct_pb2.Struct()
-    arguments.update({"prompt_template_json": json.dumps({"messages": MESSAGES})})
-    return pb.CallToolRequest(name=TOOL, arguments=arguments)
+    arguments.update(ARGUMENTS)
+    return pb.CallToolRequest(name=TOOL_NAME, arguments=arguments)
 
 
 async def measure(rpc: str, rounds: int, calls: int, profile: bool, tmp: Path) -> int:
-    key = generate_key()
     keys_file = tmp / "keys.toml"
-    keys_file.write_text(f'[[keys]]\nid = "bench"\nhash = "{hash_key(key)}"\npermissions = ["*"]\n')
+    key = write_keys_file(keys_file)
     server = AiServicesServer(_settings(keys_file), http_transport=httpx.MockTransport(_reply))
     await server.start()
     try:

@@ -10,6 +10,18 @@ from redis.backoff import NoBackoff
 
 from server.ratelimit.gcra import Decision, RateLimit, decision_from_us
 
+# Both scripts: "now" in microseconds, from the Redis server clock, or from the given argument
+# (tests only) so the scripts can be checked against the Python math.
+_LUA_NOW = """
+local function now_us(given)
+  if given then
+    return tonumber(given)
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+"""
+
 # The same math as gcra.gcra(), line for line, in integer microseconds (exact in Lua doubles).
 # Time comes from the Redis server (TIME), so replicas with skewed clocks share one budget exactly;
 # a refused call writes nothing; an admitted one stores the new TAT with PX set to the time until
@@ -21,16 +33,12 @@ from server.ratelimit.gcra import Decision, RateLimit, decision_from_us
 # ARGV[2]  emission interval, microseconds
 # ARGV[3]  optional, tests only: "now" in microseconds instead of the server clock
 # returns  {allowed 0/1, remaining, retry_after_us, reset_after_us}
-LUA_GCRA = """
+LUA_GCRA = (
+    _LUA_NOW
+    + """
 local burst = tonumber(ARGV[1])
 local interval = tonumber(ARGV[2])
-local now
-if ARGV[3] then
-  now = tonumber(ARGV[3])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now = now_us(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then
   tat = now
@@ -45,19 +53,16 @@ local reset_after = new_tat - now
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil(reset_after / 1000))
 return {1, math.floor(diff / interval), 0, reset_after}
 """
+)
 
 # Gives back one unit (gcra.refunded): the TAT moves back one interval, or the key goes when
 # that leaves a full bucket. KEYS[1] the key; ARGV[1] the interval, microseconds; ARGV[2]
 # optional, tests only: "now" in microseconds.
-LUA_REFUND = """
+LUA_REFUND = (
+    _LUA_NOW
+    + """
 local interval = tonumber(ARGV[1])
-local now
-if ARGV[2] then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
+local now = now_us(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil then
   return 0
@@ -70,6 +75,7 @@ end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
 return 1
 """
+)
 
 DEFAULT_PREFIX = "aiservices:rl:"
 
