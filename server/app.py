@@ -17,7 +17,7 @@ import uvloop
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from server.auth import KeysFileError, KeyStore
 from server.config import AuthMode, EventLoop, Settings, is_loopback, split_host_port
@@ -147,6 +147,29 @@ def build_tools(
     return [RefinePromptTool(client, app=str(settings.refine_prompt_key).strip())]
 
 
+class GenericHandlersOnly:
+    """Hands services to grpc.aio as generic handlers only.
+
+    grpc.aio keeps a pending request for each registered method and waits on all of them again
+    for every call it accepts: with health and reflection beside the ToolService, eight futures
+    per call. Generic handlers share one pending request, about 40,000 fewer instructions per
+    call (callgrind, GetStatus under load; README, Performance). The generated `add_*_to_server`
+    functions pass the same handlers both ways, and the interceptor chain caches each method's
+    handler, so nothing else changes.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        """Dropped: the same handlers came through `add_generic_rpc_handlers`."""
+
+
 class AiServicesServer:
     """One grpc.aio server with the ToolService, health and reflection.
 
@@ -233,11 +256,15 @@ class AiServicesServer:
         )
         servicer = ToolServicer(dispatcher, metrics=metrics, log_payloads=settings.log_payloads)
         self.servicer = servicer
-        pb_grpc.add_ToolServiceServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = GenericHandlersOnly(server)
+        pb_grpc.add_ToolServiceServicer_to_server(servicer, services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         if settings.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(
+                    (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+                ),
+                services,
             )
         try:
             if credentials is None:
