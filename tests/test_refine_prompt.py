@@ -71,9 +71,10 @@ def test_upstream_request_follows_the_completion_runner_contract(
     client: ToolClient, upstream: StandinUpstream
 ) -> None:
     client.call_tool(TOOL, {"prompt_template_json": template()})
+    guidelines = "Plus court, s'il vous plaît: 短く 🙂"
     client.call_tool(
         TOOL,
-        {"prompt_template_json": template(), "guidelines": "shorter", "context": "support bot"},
+        {"prompt_template_json": template(), "guidelines": guidelines, "context": "support bot"},
     )
 
     first, second = upstream.requests
@@ -92,7 +93,8 @@ def test_upstream_request_follows_the_completion_runner_contract(
         "environment": ENVIRONMENT,
         "app": APP,
     }
-    assert second.body["inputs"]["__ag_guidelines"] == "shorter"
+    assert second.body["inputs"]["__ag_guidelines"] == guidelines
+    assert guidelines.encode() in second.raw  # UTF-8 as is, not \u escapes
     assert second.body["inputs"]["__ag_context"] == "support bot"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import random
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ RUN_PATH = "/services/completion/run"
 # A longer Retry-After is no use to a caller and would not fit a protobuf Duration anyway.
 MAX_RETRY_AFTER = 86_400.0
 USER_AGENT = "aiservices/0.1"
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class UpstreamError(Exception):
@@ -166,8 +164,7 @@ class AgentaCompletionClient:
         headers = self._headers
         if traceparent:
             headers = [*headers, (b"traceparent", traceparent.encode("ascii"))]
-        body = _JSON.encode({"inputs": inputs, "environment": self._environment, "app": app})
-        content = body.encode()
+        content = orjson.dumps({"inputs": inputs, "environment": self._environment, "app": app})
         attempt = 0
         while True:
             try:
