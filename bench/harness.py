@@ -83,6 +83,10 @@ class Harness:
         self.instant: tuple[str, int] | None = None
         self.slow: tuple[str, int] | None = None
         self.status_file: Path | None = None
+        # Servers under test start as [*server_wrapper, python, ...] (bench.instructions runs
+        # them under valgrind, which needs the longer wait for readiness).
+        self.server_wrapper: list[str] = []
+        self.ready_timeout = 30.0
 
     def __enter__(self) -> Self:
         return self
@@ -152,9 +156,9 @@ class Harness:
     def _ready(self, name: str, process: Managed, port: int = 0) -> Server:
         try:
             if port:
-                _wait_listening(process, port)
+                _wait_listening(process, port, self.ready_timeout)
             else:
-                port = int(process.wait_for(json_port))
+                port = int(process.wait_for(json_port, self.ready_timeout))
         except ProcessFailed:
             process.stop()
             raise
@@ -172,7 +176,7 @@ class Harness:
         port = _free_port() if quiet else 0
         process = self._spawn(
             "server",
-            [python(), "-m", "server"],
+            [*self.server_wrapper, python(), "-m", "server"],
             self.pinning.server_cpu,
             env=self._server_env(upstream_url, f"127.0.0.1:{port}"),
             cwd=self._tmp,
@@ -181,7 +185,8 @@ class Harness:
 
     def baseline(self, upstream_url: str | None, client: str = "aiohttp") -> Server:
         loop = self.server_env.get("EVENT_LOOP", "uvloop")
-        cmd = [python(), "-m", "bench.baseline", "--client", client, "--loop", loop]
+        cmd = [*self.server_wrapper, python(), "-m", "bench.baseline", "--client", client]
+        cmd += ["--loop", loop]
         if self.status_file is not None:
             cmd += ["--status-file", str(self.status_file)]
         if upstream_url is not None:
