@@ -96,7 +96,7 @@ def count(h: Harness, server: Server, out_dir: Path, rpc: str, calls: int) -> fl
     asyncio.run(_calls(server.target, h.key, rpc, calls))
     _callgrind("--instr=off", server.pid)
     _callgrind("--dump", server.pid)
-    total = _dumped_total(out_dir / f"{server.name}.{server.pid}.1")
+    total = _dumped_total(out_dir / f"callgrind.{server.pid}.1")
     h.stop(server)
     return total / calls
 
@@ -126,21 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         assert h.instant is not None
         upstream = h.instant[0]
         h.ready_timeout = 300.0
-
-        def under_callgrind(name: str) -> None:
-            h.server_wrapper = [
-                "valgrind",
-                "--tool=callgrind",
-                "--instr-atstart=no",
-                f"--callgrind-out-file={out_dir}/{name}.%p",
-            ]
-
-        under_callgrind("server")
+        h.server_wrapper = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out_dir}/callgrind.%p",
+        ]
         real = h.real_server(upstream)
         if args.rpc == "status":
             h.capture_status(real)
         per_call = {"real server": count(h, real, out_dir, args.rpc, calls)}
-        under_callgrind("baseline")
         bare = h.baseline(upstream if args.rpc == "call" else None)
         per_call["bare grpc.aio"] = count(h, bare, out_dir, args.rpc, calls)
     method = _request(args.rpc)[0]
