@@ -12,6 +12,9 @@
   summary and the refined messages. No schema checks, no rate limit, no auth.
 - It runs on the event loop the real server runs on (``--loop``, the server's EVENT_LOOP), so
   the comparison is of the service's own work, not of event loops.
+- With ``--floor KEYS_FILE`` every call first goes through the floor interceptor
+  (``bench/floor.py``): the least authentication, rate limiting, metrics and an access line
+  can cost, against the keys file the real server uses.
 - With ``--client service`` CallTool makes that POST through the service's own upstream client
   instead (``AgentaCompletionClient`` on httpx over aiohttp): the difference between the two
   baselines is what the HTTP client layer costs, apart from everything else the service does.
@@ -36,6 +39,7 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from bench.common import ENVIRONMENT_SLUG, REFINE_PROMPT_KEY, UPSTREAM_API_KEY
+from bench.floor import FloorInterceptor
 from server.upstream.agenta import AgentaCompletionClient, UpstreamError
 from server.upstream.http import build_http_transport
 
@@ -141,15 +145,18 @@ def _refined(data: Any, trace_id: str) -> pb.CallToolResponse:
     )
 
 
-async def serve(status: pb.GetStatusResponse, upstream: str | None, client: str) -> None:
+async def serve(
+    status: pb.GetStatusResponse, upstream: str | None, client: str, floor: Path | None
+) -> None:
     servicer = BaselineServicer(status, upstream, client)
     await servicer.start()
     server = grpc.aio.server(
+        interceptors=[] if floor is None else [FloorInterceptor(floor)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     pb_grpc.add_ToolServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -179,11 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--client", choices=CLIENTS, default="aiohttp", help="how CallTool posts upstream"
     )
+    parser.add_argument(
+        "--floor", type=Path, metavar="KEYS_FILE", help="add the floor interceptor (bench.floor)"
+    )
     args = parser.parse_args(argv)
     status = pb.GetStatusResponse(enabled=True)
     if args.status_file is not None:
         status = pb.GetStatusResponse.FromString(args.status_file.read_bytes())
-    main = serve(status, args.upstream, args.client)
+    main = serve(status, args.upstream, args.client, args.floor)
     if args.loop == "uvloop":
         uvloop.run(main)
     else:

@@ -3,11 +3,13 @@
     .venv/bin/python -m bench.compare call 3 prod: nolog:LOG_LEVEL=WARNING
     .venv/bin/python -m bench.compare status 3 prod: 'neither:LOG_LEVEL=WARNING;AUTH=disabled'
     .venv/bin/python -m bench.compare call 5 before@/tmp/old-checkout after
+    .venv/bin/python -m bench.compare status 3 --floor prod:
 
 A variant is ``NAME[@CHECKOUT][:SETTING=VALUE;...]``: settings are AGENTA_AI_SERVICES_ names
 (prefix optional); a checkout directory runs that tree's ``server`` package instead of this one,
 to compare code changes. Each round runs every variant once (concurrency 64, 2 s after 0.5 s of
 warm-up, same pinning as ``python -m bench``); prints the median server CPU µs per call.
+``--floor`` adds the bare baseline behind the floor interceptor (``bench/floor.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("rpc", choices=("status", "call"))
     parser.add_argument("rounds", type=int)
     parser.add_argument("variants", nargs="+", type=parse_variant)
+    parser.add_argument("--floor", action="store_true", help="add the floor baseline")
     args = parser.parse_args(argv)
     with harness(Pinning.detect(), {}) as h:
         assert h.instant is not None
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                     os.environ["PYTHONPATH"] = saved
         h.capture_status(next(iter(servers.values())))
         servers["bare"] = h.baseline(h.instant[0])
+        if args.floor:
+            servers["floor"] = h.baseline(h.instant[0], floor=True)
         costs: dict[str, list[float]] = {name: [] for name in servers}
         for _ in range(args.rounds):
             for name, server in servers.items():

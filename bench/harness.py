@@ -183,15 +183,21 @@ class Harness:
         )
         return self._ready("server", process, port)
 
-    def baseline(self, upstream_url: str | None, client: str = "aiohttp") -> Server:
+    def baseline(
+        self, upstream_url: str | None, client: str = "aiohttp", *, floor: bool = False
+    ) -> Server:
+        """The bare baseline; with `floor`, behind the floor interceptor (bench.floor)."""
         loop = self.server_env.get("EVENT_LOOP", "uvloop")
         cmd = [*self.server_wrapper, python(), "-m", "bench.baseline", "--client", client]
         cmd += ["--loop", loop]
+        if floor:
+            cmd += ["--floor", str(self.keys_file)]
         if self.status_file is not None:
             cmd += ["--status-file", str(self.status_file)]
         if upstream_url is not None:
             cmd += ["--upstream", upstream_url]
-        process = self._spawn(f"baseline-{client}", cmd, self.pinning.server_cpu)
+        name = f"floor-{client}" if floor else f"baseline-{client}"
+        process = self._spawn(name, cmd, self.pinning.server_cpu)
         return self._ready("baseline", process)
 
     def stop(self, server: Server) -> None:

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.instructions status            # GetStatus, 4,000 calls
     .venv/bin/python -m bench.instructions call --calls 1000 # CallTool to the instant upstream
+    .venv/bin/python -m bench.instructions status --floor    # and the floor (bench/floor.py)
 
 Each server runs under ``valgrind --tool=callgrind`` on the server core; after a warm-up this
 process makes a fixed number of calls (concurrency 16 over 4 channels) while callgrind counts
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", type=Path, help="write the callgrind files here (for callgrind_annotate)"
     )
+    parser.add_argument(
+        "--floor", action="store_true", help="also count the baseline behind bench.floor"
+    )
     args = parser.parse_args(argv)
     calls = args.calls or DEFAULT_CALLS[args.rpc]
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -138,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         per_call = {"real server": count(h, real, out_dir, args.rpc, calls)}
         bare = h.baseline(upstream if args.rpc == "call" else None)
         per_call["bare grpc.aio"] = count(h, bare, out_dir, args.rpc, calls)
+        if args.floor:
+            floor = h.baseline(upstream if args.rpc == "call" else None, floor=True)
+            per_call["floor"] = count(h, floor, out_dir, args.rpc, calls)
     method = _request(args.rpc)[0]
     print(f"{method}, {calls:,} calls under load; user-space instructions per call, all threads:")
     base = per_call["bare grpc.aio"]
