@@ -162,8 +162,14 @@ def emit_json(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
     if handler is None:
         logger.info(msg, extra=fields)
         return
-    entry = {"ts": timestamp(time.time()), "level": "INFO", "logger": logger.name, "msg": msg}
-    handler.write_line(encode_line({**entry, **fields}))
+    entry = {
+        "ts": timestamp(time.time()),
+        "level": "INFO",
+        "logger": logger.name,
+        "msg": msg,
+        **fields,
+    }
+    handler.write_line(encode_line(entry))
 
 
 def configure_logging(level: str, stream: TextIO | None = None) -> None:

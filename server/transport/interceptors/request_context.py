@@ -98,7 +98,8 @@ def _log_access(state: CallState, code: str, duration: float) -> None:
         "request_id": state.request_id,
         "method": state.method,
         "code": code,
-        "duration_ms": round(duration * 1000, 3),
+        # To the microsecond; round() to an int is several times cheaper than round(x, 3).
+        "duration_ms": round(duration * 1e6) / 1000,
         "key_id": state.principal.key_id,
     }
     principal = state.principal
@@ -113,7 +114,7 @@ def _log_access(state: CallState, code: str, duration: float) -> None:
     if state.upstream_status is not None:
         fields["upstream_status"] = state.upstream_status
     if state.upstream_latency is not None:
-        fields["upstream_ms"] = round(state.upstream_latency * 1000, 3)
+        fields["upstream_ms"] = round(state.upstream_latency * 1e6) / 1000
     if state.trace_id:
         fields["trace_id"] = state.trace_id
     if state.payload is not None:
