@@ -46,6 +46,10 @@ class _Second:
     last: tuple[int, str] = (-1, "")
 
 
+# ".000Z" to ".999Z": indexing costs a third of formatting the milliseconds on every line.
+_MILLISECONDS = tuple(f".{millis:03d}Z" for millis in range(1000))
+
+
 def timestamp(created: float) -> str:
     """ISO 8601 UTC with milliseconds."""
     second = int(created)
@@ -53,7 +57,7 @@ def timestamp(created: float) -> str:
     if second != cached_second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _Second.last = (second, text)
-    return f"{text}.{int((created - second) * 1000):03d}Z"
+    return text + _MILLISECONDS[int((created - second) * 1000)]
 
 
 class JsonFormatter(logging.Formatter):

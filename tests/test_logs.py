@@ -50,6 +50,19 @@ def test_lines_outside_an_event_loop_are_written_at_once(stream: CountingStream)
     assert str(line["ts"]).endswith("Z")
 
 
+@pytest.mark.parametrize(
+    ("created", "text"),
+    [
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (1795638000.0429, "2026-11-25T20:20:00.042Z"),
+        (1795638000.9999, "2026-11-25T20:20:00.999Z"),
+        (1795638001.5, "2026-11-25T20:20:01.500Z"),
+    ],
+)
+def test_timestamps_are_iso_utc_with_milliseconds_truncated(created: float, text: str) -> None:
+    assert logs.timestamp(created) == text
+
+
 async def test_lines_logged_across_loop_iterations_go_out_in_one_write(
     stream: CountingStream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
