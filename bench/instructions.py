@@ -2,7 +2,9 @@
 
     .venv/bin/python -m bench.instructions status            # GetStatus, 4,000 calls
     .venv/bin/python -m bench.instructions call --calls 1000 # CallTool to the instant upstream
+                                                             # (and the service-client baseline)
     .venv/bin/python -m bench.instructions status --floor    # and the floor (bench/floor.py)
+    .venv/bin/python -m bench.instructions status --server-env LOG_LEVEL=WARNING  # no access line
 
 Each server runs under ``valgrind --tool=callgrind`` on the server core; after a warm-up this
 process makes a fixed number of calls (concurrency 16 over 4 channels) while callgrind counts
@@ -31,7 +33,7 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from bench.common import ARGUMENTS, TOOL_NAME
-from bench.harness import Harness, Server, harness
+from bench.harness import Harness, Server, env_setting, harness
 from bench.procs import Pinning
 
 CHANNELS = 4
@@ -116,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--floor", action="store_true", help="also count the baseline behind bench.floor"
     )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        type=env_setting,
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra AGENTA_AI_SERVICES_ setting for the real server (prefix optional)",
+    )
     args = parser.parse_args(argv)
     calls = args.calls or DEFAULT_CALLS[args.rpc]
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with (
         tempfile.TemporaryDirectory(prefix="instructions-") as tmp,
-        harness(Pinning.detect(), {}) as h,
+        harness(Pinning.detect(), dict(args.server_env)) as h,
     ):
         out_dir = args.keep or Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,11 +155,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.floor:
             floor = h.baseline(upstream if args.rpc == "call" else None, floor=True)
             per_call["floor"] = count(h, floor, out_dir, args.rpc, calls)
+        if args.rpc == "call":
+            # The bare handler posting through the service's own client: the HTTP layer alone.
+            client = h.baseline(upstream, client="service")
+            per_call["bare + httpx"] = count(h, client, out_dir, args.rpc, calls)
     method = _request(args.rpc)[0]
     print(f"{method}, {calls:,} calls under load; user-space instructions per call, all threads:")
     base = per_call["bare grpc.aio"]
     for name, value in sorted(per_call.items()):
-        extra = "" if value == base else f"  (+{value - base:,.0f}; bare / real {base / value:.2f})"
+        extra = "" if value == base else f"  (+{value - base:,.0f}; bare / this {base / value:.2f})"
         print(f"  {name:<14} {value:>10,.0f}{extra}")
     return 0
 
