@@ -3,7 +3,8 @@
 Scenarios (issue 5), all on 127.0.0.1, each process on its own, servers pinned to one core:
 
 1. bare grpc.aio server, same proto, trivial handlers (the baseline)
-2. GetStatus through the real server, and its ratio to (1)
+2. GetStatus through the real server, and its ratio to (1); beside it the floor, (1) behind
+   the least interceptor the same concerns need (bench/floor.py)
 3. CallTool refine_prompt to an instant upstream, against a bare grpc.aio handler doing one
    aiohttp POST to the same upstream
 4. a 1 s upstream with 1,000 calls in flight: req/s, latency, errors, peak RSS
