@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from bench.harness import env_setting, harness
+from bench.harness import add_server_env_option, harness
 from bench.procs import ROOT, Pinning, ProcessFailed
 from bench.report import machine, render, versions, write_json
 from bench.scenarios import FULL, QUICK, Runner, describe_profile, parse_only
@@ -51,14 +51,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         metavar="SCENARIO",
         help="1-5 or baseline, status, calltool, slow, growth; repeat or comma-separate",
     )
-    parser.add_argument(
-        "--server-env",
-        action="append",
-        type=env_setting,
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra AGENTA_AI_SERVICES_ setting for the real server (prefix optional)",
-    )
+    add_server_env_option(parser)
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a target is missed (for CI)"

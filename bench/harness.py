@@ -60,6 +60,18 @@ def env_setting(text: str) -> tuple[str, str]:
     return name.upper().removeprefix(PREFIX), value
 
 
+def add_server_env_option(parser: argparse.ArgumentParser) -> None:
+    """``--server-env NAME=VALUE`` (repeatable), as ``env_setting`` pairs in ``server_env``."""
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        type=env_setting,
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra AGENTA_AI_SERVICES_ setting for the real server (prefix optional)",
+    )
+
+
 def write_keys_file(path: Path) -> str:
     """A keys file with one key allowed everything (delegation included); returns the key."""
     key = generate_key()

@@ -33,7 +33,7 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from bench.common import ARGUMENTS, TOOL_NAME
-from bench.harness import Harness, Server, env_setting, harness
+from bench.harness import Harness, Server, add_server_env_option, harness
 from bench.procs import Pinning
 
 CHANNELS = 4
@@ -118,14 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--floor", action="store_true", help="also count the baseline behind bench.floor"
     )
-    parser.add_argument(
-        "--server-env",
-        action="append",
-        type=env_setting,
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra AGENTA_AI_SERVICES_ setting for the real server (prefix optional)",
-    )
+    add_server_env_option(parser)
     args = parser.parse_args(argv)
     calls = args.calls or DEFAULT_CALLS[args.rpc]
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
