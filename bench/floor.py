@@ -61,6 +61,8 @@ class FloorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cached = self._wrapped.get(method)
         if cached is None:
             handler = await continuation(details)
+            if handler is None or handler.unary_unary is None:
+                return handler  # unknown method or not unary: grpc answers as usual
             cached = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
                 self._wrap(method, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
