@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from pathlib import Path
 
 from server.app import AiServicesServer, StartupError, run_event_loop
 from server.auth.cli import keys_main
-from server.config import AuthMode, Settings, SettingsError, load_settings
+from server.config import AuthMode, Settings, SettingsError, load_settings, unknown_settings
 from server.devkeys import ensure_dev_keys
 from server.logs import configure_logging
 
@@ -21,6 +22,10 @@ log = logging.getLogger("aiservices.server")
 
 async def serve(settings: Settings, *, dev_keys: bool = False) -> int:
     configure_logging(settings.log_level.value)
+    for name, suggestion in unknown_settings(os.environ):
+        # The name only: a value set under a misspelled name may still be a secret.
+        hint = {} if suggestion is None else {"did_you_mean": suggestion}
+        log.warning("unknown setting ignored", extra={"setting": name, **hint})
     if dev_keys and settings.auth is AuthMode.KEYS and settings.api_keys_file is None:
         keys_file, key = ensure_dev_keys(Path(".dev"))
         settings = settings.model_copy(update={"api_keys_file": keys_file})

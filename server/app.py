@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
+import ssl
+import stat
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -21,8 +24,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from server.auth import KeysFileError, KeyStore
 from server.config import AuthMode, EventLoop, Settings, is_loopback, split_host_port
+from server.logs import LineSampler
 from server.metrics import Metrics
-from server.ratelimit import RateLimit, RateLimiter, limiter_from_url
+from server.ratelimit import FailoverRateLimiter, RateLimit, RateLimiter, limiter_from_url
 from server.service.concurrency import CallGate
 from server.service.dispatch import ToolDispatcher
 from server.tools.base import Tool
@@ -43,6 +47,8 @@ log = logging.getLogger("aiservices.server")
 T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ToolService"].full_name
+# The health of the rate limiter's store (see AiServicesServer.report_rate_limit_store).
+RATE_LIMIT_HEALTH = "aiservices.ratelimit"
 
 
 class StartupError(RuntimeError):
@@ -98,22 +104,73 @@ def ensure_bindable(address: str, setting: str) -> None:
             ) from None
 
 
-def _read(path: Path, setting: str) -> bytes:
+MAX_TLS_FILE_BYTES = 1024 * 1024
+"""Certificates and keys take a few KB; a bigger file is the wrong one."""
+
+
+_PEM_CERTIFICATE = (b"-----BEGIN CERTIFICATE-----", "certificate")
+_PEM_PRIVATE_KEY = (b"PRIVATE KEY-----", "private key")
+
+
+def _read(path: Path, setting: str, *, holds: tuple[bytes, str]) -> bytes:
+    """The file's bytes, checked to be a regular file within MAX_TLS_FILE_BYTES that holds the
+    PEM block `holds` (marker, name); StartupError naming the setting otherwise (grpc would log
+    several lines of its own and then fail on the address)."""
     try:
-        return path.read_bytes()
+        # O_NONBLOCK: a FIFO in its place is refused below instead of blocking start-up.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+            data = file.read(MAX_TLS_FILE_BYTES + 1) if regular else b""
     except OSError as exc:
         raise StartupError(f"AGENTA_AI_SERVICES_{setting} {path}: {exc.strerror}") from None
+    where = f"AGENTA_AI_SERVICES_{setting} {path}"
+    if not regular:
+        raise StartupError(f"{where}: not a regular file")
+    if len(data) > MAX_TLS_FILE_BYTES:
+        raise StartupError(f"{where}: too large (over {MAX_TLS_FILE_BYTES >> 20} MiB)")
+    marker, name = holds
+    if marker not in data:
+        raise StartupError(f"{where}: no PEM {name} in it")
+    return data
+
+
+def _check_key_pair(cert_file: Path, key_file: Path) -> None:
+    """Refuse a key that does not belong to the certificate, or one grpc cannot use (encrypted,
+    damaged), with one line instead of grpc's own lines and a misleading address error."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # only the pair is judged here, not its strength
+    try:
+        context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+    except (ssl.SSLError, OSError):
+        raise StartupError(
+            "AGENTA_AI_SERVICES_TLS_KEY_FILE is not the unencrypted private key of "
+            "AGENTA_AI_SERVICES_TLS_CERT_FILE's certificate (or one of them is damaged)"
+        ) from None
+
+
+def _check_client_ca(pem: bytes) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cadata=pem.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError):
+        raise StartupError(
+            "AGENTA_AI_SERVICES_TLS_CLIENT_CA_FILE: its PEM certificates cannot be read"
+        ) from None
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     if settings.tls_cert_file is None or settings.tls_key_file is None:
         return None
-    chain = _read(settings.tls_cert_file, "TLS_CERT_FILE")
-    key = _read(settings.tls_key_file, "TLS_KEY_FILE")
-    client_ca = settings.tls_client_ca_file
+    chain = _read(settings.tls_cert_file, "TLS_CERT_FILE", holds=_PEM_CERTIFICATE)
+    key = _read(settings.tls_key_file, "TLS_KEY_FILE", holds=_PEM_PRIVATE_KEY)
+    _check_key_pair(settings.tls_cert_file, settings.tls_key_file)
+    client_ca = None
+    if settings.tls_client_ca_file is not None:
+        client_ca = _read(settings.tls_client_ca_file, "TLS_CLIENT_CA_FILE", holds=_PEM_CERTIFICATE)
+        _check_client_ca(client_ca)
     return grpc.ssl_server_credentials(
         [(key, chain)],
-        root_certificates=_read(client_ca, "TLS_CLIENT_CA_FILE") if client_ca else None,
+        root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
 
@@ -142,6 +199,7 @@ def build_tools(
         environment=str(settings.environment_slug).strip(),
         timeout=settings.upstream_timeout,
         max_retries=settings.upstream_retries,
+        max_reply_bytes=settings.upstream_max_reply_bytes,
         observer=upstream_observer(metrics),
     )
     return [RefinePromptTool(client, app=str(settings.refine_prompt_key).strip())]
@@ -184,6 +242,7 @@ class AiServicesServer:
         http_transport: httpx.AsyncBaseTransport | None = None,
         tools: Sequence[Tool] | None = None,
         limiter: RateLimiter | None = None,
+        unauthenticated_lines: LineSampler | None = None,
     ) -> None:
         self.settings = settings
         self._http = http_transport
@@ -195,6 +254,10 @@ class AiServicesServer:
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
         self._drain = DrainInterceptor()
+        # Which access lines of UNAUTHENTICATED calls are written (default: 10 a second).
+        self._request_context = RequestContextInterceptor(
+            self.metrics, unauthenticated_lines=unauthenticated_lines
+        )
         # Set by start(): what grpc runs per call, for in-process measurement (bench.hotpath).
         self.chain: InterceptorChain | None = None
         self.servicer: ToolServicer | None = None
@@ -211,7 +274,13 @@ class AiServicesServer:
         metrics = self.metrics
         if self._limiter is None:
             url = settings.redis_url.get_secret_value() if settings.redis_url else None
-            self._limiter = limiter_from_url(url, on_fallback=metrics.redis_fallbacks.inc)
+            self._limiter = limiter_from_url(
+                url,
+                on_fallback=metrics.redis_fallbacks.inc,
+                on_state_change=self.report_rate_limit_store,
+                timeout=settings.redis_timeout,
+                connect_timeout=settings.redis_connect_timeout,
+            )
         if self._http is None:
             self._http = build_http_transport(max_connections=settings.upstream_max_connections)
         tools = (
@@ -228,11 +297,13 @@ class AiServicesServer:
         metrics.in_flight_limit.set(settings.max_concurrent_calls)
         dispatcher = ToolDispatcher(tools, enabled=settings.upstream_enabled, gate=gate)
         interceptors: list[UnaryInterceptor] = [
-            RequestContextInterceptor(metrics),
+            self._request_context,
             self._drain,
         ]
         if keys is not None:
-            interceptors.append(AuthInterceptor(keys))
+            interceptors.append(
+                AuthInterceptor(keys, on_unauthenticated=metrics.unauthenticated_refusal)
+            )
         interceptors.append(DecodeGuardInterceptor())
         default_limit = RateLimit(
             burst=settings.rate_limit_burst, per_minute=settings.rate_limit_per_minute
@@ -254,7 +325,12 @@ class AiServicesServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = ToolServicer(dispatcher, metrics=metrics, log_payloads=settings.log_payloads)
+        servicer = ToolServicer(
+            dispatcher,
+            metrics=metrics,
+            log_payloads=settings.log_payloads,
+            max_reply_bytes=settings.max_message_bytes,
+        )
         self.servicer = servicer
         services = GenericHandlersOnly(server)
         pb_grpc.add_ToolServiceServicer_to_server(servicer, services)
@@ -289,6 +365,7 @@ class AiServicesServer:
         self._server = server
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._start_rate_limit_store()
         log.info(
             "serving",
             extra={
@@ -305,6 +382,31 @@ class AiServicesServer:
             },
         )
         return self.port
+
+    async def _start_rate_limit_store(self) -> None:
+        """Report the store's state and start watching it (only a limiter this server built
+        reports to it; the limiter's close() at stop ends the watcher)."""
+        limiter = self._limiter
+        if isinstance(limiter, FailoverRateLimiter) and self._owns_limiter:
+            await self.report_rate_limit_store(limiter.store_up)
+            limiter.start()
+        else:
+            await self.report_rate_limit_store(True)
+
+    async def report_rate_limit_store(self, up: bool) -> None:
+        """Publish whether rate-limit decisions come from the shared store (Redis): the gauge
+        `aiservices_rate_limit_store_up` and the health of `RATE_LIMIT_HEALTH`.
+
+        The store has a health name of its own, SERVING while Redis decides calls and
+        NOT_SERVING while they fail open to memory (and until the first check has passed).
+        "" and the ToolService stay SERVING meanwhile: failing open is by design, so a balancer
+        must not take a replica out of rotation for it. The name is not a gRPC service (no
+        `aiservices.v1.` prefix), so it cannot be mistaken for the readiness of one. Without
+        Redis the in-memory limiter is the store: SERVING.
+        """
+        self.metrics.rate_limit_store_up.set(1 if up else 0)
+        status = health_pb2.HealthCheckResponse
+        await self.health.set(RATE_LIMIT_HEALTH, status.SERVING if up else status.NOT_SERVING)
 
     async def serve_until_signalled(self) -> None:
         """Run until SIGINT or SIGTERM, then drain and stop; a second signal stops at once."""
@@ -344,5 +446,6 @@ class AiServicesServer:
             await self._http.aclose()
         if self._owns_limiter and self._limiter is not None:
             await self._limiter.close()
+        self._request_context.unauthenticated_lines.flush()
         self.metrics.close()
         log.info("stopped")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
+import httpx
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.ratelimit import redis_url_problem
+from server.ratelimit.gcra import RateLimitError, check_rate_limit
 
 ENV_PREFIX = "AGENTA_AI_SERVICES_"
 
@@ -30,11 +37,68 @@ class LogLevel(StrEnum):
     ERROR = "ERROR"
 
 
+MAX_PORT = 65535
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+"""grpc keeps message limits in a signed 32-bit int."""
+
+
 def split_host_port(address: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[IPv6]:PORT` as (host, port), port 0 meaning any free port.
+
+    Anything else raises ValueError, and only ValueError, with a message that quotes nothing.
+    """
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not (sep and _is_host(host) and port.isascii() and port.isdigit() and len(port) <= 5):
         raise ValueError("must look like HOST:PORT, e.g. 127.0.0.1:50051 or [::1]:50051")
-    return host.strip("[]"), int(port)
+    if int(port) > MAX_PORT:
+        raise ValueError(f"the port must be a number from 0 to {MAX_PORT}")
+    return host, int(port)
+
+
+def _is_host(host: str) -> bool:
+    """A name or address the socket layer can take: 1 to 253 printable ASCII characters, none of
+    them a space, bracket, slash or @."""
+    return (
+        0 < len(host) <= 253
+        and host.isascii()
+        and host.isprintable()
+        and not any(ch in host for ch in " []/@")
+    )
+
+
+def check_http_url(url: str) -> str:
+    """`url` if it can serve as the base of upstream requests, else ValueError saying why.
+
+    Messages never quote the URL: a mistaken one may hold a password.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(
+            f"is not a valid URL (check the host, and the port: 1 to {MAX_PORT})"
+        ) from None
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"must not hold credentials (user:password@): put the key in {ENV_PREFIX}API_KEY"
+        )
+    if not parts.hostname:
+        raise ValueError("has no host")
+    if port == 0:
+        raise ValueError(f"the port must be a number from 1 to {MAX_PORT}")
+    if "?" in url or "#" in url:
+        raise ValueError("must not have a query or fragment: request paths are added to it")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL:
+        raise ValueError("is not a valid URL") from None
+    return url
 
 
 def is_loopback(address: str) -> bool:
@@ -63,18 +127,24 @@ class Settings(BaseSettings):
     api_url: str | None = None
     environment_slug: str | None = None
     refine_prompt_key: str | None = None
-    upstream_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+    upstream_timeout: Annotated[float, Field(gt=0, le=600, allow_inf_nan=False)] = 60.0
     upstream_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 1000
     upstream_retries: Annotated[int, Field(ge=0, le=3)] = 1
+    # Bytes of one upstream reply read at most (uncompressed: only identity bodies are read).
+    upstream_max_reply_bytes: Annotated[int, Field(ge=64 * 1024, le=256 * 1024 * 1024)] = (
+        4 * 1024 * 1024
+    )
     # Tool calls in flight at once; beyond it calls wait up to QUEUE_TIMEOUT, then UNAVAILABLE.
     max_concurrent_calls: Annotated[int, Field(ge=1, le=100_000)] = 1000
-    queue_timeout: Annotated[float, Field(ge=0, le=60)] = 0.1
+    queue_timeout: Annotated[float, Field(ge=0, le=60, allow_inf_nan=False)] = 0.1
 
     # Server.
     grpc_address: str = "127.0.0.1:50051"
     reflection: bool = True
-    max_message_bytes: Annotated[int, Field(ge=1_048_576)] = 4 * 1024 * 1024
-    shutdown_grace: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    # Received and sent. protobuf parses a request on the event loop before any check can run:
+    # 1 MiB of the costliest shape (map entries) takes about 30 ms, 4 MiB about 200 ms.
+    max_message_bytes: Annotated[int, Field(ge=1_048_576, le=MAX_GRPC_MESSAGE_BYTES)] = 1_048_576
+    shutdown_grace: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 10.0
     # uvloop cuts about a tenth of the CPU per call (README, Performance).
     event_loop: EventLoop = EventLoop.UVLOOP
     log_level: LogLevel = LogLevel.INFO
@@ -85,10 +155,15 @@ class Settings(BaseSettings):
     # Access control.
     auth: AuthMode = AuthMode.KEYS
     api_keys_file: Path | None = None
-    rate_limit_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 10
-    rate_limit_per_minute: Annotated[float, Field(gt=0, le=6_000_000)] = 30.0
+    # Bounded by the limiter's own rule (`_check_rate_limit`), not here.
+    rate_limit_burst: int = 10
+    rate_limit_per_minute: float = 30.0
     # May hold a password: a secret, never logged.
     redis_url: SecretStr | None = None
+    # Seconds one rate-limit decision waits for Redis before failing open to memory.
+    redis_timeout: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 0.1
+    # Seconds the background check may take to connect to Redis and load its scripts.
+    redis_connect_timeout: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 2.0
 
     # TLS: cert and key serve TLS; a client CA on top requires client certificates (mTLS).
     tls_cert_file: Path | None = None
@@ -103,24 +178,62 @@ class Settings(BaseSettings):
             raise ValueError(f"{ENV_PREFIX}TLS_CLIENT_CA_FILE needs a TLS certificate and key")
         return self
 
+    @model_validator(mode="after")
+    def _check_rate_limit(self) -> Settings:
+        try:
+            check_rate_limit(self.rate_limit_burst, self.rate_limit_per_minute)
+        except RateLimitError as exc:
+            raise ValueError(f"{ENV_PREFIX}RATE_LIMIT_{exc.field.upper()} {exc.problem}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _check_distinct_addresses(self) -> Settings:
+        metrics = self.metrics_host_port
+        if (
+            metrics is not None
+            and metrics[1] != 0
+            and metrics == split_host_port(self.grpc_address)
+        ):
+            raise ValueError(
+                f"{ENV_PREFIX}METRICS_ADDRESS must differ from {ENV_PREFIX}GRPC_ADDRESS"
+            )
+        return self
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None or not value.get_secret_value().strip():
+        url = "" if value is None else value.get_secret_value().strip()
+        if not url:
             return None
-        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
+        problem = redis_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
+        return SecretStr(url)
 
     @field_validator("api_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
-        value = value.strip().rstrip("/")
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
+        return check_http_url(value.strip().rstrip("/"))
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        key = "" if value is None else value.get_secret_value().strip()
+        if not key:
+            return None
+        # It goes into an HTTP header: anything else would fail every upstream call.
+        if not (key.isascii() and key.isprintable()) or " " in key:
+            raise ValueError("must be printable ASCII without spaces")
+        return SecretStr(key)
+
+    @field_validator(
+        "api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file", mode="before"
+    )
+    @classmethod
+    def _blank_path_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("grpc_address")
     @classmethod
@@ -160,9 +273,30 @@ class SettingsError(Exception):
     """One line naming the setting and what is wrong with it."""
 
 
+def unknown_settings(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """Each `AGENTA_AI_SERVICES_*` name in `environ` that is no setting, with the closest setting
+    name or None: pydantic ignores them, so a misspelled setting would go unnoticed."""
+    known = [name.upper() for name in Settings.model_fields]
+    unknown: list[tuple[str, str | None]] = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue
+        suffix = upper.removeprefix(ENV_PREFIX)
+        if suffix not in known:
+            # The shared prefix is left out of the comparison: it would make every name "close".
+            close = difflib.get_close_matches(suffix, known, n=1) if len(suffix) <= 100 else []
+            unknown.append((name, ENV_PREFIX + close[0] if close else None))
+    return unknown
+
+
 def load_settings(**overrides: object) -> Settings:
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except UnicodeDecodeError:
+        raise SettingsError("cannot read the .env file: it is not UTF-8 text") from None
+    except OSError as exc:
+        raise SettingsError(f"cannot read the .env file: {exc.strerror or exc}") from None
     except ValidationError as exc:
         error = exc.errors()[0]
         message = error["msg"].removeprefix("Value error, ")

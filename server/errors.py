@@ -9,13 +9,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# What one refusal may report: a caller's request can name any number of fields, of any length,
+# and all of it would go back in the status trailer.
+MAX_VIOLATIONS = 20
+MAX_FIELD_CHARS = 120
+MAX_DESCRIPTION_CHARS = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """`text`, cut to at most `limit` characters; a cut one ends with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
 
 @dataclass(frozen=True)
 class FieldViolation:
-    """One bad argument: `field` is a dotted path such as `arguments.guidelines`."""
+    """One bad argument: `field` is a dotted path such as `arguments.guidelines`.
+
+    Both texts are clipped (MAX_FIELD_CHARS, MAX_DESCRIPTION_CHARS): a field path may quote
+    a key the caller made up, of any length."""
 
     field: str
     description: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "field", clip(self.field, MAX_FIELD_CHARS))
+        object.__setattr__(self, "description", clip(self.description, MAX_DESCRIPTION_CHARS))
 
 
 class ServiceError(Exception):
@@ -46,6 +64,13 @@ class FeatureDisabled(ServiceError):
 
 
 class InvalidArgument(ServiceError):
+    """Bad input; `violations` keeps the first MAX_VIOLATIONS of those given.
+
+    `not_shown` counts the violations left out: those given beyond the cap plus `more` found but
+    not given; `not_shown_exact` is False when `more` is only a lower bound (finding every
+    violation would cost more than the request is worth).
+    """
+
     reason = "INVALID_ARGUMENT"
 
     def __init__(
@@ -54,9 +79,14 @@ class InvalidArgument(ServiceError):
         violations: list[FieldViolation] | None = None,
         *,
         metadata: Mapping[str, str] | None = None,
+        more: int = 0,
+        more_is_exact: bool = True,
     ) -> None:
         super().__init__(message, metadata=metadata)
-        self.violations = list(violations or [])
+        given = list(violations or [])
+        self.violations = given[:MAX_VIOLATIONS]
+        self.not_shown = len(given) - len(self.violations) + more
+        self.not_shown_exact = more_is_exact
 
 
 class RetryLater(ServiceError):

@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import orjson
@@ -174,6 +175,62 @@ def emit_json(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
         **fields,
     }
     handler.write_line(encode_line(entry))
+
+
+class LineSampler:
+    """Decides which lines of a kind to write: a token bucket of `burst` lines refilled at
+    `per_second`, so a flood costs a few lines a second however fast it comes.
+
+    Lines left out are counted, and their number is handed to `summarize` once, at most
+    `summary_every` seconds after the first of them (a timer on the running event loop), and by
+    `flush()`, which the server runs when it stops. So a flood costs at most one summary line
+    per `summary_every`. `clock` is injectable so tests need not wait for the bucket.
+    """
+
+    def __init__(
+        self,
+        summarize: Callable[[int], None],
+        *,
+        per_second: float = 10.0,
+        burst: int = 10,
+        summary_every: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._summarize = summarize
+        self._per_second = per_second
+        self._burst = burst
+        self._summary_every = summary_every
+        self._clock = clock
+        self._tokens = float(burst)
+        self._refilled = clock()
+        self._timer: asyncio.TimerHandle | None = None
+        self.suppressed = 0
+
+    def admit(self) -> bool:
+        """Whether to write this line; if not, it is counted for the next summary."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._per_second)
+        self._refilled = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.suppressed += 1
+        if self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return False  # no loop to wait on: flush() reports them
+            self._timer = loop.call_later(self._summary_every, self.flush)
+        return False
+
+    def flush(self) -> None:
+        """Hand the count of lines left out since the last summary to `summarize`, if any."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        count, self.suppressed = self.suppressed, 0
+        if count:
+            self._summarize(count)
 
 
 def configure_logging(level: str, stream: TextIO | None = None) -> None:

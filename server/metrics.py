@@ -23,6 +23,10 @@ LATENCY_BUCKETS = (
 
 RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
+# Why a call was UNAUTHENTICATED: no authorization header; one that does not parse (or more
+# than one); a well-formed key that is not configured.
+UNAUTHENTICATED_REASONS = ("missing", "malformed", "unknown_key")
+
 
 def _bound_text(bound: float) -> str:
     """`le` as prometheus_client's own histograms write it (1 -> "1.0")."""
@@ -156,6 +160,23 @@ class Metrics:
             "Rate-limit decisions served by the in-memory limiter because Redis failed.",
             registry=registry,
         )
+        self.rate_limit_store_up = Gauge(
+            "aiservices_rate_limit_store_up",
+            "1 while rate-limit decisions come from Redis (or no Redis is configured); "
+            "0 while they fail open to the in-memory limiter.",
+            registry=registry,
+        )
+        self.unauthenticated_refusals = Counter(
+            "aiservices_unauthenticated_refusals",
+            "Calls refused as UNAUTHENTICATED, by reason (missing, malformed, unknown_key); "
+            "counted even when their access-log lines are sampled away.",
+            ("reason",),
+            registry=registry,
+        )
+        self._unauthenticated_children = {
+            reason: self.unauthenticated_refusals.labels(reason)
+            for reason in UNAUTHENTICATED_REASONS
+        }
         self._tool_call_children: dict[tuple[str, str, str], Any] = {}
         self._upstream_children: dict[str, Any] = {}
         self._http: WSGIServer | None = None
@@ -168,6 +189,9 @@ class Metrics:
 
     def rpc_handled(self, series: _RpcSeries, code: str, seconds: float) -> None:
         self.rpcs.observe(series, code, seconds)
+
+    def unauthenticated_refusal(self, reason: str) -> None:
+        self._unauthenticated_children[reason].inc()
 
     def tool_call(self, tool: str, outcome: str, key_id: str) -> None:
         labels = (tool, outcome, key_id)

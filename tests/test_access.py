@@ -30,11 +30,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from server.app import AiServicesServer
 from server.auth import generate_key, hash_key
 from server.config import ENV_PREFIX
-from server.logs import JsonFormatter
+from server.logs import JsonFormatter, LineSampler
 from server.standin import StandinUpstream
+from server.transport.interceptors.request_context import log_suppressed_unauthenticated
 from tests.support.keys import TestKeys
+from tests.support.responsive import responsive_during
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
 
 TOOL = "tools.agenta.api.refine_prompt"
@@ -394,14 +397,26 @@ def test_a_key_without_act_for_users_may_send_any_header_value(
         (ORGANIZATION, "o" * 129),
     ],
 )
-def test_a_malformed_delegation_header_is_an_invalid_argument(
-    caller: Callable[..., Caller], keys: TestKeys, header: str, value: str
+def test_a_malformed_delegation_header_is_an_invalid_argument_logged_with_its_key(
+    server: ServerThread,
+    caller: Callable[..., Caller],
+    keys: TestKeys,
+    header: str,
+    value: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    refused = caller(keys.gateway).refusal(((header, value),))
+    caplog.set_level(logging.INFO, logger="aiservices.access")
+    gateway = caller(keys.gateway)
+    refused = responsive_during(server, lambda: gateway.refusal(((header, value),)))
     assert refused.code is grpc.StatusCode.INVALID_ARGUMENT
     assert refused.reason == "INVALID_ARGUMENT"
     assert [field for field, _ in refused.field_violations] == [f"metadata.{header}"]
     assert value not in str(refused)
+    # The key authenticated before the header was refused: its line names it, not "anonymous".
+    (record,) = access_records(caplog, 1)
+    assert getattr(record, "code", None) == "INVALID_ARGUMENT"
+    assert getattr(record, "key_id", None) == "gateway"
+    assert value not in {str(v) for v in vars(record).values()}
 
 
 # --- secrets in logs -----------------------------------------------------------------------------
@@ -495,6 +510,93 @@ def test_the_access_log_names_the_end_user_a_gateway_acts_for(
     assert "globex-eu" in values, "the delegated organization is not in the access log"
 
 
+# --- unauthenticated floods ----------------------------------------------------------------------
+
+FLOOD = 1_000
+IN_FLIGHT = 4
+SAMPLED_LINES = 10
+SUMMARY_EVERY = 0.05
+SUPPRESSED = "suppressed unauthenticated calls"
+
+
+@pytest.fixture
+def flood_server(upstream: StandinUpstream) -> Iterator[ServerThread]:
+    settings = make_settings(upstream.url)
+    thread = ServerThread(settings)
+    # A clock that never moves: the bucket never refills, so exactly its burst of lines is
+    # written however long the flood takes on a loaded machine.
+    lines = LineSampler(
+        log_suppressed_unauthenticated,
+        burst=SAMPLED_LINES,
+        summary_every=SUMMARY_EVERY,
+        clock=lambda: 0.0,
+    )
+    thread.server = AiServicesServer(settings, unauthenticated_lines=lines)
+    with thread:
+        yield thread
+
+
+def test_an_unauthenticated_flood_is_refused_counted_and_logged_in_samples(
+    flood_server: ServerThread, keys: TestKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiservices.access")
+    credentials: dict[str, Metadata] = {
+        "missing": (),
+        "malformed": (("authorization", "Basic xyz"),),
+        "unknown_key": bearer(generate_key()),
+    }
+    kinds = list(credentials.values())
+
+    def flood() -> Counter[str]:
+        """FLOOD calls, IN_FLIGHT at a time: one client hammering, not a load test."""
+        codes: Counter[str] = Counter()
+        with grpc.insecure_channel(flood_server.target) as channel:
+            stub = pb_grpc.ToolServiceStub(channel)
+            for first in range(0, FLOOD, IN_FLIGHT):
+                calls = [
+                    stub.CallTool.future(call_request(), metadata=kinds[n % 3], timeout=30)
+                    for n in range(first, min(first + IN_FLIGHT, FLOOD))
+                ]
+                for call in calls:
+                    try:
+                        call.result()
+                        codes["OK"] += 1
+                    except grpc.RpcError as error:
+                        codes[error.code().name] += 1
+        return codes
+
+    began = time.monotonic()
+    assert responsive_during(flood_server, flood) == {"UNAUTHENTICATED": FLOOD}
+
+    registry = flood_server.server.metrics.registry
+    counted = {
+        reason: registry.get_sample_value(
+            "aiservices_unauthenticated_refusals_total", {"reason": reason}
+        )
+        for reason in credentials
+    }
+    assert counted == {"missing": 334, "malformed": 333, "unknown_key": 333}
+
+    def summaries() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == SUPPRESSED]
+
+    deadline = time.monotonic() + 10
+    while sum(getattr(r, "suppressed", 0) for r in summaries()) < FLOOD - SAMPLED_LINES:
+        assert time.monotonic() < deadline, "the suppressed calls were never summarized"
+        time.sleep(0.005)  # polling a condition, with a deadline
+    elapsed = time.monotonic() - began
+    lines = [r for r in caplog.records if r.name == "aiservices.access" and r.getMessage() == "rpc"]
+    assert len(lines) == SAMPLED_LINES
+    assert {getattr(r, "code", None) for r in lines} == {"UNAUTHENTICATED"}
+    assert sum(getattr(r, "suppressed", 0) for r in summaries()) == FLOOD - SAMPLED_LINES
+    assert len(summaries()) <= elapsed / SUMMARY_EVERY + 1
+
+    # Callers with a key are never sampled away.
+    with ToolClient(flood_server.target, api_key=keys.editor, timeout=TIMEOUT) as editor:
+        editor.status()
+    assert any(getattr(r, "key_id", None) == "editor" for r in access_records(caplog, 11))
+
+
 # --- start-up ------------------------------------------------------------------------------------
 
 
@@ -528,6 +630,12 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
+def write_private(path: Path, text: str) -> None:
+    """A keys file as an operator keeps it: readable by its owner only."""
+    path.write_text(text)
+    path.chmod(0o600)
+
+
 def test_without_a_keys_file_the_server_refuses_to_start(tmp_path: Path) -> None:
     result = run_server(tmp_path, grpc_address="127.0.0.1:0")
     assert result.returncode != 0
@@ -537,7 +645,7 @@ def test_without_a_keys_file_the_server_refuses_to_start(tmp_path: Path) -> None
 def test_a_malformed_keys_file_stops_start_up_with_one_line_naming_it(tmp_path: Path) -> None:
     pasted = generate_key()  # a clear key pasted where the hash belongs
     keys_file = tmp_path / "keys.toml"
-    keys_file.write_text(f'[[keys]]\nid = "svc"\nhash = "{pasted}"\npermissions = ["*"]\n')
+    write_private(keys_file, f'[[keys]]\nid = "svc"\nhash = "{pasted}"\npermissions = ["*"]\n')
     result = run_server(tmp_path, grpc_address="127.0.0.1:0", api_keys_file=str(keys_file))
     assert result.returncode != 0
     line = one_line(result.stderr)
@@ -548,10 +656,67 @@ def test_a_malformed_keys_file_stops_start_up_with_one_line_naming_it(tmp_path: 
 
 def test_a_keys_file_that_is_not_toml_stops_start_up(tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.toml"
-    keys_file.write_text("[[keys]\nid = \n")
+    write_private(keys_file, "[[keys]\nid = \n")
     result = run_server(tmp_path, grpc_address="127.0.0.1:0", api_keys_file=str(keys_file))
     assert result.returncode != 0
     assert str(keys_file) in one_line(result.stderr)
+
+
+# Each once started, then failed every call of the key with UNKNOWN.
+UNHOLDABLE_KEY_LIMITS = {
+    "per_minute 1e-12": ("{ burst = 3, per_minute = 1e-12 }", "per_minute"),
+    "per_minute 1e12": ("{ burst = 3, per_minute = 1e12 }", "per_minute"),
+    "burst 2**62": (f"{{ burst = {2**62}, per_minute = 30 }}", "burst"),
+    "burst 0": ("{ burst = 0, per_minute = 30 }", "burst"),
+    "burst -5": ("{ burst = -5, per_minute = 30 }", "burst"),
+    "per_minute 0": ("{ burst = 3, per_minute = 0 }", "per_minute"),
+    "per_minute -1": ("{ burst = 3, per_minute = -1.0 }", "per_minute"),
+    "per_minute nan": ("{ burst = 3, per_minute = nan }", "per_minute"),
+    "per_minute inf": ("{ burst = 3, per_minute = inf }", "per_minute"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNHOLDABLE_KEY_LIMITS))
+def test_a_key_limit_the_limiter_cannot_hold_stops_start_up(tmp_path: Path, case: str) -> None:
+    rate_limit, field = UNHOLDABLE_KEY_LIMITS[case]
+    keys_file = tmp_path / "keys.toml"
+    write_private(
+        keys_file,
+        f'[[keys]]\nid = "svc"\nhash = "{hash_key(generate_key())}"\npermissions = ["*"]\n'
+        f"rate_limit = {rate_limit}\n",
+    )
+    result = run_server(tmp_path, grpc_address="127.0.0.1:0", api_keys_file=str(keys_file))
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert line.startswith(f"aiservices: API keys file {keys_file}: ")
+    assert f'keys[0].rate_limit.{field} (key "svc"): ' in line
+
+
+@pytest.mark.parametrize(
+    ("settings", "setting"),
+    [
+        ({"rate_limit_per_minute": "1e-7"}, "RATE_LIMIT_PER_MINUTE"),
+        ({"rate_limit_per_minute": "1e12"}, "RATE_LIMIT_PER_MINUTE"),
+        ({"rate_limit_per_minute": "0"}, "RATE_LIMIT_PER_MINUTE"),
+        ({"rate_limit_per_minute": "-30"}, "RATE_LIMIT_PER_MINUTE"),
+        ({"rate_limit_per_minute": "nan"}, "RATE_LIMIT_PER_MINUTE"),
+        ({"rate_limit_per_minute": "inf"}, "RATE_LIMIT_PER_MINUTE"),
+        ({"rate_limit_burst": str(2**62)}, "RATE_LIMIT_BURST"),
+        ({"rate_limit_burst": "0"}, "RATE_LIMIT_BURST"),
+        ({"rate_limit_burst": "1000", "rate_limit_per_minute": "1e-6"}, "RATE_LIMIT_PER_MINUTE"),
+    ],
+    ids=lambda value: (
+        ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else value
+    ),
+)
+def test_a_default_limit_the_limiter_cannot_hold_stops_start_up(
+    tmp_path: Path, settings: dict[str, str], setting: str
+) -> None:
+    result = run_server(tmp_path, grpc_address="127.0.0.1:0", auth="disabled", **settings)
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert line.startswith("aiservices: invalid settings: ")
+    assert f"{ENV_PREFIX}{setting} " in line
 
 
 def test_disabled_auth_refuses_a_non_loopback_address(tmp_path: Path) -> None:

@@ -6,16 +6,20 @@ import json
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 from typing import Any
 
 import fastjsonschema
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from server.errors import InvalidArgument
+from server.errors import MAX_DESCRIPTION_CHARS, MAX_FIELD_CHARS, MAX_VIOLATIONS, InvalidArgument
 from server.service.arguments import ArgumentValidator, restore_integers
 from server.tools.refine_prompt import DEFINITION, INPUT_SCHEMA
+from server.transport.convert import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS, dict_from, struct_from
 
 # (schema of one argument, value): the edges where two validators could read a rule differently.
 CASES: list[tuple[dict[str, Any], Any]] = [
@@ -145,3 +149,69 @@ def test_jsonschema_is_loaded_at_the_first_refusal_only() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
     assert json.loads(done.stdout) == [False, True, ["must be a string"]]
+
+
+# --- any arguments a caller can send: a bounded answer, in bounded time ----------------------
+
+NESTED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["id"],
+    "properties": {
+        "id": {"type": "integer", "minimum": 0},
+        "tags": {"type": "array", "maxItems": 50, "items": {"type": "string", "maxLength": 8}},
+        "rows": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"n": {"type": "integer"}, "on": {"type": "boolean"}},
+            },
+        },
+        "mode": {"enum": ["a", "b"]},
+    },
+}
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=8) | st.dictionaries(st.text(max_size=12), children, max_size=8)
+    ),
+    max_leaves=60,
+)
+
+
+VALIDATORS = {id(schema): ArgumentValidator(schema) for schema in (INPUT_SCHEMA, NESTED_SCHEMA)}
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"rows": [value]}
+    return value
+
+
+@settings(deadline=timedelta(milliseconds=300), max_examples=300)
+@given(st.sampled_from([INPUT_SCHEMA, NESTED_SCHEMA]), st.dictionaries(st.text(), JSON))
+@example(INPUT_SCHEMA, {f"k{i:03d}": 0 for i in range(300)})
+@example(INPUT_SCHEMA, {f"{i:04d}".ljust(MAX_KEY_CHARS, "x"): 0 for i in range(1_999)})
+@example(INPUT_SCHEMA, {"x" * (MAX_KEY_CHARS + 1): 0})
+@example(INPUT_SCHEMA, {"prompt_template_json": ["x"] * (MAX_ARGUMENT_VALUES + 1)})
+@example(NESTED_SCHEMA, {"id": 1, "tags": [1.5] * (MAX_ARGUMENT_VALUES - 10)})
+@example(NESTED_SCHEMA, {"id": 1, "rows": [{"n": 1}] * 900 + [{"n": "x"}]})
+@example(NESTED_SCHEMA, {"id": 1, "rows": [{"zz": 1, "n": 1.5}] * 600})
+@example(NESTED_SCHEMA, {"id": -1, "mode": "c", **_nested(30)})
+@example(NESTED_SCHEMA, {"id": 1, "rows": [{f"u{i}": 0 for i in range(1_000)}]})
+def test_any_arguments_are_accepted_or_refused_with_a_bounded_list_of_violations(
+    schema: dict[str, Any], arguments: dict[str, Any]
+) -> None:
+    """The server's whole argument path: Struct to Python, then the schema check."""
+    try:
+        checked = VALIDATORS[id(schema)].validate(dict_from(struct_from(arguments)))
+    except InvalidArgument as refused:
+        assert 0 < len(refused.violations) <= MAX_VIOLATIONS
+        assert all(len(v.field) <= MAX_FIELD_CHARS for v in refused.violations)
+        assert all(len(v.description) <= MAX_DESCRIPTION_CHARS for v in refused.violations)
+        assert refused.not_shown == 0 or len(refused.violations) == MAX_VIOLATIONS
+    else:
+        assert Draft202012Validator(schema).is_valid(checked)

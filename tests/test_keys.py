@@ -6,9 +6,13 @@ import hashlib
 import hmac
 import io
 import tomllib
+from datetime import timedelta
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from server.auth import (
     ApiKey,
@@ -17,8 +21,11 @@ from server.auth import (
     generate_key,
     hash_key,
     keys_main,
+    load_keys_file,
     parse_authorization,
 )
+from server.auth.keys import MAX_KEY_LENGTH, is_valid_key_text
+from server.ratelimit import RateLimit, gcra
 
 KEY_A = "ais_first-key-for-tests_0123456789abcdefghijklmn"
 KEY_B = "ais_second-key-for-tests_0123456789abcdefghijklm"
@@ -115,19 +122,19 @@ def test_repr_never_shows_the_digest() -> None:
     [
         ("[[keys]]\nid = \n", "not valid TOML (line 2, column 6: Invalid value)"),
         ("", "no [[keys]] entries"),
-        (entry(hash=""), "keys[0].hash: required field is missing"),
-        (entry(permissions=""), "keys[0].permissions: required field is missing"),
+        (entry(hash=""), 'keys[0].hash (key "svc-a"): required field is missing'),
+        (entry(permissions=""), 'keys[0].permissions (key "svc-a"): required field is missing'),
         (
             entry(hash='"sha256:ABC"'),
-            'keys[0].hash: must look like "sha256:<64 lowercase hex digits>"',
+            'keys[0].hash (key "svc-a"): must look like "sha256:<64 lowercase hex digits>"',
         ),
         (
             entry(hash=f'"{HASH_A.upper()}"'),
-            'keys[0].hash: must look like "sha256:<64 lowercase hex digits>"',
+            'keys[0].hash (key "svc-a"): must look like "sha256:<64 lowercase hex digits>"',
         ),
         (
             entry(hash=f'"{HASH_A.removeprefix("sha256:")}"'),
-            'keys[0].hash: must look like "sha256:<64 lowercase hex digits>"',
+            'keys[0].hash (key "svc-a"): must look like "sha256:<64 lowercase hex digits>"',
         ),
         (
             entry() + entry(id='"svc-b"', hash=f'"{HASH_B}"') + entry(hash=f'"{HASH_B}"'),
@@ -137,39 +144,42 @@ def test_repr_never_shows_the_digest() -> None:
             entry() + entry(id='"svc-b"'),
             'keys[1].hash: same hash as key "svc-a"',
         ),
-        (entry(permission='["*"]'), "keys[0].permission: unknown field"),
+        (entry(permission='["*"]'), 'keys[0].permission (key "svc-a"): unknown field'),
         (entry() + "\n[extra]\nx = 1\n", "extra: unknown field"),
-        (entry(permissions='"tools.x"'), "keys[0].permissions: must be an array"),
-        (entry(permissions='["tools.x", 3]'), "keys[0].permissions[1]: must be a string"),
+        (entry(permissions='"tools.x"'), 'keys[0].permissions (key "svc-a"): must be an array'),
+        (
+            entry(permissions='["tools.x", 3]'),
+            'keys[0].permissions[1] (key "svc-a"): must be a string',
+        ),
         (
             entry(permissions='["tools x"]'),
-            "keys[0].permissions[0]: must be a non-empty string without spaces",
+            'keys[0].permissions[0] (key "svc-a"): must be a non-empty string without spaces',
         ),
         (entry(id='"svc a"'), "keys[0].id: must be 1 to 64 characters from A-Z a-z 0-9 . _ -"),
         (
             entry(id=f'"{"a" * 65}"'),
             "keys[0].id: must be 1 to 64 characters from A-Z a-z 0-9 . _ -",
         ),
-        (entry(organization="7"), "keys[0].organization: must be a string"),
+        (entry(organization="7"), 'keys[0].organization (key "svc-a"): must be a string'),
         (
             entry(rate_limit="{ burst = 0, per_minute = 90 }"),
-            "keys[0].rate_limit.burst: must be greater than 0",
+            'keys[0].rate_limit.burst (key "svc-a"): must be a positive integer',
         ),
         (
             entry(rate_limit="{ burst = 2.5, per_minute = 90 }"),
-            "keys[0].rate_limit.burst: must be an integer",
+            'keys[0].rate_limit.burst (key "svc-a"): must be an integer',
         ),
         (
             entry(rate_limit="{ burst = 3, per_minute = -1.0 }"),
-            "keys[0].rate_limit.per_minute: must be greater than 0",
+            'keys[0].rate_limit.per_minute (key "svc-a"): must be a positive number',
         ),
         (
             entry(rate_limit="{ burst = 3 }"),
-            "keys[0].rate_limit.per_minute: required field is missing",
+            'keys[0].rate_limit.per_minute (key "svc-a"): required field is missing',
         ),
         (
             entry(rate_limit="{ burst = 3, per_minute = 9, burts = 1 }"),
-            "keys[0].rate_limit.burts: unknown field",
+            'keys[0].rate_limit.burts (key "svc-a"): unknown field',
         ),
         ('[keys]\nid = "a"\n', "keys: must be [[keys]] tables (an array of tables), not [keys]"),
     ],
@@ -182,8 +192,85 @@ def test_malformed_file_gives_one_line(tmp_path: Path, text: str, problem: str) 
 def test_several_problems_report_the_first_and_count(tmp_path: Path) -> None:
     message = load_error(tmp_path, entry(hash='"x"', permissions="", colour='"red"'))
     assert message == (
-        'keys[0].hash: must look like "sha256:<64 lowercase hex digits>" (and 2 more problems)'
+        'keys[0].hash (key "svc-a"): must look like "sha256:<64 lowercase hex digits>"'
+        " (and 2 more problems)"
     )
+
+
+# Limits the rate limiter cannot hold: each used to load, then fail every call of its key.
+UNHOLDABLE_LIMITS = {
+    "per_minute 1e-12": ("{ burst = 3, per_minute = 1e-12 }", "per_minute", "is too small"),
+    "per_minute 1e12": ("{ burst = 3, per_minute = 1e12 }", "per_minute", "must be at most"),
+    "burst 2**62": (f"{{ burst = {2**62}, per_minute = 30 }}", "burst", "must be at most"),
+    "burst 0": ("{ burst = 0, per_minute = 30 }", "burst", "must be a positive integer"),
+    "burst -1": ("{ burst = -1, per_minute = 30 }", "burst", "must be a positive integer"),
+    "per_minute 0": ("{ burst = 3, per_minute = 0 }", "per_minute", "must be a positive number"),
+    "per_minute -30": ("{ burst = 3, per_minute = -30.0 }", "per_minute", "must be a positive"),
+    "per_minute nan": ("{ burst = 3, per_minute = nan }", "per_minute", "must be a positive"),
+    "per_minute inf": ("{ burst = 3, per_minute = inf }", "per_minute", "must be a positive"),
+    "per_minute -inf": ("{ burst = 3, per_minute = -inf }", "per_minute", "must be a positive"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNHOLDABLE_LIMITS))
+def test_a_limit_the_limiter_cannot_hold_does_not_load(tmp_path: Path, case: str) -> None:
+    rate_limit, field, problem = UNHOLDABLE_LIMITS[case]
+    second = entry(id='"svc-b"', hash=f'"{HASH_B}"', rate_limit=rate_limit)
+    message = load_error(tmp_path, entry() + second)
+    assert message.startswith(f'keys[1].rate_limit.{field} (key "svc-b"): {problem}')
+
+
+def test_the_largest_limits_load_and_work() -> None:
+    with TemporaryDirectory() as directory:
+        text = entry(rate_limit="{ burst = 1_000_000, per_minute = 6_000_000 }")
+        (key,) = load_keys_file(write(Path(directory), text))
+    assert key.rate_limit == (1_000_000, 6_000_000.0)
+    decision, _ = gcra(None, NOW_US, RateLimit(*key.rate_limit))
+    assert decision.allowed and decision.remaining == 999_999
+
+
+NOW_US = 1_700_000_000 * 1_000_000  # a Unix time in microseconds, as the limiter uses
+
+
+def toml_number(value: float) -> str:
+    return {"inf": "inf", "-inf": "-inf", "nan": "nan"}.get(repr(value), repr(value))
+
+
+@settings(deadline=timedelta(milliseconds=500), max_examples=200)
+@given(
+    burst=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    per_minute=st.floats() | st.floats(min_value=1e-9, max_value=1e-6),
+)
+@example(burst=3, per_minute=1e-12)
+@example(burst=3, per_minute=1e12)
+@example(burst=2**62, per_minute=30.0)
+@example(burst=10, per_minute=1e-7)
+@example(burst=1, per_minute=60 * 1e6 / 2**50)
+@example(burst=1_000_000, per_minute=6_000_000.0)
+@example(burst=1_000_001, per_minute=30.0)
+@example(burst=3, per_minute=6_000_000.5)
+@example(burst=3, per_minute=5e-324)
+def test_a_key_limit_loads_exactly_when_the_limiter_can_use_it(
+    burst: int, per_minute: float
+) -> None:
+    text = entry(rate_limit=f"{{ burst = {burst}, per_minute = {toml_number(per_minute)} }}")
+    with TemporaryDirectory() as directory:
+        try:
+            keys = load_keys_file(write(Path(directory), text))
+        except KeysFileError as exc:
+            assert "\n" not in str(exc)
+            assert ".rate_limit." in str(exc)
+            with pytest.raises(ValueError):
+                RateLimit(burst, per_minute)
+            return
+    (key,) = keys
+    assert key.rate_limit is not None
+    limit = RateLimit(*key.rate_limit)
+    decision, tat = gcra(None, NOW_US, limit)
+    assert decision.allowed and tat is not None
+    # The furthest the stored time can run ahead of now (a spent burst) stays exact in the
+    # doubles of the Redis script.
+    assert NOW_US + limit.burst * limit.interval_us < 2**53
 
 
 def test_values_are_never_echoed(tmp_path: Path) -> None:
@@ -324,6 +411,45 @@ def test_store_holds_no_clear_key(store: KeyStore) -> None:
 )
 def test_parse_authorization(value: str | None, expected: str | None) -> None:
     assert parse_authorization(value) == expected
+
+
+# Header text as a caller may send it: grpc bounds metadata to a few KB; 100,000 is far beyond.
+HEADER_TEXT = st.text(st.characters(codec="utf-8"), max_size=2_000)
+PRESENTABLE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1)
+
+
+@settings(deadline=timedelta(milliseconds=200))
+@given(
+    HEADER_TEXT
+    | st.builds(lambda s, k: f"{s} {k}", st.sampled_from(["Bearer", "ApiKey"]), HEADER_TEXT)
+)
+@example("Bearer " + " " * 100_000)
+@example("Bearer" + " x" * 50_000)
+@example(" \t" * 50_000 + "Bearer k")
+@example("Bearer " + "k" * 100_000)
+@example("Bearer " + "\u00e9" * 50_000)
+def test_parse_authorization_gives_a_presentable_key_behind_one_scheme_or_nothing(
+    value: str,
+) -> None:
+    key = parse_authorization(value)
+    if key is not None:
+        scheme, _, rest = value.strip(" \t").partition(" ")
+        assert scheme.lower() in {"bearer", "apikey"}
+        assert rest == key
+        assert is_valid_key_text(key)
+
+
+@settings(deadline=timedelta(milliseconds=200))
+@given(
+    scheme=st.sampled_from(["Bearer", "bearer", "BEARER", "ApiKey", "apikey", "APIKEY"]),
+    key=PRESENTABLE.filter(lambda k: len(k) <= MAX_KEY_LENGTH),
+    before=st.text(" \t", max_size=3),
+    after=st.text(" \t", max_size=3),
+)
+def test_parse_authorization_finds_every_presentable_key(
+    scheme: str, key: str, before: str, after: str
+) -> None:
+    assert parse_authorization(f"{before}{scheme} {key}{after}") == key
 
 
 # --- generate_key / hash_key -------------------------------------------------------------------

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from server import logs
+from server.transport.interceptors.request_context import log_suppressed_unauthenticated
 
 
 class CountingStream(io.StringIO):
@@ -136,3 +137,62 @@ def test_values_json_cannot_hold_still_make_one_valid_line(stream: CountingStrea
     assert second["ratio"] is None
     assert second["note"] == "line\u2028break\x85"
     assert len(stream.getvalue().splitlines()) == 2
+
+
+# --- sampled lines ---------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_sampler_writes_its_burst_then_its_rate_and_counts_the_rest() -> None:
+    clock, summaries = Clock(), list[int]()
+    sampler = logs.LineSampler(summaries.append, per_second=10.0, burst=5, clock=clock)
+    assert [sampler.admit() for _ in range(8)] == [True] * 5 + [False] * 3
+    clock.now += 0.25  # two and a half lines' worth
+    assert [sampler.admit() for _ in range(4)] == [True, True, False, False]
+    clock.now += 3600.0  # refills to the burst, not beyond
+    assert sum(sampler.admit() for _ in range(100)) == 5
+    sampler.flush()
+    assert summaries == [3 + 2 + 95]
+    sampler.flush()
+    assert summaries == [100], "a summary is written once, and only when lines were left out"
+
+
+async def test_a_sampler_summarizes_once_per_interval_on_the_loop() -> None:
+    clock, summaries = Clock(), list[int]()
+    summarized = asyncio.Event()
+
+    def summarize(count: int) -> None:
+        summaries.append(count)
+        summarized.set()
+
+    sampler = logs.LineSampler(summarize, burst=1, summary_every=0.05, clock=clock)
+    began = asyncio.get_running_loop().time()
+    assert [sampler.admit() for _ in range(1000)] == [True] + [False] * 999
+    assert summaries == []  # not one summary per line left out
+    async with asyncio.timeout(5.0):
+        await summarized.wait()
+    assert asyncio.get_running_loop().time() - began >= 0.05
+    assert summaries == [999]
+    # The next line left out opens the next interval.
+    summarized.clear()
+    assert not sampler.admit()
+    async with asyncio.timeout(5.0):
+        await summarized.wait()
+    assert summaries == [999, 1]
+
+
+def test_an_unauthenticated_summary_is_one_access_line(stream: CountingStream) -> None:
+    log_suppressed_unauthenticated(990)
+    [line] = lines(stream)
+    assert (line["logger"], line["msg"], line["suppressed"]) == (
+        "aiservices.access",
+        "suppressed unauthenticated calls",
+        990,
+    )

@@ -4,6 +4,7 @@ failing open when Redis goes away."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
@@ -18,7 +19,6 @@ from server.ratelimit import (
     FailoverRateLimiter,
     InMemoryRateLimiter,
     RateLimit,
-    RateLimiter,
     gcra,
     limiter_from_url,
 )
@@ -414,6 +414,19 @@ def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRec
     return [r for r in caplog.records if r.name == LOGGER and r.levelno == level]
 
 
+def messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    return [m for r in caplog.records if r.name == LOGGER and text in (m := r.getMessage())]
+
+
+async def wait_until(
+    condition: Callable[[], bool], within: float = 5.0, what: str = "condition"
+) -> None:
+    async def holds() -> bool:
+        return condition()
+
+    await wait_for(holds, within, what)
+
+
 async def test_failover_kill_and_restart_with_password(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     password = "s3cret-Pa55word"
@@ -424,6 +437,8 @@ async def test_failover_kill_and_restart_with_password(caplog: pytest.LogCapture
     assert isinstance(limiter, FailoverRateLimiter)
     check_client = server.client()
     try:
+        limiter.start()
+        await wait_until(lambda: limiter.store_up, what="the first check to pass")
         for expected in (9, 8, 7):
             assert (await limiter.acquire("org:user:tool", DEFAULT)).remaining == expected
         assert check_client.exists(DEFAULT_PREFIX + "org:user:tool")
@@ -436,23 +451,21 @@ async def test_failover_kill_and_restart_with_password(caplog: pytest.LogCapture
         # Served, from the in-memory limiter (a fresh budget there: fail open).
         assert [d.remaining for d in decisions] == [9, 8, 7, 6, 5]
         assert fallbacks.count == 5 and limiter.degraded
+        await wait_until(lambda: not limiter.store_up, what="the store to be reported down")
         warnings = records(caplog, logging.WARNING)
         assert len(warnings) == 1, [r.getMessage() for r in warnings]
         assert "in-memory" in warnings[0].getMessage()
         assert password not in caplog.text
 
-        server.start()  # same port, empty data set
+        server.start()  # same port, empty data set: picked up without any call
 
-        async def primary_used() -> bool:
-            await limiter.acquire("after-restart", DEFAULT)
-            return bool(check_client.exists(DEFAULT_PREFIX + "after-restart"))
-
-        await wait_for(primary_used, what="the limiter to use Redis again")
+        await wait_until(lambda: limiter.store_up, what="the limiter to use Redis again")
         assert not limiter.degraded
-        assert len(records(caplog, logging.INFO)) == 1
+        assert len(messages(caplog, "is back")) == 1
         assert len(records(caplog, logging.WARNING)) == 1
         served_by_fallback = fallbacks.count
-        await limiter.acquire("after-restart", DEFAULT)
+        assert (await limiter.acquire("after-restart", DEFAULT)).remaining == 9
+        assert check_client.exists(DEFAULT_PREFIX + "after-restart")
         assert fallbacks.count == served_by_fallback
         assert password not in caplog.text
     finally:
@@ -462,12 +475,15 @@ async def test_failover_kill_and_restart_with_password(caplog: pytest.LogCapture
 
 
 def failover(server: RedisServer, fallbacks: Counter) -> FailoverRateLimiter:
-    return FailoverRateLimiter(
+    limiter = FailoverRateLimiter(
         RedisRateLimiter(async_client(server)),
         InMemoryRateLimiter(),
         on_fallback=fallbacks,
+        connect_timeout=0.3,
         retry_interval=0.05,
     )
+    limiter.start()
+    return limiter
 
 
 async def test_failover_limiters_share_budget_again_after_restart(
@@ -477,6 +493,7 @@ async def test_failover_limiters_share_budget_again_after_restart(
     fallbacks = Counter()
     a, b = failover(redis_server, fallbacks), failover(redis_server, fallbacks)
     try:
+        await wait_until(lambda: a.store_up and b.store_up, what="both limiters to connect")
         redis_server.kill()
         # Each replica falls back to its own in-memory budget.
         for limiter in (a, b):
@@ -484,23 +501,19 @@ async def test_failover_limiters_share_budget_again_after_restart(
                 range(9, -1, -1)
             )
         assert fallbacks.count == 20
+        await wait_until(lambda: not (a.store_up or b.store_up), what="both to report down")
         assert len(records(caplog, logging.WARNING)) == 2  # one per limiter
 
         redis_server.start()
 
-        async def both_back() -> bool:
-            for limiter in (a, b):
-                if limiter.degraded:
-                    await limiter.acquire("probe", DEFAULT)
-            return not (a.degraded or b.degraded)
-
-        await wait_for(both_back, what="both limiters to use Redis again")
+        await wait_until(lambda: a.store_up and b.store_up, what="both to use Redis again")
         remaining = [
             (await (a if i % 2 == 0 else b).acquire("shared", DEFAULT)).remaining for i in range(10)
         ]
         assert remaining == list(range(9, -1, -1))
         assert not (await a.acquire("shared", DEFAULT)).allowed
         assert not (await b.acquire("shared", DEFAULT)).allowed
+        assert fallbacks.count == 20
     finally:
         await a.close()
         await b.close()
@@ -513,6 +526,7 @@ async def test_failover_hung_redis_times_out(
     fallbacks = Counter()
     limiter = failover(redis_server, fallbacks)
     try:
+        await wait_until(lambda: limiter.store_up, what="the first check to pass")
         assert (await limiter.acquire("k", DEFAULT)).remaining == 9
         redis_server.pause()
         started = time.monotonic()
@@ -521,81 +535,170 @@ async def test_failover_hung_redis_times_out(
         assert time.monotonic() - started < 0.5  # the 0.1 s failover timeout, not the socket's
         assert sorted(d.remaining for d in decisions) == [5, 6, 7, 8, 9]
         assert fallbacks.count == 5
+        await wait_until(lambda: not limiter.store_up, what="the store to be reported down")
         (warning,) = records(caplog, logging.WARNING)
-        assert "no answer within 0.1 s" in warning.getMessage()
+        assert "no answer within 0.3 s" in warning.getMessage()  # the connect timeout
         redis_server.resume()
 
-        async def back() -> bool:
-            await limiter.acquire("probe", DEFAULT)
-            return not limiter.degraded
-
-        await wait_for(back, what="Redis to answer again")
+        await wait_until(lambda: limiter.store_up, what="Redis to answer again")
         # The state written before the hang is still there: the Redis budget continues. (The
-        # call that timed out may or may not have been applied once Redis woke up.)
-        assert (await limiter.acquire("k", DEFAULT)).remaining in (7, 8)
+        # calls that timed out may or may not have been applied once Redis woke up.)
+        assert 3 <= (await limiter.acquire("k", DEFAULT)).remaining <= 8
     finally:
         await limiter.close()
 
 
-class BrokenLimiter:
-    """A primary that always fails, counting how often it is asked."""
+class Store:
+    """An in-memory store standing in for Redis that fails (or hangs) on demand, counting
+    what it is asked."""
 
     def __init__(self) -> None:
+        self.memory = InMemoryRateLimiter()
+        self.failing = False
+        self.hanging = False
         self.calls = 0
+        self.refunds = 0
+        self.checks: list[float] = []
+
+    def _answer(self) -> None:
+        if self.failing:
+            raise ConnectionRefusedError("connect to redis://user:hunter2@127.0.0.1:1 refused")
 
     async def acquire(self, key: str, limit: RateLimit) -> Decision:
         self.calls += 1
-        raise ConnectionRefusedError("connect to redis://user:hunter2@127.0.0.1:1 refused")
+        if self.hanging:
+            await asyncio.Event().wait()
+        self._answer()
+        return await self.memory.acquire(key, limit)
 
     async def refund(self, key: str, limit: RateLimit) -> None:
-        raise ConnectionRefusedError("connect to redis://user:hunter2@127.0.0.1:1 refused")
+        self.refunds += 1
+        self._answer()
+        await self.memory.refund(key, limit)
+
+    async def connect(self) -> None:
+        self.checks.append(time.monotonic())
+        self._answer()
+
+    async def ping(self) -> None:
+        self._answer()
 
     async def close(self) -> None:
         pass
 
 
-async def test_failover_refunds_where_calls_are_decided_and_drops_failed_refunds() -> None:
-    clock = FakeClock()
-    fallback = InMemoryRateLimiter(clock=clock)
-    limiter = FailoverRateLimiter(BrokenLimiter(), fallback, clock=clock)
-    await limiter.refund("k", DEFAULT)  # the primary fails: dropped, and no outage starts
-    assert not limiter.degraded
-    for _ in range(10):
-        await limiter.acquire("k", DEFAULT)  # the first call finds the primary down
-    assert limiter.degraded
-    await limiter.refund("k", DEFAULT)  # goes to the fallback, which decided these calls
-    assert (await limiter.acquire("k", DEFAULT)).allowed
-    assert not (await limiter.acquire("k", DEFAULT)).allowed
+class States:
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    async def __call__(self, up: bool) -> None:
+        self.seen.append(up)
 
 
-async def test_failover_probes_primary_at_most_once_per_interval(
+async def test_failover_checks_in_the_background_and_calls_never_pay(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    clock = FakeClock()
-    primary = BrokenLimiter()
-    fallbacks = Counter()
-    limiter: RateLimiter = FailoverRateLimiter(
-        primary,
-        InMemoryRateLimiter(clock=clock),
-        on_fallback=fallbacks,
-        retry_interval=1.0,
-        clock=clock,
+    store, fallbacks, states = Store(), Counter(), States()
+    limiter = FailoverRateLimiter(
+        store, InMemoryRateLimiter(), on_fallback=fallbacks, on_state_change=states
     )
-    for _ in range(5):
+    limiter.start()
+    try:
+        await wait_until(lambda: limiter.store_up, what="the first check to pass")
+        assert (await limiter.acquire("k", DEFAULT)).remaining == 9
+        assert store.calls == 1 and fallbacks.count == 0
+
+        store.failing = True
+        for _ in range(5):
+            assert (await limiter.acquire("k", DEFAULT)).allowed
+        assert store.calls == 2 and fallbacks.count == 5  # only the first call asked the store
+        await wait_until(lambda: not limiter.store_up, what="the store to be reported down")
+        checks = len(store.checks)
+        await wait_until(lambda: len(store.checks) > checks, what="a check without any call")
+
+        store.failing = False
+        await wait_until(lambda: limiter.store_up, what="the store to be back, without calls")
+        assert store.calls == 2
+        assert (await limiter.acquire("k", DEFAULT)).remaining == 8  # the store's budget
+        assert states.seen == [True, False, True]
+        (warning,) = records(caplog, logging.WARNING)
+        assert "ConnectionRefusedError" in warning.getMessage()
+        assert len(messages(caplog, "connected")) == 1
+        assert len(messages(caplog, "is back")) == 1
+        assert "hunter2" not in caplog.text
+    finally:
+        await limiter.close()
+
+
+async def test_failover_one_failed_call_with_a_passing_check_reports_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    store, states = Store(), States()
+    limiter = FailoverRateLimiter(store, InMemoryRateLimiter(), on_state_change=states)
+    limiter.start()
+    try:
+        await wait_until(lambda: limiter.store_up, what="the first check to pass")
+        store.hanging = True
+        assert (await limiter.acquire("k", DEFAULT)).allowed  # from memory, after 0.1 s
+        store.hanging = False
+        await wait_until(lambda: not limiter.degraded, what="the store to be in use again")
+        assert limiter.store_up and states.seen == [True]
+        assert records(caplog, logging.WARNING) == []
+    finally:
+        await limiter.close()
+
+
+async def test_failover_backs_off_between_checks() -> None:
+    store = Store()
+    store.failing = True
+    limiter = FailoverRateLimiter(
+        store, InMemoryRateLimiter(), retry_interval=0.01, max_retry_interval=0.04
+    )
+    limiter.start()
+    try:
+        await wait_until(lambda: len(store.checks) >= 6, what="six checks")
+        gaps = [later - earlier for earlier, later in itertools.pairwise(store.checks)]
+        for gap, expected in zip(gaps, (0.01, 0.02, 0.04, 0.04, 0.04), strict=False):
+            assert gap >= expected - 0.002, gaps
+    finally:
+        await limiter.close()
+
+
+async def test_failover_refunds_where_calls_are_decided_and_drops_failed_refunds() -> None:
+    store = Store()
+    fallback = InMemoryRateLimiter()
+    limiter = FailoverRateLimiter(store, fallback)
+    limiter.start()
+    try:
+        await wait_until(lambda: limiter.store_up, what="the first check to pass")
+        store.failing = True
+        await limiter.refund("k", DEFAULT)  # the store fails: dropped, and it stays in use
+        assert store.refunds == 1 and not limiter.degraded
+        for _ in range(10):
+            await limiter.acquire("k", DEFAULT)  # the first call finds the store down
+        assert limiter.degraded
+        await limiter.refund("k", DEFAULT)  # goes to the fallback, which decided these calls
+        assert store.refunds == 1
         assert (await limiter.acquire("k", DEFAULT)).allowed
-    assert primary.calls == 1 and fallbacks.count == 5
-    clock.now += 0.999
-    await limiter.acquire("k", DEFAULT)
-    assert primary.calls == 1
-    clock.now += 0.001
-    await limiter.acquire("k", DEFAULT)
-    await limiter.acquire("k", DEFAULT)
-    assert primary.calls == 2 and fallbacks.count == 8
-    (warning,) = records(caplog, logging.WARNING)
-    assert "ConnectionRefusedError" in warning.getMessage()
-    assert "hunter2" not in caplog.text
+        assert not (await limiter.acquire("k", DEFAULT)).allowed
+    finally:
+        await limiter.close()
+
+
+async def test_failover_close_ends_the_watcher_and_requests_left_running() -> None:
+    store = Store()
+    limiter = FailoverRateLimiter(store, InMemoryRateLimiter())
+    # Not started: the first call starts the watcher and is answered from memory meanwhile.
+    assert limiter.degraded
+    assert (await limiter.acquire("k", DEFAULT)).remaining == 9
+    await wait_until(lambda: limiter.store_up, what="the first check to pass")
+    store.hanging = True
+    assert (await limiter.acquire("k", DEFAULT)).remaining == 8  # memory, after 0.1 s
+    assert store.calls == 1
     await limiter.close()
+    assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
 async def test_limiter_from_url_without_redis() -> None:

@@ -30,8 +30,8 @@ ARGUMENTS = {
 }
 BURST = 10
 ORGANIZATION = "acme"  # the gateway key's organization in the test keys file
-# The retry interval of FailoverRateLimiter (1 s): an outage must outlast it for the server to
-# probe the dead Redis again, which must not log a second warning.
+# Long enough for the server to check the dead Redis several times in the background (every
+# 0.1 s at first, backing off), which must not log a second warning.
 OUTAGE_SECONDS = 2.5
 
 
@@ -106,6 +106,10 @@ def replicas(
         ]
         for process in processes:
             process.wait_until_serving()
+            # Calls fail open until the limiter's first check of Redis has passed.
+            assert process.wait_for_record(
+                lambda r: "rate limit store connected" in str(r.get("msg")), timeout=5
+            ), f"{process.name} never connected to Redis:\n" + "\n".join(process.lines)
         a, b = (
             Replica(p, stack.enter_context(ToolClient(p.target, api_key=keys.gateway, timeout=5)))
             for p in processes
@@ -151,7 +155,7 @@ def test_redis_outage_fails_open_and_shared_budget_returns(
     redis_server.kill()
 
     # Every call is still served: no UNAVAILABLE/INTERNAL, no refusal for a fresh budget. The
-    # outage lasts past the retry interval, so each replica probes the dead Redis again.
+    # outage lasts for several background checks of the dead Redis.
     for replica in (a, b):
         replica.call(f"outage-first-{replica.name}")
         assert replica.process.wait_for_record(

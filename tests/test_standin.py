@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ import pytest
 from server.standin import (
     REFINE_SUFFIX,
     RUN_PATH,
+    Endless,
     Garbage,
+    GzipBomb,
     Hang,
+    Large,
     Refine,
     Reply,
     Reset,
@@ -251,6 +255,66 @@ async def test_stop_does_not_wait_for_hanging_handlers() -> None:
         with pytest.raises(httpx.TransportError):
             await call
     assert up.disconnects == 0  # stopping is not a client disconnect
+
+
+async def test_refine_sends_any_json_value_as_the_trace_id(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    odd: list[Any] = [{"id": "x"}, ["x"], 7, "a\nb\x00\x1b[31m"]
+    upstream.push(*(Refine(trace_id=value) for value in odd))
+    for value in odd:
+        assert (await client.post(RUN_PATH, json=run_body())).json()["trace_id"] == value
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_large_is_a_valid_refinement_of_exactly_its_size(
+    upstream: StandinUpstream, client: httpx.AsyncClient, chunked: bool
+) -> None:
+    size = 3 * 64 * 1024 + 7  # a few chunks and a piece
+    upstream.push(Large(size, chunked=chunked), Large(size, status=500))
+    response = await client.post(RUN_PATH, json=run_body())
+    assert response.status_code == 200
+    assert len(response.content) == size
+    assert ("content-length" in response.headers) is not chunked
+    envelope = response.json()
+    assert json.loads(envelope["data"])["messages"] == refine_template(json.dumps(TEMPLATE))
+    assert HEX32.match(envelope["trace_id"])
+    error_page = await client.post(RUN_PATH, json=run_body())
+    assert (error_page.status_code, len(error_page.content)) == (500, size)
+
+
+async def test_endless_streams_until_the_client_goes_away(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    upstream.push(Endless())
+    received = 0
+    async with client.stream("POST", RUN_PATH, json=run_body()) as response:
+        assert response.status_code == 200
+        assert "content-length" not in response.headers
+        async for chunk in response.aiter_raw():
+            received += len(chunk)
+            if received > 8 * 1024 * 1024:
+                break  # leaving the block drops the half-read connection
+    assert await upstream.until_disconnects(1)
+    assert upstream.in_flight == 0
+
+
+async def test_gzip_bomb_inflates_to_what_it_says(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    inflated = 5 * 1024 * 1024 + 3
+    upstream.push(GzipBomb(inflated))
+    async with client.stream("POST", RUN_PATH, json=run_body()) as response:
+        assert response.headers["content-encoding"] == "gzip"
+        decoded = await response.aread()  # httpx inflates it
+    assert decoded == bytes(inflated)
+    upstream.push(GzipBomb(inflated))
+    raw = b""
+    async with client.stream("POST", RUN_PATH, json=run_body()) as response:
+        async for chunk in response.aiter_raw():
+            raw += chunk
+    assert len(raw) < inflated // 100
+    assert zlib.decompress(raw, wbits=16 + zlib.MAX_WBITS) == bytes(inflated)
 
 
 async def test_requests_are_recorded_on_arrival(

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
+import stat
 import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -22,13 +24,14 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
-    Field,
     StrictInt,
     ValidationError,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from server.identity import Principal
+from server.ratelimit.gcra import RateLimitError, check_rate_limit
 
 __all__ = [
     "KEY_ID_PATTERN",
@@ -65,6 +68,7 @@ KEY_ID_RULE = "must be 1 to 64 characters from A-Z a-z 0-9 . _ -"
 NAME_RULE = "must be a non-empty string without spaces"
 """How a bad permission or organization is described."""
 _SCHEMES = frozenset({"bearer", "apikey"})
+_RATE_LIMIT_ERROR = "rate_limit_bounds"
 
 
 class KeysFileError(Exception):
@@ -237,10 +241,24 @@ _Name = Annotated[str, AfterValidator(_check_name)]
 
 
 class _RateLimitModel(BaseModel):
+    """Types here; the bounds are the limiter's own (`check_rate_limit`), so a key's limit that
+    loads is one every call can use."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    burst: StrictInt = Field(gt=0)
-    per_minute: float = Field(gt=0, allow_inf_nan=False)
+    burst: StrictInt
+    per_minute: float
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> _RateLimitModel:
+        try:
+            check_rate_limit(self.burst, self.per_minute)
+        except RateLimitError as exc:
+            # The field goes into the error's location when it is formatted.
+            raise PydanticCustomError(
+                _RATE_LIMIT_ERROR, "{problem}", {"field": exc.field, "problem": exc.problem}
+            ) from None
+        return self
 
 
 class _KeyModel(BaseModel):
@@ -282,17 +300,34 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _format_validation_error(exc: ValidationError) -> str:
-    """The first problem as `keys[2].hash: ...`; input values are never echoed (a clear key
-    pasted into the wrong field must not end up in a log)."""
+def _entry_id(data: dict[str, Any], loc: tuple[int | str, ...]) -> str | None:
+    """The id of the [[keys]] entry a problem is in, when it is a valid id and the problem is
+    not the id itself: `keys[2]` alone makes the reader count tables."""
+    if len(loc) < 3 or loc[0] != "keys" or not isinstance(loc[1], int) or loc[2] == "id":
+        return None
+    entries = data.get("keys")
+    entry = entries[loc[1]] if isinstance(entries, list) and loc[1] < len(entries) else None
+    key_id = entry.get("id") if isinstance(entry, dict) else None
+    return key_id if isinstance(key_id, str) and is_valid_key_id(key_id) else None
+
+
+def _format_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
+    """The first problem as `keys[2].hash (key "svc"): ...`; input values are never echoed (a
+    clear key pasted into the wrong field must not end up in a log), only a valid key id."""
     errors = exc.errors(include_url=False, include_input=False)
     first = errors[0]
     message = _TYPE_MESSAGES.get(first["type"], first["msg"])
     if message.startswith("Input should"):
         message = "must" + message[len("Input should") :]
-    loc = _format_loc(tuple(first["loc"]))
+    where = tuple(first["loc"])
+    if first["type"] == _RATE_LIMIT_ERROR:
+        where += (first.get("ctx", {})["field"],)
+    loc = _format_loc(where)
     if loc == "keys" and first["type"] == "list_type":
         message = "must be [[keys]] tables (an array of tables), not [keys]"
+    key_id = _entry_id(data, where)
+    if key_id is not None:
+        loc += f' (key "{key_id}")'
     text = f"{loc}: {message}" if loc else message
     if len(errors) > 1:
         more = len(errors) - 1
@@ -310,14 +345,47 @@ def _format_toml_error(exc: tomllib.TOMLDecodeError) -> str:
     return f"not valid TOML ({match['where']}: {match['msg']})"
 
 
+MAX_KEYS_FILE_BYTES = 1024 * 1024
+"""A keys file is a few hundred bytes per key: anything larger is the wrong file."""
+
+_log = logging.getLogger("aiservices.auth")
+
+
+def _check_mode(path: str | os.PathLike[str], mode: int) -> None:
+    """Refuse a keys file others may write (they could add a key); warn when others may read it
+    (hashes are no keys, but they name every caller and permission)."""
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise KeysFileError(
+            path,
+            f"is writable by group or others (mode {stat.S_IMODE(mode):04o}), so they could add "
+            "a key: run chmod go-w on it",
+        )
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        _log.warning(
+            "API keys file is readable by group or others: run chmod go-r on it",
+            extra={"path": os.fspath(path), "mode": f"{stat.S_IMODE(mode):04o}"},
+        )
+
+
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # O_NONBLOCK: a FIFO in its place is refused below instead of blocking start-up.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(descriptor, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise KeysFileError(path, "cannot read it (not a regular file)")
+            _check_mode(path, mode)
+            data = f.read(MAX_KEYS_FILE_BYTES + 1)
+        if len(data) > MAX_KEYS_FILE_BYTES:
+            raise KeysFileError(path, f"too large (over {MAX_KEYS_FILE_BYTES >> 20} MiB)")
+        return tomllib.loads(data.decode("utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise KeysFileError(path, _format_toml_error(exc)) from None
     except UnicodeDecodeError:
         raise KeysFileError(path, "not valid TOML (not UTF-8 text)") from None
+    except RecursionError:
+        raise KeysFileError(path, "not valid TOML (nested too deeply)") from None
     except OSError as exc:
         raise KeysFileError(path, f"cannot read it ({exc.strerror or exc})") from None
 
@@ -336,7 +404,7 @@ def load_keys_file(path: str | os.PathLike[str]) -> list[ApiKey]:
     try:
         model = _FileModel.model_validate(data)
     except ValidationError as exc:
-        raise KeysFileError(path, _format_validation_error(exc)) from None
+        raise KeysFileError(path, _format_validation_error(exc, data)) from None
 
     keys: list[ApiKey] = []
     index_by_id: dict[str, int] = {}

@@ -6,7 +6,8 @@ a RateLimit and act on the Decision. The Redis store is in `server.ratelimit.red
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
 
 from server.ratelimit.failover import FailoverRateLimiter
 from server.ratelimit.gcra import Decision, RateLimit, RateLimiter, gcra
@@ -20,17 +21,57 @@ __all__ = [
     "RateLimiter",
     "gcra",
     "limiter_from_url",
+    "redis_url_problem",
 ]
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why the Redis client cannot use `url`, or None when it can; nothing is connected.
+
+    The answer never quotes the URL, which may hold a password. Options in the query are checked
+    by building (not opening) one connection, as the client would on first use: an unknown one
+    would otherwise fail every rate-limit decision over to memory.
+    """
+    if not url.startswith(_REDIS_SCHEMES):
+        return "must start with redis://, rediss:// or unix://"
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return (
+            "is not a valid URL (check the host, and the port: 1 to 65535; "
+            "percent-encode / ? # @ : in a password)"
+        )
+    if port == 0:
+        return "the port must be a number from 1 to 65535"
+    if parts.scheme == "unix" and not parts.path:
+        return "needs a socket path, e.g. unix:///run/redis/redis.sock"
+    # Imported only when Redis is configured, as in limiter_from_url.
+    from redis.asyncio import ConnectionPool  # noqa: PLC0415
+
+    try:
+        ConnectionPool.from_url(url).make_connection()  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError):
+        return "has an option or value the Redis client does not accept"
+    return None
 
 
 def limiter_from_url(
     url: str | None,
     *,
     on_fallback: Callable[[], None] | None = None,
+    on_state_change: Callable[[bool], Awaitable[None]] | None = None,
     timeout: float = 0.1,
+    connect_timeout: float = 2.0,
 ) -> RateLimiter:
     """The limiter for a configured Redis URL: in memory when None or blank, else Redis failing
-    open to in memory. No connection is made here (the client connects on first use)."""
+    open to in memory (FailoverRateLimiter: `timeout` bounds a decision, `connect_timeout`
+    opening a connection). No connection is made here: the limiter's watcher connects once
+    started (`FailoverRateLimiter.start()`, or its first call)."""
     if url is None or not url.strip():
         return InMemoryRateLimiter()
     # Imported only when Redis is configured: the client library costs memory in every replica.
@@ -40,8 +81,10 @@ def limiter_from_url(
     )
 
     return FailoverRateLimiter(
-        RedisRateLimiter(redis_client_from_url(url)),
+        RedisRateLimiter(redis_client_from_url(url, socket_timeout=max(timeout, connect_timeout))),
         InMemoryRateLimiter(),
         on_fallback=on_fallback,
+        on_state_change=on_state_change,
         timeout=timeout,
+        connect_timeout=connect_timeout,
     )

@@ -30,9 +30,57 @@ from typing import Protocol
 
 MICROS = 1_000_000
 
+MAX_BURST = 1_000_000
+MAX_PER_MINUTE = 6_000_000
+"""100,000 calls a second: far above what one replica serves, and an interval of 10 us."""
+
 # burst * T must stay far below 2**53 microseconds (Lua doubles) even when added to a Unix
 # timestamp in microseconds (~1.7e15): 2**50 us is about 35 years.
 _MAX_WINDOW_US = 2**50
+
+
+class RateLimitError(ValueError):
+    """A limit the limiter cannot hold: `field` ("burst" or "per_minute") and what is wrong,
+    without the offending value, so callers can name the field in their own words."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _interval_us(per_minute: float) -> int:
+    return max(1, round(60 * MICROS / per_minute))
+
+
+def check_rate_limit(burst: object, per_minute: object) -> None:
+    """Raise RateLimitError unless `burst` and `per_minute` make a limit the math can hold.
+
+    The one rule for every limit: the service default from the settings, a key's own limit
+    from the keys file, and RateLimit itself, so a limit accepted at start-up never fails a call.
+    """
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst <= 0:
+        raise RateLimitError("burst", "must be a positive integer")
+    if burst > MAX_BURST:
+        raise RateLimitError("burst", f"must be at most {MAX_BURST:,}")
+    if (
+        isinstance(per_minute, bool)
+        or not isinstance(per_minute, int | float)
+        or not math.isfinite(per_minute)
+        or per_minute <= 0
+    ):
+        raise RateLimitError("per_minute", "must be a positive number")
+    if per_minute > MAX_PER_MINUTE:
+        raise RateLimitError("per_minute", f"must be at most {MAX_PER_MINUTE:,}")
+    # In floats first: a tiny per_minute makes the interval infinite, which round() refuses.
+    if burst * 60 * MICROS / per_minute > _MAX_WINDOW_US or (
+        burst * _interval_us(per_minute) > _MAX_WINDOW_US
+    ):
+        raise RateLimitError(
+            "per_minute",
+            "is too small for the burst: a full burst must refill within 35 years "
+            "(burst * 60 / per_minute seconds)",
+        )
 
 
 @dataclass(frozen=True)
@@ -43,14 +91,7 @@ class RateLimit:
     per_minute: float
 
     def __post_init__(self) -> None:
-        if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst <= 0:
-            raise ValueError(f"burst must be a positive integer, got {self.burst!r}")
-        if not math.isfinite(self.per_minute) or self.per_minute <= 0:
-            raise ValueError(f"per_minute must be a positive number, got {self.per_minute!r}")
-        if self.per_minute > 60 * MICROS:
-            raise ValueError("per_minute must be at most one call per microsecond")
-        if self.burst * self.interval_us > _MAX_WINDOW_US:
-            raise ValueError("burst * emission interval is too long")
+        check_rate_limit(self.burst, self.per_minute)
 
     @property
     def emission_interval(self) -> float:
@@ -60,7 +101,7 @@ class RateLimit:
     @cached_property
     def interval_us(self) -> int:
         """The emission interval in whole microseconds (at least 1), as the math uses it."""
-        return max(1, round(60 * MICROS / self.per_minute))
+        return _interval_us(self.per_minute)
 
 
 @dataclass(frozen=True)

@@ -123,24 +123,33 @@ class RedisRateLimiter:
         allowed, remaining, retry_after_us, reset_after_us = (int(v) for v in reply)
         return decision_from_us(limit, allowed == 1, remaining, retry_after_us, reset_after_us)
 
+    async def connect(self) -> None:
+        """Open a connection if the pool has none ready and load both scripts (one pipelined
+        round trip), so the next decision is a single EVALSHA even on a restarted Redis."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.script_load(LUA_GCRA)
+            pipe.script_load(LUA_REFUND)
+            await pipe.execute()
+
+    async def ping(self) -> None:
+        await self._client.ping()
+
     async def close(self) -> None:
         if self._owns_client:
             await self._client.aclose()
 
 
-# Socket timeouts for the Redis client: the hot path is bounded by FailoverRateLimiter's own
-# (shorter) timeout anyway; these stop a dead connection from lingering in the pool.
-REDIS_SOCKET_TIMEOUT = 0.5
+def redis_client_from_url(url: str, *, socket_timeout: float = 2.0) -> redis.asyncio.Redis:
+    """A Redis client for rate limiting: `socket_timeout` bounds opening a connection and each
+    read, and at most one immediate retry.
 
-
-def redis_client_from_url(url: str) -> redis.asyncio.Redis:
-    """A Redis client for rate limiting: short socket timeouts, at most one immediate retry.
-
+    FailoverRateLimiter bounds decisions by its own, shorter timeout without cancelling them, so
+    the socket timeout is what ends a request to a hung Redis and frees its connection.
     The URL may hold a password: never log it (FailoverRateLimiter does not)."""
     return redis.asyncio.Redis.from_url(
         url.strip(),
-        socket_timeout=REDIS_SOCKET_TIMEOUT,
-        socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
         # One immediate retry replaces a stale pooled connection (e.g. after a Redis restart);
         # backing off would only run into the failover timeout.
         retry=Retry(NoBackoff(), 1),

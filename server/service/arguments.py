@@ -5,12 +5,14 @@ Messages name the field and the rule, never the value: values may be prompt text
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import fastjsonschema
 
-from server.errors import FieldViolation, InvalidArgument
+from server.errors import MAX_VIOLATIONS, FieldViolation, InvalidArgument
 
 if TYPE_CHECKING:
     from jsonschema import Draft202012Validator
@@ -34,29 +36,31 @@ def _path(base: str, parts: Iterable[Any]) -> str:
     return path
 
 
-def _describe(error: ValidationError) -> list[FieldViolation]:
+def _describe(error: ValidationError, room: int) -> tuple[list[FieldViolation], int]:
+    """Up to `room` violations for one jsonschema error, and how many more it stands for."""
     field = _path("arguments", error.absolute_path)
     rule: Any = error.validator
     expected: Any = error.validator_value
     schema: Any = error.schema
     if rule == "additionalProperties" and isinstance(error.instance, dict):
-        known = set(schema.get("properties", {}))
-        return [
-            FieldViolation(f"{field}.{key}", "unknown argument")
-            for key in sorted(set(error.instance) - known)
-        ]
+        known = schema.get("properties", {})
+        unknown = [key for key in error.instance if key not in known]
+        # The first in sorted order, without sorting them all: a caller may send thousands.
+        shown = heapq.nsmallest(room, unknown)
+        violations = [FieldViolation(_path(field, [key]), "unknown argument") for key in shown]
+        return violations, len(unknown) - len(shown)
     if rule == "required" and isinstance(error.instance, dict):
-        return [
-            FieldViolation(f"{field}.{key}", "is required")
-            for key in expected
-            if key not in error.instance
-        ]
+        missing = [key for key in expected if key not in error.instance]
+        violations = [FieldViolation(f"{field}.{key}", "is required") for key in missing[:room]]
+        return violations, len(missing) - len(violations)
+    if room <= 0:
+        return [], 1
     if rule == "type":
         types = [expected] if isinstance(expected, str) else list(expected)
         words = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
-        return [FieldViolation(field, f"must be {words}")]
+        return [FieldViolation(field, f"must be {words}")], 0
     if rule == "enum":
-        return [FieldViolation(field, "must be one of " + ", ".join(map(str, expected)))]
+        return [FieldViolation(field, "must be one of " + ", ".join(map(str, expected)))], 0
     descriptions = {
         "maxLength": f"must be at most {expected} characters",
         "minLength": f"must be at least {expected} characters",
@@ -66,7 +70,12 @@ def _describe(error: ValidationError) -> list[FieldViolation]:
         "minItems": f"must have at least {expected} items",
         "pattern": "has an invalid format",
     }
-    return [FieldViolation(field, descriptions.get(str(rule), f"breaks the schema rule {rule}"))]
+    description = descriptions.get(str(rule), f"breaks the schema rule {rule}")
+    return [FieldViolation(field, description)], 0
+
+
+def _string_path(error: ValidationError) -> str:
+    return _path("arguments", error.absolute_path)
 
 
 # Keywords that mean the same in draft 2020-12 (jsonschema) and draft-07 (fastjsonschema), plus
@@ -160,7 +169,8 @@ class ArgumentValidator:
         return self._fast is not None
 
     def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """Raise InvalidArgument listing every violation; return arguments with ints restored."""
+        """Return arguments with ints restored, or raise InvalidArgument with the first
+        MAX_VIOLATIONS violations (sorted by field) and a count of the rest."""
         restored: dict[str, Any] = (
             restore_integers(arguments, self._schema) if self._has_integers else arguments
         )
@@ -173,11 +183,25 @@ class ArgumentValidator:
                 return restored
         if self._full is None:
             self._full = full_validator(self._schema)
-        errors = sorted(self._full.iter_errors(restored), key=lambda e: list(e.path))
-        if errors:
-            violations = [v for error in errors for v in _describe(error)]
-            raise InvalidArgument("arguments do not match the tool's input schema", violations)
-        return restored
+        # jsonschema finds errors lazily: stop at one more than can be shown. Every error
+        # costs tens of microseconds, and a list of thousands of bad items has one per item.
+        found = itertools.islice(self._full.iter_errors(restored), MAX_VIOLATIONS + 1)
+        errors = sorted(found, key=_string_path)
+        if not errors:
+            return restored
+        cut = len(errors) > MAX_VIOLATIONS
+        violations: list[FieldViolation] = []
+        more = 1 if cut else 0
+        for error in errors[:MAX_VIOLATIONS]:
+            shown, hidden = _describe(error, MAX_VIOLATIONS - len(violations))
+            violations.extend(shown)
+            more += hidden
+        raise InvalidArgument(
+            "arguments do not match the tool's input schema",
+            violations,
+            more=more,
+            more_is_exact=not cut,
+        )
 
 
 def restore_integers(value: Any, schema: dict[str, Any]) -> Any:

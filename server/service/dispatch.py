@@ -23,8 +23,14 @@ from server.tools.base import CallContext, Tool, ToolDefinition, ToolFailure, To
 DEFAULT_PAGE_SIZE = 50
 # Names are echoed in errors and logs only this far: a caller may send megabytes.
 MAX_NAME_SHOWN = 200
+# ... and in the status message, whose trailer the caller's gRPC library caps at a few KB.
+_NAME_IN_MESSAGE = 64
 MAX_PAGE_SIZE = 100
 _CURSOR_PREFIX = "v1:"
+# Offsets this server issues are below the number of tools: nine digits is more than enough.
+_MAX_OFFSET_DIGITS = 9
+# Base64 of the prefix and the longest offset, with room to spare: anything longer is not ours.
+MAX_CURSOR_CHARS = 32
 
 
 @dataclass(frozen=True)
@@ -38,18 +44,32 @@ def _encode_cursor(offset: int) -> str:
 
 
 def _decode_cursor(cursor: str) -> int:
+    """The offset in a cursor this server issued; InvalidArgument for any other text.
+
+    Only the exact text `_encode_cursor` gives is accepted: short, ASCII, `v1:` and up to
+    `_MAX_OFFSET_DIGITS` ASCII digits without leading zeros (`str.isdigit` alone would let in
+    other scripts' digits and superscripts, and `int` refuses more than 4,300 digits)."""
     bad = InvalidArgument(
         "cursor is not one this server issued",
         [FieldViolation("cursor", "must be a next_cursor returned by ListTools")],
     )
+    if len(cursor) > MAX_CURSOR_CHARS or not cursor.isascii():
+        raise bad
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise bad from None
     offset = text.removeprefix(_CURSOR_PREFIX)
-    if not text.startswith(_CURSOR_PREFIX) or not offset.isdigit():
+    if (
+        not text.startswith(_CURSOR_PREFIX)
+        or not 0 < len(offset) <= _MAX_OFFSET_DIGITS
+        or not offset.isdigit()
+    ):
         raise bad
-    return int(offset)
+    start = int(offset)
+    if _encode_cursor(start) != cursor:
+        raise bad
+    return start
 
 
 class ToolDispatcher:
@@ -98,7 +118,8 @@ class ToolDispatcher:
         tool = self._tools.get(name)
         if tool is None:
             shown = name[:MAX_NAME_SHOWN]
-            raise ToolNotFound(f"no tool named {shown!r}", metadata={"tool": shown})
+            named = repr(name[:_NAME_IN_MESSAGE]) + ("..." if len(name) > _NAME_IN_MESSAGE else "")
+            raise ToolNotFound(f"no tool named {named}", metadata={"tool": shown})
         if not principal.may(tool.definition.permission):
             raise PermissionDenied(
                 f"this caller may not call {name}",

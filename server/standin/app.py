@@ -12,14 +12,16 @@ import asyncio
 import contextlib
 import enum
 import ipaddress
+import itertools
 import json
 import secrets
 import socket
 import struct
 import threading
+import zlib
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
@@ -31,9 +33,12 @@ __all__ = [
     "LOOPBACK_HOSTS",
     "REFINE_SUFFIX",
     "RUN_PATH",
+    "Endless",
     "Exchange",
     "Garbage",
+    "GzipBomb",
     "Hang",
+    "Large",
     "RawBytes",
     "RecordedRequest",
     "Refine",
@@ -54,6 +59,8 @@ REFINE_SUFFIX: Final = " Be specific and concise."
 LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "::1"})
 
 _JSON: Final = "application/json"
+# Streamed bodies go out in pieces this big, so the stand-in never holds a large body itself.
+_CHUNK: Final = 64 * 1024
 
 
 class _Auto(enum.Enum):
@@ -65,7 +72,8 @@ class _Auto(enum.Enum):
 AUTO: Final = _Auto.AUTO
 """Default for ``trace_id``: a fresh random 32-hex id for every reply."""
 
-TraceId = str | _Auto | None
+# Anything JSON can hold, to test how the service treats odd trace ids (None: left out).
+TraceId = str | int | float | bool | list[Any] | dict[str, Any] | _Auto | None
 
 
 def check_loopback(host: str) -> str:
@@ -79,7 +87,7 @@ def check_loopback(host: str) -> str:
     return literal
 
 
-def _trace_id(value: TraceId) -> str | None:
+def _trace_id(value: TraceId) -> Any:
     if isinstance(value, _Auto):
         return secrets.token_hex(16)
     return value
@@ -197,21 +205,32 @@ class Scenario(ABC):
 class Refine(Scenario):
     """The happy path: a deterministic refinement that keeps roles, order and variables.
 
-    ``summary=None`` sends ``"summary": null``; ``trace_id=None`` leaves the trace id out.
+    ``summary=None`` sends ``"summary": null``; ``trace_id=None`` leaves the trace id out; any
+    other JSON value is sent as the trace id as is.
     """
 
     summary: str | None = "Tightened the wording."
     trace_id: TraceId = AUTO
 
     async def respond(self, exchange: Exchange) -> web.StreamResponse:
-        body = exchange.body
-        try:
-            inputs = body["inputs"]
-            messages = refine_template(inputs["__ag_prompt_template_json"])
-        except (KeyError, TypeError, ValueError) as exc:
-            return _json_response(422, {"detail": f"cannot parse prompt template: {exc}"})
-        data = json.dumps({"messages": messages, "summary": self.summary})
-        return _json_response(200, _envelope(data, self.trace_id, "trace_id"))
+        refined = _refined_envelope(exchange, self.summary, self.trace_id)
+        if isinstance(refined, web.StreamResponse):
+            return refined
+        return _json_response(200, refined)
+
+
+def _refined_envelope(
+    exchange: Exchange, summary: str | None, trace_id: TraceId
+) -> dict[str, Any] | web.StreamResponse:
+    """The envelope of a refinement of the request's template, or a 422 when it has none."""
+    body = exchange.body
+    try:
+        inputs = body["inputs"]
+        messages = refine_template(inputs["__ag_prompt_template_json"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return _json_response(422, {"detail": f"cannot parse prompt template: {exc}"})
+    data = json.dumps({"messages": messages, "summary": summary})
+    return _envelope(data, trace_id, "trace_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +339,117 @@ class Truncated(Scenario):
         if transport is not None:
             transport.close()  # FIN after the buffered half; aiohttp's write_eof then fails quietly
         return response
+
+
+async def _stream(
+    exchange: Exchange,
+    status: int,
+    chunks: Iterable[bytes],
+    *,
+    length: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
+    """Send ``chunks`` as one body (chunked when ``length`` is None) until they run out, the
+    client goes away (counted as a disconnect) or the stand-in stops.
+
+    A write waits while the socket's buffers are full, so a client that stops reading stops
+    the stream and memory stays at a chunk or two.
+    """
+    response = web.StreamResponse(status=status, headers=dict(headers) if headers else None)
+    response.content_type = _JSON
+    if length is not None:
+        response.content_length = length
+    upstream = exchange.upstream
+    task = asyncio.current_task()
+    assert task is not None
+    upstream._waiting.add(task)  # stop() cancels it like a pause
+    try:
+        await response.prepare(exchange.request)
+        for chunk in chunks:
+            if upstream._closing:
+                break
+            await response.write(chunk)
+            # A write into a socket with room returns without yielding: yield here, so the
+            # loop sees a disconnect or stop() between chunks instead of spinning.
+            await asyncio.sleep(0)
+        else:
+            await response.write_eof()
+    except ConnectionResetError:
+        upstream._count_disconnect()
+    finally:
+        upstream._waiting.discard(task)
+    return response
+
+
+def _repeat(chunk: bytes, total: int | None) -> Iterator[bytes]:
+    """``chunk`` again and again: ``total`` bytes in all, or forever when None."""
+    left = total
+    while left is None or left > 0:
+        piece = chunk if left is None or left >= len(chunk) else chunk[:left]
+        if left is not None:
+            left -= len(piece)
+        yield piece
+
+
+@dataclass(frozen=True, slots=True)
+class Large(Scenario):
+    """A refinement padded to exactly ``size`` bytes of valid JSON, streamed in small chunks.
+
+    With Content-Length, unless ``chunked``. A size under the service's cap must succeed, one
+    over it must be refused; with an error ``status`` it is an error page that big.
+    """
+
+    size: int
+    chunked: bool = False
+    status: int = 200
+
+    async def respond(self, exchange: Exchange) -> web.StreamResponse:
+        refined = _refined_envelope(exchange, "Padded.", AUTO)
+        if isinstance(refined, web.StreamResponse):
+            return refined
+        refined["padding"] = ""
+        head = json.dumps(refined).encode()[: -len(b'"}')]  # ends inside the padding string
+        padding = self.size - len(head) - len(b'"}')
+        if padding < 0:
+            raise ValueError(f"a refinement needs at least {len(head) + 2} bytes")
+        parts = itertools.chain([head], _repeat(b" " * _CHUNK, padding), [b'"}'])
+        return await _stream(
+            exchange, self.status, parts, length=None if self.chunked else self.size
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Endless(Scenario):
+    """A chunked body that never ends; it stops when the client goes away (counted)."""
+
+    status: int = 200
+
+    async def respond(self, exchange: Exchange) -> web.StreamResponse:
+        parts = itertools.chain([b'{"padding": "'], _repeat(b" " * _CHUNK, None))
+        return await _stream(exchange, self.status, parts)
+
+
+@dataclass(frozen=True, slots=True)
+class GzipBomb(Scenario):
+    """``Content-Encoding: gzip``: a small body that inflates to ``inflated`` zero bytes.
+
+    Compressed on the fly, a MiB at a time, so the stand-in never holds more than that; a
+    client that decodes it whole holds all of it.
+    """
+
+    inflated: int = 1024 * 1024 * 1024
+    status: int = 200
+
+    async def respond(self, exchange: Exchange) -> web.StreamResponse:
+        headers = {"Content-Encoding": "gzip"}
+        return await _stream(exchange, self.status, _gzip_zeros(self.inflated), headers=headers)
+
+
+def _gzip_zeros(total: int) -> Iterator[bytes]:
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip framing
+    for zeros in _repeat(bytes(1024 * 1024), total):
+        yield compressor.compress(zeros) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    yield compressor.flush()
 
 
 @dataclass(slots=True)
@@ -518,13 +648,17 @@ class StandinUpstream:
         except asyncio.CancelledError:
             # aiohttp cancels the handler (handler_cancellation=True) when the client goes away;
             # stop() cancels too, but sets _closing first so that is not counted.
-            if not self._closing:
-                with self._cond:
-                    self._disconnects += 1
-                    self._notify_locked()
+            self._count_disconnect()
             raise
         finally:
             self.in_flight -= 1
+
+    def _count_disconnect(self) -> None:
+        """A client went away mid-answer (not counted while the stand-in itself stops)."""
+        if not self._closing:
+            with self._cond:
+                self._disconnects += 1
+                self._notify_locked()
 
     # -- running inside the caller's loop --------------------------------------------------
 

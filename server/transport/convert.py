@@ -7,7 +7,16 @@ from typing import Any
 from aiservices.v1 import tool_service_pb2 as pb
 from google.protobuf import struct_pb2
 
+from server.errors import FieldViolation, InvalidArgument
 from server.tools.base import ToolDefinition, ToolResult
+
+# Values (object members and list items, at any depth) one call's arguments may hold. A 4 MB
+# request can carry a million of them, and explaining a refusal costs jsonschema up to 10-15 us
+# per value: seconds of a held event loop, while real arguments hold a handful of values. At this
+# bound converting and checking any arguments stays well within the 50 ms a call may hold it.
+MAX_ARGUMENT_VALUES = 2_000
+# Object keys in arguments are names; every refusal quotes the unknown ones, twice over.
+MAX_KEY_CHARS = 256
 
 
 def struct_from(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -16,7 +25,34 @@ def struct_from(value: dict[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
-def _python_value(value: struct_pb2.Value) -> Any:
+class _TooLarge(Exception):
+    """Raised where a bound was broken; each enclosing container adds its key on the way up."""
+
+    def __init__(self, message: str, description: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.description = description
+        self.path: list[str | int] = []
+
+
+class _Budget:
+    __slots__ = ("left", "values")
+
+    def __init__(self, values: int) -> None:
+        self.values = self.left = values
+
+    def spend(self, values: int) -> None:
+        """Charged for a container before its items are converted, so a huge one costs
+        nothing but this check."""
+        self.left -= values
+        if self.left < 0:
+            raise _TooLarge(
+                f"the arguments hold more than {self.values} values",
+                f"holds more values than the {self.values} allowed in all",
+            )
+
+
+def _python_value(value: struct_pb2.Value, budget: _Budget) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "string_value":
         return value.string_value
@@ -25,17 +61,52 @@ def _python_value(value: struct_pb2.Value) -> Any:
     if kind == "bool_value":
         return value.bool_value
     if kind == "struct_value":
-        return dict_from(value.struct_value)
+        return _dict(value.struct_value, budget)
     if kind == "list_value":
-        return [_python_value(item) for item in value.list_value.values]
+        items = value.list_value.values
+        budget.spend(len(items))
+        converted = []
+        for index, item in enumerate(items):
+            try:
+                converted.append(_python_value(item, budget))
+            except _TooLarge as exc:
+                exc.path.append(index)
+                raise
+        return converted
     return None
 
 
-def dict_from(struct: struct_pb2.Struct) -> dict[str, Any]:
+def _dict(struct: struct_pb2.Struct, budget: _Budget) -> dict[str, Any]:
+    fields = struct.fields
+    budget.spend(len(fields))
+    converted = {}
+    for key, value in fields.items():
+        try:
+            if len(key) > MAX_KEY_CHARS:
+                raise _TooLarge(
+                    f"an argument name is longer than {MAX_KEY_CHARS} characters",
+                    f"is a name longer than {MAX_KEY_CHARS} characters",
+                )
+            converted[key] = _python_value(value, budget)
+        except _TooLarge as exc:
+            exc.path.append(key)
+            raise
+    return converted
+
+
+def dict_from(struct: struct_pb2.Struct, max_values: int = MAX_ARGUMENT_VALUES) -> dict[str, Any]:
     """Plain Python from a Struct (numbers stay floats; the schema check restores ints).
 
-    Direct, rather than json_format.MessageToDict: it runs on every CallTool."""
-    return {key: _python_value(value) for key, value in struct.fields.items()}
+    InvalidArgument naming the field when the Struct holds more than `max_values` values (the
+    object or list where the count ran out) or a key longer than MAX_KEY_CHARS. Direct, rather
+    than json_format.MessageToDict: it runs on every CallTool."""
+    try:
+        return _dict(struct, _Budget(max_values))
+    except _TooLarge as exc:
+        field = "arguments"
+        for part in reversed(exc.path):
+            field += f"[{part}]" if isinstance(part, int) else f".{part}"
+        raise InvalidArgument(exc.message, [FieldViolation(field, exc.description)]) from None
 
 
 def tool_message(definition: ToolDefinition) -> pb.Tool:

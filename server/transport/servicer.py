@@ -23,7 +23,13 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from server.errors import DeadlineExceeded, ServiceError
 from server.metrics import Metrics
 from server.service.dispatch import MAX_NAME_SHOWN, ToolDispatcher
-from server.tools.base import CallContext, ToolDefinition, ToolErrorCode
+from server.tools.base import (
+    CallContext,
+    ToolDefinition,
+    ToolErrorCode,
+    ToolFailure,
+    ToolResult,
+)
 from server.transport.convert import call_response, dict_from, tool_message
 from server.transport.state import current_call
 from server.transport.status import abort, internal_status
@@ -80,10 +86,13 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
         *,
         metrics: Metrics | None = None,
         log_payloads: bool = False,
+        max_reply_bytes: int | None = None,
     ) -> None:
+        """`max_reply_bytes`: the server's send limit (grpc.max_send_message_length)."""
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._log_payloads = log_payloads
+        self._max_reply_bytes = max_reply_bytes
         # Built once: GetStatus is on every caller's hot path, and its answer depends only on
         # the caller's permissions (a handful of distinct sets, one per kind of key).
         self._messages: dict[str, pb.Tool] = {}
@@ -148,10 +157,24 @@ class ToolServicer(pb_grpc.ToolServiceServicer):
             and (call.time_left() or 0.0) <= _DEADLINE_SLACK
         ):
             raise DeadlineExceeded("the call's deadline passed before the upstream answered")
+        response = call_response(result, state.request_id)
+        limit = self._max_reply_bytes
+        if limit is not None and (size := response.ByteSize()) > limit:
+            # grpc would refuse to send it, and the caller would see RESOURCE_EXHAUSTED while
+            # the log and metrics said OK: answer with what can be sent, and record that.
+            result = ToolResult.failure(
+                ToolFailure(
+                    ToolErrorCode.UPSTREAM_ERROR,
+                    f"the tool's result is larger than this server may send ({size} bytes, "
+                    f"limit {limit})",
+                    trace_id=result.trace_id,
+                )
+            )
+            response = call_response(result, state.request_id)
         state.trace_id = result.trace_id
         state.tool_outcome = result.error.code.value if result.error else "OK"
         if self._metrics is not None:
             self._metrics.tool_call(request.name, state.tool_outcome, state.principal.key_id)
         if state.payload is not None:
             state.payload["result"] = result.structured or result.text
-        return call_response(result, state.request_id)
+        return response

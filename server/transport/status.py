@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import traceback
+import uuid
 from typing import NoReturn
 
 import grpc
@@ -11,8 +14,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server import errors
+from server.transport.state import current_call
 
 DOMAIN = "aiservices"
+
+log = logging.getLogger("aiservices.server")
 
 _CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -46,37 +52,107 @@ def retry_after_seconds(delay: float) -> int:
     return max(1, math.ceil(delay))
 
 
+# A gRPC client refuses trailers over 8 KB by default (grpc.max_metadata_size): the caller would
+# see RESOURCE_EXHAUSTED instead of the status the server logged. Every status stays well under:
+# the message at most MAX_MESSAGE_WIRE_BYTES as sent (percent-encoded), the google.rpc.Status
+# at most MAX_DETAILS_BYTES (sent in base64, a third more), each other trailer value at most
+# MAX_TRAILER_VALUE_CHARS; about 4 KB in all.
+MAX_MESSAGE_WIRE_BYTES = 512
+MAX_DETAILS_BYTES = 2048
+MAX_TRAILER_VALUE_CHARS = 256
+_MAX_INFO_KEY_CHARS = 64
+_MAX_INFO_VALUE_CHARS = 256
+# ErrorInfo metadata: how many field violations the BadRequest leaves out; "N+" when only a
+# lower bound is known.
+VIOLATIONS_NOT_SHOWN = "violations_not_shown"
+
+
+def _wire_bytes(char: str) -> int:
+    """What one character of grpc-message costs on the wire: printable ASCII but `%` as is,
+    every other UTF-8 byte as %XX."""
+    if " " <= char <= "~" and char != "%":
+        return 1
+    return 3 * len(char.encode("utf-8", "replace"))
+
+
+def _clip_message(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_WIRE_BYTES // 9 or (
+        len(message) <= MAX_MESSAGE_WIRE_BYTES and message.isascii() and "%" not in message
+    ):
+        return message
+    budget = MAX_MESSAGE_WIRE_BYTES - 3  # room for "..."
+    for index, char in enumerate(message):
+        budget -= _wire_bytes(char)
+        if budget < 0:
+            return message[:index] + "..."
+    return message
+
+
+def _status_details(
+    code: grpc.StatusCode, message: str, error: errors.ServiceError
+) -> status_pb2.Status:
+    """The google.rpc.Status for `error`, within MAX_DETAILS_BYTES: field violations are left
+    out from the last (and counted) until it fits, down to the first; then the ErrorInfo
+    metadata, then the first violation too."""
+    metadata = {
+        errors.clip(key, _MAX_INFO_KEY_CHARS): errors.clip(value, _MAX_INFO_VALUE_CHARS)
+        for key, value in error.metadata.items()
+    }
+    violations: list[errors.FieldViolation] = []
+    not_shown, exact = 0, True
+    if isinstance(error, errors.InvalidArgument):
+        violations = list(error.violations)
+        not_shown, exact = error.not_shown, error.not_shown_exact
+    retry_info = None
+    if isinstance(error, errors.RetryLater):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(max(error.retry_after, 0.0) * 1e9))
+        retry_info = _pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    given = len(violations)
+    while True:
+        hidden = not_shown + given - len(violations)
+        info = dict(metadata)
+        if hidden:
+            info[VIOLATIONS_NOT_SHOWN] = f"{hidden}" if exact else f"{hidden}+"
+        details = [
+            _pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=info))
+        ]
+        if violations:
+            request = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description
+                    )
+                    for v in violations
+                ]
+            )
+            details.append(_pack(request))
+        if retry_info is not None:
+            details.append(retry_info)
+        status = status_pb2.Status(
+            code=getattr(code_pb2, code.name), message=message, details=details
+        )
+        if status.ByteSize() <= MAX_DETAILS_BYTES or not (violations or metadata):
+            return status
+        if len(violations) > 1 or not metadata:
+            violations.pop()
+        else:
+            metadata = {}
+
+
 def to_grpc_status(
     error: errors.ServiceError, trailers: dict[str, str] | None = None
 ) -> grpc.Status:
     code = status_code_for(error)
-    details = [
-        _pack(
-            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
-        )
-    ]
     extra = dict(trailers or {})
-    if isinstance(error, errors.InvalidArgument) and error.violations:
-        request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
-        details.append(_pack(request))
     if isinstance(error, errors.RetryLater):
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(max(error.retry_after, 0.0) * 1e9))
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
         extra.update(error.headers)
         extra["retry-after"] = str(retry_after_seconds(error.retry_after))
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=details
-    )
+    status = _status_details(code, _clip_message(error.message), error)
     converted = rpc_status.to_status(status)
-    metadata = tuple(converted.trailing_metadata) + tuple(extra.items())
+    metadata = tuple(converted.trailing_metadata) + tuple(
+        (name, value[:MAX_TRAILER_VALUE_CHARS]) for name, value in extra.items()
+    )
     return _Status(converted.code, converted.details, metadata)
 
 
@@ -97,6 +173,25 @@ async def abort(
     status = to_grpc_status(error, trailers)
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def report_unexpected(exc: BaseException) -> errors.ServiceError:
+    """Log `exc` by type and place under a fresh support id (with the call's request id);
+    return the INTERNAL error that quotes the support id to the caller. Never the exception's
+    text, to either: it may quote request data."""
+    support_id = uuid.uuid4().hex[:16]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    log.error(
+        "unexpected error",
+        extra={
+            "support_id": support_id,
+            "request_id": current_call().request_id,
+            "error": type(exc).__name__,
+            "at": where,
+        },
+    )
+    return internal_status(support_id)
 
 
 def internal_status(support_id: str) -> errors.ServiceError:

@@ -7,9 +7,11 @@ It speaks HTTP only and reports failures as `UpstreamError`s, classified so call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +25,17 @@ RUN_PATH = "/services/completion/run"
 # A longer Retry-After is no use to a caller and would not fit a protobuf Duration anyway.
 MAX_RETRY_AFTER = 86_400.0
 USER_AGENT = "aiservices/0.1"
+DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024
+# An error reply's body is only drained, so the connection can be reused; a longer one is not
+# worth reading and the connection is closed instead.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+# Parsing JSON costs time per value built, not per byte: 4 MiB of nested empty lists holds the
+# event loop for a second (the cyclic GC makes it superlinear), while 100,000 values of any
+# shape parse in about 10 ms. A refine reply holds a few dozen.
+MAX_REPLY_VALUES = 100_000
+# A trace id is passed on to callers and logs: a short token of safe characters or nothing.
+MAX_TRACE_ID_CHARS = 128
+_TRACE_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_TRACE_ID_CHARS}}}")
 # The body is built with json, not orjson: orjson's 4 KB working buffer per call fragments the
 # heap while the call waits, about 4 MB more at peak with 1,000 slow calls in flight (measured
 # with `python -m bench --only slow`), for 2 % less CPU per call.
@@ -68,6 +81,13 @@ class UpstreamBadReply(UpstreamError):
     """A 2xx reply that is not the completion-runner JSON shape."""
 
 
+class UpstreamReplyTooLarge(UpstreamBadReply):
+    """A reply over the byte cap, or holding more JSON values than a parse may build.
+
+    Not retryable: the same prompt would most likely answer the same way.
+    """
+
+
 @dataclass(frozen=True)
 class CompletionReply:
     data: Any
@@ -108,8 +128,92 @@ def _classify(exc: httpx.TransportError) -> UpstreamError:
 
 
 def _trace_id(reply: dict[str, Any]) -> str:
-    value = reply.get("trace_id") or reply.get("traceId") or ""
-    return value if isinstance(value, str) else str(value)
+    """The upstream's trace id when it is a short token of safe characters, else "".
+
+    It reaches callers and the access log as is, so anything else (an object, a long string,
+    control characters) is dropped rather than escaped or cut.
+    """
+    value = reply.get("trace_id") or reply.get("traceId")
+    if isinstance(value, str) and len(value) <= MAX_TRACE_ID_CHARS and _TRACE_ID.fullmatch(value):
+        return value
+    return ""
+
+
+def _holds_too_many_values(text: str | bytes | bytearray) -> bool:
+    """Whether a JSON parse of `text` might build more than MAX_REPLY_VALUES values.
+
+    Every array element follows `[` or `,`, every object member (a key and a value) `{` or `,`,
+    so the values number at most twice the count of those characters, plus one. Counting runs at
+    memchr speed and is skipped for text too short to hold that many.
+    """
+    if 2 * len(text) + 1 <= MAX_REPLY_VALUES:
+        return False
+    if isinstance(text, str):
+        openers = text.count("[") + text.count("{") + text.count(",")
+    else:
+        openers = text.count(b"[") + text.count(b"{") + text.count(b",")
+    return 2 * openers + 1 > MAX_REPLY_VALUES
+
+
+def parse_completion(
+    body: bytes | bytearray, *, status: int = 200, latency: float = 0.0
+) -> CompletionReply:
+    """A 2xx body as a CompletionReply; raises only UpstreamBadReply (or its subclass).
+
+    The values a parse would build are bounded first, for the envelope and for `data` when it
+    is a string (the tool parses that string again), so no body within the byte cap holds the
+    event loop for long.
+    """
+    if _holds_too_many_values(body):
+        raise UpstreamReplyTooLarge(_too_many_values())
+    try:
+        reply = orjson.loads(body)
+    except (ValueError, RecursionError):
+        raise UpstreamBadReply("the upstream reply is not JSON") from None
+    if not isinstance(reply, dict) or "data" not in reply:
+        raise UpstreamBadReply("the upstream reply has no data field")
+    data = reply["data"]
+    if isinstance(data, str) and _holds_too_many_values(data):
+        raise UpstreamReplyTooLarge(_too_many_values())
+    return CompletionReply(data, _trace_id(reply), status, latency)
+
+
+def _too_many_values() -> str:
+    return f"the upstream reply is too large: more than {MAX_REPLY_VALUES:,} JSON values"
+
+
+def _too_many_bytes(limit: int) -> str:
+    return f"the upstream reply is too large: more than {limit:,} bytes"
+
+
+async def read_capped(response: httpx.Response, limit: int) -> bytearray:
+    """The body as it came over the wire, at most `limit` bytes, else UpstreamReplyTooLarge.
+
+    Refused before reading when Content-Length says it is longer; otherwise counted chunk by
+    chunk (the transport yields at most 16 KiB at a time), so a chunked or endless body never
+    holds more than `limit` bytes. Raw bytes are read, never decoded: see `_check_encoding`.
+    The caller closes the response, which drops a connection left half-read.
+    """
+    declared = response.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise UpstreamReplyTooLarge(_too_many_bytes(limit))
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        if len(body) + len(chunk) > limit:
+            raise UpstreamReplyTooLarge(_too_many_bytes(limit))
+        body += chunk
+    return body
+
+
+def _check_encoding(response: httpx.Response) -> None:
+    """Only identity bodies are accepted, and requests say so (`Accept-Encoding: identity`).
+
+    Replies are a few KB, so compression saves nothing worth a decoder, and a decoder is what
+    turns a small gzip body into gigabytes. A reply compressed anyway is refused unread.
+    """
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UpstreamBadReply("the upstream reply uses a content encoding that is not supported")
 
 
 # (status or failure kind, seconds): reported once per HTTP attempt, for metrics and logs.
@@ -121,6 +225,9 @@ MIN_ATTEMPT_SECONDS = 0.5
 
 class AgentaCompletionClient:
     """Runs a deployed prompt: `POST {base_url}/services/completion/run`.
+
+    Reads at most `max_reply_bytes` of a reply, uncompressed, and releases the connection as
+    soon as it stops reading: an oversized reply is an UpstreamReplyTooLarge.
 
     Retries only where it is safe and can help: a connection that failed before the request
     was sent, and 429/503 with a Retry-After that fits in the time left.
@@ -135,6 +242,7 @@ class AgentaCompletionClient:
         environment: str,
         timeout: float,
         max_retries: int = 1,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
         observer: ResponseObserver | None = None,
     ) -> None:
         self._transport = transport
@@ -147,12 +255,14 @@ class AgentaCompletionClient:
                 "Authorization": f"ApiKey {api_key}",
                 "Content-Type": "application/json",
                 "Accept": "application/json",
+                "Accept-Encoding": "identity",
                 "User-Agent": USER_AGENT,
             }
         ).raw
         self._environment = environment
         self.timeout = timeout
         self.max_retries = max_retries
+        self.max_reply_bytes = max_reply_bytes
         self._observer = observer
 
     async def run(
@@ -221,10 +331,16 @@ class AgentaCompletionClient:
             async with asyncio.timeout(budget):
                 response = await self._transport.handle_async_request(request)
                 try:
-                    await response.aread()
+                    body = await self._read(response)
                 finally:
                     await response.aclose()
             outcome = str(response.status_code)
+        except UpstreamReplyTooLarge:
+            outcome = "too_large"
+            raise
+        except UpstreamBadReply:
+            outcome = "invalid"
+            raise
         except TimeoutError:
             outcome = "timeout"
             raise UpstreamTimeout("the upstream did not answer in time") from None
@@ -245,20 +361,19 @@ class AgentaCompletionClient:
         finally:
             if self._observer is not None:
                 self._observer(outcome, time.monotonic() - started)
-        return self._parse(response, time.monotonic() - started)
-
-    @staticmethod
-    def _parse(response: httpx.Response, latency: float) -> CompletionReply:
         status = response.status_code
-        if not 200 <= status < 300:
+        if not response.is_success:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             raise UpstreamStatusError(
                 status, f"the upstream answered HTTP {status}", retry_after=retry_after
             )
-        try:
-            reply = orjson.loads(response.content)
-        except (ValueError, RecursionError):
-            raise UpstreamBadReply("the upstream reply is not JSON") from None
-        if not isinstance(reply, dict) or "data" not in reply:
-            raise UpstreamBadReply("the upstream reply has no data field")
-        return CompletionReply(reply["data"], _trace_id(reply), status, latency)
+        return parse_completion(body, status=status, latency=time.monotonic() - started)
+
+    async def _read(self, response: httpx.Response) -> bytes | bytearray:
+        """A 2xx body within the byte cap; an error reply's body drained and dropped."""
+        if not response.is_success:
+            with contextlib.suppress(UpstreamReplyTooLarge):
+                await read_capped(response, min(MAX_ERROR_BODY_BYTES, self.max_reply_bytes))
+            return b""
+        _check_encoding(response)
+        return await read_capped(response, self.max_reply_bytes)

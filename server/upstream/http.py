@@ -4,6 +4,10 @@ httpx's transport interface on aiohttp: httpx's default transport costs far more
 and degrades with hundreds of slow calls in flight, and going through the transport rather than
 httpx.AsyncClient skips per-request work the upstream call does not need (cookies, redirects,
 auth flows, header merging): figures in README, Performance.
+
+The transport never decompresses (it turns aiohttp's auto-decompression off) and httpx decodes
+a body only when it is read with aread() or aiter_bytes(); the upstream client reads raw bytes
+and asks for uncompressed replies, so a reply costs no more memory than its bytes on the wire.
 """
 
 from __future__ import annotations

@@ -44,4 +44,5 @@ def load_test_keys() -> TestKeys:
     )
     path = directory / "keys.toml"
     path.write_text(text)
+    path.chmod(0o600)  # as an operator keeps it: a keys file others can read is warned about
     return TestKeys(path=path, **keys)

@@ -25,7 +25,13 @@ def is_open_method(method: str) -> bool:
 
 class UndecodableRequest:
     """Stands in for request bytes that did not parse, so an interceptor can refuse them with a
-    proper status: left to grpc, the parser's exception becomes UNKNOWN with its text."""
+    proper status: left to grpc, the parser's exception becomes UNKNOWN with its text.
+
+    `unexpected` holds an exception that is no parse error (a bug, not bad input), to be
+    raised where the chain turns it into INTERNAL."""
+
+    def __init__(self, unexpected: Exception | None = None) -> None:
+        self.unexpected = unexpected
 
 
 UNDECODABLE = UndecodableRequest()
@@ -37,8 +43,21 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
             return deserializer(data)
         except (DecodeError, RecursionError, ValueError):
             return UNDECODABLE
+        except Exception as exc:
+            return UndecodableRequest(exc)
 
     return deserialize
+
+
+def _serializing(behaviour: Behaviour, serializer: Callable[[Any], bytes]) -> Behaviour:
+    """`behaviour` answering with the serialized response. Serializing inside the chain means a
+    response that does not serialize is an exception the interceptors see (INTERNAL, in the
+    access log and metrics), not one grpc answers itself with UNKNOWN and the text."""
+
+    async def run(request: Any, context: Context) -> bytes:
+        return serializer(await behaviour(request, context))
+
+    return run
 
 
 class UnaryInterceptor:
@@ -73,10 +92,12 @@ class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or is_open_method(method) or handler.unary_unary is None:
             return handler
+        behaviour = handler.unary_unary
+        if handler.response_serializer is not None:
+            behaviour = _serializing(behaviour, handler.response_serializer)
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self.wrap(method, handler.unary_unary),
+            self.wrap(method, behaviour),
             request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
         return wrapped

@@ -12,17 +12,16 @@ from typing import Any
 
 import grpc
 
-from server.logs import emit_json
+from server.errors import ServiceError
+from server.logs import LineSampler, emit_json
 from server.metrics import Metrics
 from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
 from server.transport.state import CallState, begin_call
+from server.transport.status import abort, report_unexpected, status_code_for
 
 access_log = logging.getLogger("aiservices.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
-
-
-_NONE: frozenset[str] = frozenset()
 
 
 def _repeated(pairs: Sequence[tuple[str, str | bytes]]) -> frozenset[str]:
@@ -44,31 +43,42 @@ def _status_name(context: Context, fallback: str) -> str:
     return fallback
 
 
+def log_suppressed_unauthenticated(count: int) -> None:
+    """The summary line for access lines of UNAUTHENTICATED calls that were not written."""
+    emit_json(access_log, "suppressed unauthenticated calls", {"suppressed": count})
+
+
 class RequestContextInterceptor(UnaryInterceptor):
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    """Gives each call its state and request id, and records how it ended, in the access log
+    and the metrics, as the caller sees it.
+
+    Being outermost, it is also the last guard: an exception that no inner layer turned into a
+    status (a failing limiter store, a bug in an interceptor, a response that does not
+    serialize) becomes INTERNAL with a support id, logged by type and place, never UNKNOWN
+    with the exception's text. Access lines of UNAUTHENTICATED calls go through
+    `unauthenticated_lines`, so a flood of them cannot flood the log; the metrics count every
+    one.
+    """
+
+    def __init__(
+        self, metrics: Metrics | None = None, *, unauthenticated_lines: LineSampler | None = None
+    ) -> None:
         self._metrics = metrics
+        self.unauthenticated_lines = unauthenticated_lines or LineSampler(
+            log_suppressed_unauthenticated
+        )
 
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         metrics = self._metrics
+        sampler = self.unauthenticated_lines
 
         async def run(request: Any, context: Context) -> Any:
-            pairs = context.invocation_metadata() or ()
-            metadata = {name: value for name, value in pairs if value.__class__ is str}
-            # Fewer entries than pairs: a name sent twice, or a binary (-bin) value.
-            repeated = _repeated(pairs) if len(metadata) < len(pairs) else _NONE
-            given = metadata.get("x-request-id")
-            # An identifier, not a secret: 128 random bits without a system call per RPC.
-            request_id = (
-                given if given and _REQUEST_ID.fullmatch(given) else f"{getrandbits(128):032x}"
-            )
-            state = CallState(
-                method=method, request_id=request_id, metadata=metadata, repeated=repeated
-            )
-            series = None if metrics is None else metrics.rpc_started(method)
-            state.trailers["x-request-id"] = request_id
+            state = CallState(method=method, request_id="")
             begin_call(state)
+            series = None if metrics is None else metrics.rpc_started(method)
             code = "UNKNOWN"
             try:
+                _read_metadata(state, context)
                 response = await behaviour(request, context)
                 context.set_trailing_metadata(tuple(state.trailers.items()))
                 code = "OK"
@@ -82,13 +92,38 @@ class RequestContextInterceptor(UnaryInterceptor):
                     "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
                 )
                 raise
+            except ServiceError as error:
+                # Raised instead of aborted with: still the status it stands for.
+                code = status_code_for(error).name
+                await abort(context, error, state.trailers)
+            except Exception as exc:
+                code = "INTERNAL"
+                await abort(context, report_unexpected(exc), state.trailers)
             finally:
                 duration = time.perf_counter() - state.started
                 if metrics is not None and series is not None:
                     metrics.rpc_handled(series, code, duration)
-                _log_access(state, code, duration)
+                if code != "UNAUTHENTICATED" or sampler.admit():
+                    _log_access(state, code, duration)
 
         return run
+
+
+def _read_metadata(state: CallState, context: Context) -> None:
+    """The call's text metadata, names sent twice, and its request id (the caller's, when it is
+    a plain token, else a fresh one), into `state`."""
+    pairs = context.invocation_metadata() or ()
+    metadata = {name: value for name, value in pairs if value.__class__ is str}
+    state.metadata = metadata
+    # Fewer entries than pairs: a name sent twice, or a binary (-bin) value.
+    if len(metadata) < len(pairs):
+        state.repeated = _repeated(pairs)
+    given = metadata.get("x-request-id")
+    # An identifier, not a secret: 128 random bits without a system call per RPC.
+    state.request_id = (
+        given if given and _REQUEST_ID.fullmatch(given) else f"{getrandbits(128):032x}"
+    )
+    state.trailers["x-request-id"] = state.request_id
 
 
 def _log_access(state: CallState, code: str, duration: float) -> None:

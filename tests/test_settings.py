@@ -1,0 +1,504 @@
+"""Bad settings stop start-up with one line naming the setting and why (exit code 2), never a
+traceback, a secret, or a server that starts and then fails every call; misspelled settings and
+a keys file others may read or write do not go unnoticed.
+
+Most cases call the start-up functions in-process (`load_settings`, the keys file loader,
+`server_credentials`); a few run the real `python -m server` to prove the exit code and the
+single line on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from server.app import StartupError, server_credentials
+from server.auth import KeysFileError, load_keys_file
+from server.config import (
+    ENV_PREFIX,
+    Settings,
+    SettingsError,
+    check_http_url,
+    load_settings,
+    split_host_port,
+    unknown_settings,
+)
+from server.ratelimit import redis_url_problem
+from tests.support.certs import TestCertificates, make_certificates
+from tests.support.keys import load_test_keys
+from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.servers import make_settings
+
+SECRET = "s3cret-Pw"
+"""Stands for a password or key inside a bad value: it must never reach a message."""
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """Settings come only from what the test sets: no inherited variables, no `.env`."""
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def settings_error(environment: pytest.MonkeyPatch, **values: str) -> str:
+    for name, value in values.items():
+        environment.setenv(ENV_PREFIX + name, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    return str(caught.value)
+
+
+# --- one line naming the setting ------------------------------------------------------------
+
+BAD_VALUES = [
+    # grpc keeps message limits in an int32: this used to crash in grpc with OverflowError.
+    ("MAX_MESSAGE_BYTES", "2147483648"),
+    # The Redis client used to raise on these at start-up, with a traceback.
+    ("REDIS_URL", "redis://127.0.0.1:notaport"),
+    ("REDIS_URL", "redis://127.0.0.1:99999"),
+    ("REDIS_URL", "redis://127.0.0.1:0"),
+    ("REDIS_URL", f"redis://:{SECRET}/x@127.0.0.1:6379"),  # an unencoded "/" in the password
+    ("REDIS_URL", "redis://127.0.0.1:6379?db=first"),
+    # Accepted, then every rate-limit decision failed over to memory.
+    ("REDIS_URL", "redis://127.0.0.1:6379?no_such_option=1"),
+    ("REDIS_URL", "unix://"),
+    ("REDIS_URL", "http://127.0.0.1:6379"),
+    # The upstream URL: a traceback from httpx, or a server that fails every call.
+    ("API_URL", "http://[::1"),
+    ("API_URL", "http://example.com:notaport"),
+    ("API_URL", "http://example.com:99999"),
+    ("API_URL", "http://example.com:0"),
+    ("API_URL", "http://example.com:-1"),
+    ("API_URL", "http://exa mple.com"),
+    ("API_URL", "http://example.com/?stage=1"),
+    ("API_URL", "http:///no-host"),
+    ("API_URL", "ftp://example.com"),
+    # Addresses the service listens on.
+    ("GRPC_ADDRESS", "127.0.0.1:99999"),
+    ("GRPC_ADDRESS", "[::1:50051"),
+    ("GRPC_ADDRESS", "127.0.0.1:\u0663"),  # an Arabic-Indic digit
+    ("GRPC_ADDRESS", "b\u00fccher.example:50051"),  # used to crash in socket with TypeError
+    ("GRPC_ADDRESS", "127.0.0.1:50051 "),
+    ("METRICS_ADDRESS", "127.0.0.1:99999"),
+    ("METRICS_ADDRESS", "localhost"),
+    # Numbers that are not numbers, and words that are no choice.
+    ("UPSTREAM_TIMEOUT", "nan"),
+    ("QUEUE_TIMEOUT", "nan"),
+    ("SHUTDOWN_GRACE", "inf"),
+    ("SHUTDOWN_GRACE", "-1"),
+    ("REFLECTION", "maybe"),
+    ("LOG_PAYLOADS", "2"),
+    ("LOG_LEVEL", "verbose"),
+    ("EVENT_LOOP", "trio"),
+    ("AUTH", "none"),
+    # It goes into an HTTP header: this failed every upstream call.
+    ("API_KEY", f"{SECRET} with spaces"),
+    ("API_KEY", f"{SECRET}\u00e9"),
+]
+
+
+@pytest.mark.parametrize(("setting", "bad"), BAD_VALUES)
+def test_a_bad_value_is_one_line_naming_the_setting_without_secrets(
+    environment: pytest.MonkeyPatch, setting: str, bad: str
+) -> None:
+    message = settings_error(environment, **{setting: bad})
+    assert message.startswith(f"invalid setting {ENV_PREFIX}{setting}: "), message
+    assert "\n" not in message
+    assert SECRET not in message
+
+
+def test_credentials_in_the_upstream_url_are_refused_pointing_at_the_key_setting(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    message = settings_error(environment, API_URL=f"https://agenta:{SECRET}@cloud.example")
+    assert message.startswith(f"invalid setting {ENV_PREFIX}API_URL: ")
+    assert f"{ENV_PREFIX}API_KEY" in message
+    assert SECRET not in message
+    assert "agenta" not in message.removeprefix(f"invalid setting {ENV_PREFIX}API_URL")
+
+
+def test_the_metrics_address_must_differ_from_the_grpc_address(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    message = settings_error(
+        environment, GRPC_ADDRESS="127.0.0.1:50999", METRICS_ADDRESS="127.0.0.1:50999"
+    )
+    assert f"{ENV_PREFIX}METRICS_ADDRESS must differ from {ENV_PREFIX}GRPC_ADDRESS" in message
+
+
+def test_a_dot_env_file_that_is_not_utf8_is_one_line(environment: pytest.MonkeyPatch) -> None:
+    Path(".env").write_bytes(f"{ENV_PREFIX}LOG_LEVEL=\xff\xfe\n".encode("latin-1"))
+    with pytest.raises(SettingsError, match=r"^cannot read the \.env file: it is not UTF-8 text$"):
+        load_settings()
+
+
+def test_good_values_still_load(environment: pytest.MonkeyPatch) -> None:
+    values = {
+        "API_URL": " https://cloud.example:8443/api/ ",
+        "API_KEY": " key.with-dots_123\n",
+        "REDIS_URL": "rediss://:p%2Fw@redis.internal:6380/2?socket_timeout=0.5",
+        "GRPC_ADDRESS": "[::1]:0",
+        "METRICS_ADDRESS": "127.0.0.1:0",
+        "MAX_MESSAGE_BYTES": str(2**31 - 1),
+        "API_KEYS_FILE": " ",
+    }
+    for name, value in values.items():
+        environment.setenv(ENV_PREFIX + name, value)
+    loaded = load_settings()
+    assert loaded.api_url == "https://cloud.example:8443/api"
+    assert loaded.api_key is not None
+    assert loaded.api_key.get_secret_value() == "key.with-dots_123"
+    assert loaded.redis_url is not None
+    assert split_host_port(loaded.grpc_address) == ("::1", 0)
+    assert loaded.max_message_bytes == 2**31 - 1
+    assert loaded.api_keys_file is None  # blank is unset, not the current directory
+
+
+# --- misspelled settings ---------------------------------------------------------------------
+
+
+def test_unknown_prefixed_variables_are_named_with_the_closest_setting() -> None:
+    environ = {
+        f"{ENV_PREFIX}APIKEYS_FILE": SECRET,
+        f"{ENV_PREFIX.lower()}redis_ulr": SECRET,
+        f"{ENV_PREFIX}WHATEVER": SECRET,
+        f"{ENV_PREFIX}LOG_LEVEL": "INFO",  # known, in any case
+        f"{ENV_PREFIX.lower()}log_level": "INFO",
+        "PATH": "/usr/bin",
+    }
+    assert unknown_settings(environ) == [
+        (f"{ENV_PREFIX}APIKEYS_FILE", f"{ENV_PREFIX}API_KEYS_FILE"),
+        (f"{ENV_PREFIX}WHATEVER", None),
+        (f"{ENV_PREFIX.lower()}redis_ulr", f"{ENV_PREFIX}REDIS_URL"),
+    ]
+
+
+def test_every_setting_is_known() -> None:
+    environ = {ENV_PREFIX + name.upper(): "x" for name in Settings.model_fields}
+    assert unknown_settings(environ) == []
+
+
+# --- the keys file: permissions, size, shape ---------------------------------------------
+
+
+def keys_file(tmp_path: Path, mode: int, text: str | None = None) -> Path:
+    path = tmp_path / "keys.toml"
+    path.write_text(load_test_keys().path.read_text() if text is None else text)
+    path.chmod(mode)
+    return path
+
+
+def permission_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "readable by group or others" in r.getMessage()]
+
+
+def test_a_keys_file_only_its_owner_can_read_loads_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    assert load_keys_file(keys_file(tmp_path, 0o600))
+    assert permission_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604], ids=oct)
+def test_a_keys_file_others_can_read_loads_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int
+) -> None:
+    caplog.set_level(logging.WARNING)
+    path = keys_file(tmp_path, mode)
+    assert load_keys_file(path)
+    [warning] = permission_warnings(caplog)
+    assert warning.levelno == logging.WARNING
+    assert warning.__dict__["path"] == str(path)
+    assert warning.__dict__["mode"] == f"{mode:04o}"
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602, 0o660], ids=oct)
+def test_a_keys_file_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    path = keys_file(tmp_path, mode)
+    with pytest.raises(KeysFileError) as caught:
+        load_keys_file(path)
+    assert str(caught.value) == (
+        f"API keys file {path}: is writable by group or others (mode {mode:04o}), so they could "
+        "add a key: run chmod go-w on it"
+    )
+
+
+def test_a_keys_file_over_one_mib_is_refused(tmp_path: Path) -> None:
+    text = load_test_keys().path.read_text() + "#" * (1024 * 1024)
+    with pytest.raises(KeysFileError, match=r": too large \(over 1 MiB\)$"):
+        load_keys_file(keys_file(tmp_path, 0o600, text))
+
+
+def test_a_keys_file_nested_too_deeply_is_one_line(tmp_path: Path) -> None:
+    text = "keys = " + "[" * 5000 + "]" * 5000 + "\n"
+    with pytest.raises(KeysFileError, match=r": not valid TOML \(nested too deeply\)$"):
+        load_keys_file(keys_file(tmp_path, 0o600, text))
+
+
+@pytest.mark.timeout(10)
+def test_a_fifo_in_place_of_the_keys_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "keys.toml"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(KeysFileError, match=r": cannot read it \(not a regular file\)$"):
+        load_keys_file(fifo)
+
+
+# --- TLS files -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+def tls_error(
+    tls_cert_file: Path, tls_key_file: Path, tls_client_ca_file: Path | None = None
+) -> str:
+    settings = make_settings(
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+        tls_client_ca_file=tls_client_ca_file,
+    )
+    with pytest.raises(StartupError) as caught:
+        server_credentials(settings)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_certificate_file_without_a_certificate_names_the_setting(
+    certs: TestCertificates, tmp_path: Path
+) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    message = tls_error(tls_cert_file=junk, tls_key_file=certs.server.key_file)
+    assert message == f"{ENV_PREFIX}TLS_CERT_FILE {junk}: no PEM certificate in it"
+
+
+def test_swapped_certificate_and_key_name_the_setting(certs: TestCertificates) -> None:
+    message = tls_error(tls_cert_file=certs.server.key_file, tls_key_file=certs.server.cert_file)
+    assert message.startswith(f"{ENV_PREFIX}TLS_CERT_FILE {certs.server.key_file}: no PEM")
+
+
+def test_a_key_of_another_certificate_is_refused(certs: TestCertificates) -> None:
+    message = tls_error(tls_cert_file=certs.server.cert_file, tls_key_file=certs.client.key_file)
+    assert message.startswith(f"{ENV_PREFIX}TLS_KEY_FILE is not the unencrypted private key of")
+
+
+def test_a_client_ca_file_without_certificates_names_the_setting(
+    certs: TestCertificates,
+) -> None:
+    message = tls_error(
+        tls_cert_file=certs.server.cert_file,
+        tls_key_file=certs.server.key_file,
+        tls_client_ca_file=certs.client.key_file,
+    )
+    assert message.startswith(f"{ENV_PREFIX}TLS_CLIENT_CA_FILE {certs.client.key_file}: no PEM")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("path", ["/dev/zero", "directory"])
+def test_a_certificate_path_that_is_no_file_names_the_setting(
+    certs: TestCertificates, tmp_path: Path, path: str
+) -> None:
+    where = tmp_path if path == "directory" else Path(path)
+    message = tls_error(tls_cert_file=where, tls_key_file=certs.server.key_file)
+    assert message.startswith(f"{ENV_PREFIX}TLS_CERT_FILE {where}: ")
+
+
+def test_a_certificate_file_over_one_mib_is_refused(
+    certs: TestCertificates, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.crt"
+    big.write_bytes(certs.server.cert_pem + b"#" * (1024 * 1024))
+    message = tls_error(tls_cert_file=big, tls_key_file=certs.server.key_file)
+    assert message == f"{ENV_PREFIX}TLS_CERT_FILE {big}: too large (over 1 MiB)"
+
+
+def test_good_tls_files_still_make_credentials(certs: TestCertificates) -> None:
+    credentials = server_credentials(
+        make_settings(
+            tls_cert_file=certs.server.cert_file,
+            tls_key_file=certs.server.key_file,
+            tls_client_ca_file=certs.ca.cert_file,
+        )
+    )
+    assert credentials is not None
+
+
+# --- the real entry point: exit code 2 and one line ----------------------------------------
+
+
+def run_server(cwd: Path, settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m server` with only PATH, the import path and `settings`; it must exit."""
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "clients")]),
+        "PYTHONUNBUFFERED": "1",
+        f"{ENV_PREFIX}GRPC_ADDRESS": "127.0.0.1:0",
+    }
+    env.update({ENV_PREFIX + name: value for name, value in settings.items()})
+    return subprocess.run(
+        [sys.executable, "-m", "server"],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "bad"),
+    [
+        ("MAX_MESSAGE_BYTES", "2147483648"),
+        ("REDIS_URL", "redis://127.0.0.1:notaport"),
+        ("REDIS_URL", f"redis://:{SECRET}/x@127.0.0.1:6379"),
+        ("API_URL", "http://[::1"),
+        ("API_URL", f"http://agenta:{SECRET}@127.0.0.1:8000"),
+        ("GRPC_ADDRESS", "127.0.0.1:99999"),
+    ],
+)
+def test_python_m_server_exits_2_with_one_line_naming_the_setting(
+    tmp_path: Path, setting: str, bad: str
+) -> None:
+    keys = keys_file(tmp_path, 0o600)
+    result = run_server(tmp_path, {"API_KEYS_FILE": str(keys), setting: bad})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"aiservices: invalid setting {ENV_PREFIX}{setting}: ")
+    assert SECRET not in result.stderr
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620], ids=oct)
+def test_python_m_server_refuses_a_keys_file_others_can_write(tmp_path: Path, mode: int) -> None:
+    keys = keys_file(tmp_path, mode)
+    result = run_server(tmp_path, {"API_KEYS_FILE": str(keys)})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"aiservices: API keys file {keys}: is writable by group or others (mode {mode:04o}), "
+        "so they could add a key: run chmod go-w on it\n"
+    )
+
+
+def test_python_m_server_refuses_a_certificate_grpc_cannot_use_in_one_line(
+    certs: TestCertificates, tmp_path: Path
+) -> None:
+    keys = keys_file(tmp_path, 0o600)
+    settings = {
+        "API_KEYS_FILE": str(keys),
+        "TLS_CERT_FILE": str(certs.server.cert_file),
+        "TLS_KEY_FILE": str(certs.client.key_file),
+    }
+    result = run_server(tmp_path, settings)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr  # none of grpc's own lines
+    assert f"{ENV_PREFIX}TLS_KEY_FILE" in result.stderr
+
+
+@pytest.fixture
+def warned_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server started with a misspelled setting and a keys file everyone may read."""
+    env = {
+        "API_KEYS_FILE": str(keys_file(tmp_path, 0o644)),
+        f"{ENV_PREFIX}REDIS_ULR": f"redis://:{SECRET}@127.0.0.1:6379",
+    }
+    with ServerProcess(env) as process:
+        yield process
+
+
+def test_a_misspelled_setting_is_named_in_a_warning_without_its_value(
+    warned_server: ServerProcess,
+) -> None:
+    [warning] = [r for r in warned_server.records if r["msg"] == "unknown setting ignored"]
+    assert warning["level"] == "WARNING"
+    assert warning["setting"] == f"{ENV_PREFIX}REDIS_ULR"
+    assert warning["did_you_mean"] == f"{ENV_PREFIX}REDIS_URL"
+    assert all(SECRET not in line for line in warned_server.lines)
+
+
+def test_a_keys_file_others_can_read_is_warned_about_at_start_up(
+    warned_server: ServerProcess,
+) -> None:
+    [warning] = [r for r in warned_server.records if "readable by group or others" in r["msg"]]
+    assert warning["level"] == "WARNING"
+    assert warning["mode"] == "0644"
+
+
+# --- parsers of settings text, on any text ---------------------------------------------------
+
+# A few worst cases: long runs of the separators, digits past any port, broken brackets.
+PARSER_CORPUS = [
+    "",
+    ":",
+    "[" * 10_000 + ":1",
+    ":" * 10_000,
+    "1:" + "9" * 10_000,
+    "a" * 100_000 + ":50051",
+    "http://[::1",
+    "redis://127.0.0.1:notaport",
+    "http://" + "@" * 10_000,
+    "redis://" + "[" * 10_000,
+]
+
+
+def with_corpus(test: Callable[[str], None]) -> Callable[[str], None]:
+    """The corpus as explicit examples, tried on every run before the generated ones."""
+    for value in PARSER_CORPUS:
+        test = example(value)(test)
+    return test
+
+
+@settings(deadline=timedelta(milliseconds=250), max_examples=300)
+@given(st.text())
+@with_corpus
+def test_split_host_port_raises_only_value_error(text: str) -> None:
+    try:
+        host, port = split_host_port(text)
+    except ValueError:
+        return
+    assert 0 <= port <= 65535
+    assert host.isascii() and host.isprintable() and host
+
+
+URL_TEXT = st.text() | st.builds(
+    str.__add__,
+    st.sampled_from(["http://", "https://", "redis://", "rediss://", "unix://"]),
+    st.text(),
+)
+
+
+@settings(deadline=timedelta(milliseconds=250), max_examples=300)
+@given(URL_TEXT)
+@with_corpus
+def test_url_checks_raise_only_value_error_or_name_a_problem(text: str) -> None:
+    with contextlib.suppress(ValueError):
+        assert check_http_url(text) == text
+    problem = redis_url_problem(text)
+    assert problem is None or isinstance(problem, str)
+
+
+@settings(deadline=timedelta(milliseconds=250), max_examples=200)
+@given(st.text(st.characters(codec="ascii", exclude_categories=["Cc"]), min_size=8))
+@example(f"{SECRET}/x")
+@example(f"{SECRET}:99999")
+@example(f"{SECRET}#frag")
+def test_a_password_in_a_redis_url_is_never_in_the_problem(password: str) -> None:
+    problem = redis_url_problem(f"redis://:{password}@127.0.0.1:6379/0")
+    assert problem is None or password not in problem
