@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 
 import pytest
@@ -7,6 +8,7 @@ from aiservices import ToolClient
 
 from server.standin import StandinUpstream
 from tests.support.keys import TestKeys, load_test_keys
+from tests.support.redis_server import RedisServer
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
 
 
@@ -35,3 +37,14 @@ def client(server: ServerThread, keys: TestKeys) -> Iterator[ToolClient]:
     """A caller with the permission refine_prompt needs."""
     with ToolClient(server.target, api_key=keys.editor, timeout=10.0) as tool_client:
         yield tool_client
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, with a password, for the shared limits."""
+    server = RedisServer(password=secrets.token_urlsafe(24))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()

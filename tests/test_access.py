@@ -37,6 +37,7 @@ from server.logs import JsonFormatter, LineSampler
 from server.standin import StandinUpstream
 from server.transport.interceptors.request_context import log_suppressed_unauthenticated
 from tests.support.keys import TestKeys
+from tests.support.processes import run_to_exit
 from tests.support.responsive import responsive_during
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
 
@@ -611,17 +612,9 @@ def server_env(**settings: str) -> dict[str, str]:
     return env
 
 
-def run_server(cwd: Path, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
-    """`python -m server ...` that is expected to exit by itself."""
-    return subprocess.run(
-        [*SERVER, *args],
-        cwd=cwd,
-        env=server_env(**settings),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+def run_server(cwd: Path, **settings: str) -> subprocess.CompletedProcess[str]:
+    """`python -m server` that is expected to exit by itself."""
+    return run_to_exit(cwd, settings)
 
 
 def one_line(stderr: str) -> str:

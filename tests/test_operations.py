@@ -10,8 +10,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,7 +28,7 @@ from server.config import ENV_PREFIX
 from server.logs import JsonFormatter
 from server.standin import Refine, Slow, StandinUpstream, Status
 from tests.support.keys import TestKeys
-from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.processes import ServerProcess, run_to_exit
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
 
 TOOL = "tools.agenta.api.refine_prompt"
@@ -418,26 +416,6 @@ def test_log_payloads_puts_prompt_and_output_in_the_access_line_but_never_keys(
 # --- start-up configuration errors ------------------------------------------------------
 
 
-def start_server(cwd: Path, settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m server` with a clean environment: only PATH, the import path and settings."""
-    env = {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "clients")]),
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.update({ENV_PREFIX + name: value for name, value in settings.items()})
-    return subprocess.run(
-        [sys.executable, "-m", "server"],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 def listening_port() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -462,7 +440,7 @@ def test_bad_configuration_stops_start_up_with_one_line_naming_the_setting(
     tmp_path: Path, keys: TestKeys, setting: str, bad: str
 ) -> None:
     settings = {"API_KEYS_FILE": str(keys.path), "GRPC_ADDRESS": "127.0.0.1:0", setting: bad}
-    result = start_server(tmp_path, settings)
+    result = run_to_exit(tmp_path, settings)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -481,7 +459,7 @@ def test_an_address_in_use_stops_start_up_with_one_line_naming_the_setting(
             "GRPC_ADDRESS": "127.0.0.1:0",
             setting: address,
         }
-        result = start_server(tmp_path, settings)
+        result = run_to_exit(tmp_path, settings)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

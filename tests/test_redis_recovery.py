@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -123,16 +122,6 @@ def both(replicas: tuple[Replica, Replica], up: bool) -> Callable[[], bool]:
 
 def log_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [m for r in caplog.records if r.name == LOGGER and text in (m := r.getMessage())]
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(password=secrets.token_urlsafe(24))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

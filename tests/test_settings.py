@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +34,7 @@ from server.config import (
 from server.ratelimit import redis_url_problem
 from tests.support.certs import TestCertificates, make_certificates
 from tests.support.keys import load_test_keys
-from tests.support.processes import REPO_ROOT, ServerProcess
+from tests.support.processes import ServerProcess, run_to_exit
 from tests.support.servers import make_settings
 
 SECRET = "s3cret-Pw"
@@ -343,27 +341,6 @@ def test_good_tls_files_still_make_credentials(certs: TestCertificates) -> None:
 # --- the real entry point: exit code 2 and one line ----------------------------------------
 
 
-def run_server(cwd: Path, settings: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m server` with only PATH, the import path and `settings`; it must exit."""
-    env = {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "clients")]),
-        "PYTHONUNBUFFERED": "1",
-        f"{ENV_PREFIX}GRPC_ADDRESS": "127.0.0.1:0",
-    }
-    env.update({ENV_PREFIX + name: value for name, value in settings.items()})
-    return subprocess.run(
-        [sys.executable, "-m", "server"],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("setting", "bad"),
     [
@@ -379,7 +356,9 @@ def test_python_m_server_exits_2_with_one_line_naming_the_setting(
     tmp_path: Path, setting: str, bad: str
 ) -> None:
     keys = keys_file(tmp_path, 0o600)
-    result = run_server(tmp_path, {"API_KEYS_FILE": str(keys), setting: bad})
+    result = run_to_exit(
+        tmp_path, {"GRPC_ADDRESS": "127.0.0.1:0", "API_KEYS_FILE": str(keys), setting: bad}
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(f"aiservices: invalid setting {ENV_PREFIX}{setting}: ")
@@ -389,7 +368,7 @@ def test_python_m_server_exits_2_with_one_line_naming_the_setting(
 @pytest.mark.parametrize("mode", [0o666, 0o620], ids=oct)
 def test_python_m_server_refuses_a_keys_file_others_can_write(tmp_path: Path, mode: int) -> None:
     keys = keys_file(tmp_path, mode)
-    result = run_server(tmp_path, {"API_KEYS_FILE": str(keys)})
+    result = run_to_exit(tmp_path, {"GRPC_ADDRESS": "127.0.0.1:0", "API_KEYS_FILE": str(keys)})
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
         f"aiservices: API keys file {keys}: is writable by group or others (mode {mode:04o}), "
@@ -406,7 +385,7 @@ def test_python_m_server_refuses_a_certificate_grpc_cannot_use_in_one_line(
         "TLS_CERT_FILE": str(certs.server.cert_file),
         "TLS_KEY_FILE": str(certs.client.key_file),
     }
-    result = run_server(tmp_path, settings)
+    result = run_to_exit(tmp_path, {"GRPC_ADDRESS": "127.0.0.1:0", **settings})
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr  # none of grpc's own lines
     assert f"{ENV_PREFIX}TLS_KEY_FILE" in result.stderr

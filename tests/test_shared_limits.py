@@ -8,7 +8,6 @@ left over from one phase cannot decide another.
 from __future__ import annotations
 
 import json
-import secrets
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -73,16 +72,6 @@ class Replica:
         except ToolServiceError as error:
             return error
         pytest.fail(f"{self.name}: a call for {user} was admitted past the shared budget")
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer(password=secrets.token_urlsafe(24))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture

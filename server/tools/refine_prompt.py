@@ -134,6 +134,11 @@ def _upstream_failure(error: UpstreamError) -> ToolFailure:
     return ToolFailure(code, message, retryable=retryable, retry_after=error.retry_after)
 
 
+def _shortened(name: str, limit: int = 40) -> str:
+    """A variable name fit for an error message: a name may be as long as the template."""
+    return name if len(name) <= limit else name[: limit - 3] + "..."
+
+
 def _decode_data(data: Any) -> Any:
     """`data` is a JSON string (sometimes fenced like a chat answer) or already an object."""
     if not isinstance(data, str):
@@ -155,6 +160,11 @@ def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonO
     messages = document.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid_output("messages is missing or empty", trace_id)
+    if len(messages) != len(source.messages):
+        raise _invalid_output(
+            f"it has {len(messages)} messages where the template has {len(source.messages)}",
+            trace_id,
+        )
     refined = []
     for index, item in enumerate(messages):
         if not (
@@ -164,10 +174,10 @@ def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonO
         ):
             raise _invalid_output(f"messages[{index}] needs string role and content", trace_id)
         refined.append({"role": item["role"], "content": item["content"]})
-    if len(refined) != len(source.messages):
+    # No template a caller may send holds more; scanning costs time per character.
+    if sum(len(m["content"]) for m in refined) > MAX_TEMPLATE_CHARS:
         raise _invalid_output(
-            f"it has {len(refined)} messages where the template has {len(source.messages)}",
-            trace_id,
+            f"its messages hold more than {MAX_TEMPLATE_CHARS} characters", trace_id
         )
     if [m["role"] for m in refined] != source.roles:
         raise _invalid_output("it changed the roles or their order", trace_id)
@@ -184,7 +194,7 @@ def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonO
         ) from None
     lost = source.variables - kept
     if lost:
-        names = ", ".join(sorted(lost)[:10])
+        names = ", ".join(_shortened(name) for name in sorted(lost)[:10])
         raise _invalid_output(f"it dropped template variables: {names}", trace_id)
     return {"messages": refined, "summary": summary.strip() or DEFAULT_SUMMARY}
 

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import re
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -92,9 +92,57 @@ def parse_template(text: str) -> PromptTemplate:
     return PromptTemplate(tuple(messages), template_format, frozenset(variables))
 
 
-_CURLY = re.compile(r"\{\{\s*([^{}]+?)\s*\}\}")
-# {{name}}, {{{name}}}, {{& name}}, {{#section}}, {{^inverted}}; not comments, partials, closers.
-_MUSTACHE = re.compile(r"\{\{(\{?)\s*([#^&]?)\s*([^{}!>/=]+?)\s*\}?\}\}")
+# Characters that end a tag's text. Curly: any brace. Mustache: also the sigils of the tags that
+# declare no variable: comments `!`, partials `>`, closers `/` and delimiter changes `=`.
+_CURLY_STOPS = frozenset("{}")
+_MUSTACHE_STOPS = frozenset("{}!>/=")
+# `&` (unescaped) only changes how a value is written; `#` and `^` open a section and are kept.
+_MUSTACHE_SIGILS = ("#", "^", "&")
+
+
+def _tag_texts(text: str, stops: frozenset[str]) -> Iterator[str]:
+    """The text of every tag: a non-empty run of characters, none of them in `stops`, that
+    directly follows `{{` and directly precedes `}}`.
+
+    So in `{{{name}}}` the tag text is `name`, while `{{a{b}}` and `{{}}` hold none. Linear in
+    `text`: one split at every `}}`, then each piece is searched once, from its end, for the
+    `{{` that opens its last tag.
+    """
+    pieces = text.split("}}")
+    for piece in pieces[:-1]:  # every piece but the last is followed by `}}`
+        _, opener, inner = piece.rpartition("{{")
+        if opener and inner and stops.isdisjoint(inner):
+            yield inner
+
+
+def _curly_names(text: str) -> set[str]:
+    """Curly variables: `{{ name }}`, the name being the tag text without surrounding
+    whitespace. A tag of whitespace only declares nothing."""
+    names = {inner.strip() for inner in _tag_texts(text, _CURLY_STOPS)}
+    names.discard("")
+    return names
+
+
+def _mustache_name(inner: str) -> str:
+    name = inner.strip()
+    sigil = name[:1]
+    if sigil not in _MUSTACHE_SIGILS:
+        return name
+    rest = name[1:].lstrip()
+    if not rest or sigil == "&":
+        return rest
+    return sigil + rest
+
+
+def _mustache_names(text: str) -> set[str]:
+    """Mustache variables, by tag: `{{name}}`, `{{{name}}}` and `{{& name}}` give `name`;
+    `{{#section}}` and `{{^inverted}}` give `#section` and `^inverted` (the sigil is kept:
+    turning a section into a plain variable breaks the template); whitespace around the name
+    and after the sigil is dropped. Comments `{{! }}`, partials `{{> }}`, closers `{{/ }}`,
+    delimiter changes `{{= =}}`, and tags of whitespace or a bare sigil declare nothing."""
+    names = {_mustache_name(inner) for inner in _tag_texts(text, _MUSTACHE_STOPS)}
+    names.discard("")
+    return names
 
 
 def _fstring_fields(text: str, depth: int = 0) -> set[str]:
@@ -111,36 +159,129 @@ def _fstring_fields(text: str, depth: int = 0) -> set[str]:
     return fields
 
 
+# jinja2 spends several microseconds per token on parsing and analysis, so the messages of one
+# template may hold this many tokens in all, which keeps a template's analysis within the event
+# loop's budget; parsing stops at the next token. Prompts use a few dozen tags of a handful of
+# tokens each.
+JINJA2_MAX_TOKENS = 2_000
+# What parsing and analysing one message costs besides its tokens, counted in tokens.
+_JINJA2_MESSAGE_TOKENS = 10
+_JINJA2_TAG_OPENERS = ("{{", "{%", "{#")
+
+
+class _TokenBudget:
+    """Tokens a template may still use; the jinja2 token filter spends them."""
+
+    def __init__(self, tokens: int) -> None:
+        self.left = tokens
+
+    def spend(self, tokens: int = 1) -> None:
+        self.left -= tokens
+        if self.left < 0:
+            raise _TooManyTokens
+
+
+class _TooManyTokens(Exception):
+    """Raised through jinja2's parser to stop it; not a jinja2 error, so nothing catches it."""
+
+
+_jinja2_budget: ContextVar[_TokenBudget] = ContextVar("_jinja2_budget")
+
+
 @cache
-def _jinja() -> Any:
-    """Loaded on the first jinja2 template: most templates are curly, and jinja2 costs memory."""
+def _jinja2_variables() -> Callable[[str], set[str]]:
+    """The undeclared variables of one message, as `jinja2.meta.find_undeclared_variables`
+    finds them but without evaluating anything; raises TemplateError or _TooManyTokens.
+
+    jinja2's code generator folds constant expressions as it goes: `{{ "a" * 10**10 }}`, a
+    filter on a literal, a nested `[...] ~ ""` that doubles at each level, an `autoescape`
+    value. For a 30-character template that is any amount of time and memory, so the variable
+    finder runs with no optimizer, keeps `autoescape` values unevaluated, and the environment's
+    `finalize` takes the render context, which stops output from being folded.
+
+    Loaded on the first jinja2 template: most templates are curly, and jinja2 costs memory.
+    """
     import jinja2  # noqa: PLC0415
+    import jinja2.ext  # noqa: PLC0415
     import jinja2.meta  # noqa: PLC0415
 
-    return jinja2, jinja2.Environment(autoescape=False)
+    class TokenLimit(jinja2.ext.Extension):
+        """Charges each token the lexer hands the parser to the current template's budget."""
+
+        def filter_stream(self, stream: Any) -> Iterator[Any]:
+            budget = _jinja2_budget.get()
+            for token in stream:
+                budget.spend()
+                yield token
+
+    class VariableFinder(jinja2.meta.TrackingCodeGenerator):
+        def __init__(self, environment: jinja2.Environment) -> None:
+            super().__init__(environment)
+            self.optimizer = None  # what folds constants
+
+        def visit_EvalContextModifier(self, node: Any, frame: Any) -> None:
+            for keyword in node.options:
+                self.visit(keyword.value, frame)
+            frame.eval_ctx.volatile = True
+
+    @jinja2.pass_context
+    def finalize_when_rendered(context: Any, value: Any) -> Any:
+        return value
+
+    environment = jinja2.Environment(
+        autoescape=False, extensions=[TokenLimit], finalize=finalize_when_rendered
+    )
+
+    def variables(text: str) -> set[str]:
+        try:
+            finder = VariableFinder(environment)
+            finder.visit(environment.parse(text))
+        except (jinja2.TemplateError, ValueError, RecursionError):
+            raise TemplateError("is not valid jinja2") from None
+        return set(finder.undeclared_identifiers)
+
+    return variables
 
 
-def _jinja_fields(text: str) -> set[str]:
-    jinja2, environment = _jinja()
+def _jinja_fields(contents: Iterable[str]) -> set[str]:
+    """Undeclared variables of each message, as jinja2 finds them, within JINJA2_MAX_TOKENS.
+
+    A message without a tag opener is plain text: it declares nothing and cannot fail, so it
+    is not parsed and costs nothing.
+    """
+    variables = _jinja2_variables()
+    budget = _TokenBudget(JINJA2_MAX_TOKENS)
+    fields: set[str] = set()
+    reset = _jinja2_budget.set(budget)
     try:
-        return set(jinja2.meta.find_undeclared_variables(environment.parse(text)))
-    except (jinja2.TemplateError, ValueError, RecursionError):
-        raise TemplateError("is not valid jinja2") from None
+        for text in contents:
+            if any(opener in text for opener in _JINJA2_TAG_OPENERS):
+                budget.spend(_JINJA2_MESSAGE_TOKENS)
+                fields |= variables(text)
+    except _TooManyTokens:
+        raise TemplateError(
+            f"is too long for template_format jinja2: more than {JINJA2_MAX_TOKENS} tokens"
+        ) from None
+    finally:
+        _jinja2_budget.reset(reset)
+    return fields
 
 
 def template_variables(contents: Iterable[str], template_format: TemplateFormat) -> set[str]:
+    """Every variable the messages declare, in the format's own terms; TemplateError when
+    they do not parse in that format (or, for jinja2, hold more than JINJA2_MAX_TOKENS).
+
+    Work is linear in the text: curly and mustache tags are found by a scan without
+    backtracking, fstring by Python's own format parser, jinja2 by jinja2 within its bound.
+    """
+    if template_format is TemplateFormat.JINJA2:
+        return _jinja_fields(contents)
     found: set[str] = set()
     for text in contents:
         if template_format is TemplateFormat.CURLY:
-            found.update(_CURLY.findall(text))
+            found |= _curly_names(text)
         elif template_format is TemplateFormat.MUSTACHE:
-            # A section keeps its sigil: turning {{#items}} into {{items}} breaks the loop.
-            found |= {
-                match.group(2).replace("&", "") + match.group(3)
-                for match in _MUSTACHE.finditer(text)
-            }
-        elif template_format is TemplateFormat.FSTRING:
-            found |= _fstring_fields(text)
+            found |= _mustache_names(text)
         else:
-            found |= _jinja_fields(text)
+            found |= _fstring_fields(text)
     return found

@@ -29,6 +29,30 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 
 
+def run_to_exit(
+    cwd: Path, settings: Mapping[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`python -m server ARGS` with a clean environment (PATH, the import path and `settings`,
+    named without their prefix), for a run that is expected to end by itself: a refusal to
+    start, or a command."""
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "clients")]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update({ENV_PREFIX + name.upper(): value for name, value in settings.items()})
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
 def parse_json_line(line: str) -> dict[str, Any] | None:
     """The JSON object on one log line, or None for anything else (tracebacks, plain text)."""
     try:
