@@ -84,7 +84,10 @@ class Context:
 
 
 def _reply(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, headers=[("Content-Type", "application/json")], content=REPLY)
+    # A stream, as a network transport hands it over: the service reads it with a byte cap.
+    return httpx.Response(
+        200, headers=[("Content-Type", "application/json")], stream=httpx.ByteStream(REPLY)
+    )
 
 
 def _settings(keys_file: Path) -> Settings:
