@@ -131,7 +131,8 @@ class Metrics:
         )
         self.upstream_requests = Histogram(
             "aiservices_upstream_request_seconds",
-            "Upstream HTTP attempts by status (HTTP code, timeout, unavailable, cancelled).",
+            "Upstream HTTP attempts by status (HTTP code, timeout, unavailable, cancelled, "
+            "too_large, invalid, error).",
             ("status",),
             buckets=LATENCY_BUCKETS,
             registry=registry,

@@ -150,3 +150,19 @@ def test_a_dropped_variable_is_named_shortly_however_long_its_name(
     assert result.error is not None
     assert result.error.code == "INVALID_MODEL_OUTPUT"
     assert result.text.endswith("dropped template variables: " + "n" * 37 + "...")
+
+
+def test_model_output_that_jinja2_cannot_take_says_why(
+    server: ServerThread, client: ToolClient, upstream: StandinUpstream
+) -> None:
+    flood = "Hello {{ name }}. " + "{{ a }}" * JINJA2_MAX_TOKENS
+    result = refine_with_reply(server, client, upstream, "Hi {{ name }}", flood, "jinja2")
+    assert result.error is not None
+    assert result.error.code == "INVALID_MODEL_OUTPUT"
+    assert result.text.endswith(
+        f"it is too long for template_format jinja2: more than {JINJA2_MAX_TOKENS} tokens"
+    )
+
+    broken = refine_with_reply(server, client, upstream, "Hi {{ name }}", "Hi {{ name", "jinja2")
+    assert broken.error is not None
+    assert broken.text.endswith("it is not valid jinja2")

@@ -542,6 +542,14 @@ def test_keys_new_minimal_entry(tmp_path: Path, capsys: pytest.CaptureFixture[st
             ["new", "--id", "a", "--permission", "x", "--burst", "2", "--per-minute", "nan"],
             "--per-minute must be a positive number",
         ),
+        (
+            ["new", "--id", "a", "--permission", "x", "--burst", "2", "--per-minute", "1e12"],
+            "--per-minute must be at most 6,000,000",
+        ),
+        (
+            ["new", "--id", "a", "--permission", "x", "--burst", "2", "--per-minute", "1e-12"],
+            "--per-minute is too small for the burst",
+        ),
         (["new", "--id", "a", "--permission", "x", "--burst", "two", "--per-minute", "3"], "int"),
     ],
 )

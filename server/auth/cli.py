@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import math
 import sys
 from typing import NoReturn
 
@@ -22,6 +21,7 @@ from server.auth.keys import (
     is_valid_key_text,
     is_valid_name,
 )
+from server.ratelimit.gcra import RateLimitError, check_rate_limit
 
 __all__ = ["keys_main"]
 
@@ -97,10 +97,13 @@ def _new(args: argparse.Namespace) -> int:
         _check_name("--organization", args.organization)
     if (args.burst is None) != (args.per_minute is None):
         raise _UsageError(f"{_PROG} new: --burst and --per-minute go together")
-    if args.burst is not None and args.burst <= 0:
-        raise _UsageError(f"{_PROG} new: --burst must be a positive integer")
-    if args.per_minute is not None and not (math.isfinite(args.per_minute) and args.per_minute > 0):
-        raise _UsageError(f"{_PROG} new: --per-minute must be a positive number")
+    if args.burst is not None:
+        # The rule the server applies when it loads the file: an entry printed here loads.
+        try:
+            check_rate_limit(args.burst, args.per_minute)
+        except RateLimitError as exc:
+            option = "--" + exc.field.replace("_", "-")
+            raise _UsageError(f"{_PROG} new: {option} {exc.problem}") from None
 
     key = generate_key()
     permissions = ", ".join(_toml_string(p) for p in dict.fromkeys(args.permissions))

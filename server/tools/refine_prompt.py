@@ -188,10 +188,8 @@ def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonO
         raise _invalid_output("summary is not a string", trace_id)
     try:
         kept = template_variables((m["content"] for m in refined), source.template_format)
-    except TemplateError:
-        raise _invalid_output(
-            f"it is not a valid {source.template_format.value} template", trace_id
-        ) from None
+    except TemplateError as exc:
+        raise _invalid_output(f"it {exc}", trace_id) from None
     lost = source.variables - kept
     if lost:
         names = ", ".join(_shortened(name) for name in sorted(lost)[:10])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import ContextVar
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
@@ -185,13 +184,11 @@ class _TooManyTokens(Exception):
     """Raised through jinja2's parser to stop it; not a jinja2 error, so nothing catches it."""
 
 
-_jinja2_budget: ContextVar[_TokenBudget] = ContextVar("_jinja2_budget")
-
-
 @cache
-def _jinja2_variables() -> Callable[[str], set[str]]:
+def _jinja2_variables() -> Callable[[str, _TokenBudget], set[str]]:
     """The undeclared variables of one message, as `jinja2.meta.find_undeclared_variables`
-    finds them but without evaluating anything; raises TemplateError or _TooManyTokens.
+    finds them but without evaluating anything, each token charged to the budget; raises
+    TemplateError or _TooManyTokens.
 
     jinja2's code generator folds constant expressions as it goes: `{{ "a" * 10**10 }}`, a
     filter on a literal, a nested `[...] ~ ""` that doubles at each level, an `autoescape`
@@ -206,18 +203,21 @@ def _jinja2_variables() -> Callable[[str], set[str]]:
     import jinja2.meta  # noqa: PLC0415
 
     class TokenLimit(jinja2.ext.Extension):
-        """Charges each token the lexer hands the parser to the current template's budget."""
+        """Charges each token the lexer hands the parser to `budget`. Every parse runs in an
+        overlay of the shared environment, which binds a copy of this extension holding the
+        budget of that parse's template."""
+
+        budget = _TokenBudget(0)
 
         def filter_stream(self, stream: Any) -> Iterator[Any]:
-            budget = _jinja2_budget.get()
             for token in stream:
-                budget.spend()
+                self.budget.spend()
                 yield token
 
     class VariableFinder(jinja2.meta.TrackingCodeGenerator):
         def __init__(self, environment: jinja2.Environment) -> None:
             super().__init__(environment)
-            self.optimizer = None  # what folds constants
+            self.optimizer = None
 
         def visit_EvalContextModifier(self, node: Any, frame: Any) -> None:
             for keyword in node.options:
@@ -228,11 +228,15 @@ def _jinja2_variables() -> Callable[[str], set[str]]:
     def finalize_when_rendered(context: Any, value: Any) -> Any:
         return value
 
-    environment = jinja2.Environment(
+    shared = jinja2.Environment(
         autoescape=False, extensions=[TokenLimit], finalize=finalize_when_rendered
     )
 
-    def variables(text: str) -> set[str]:
+    def variables(text: str, budget: _TokenBudget) -> set[str]:
+        environment = shared.overlay()
+        limit = environment.extensions[TokenLimit.identifier]
+        assert isinstance(limit, TokenLimit)
+        limit.budget = budget
         try:
             finder = VariableFinder(environment)
             finder.visit(environment.parse(text))
@@ -252,18 +256,15 @@ def _jinja_fields(contents: Iterable[str]) -> set[str]:
     variables = _jinja2_variables()
     budget = _TokenBudget(JINJA2_MAX_TOKENS)
     fields: set[str] = set()
-    reset = _jinja2_budget.set(budget)
     try:
         for text in contents:
             if any(opener in text for opener in _JINJA2_TAG_OPENERS):
                 budget.spend(_JINJA2_MESSAGE_TOKENS)
-                fields |= variables(text)
+                fields |= variables(text, budget)
     except _TooManyTokens:
         raise TemplateError(
             f"is too long for template_format jinja2: more than {JINJA2_MAX_TOKENS} tokens"
         ) from None
-    finally:
-        _jinja2_budget.reset(reset)
     return fields
 
 

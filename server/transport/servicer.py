@@ -7,11 +7,8 @@ support id that is also logged, and nothing of the exception reaches the caller.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
-import traceback
-import uuid
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, TypeAlias, TypeVar
@@ -32,9 +29,7 @@ from server.tools.base import (
 )
 from server.transport.convert import call_response, dict_from, tool_message
 from server.transport.state import current_call
-from server.transport.status import abort, internal_status
-
-log = logging.getLogger("aiservices.server")
+from server.transport.status import abort, report_unexpected
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -43,11 +38,6 @@ Method = Callable[[Any, Request, Context], Awaitable[Response]]
 
 # A tool timeout this close to the caller's deadline is the deadline passing.
 _DEADLINE_SLACK = 0.05
-
-
-def _where(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
 def guarded(method: Method[Request, Response]) -> Method[Request, Response]:
@@ -62,13 +52,7 @@ def guarded(method: Method[Request, Response]) -> Method[Request, Response]:
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            support_id = uuid.uuid4().hex[:16]
-            # Type and place only: exception text may quote request data.
-            log.error(
-                "unexpected error",
-                extra={"support_id": support_id, "error": type(exc).__name__, "at": _where(exc)},
-            )
-            await abort(context, internal_status(support_id), current_call().trailers)
+            await abort(context, report_unexpected(exc), current_call().trailers)
 
     return run
 
