@@ -19,22 +19,20 @@ from urllib.parse import quote
 
 import grpc
 import pytest
-from aiservices import ToolClient, ToolServiceError
+from aiservices import ToolClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.app import RATE_LIMIT_HEALTH, SERVICE_NAME
 from server.ratelimit import FailoverRateLimiter, RateLimit, limiter_from_url
-from server.ratelimit.redis_store import DEFAULT_PREFIX
 from server.standin import StandinUpstream
 from tests.support.keys import TestKeys
 from tests.support.redis_server import RedisServer
+from tests.support.replicas import ReplicaCaller, redis_key
+from tests.support.replicas import assert_one_budget as assert_shared_budget
 from tests.support.responsive import responsive_during, rpcs_started
 from tests.support.servers import ServerThread, make_settings
 from tests.support.slow_proxy import SlowProxy
 
-TOOL = "tools.agenta.api.refine_prompt"
-ARGUMENTS = {"prompt_template_json": '{"messages": [{"role": "user", "content": "Hi {{name}}"}]}'}
-ORGANIZATION = "acme"  # the gateway key's organization in the test keys file
 BURST = 3
 DECISION_TIMEOUT = 0.1
 CONNECT_TIMEOUT = 0.5
@@ -55,34 +53,17 @@ def wait_until(condition: Callable[[], bool], what: str, within: float = 10.0) -
         time.sleep(0.01)
 
 
-def redis_key(user: str) -> str:
-    return f"{DEFAULT_PREFIX}{ORGANIZATION}|u:{user}|{TOOL}"
-
-
-class Replica:
+class Replica(ReplicaCaller):
     """One server, a client calling it as delegated users, and a view of its limiter's state."""
 
     def __init__(self, name: str, thread: ServerThread, client: ToolClient) -> None:
-        self.name = name
+        super().__init__(name, client)
         self.thread = thread
-        self.client = client
         self._channel = grpc.insecure_channel(thread.target)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
-
-    def call(self, user: str) -> None:
-        """One call as `user`; it must be admitted and served by the upstream."""
-        result = self.client.call_tool(TOOL, ARGUMENTS, metadata=[("x-agenta-user-id", user)])
-        assert not result.is_error, f"{self.name}: tool error for {user}: {result.error}"
-
-    def refused(self, user: str) -> ToolServiceError:
-        try:
-            self.call(user)
-        except ToolServiceError as error:
-            return error
-        pytest.fail(f"{self.name}: a call for {user} was admitted past the shared budget")
 
     def health(self, service: str = RATE_LIMIT_HEALTH) -> int:
         request = health_pb2.HealthCheckRequest(service=service)
@@ -108,12 +89,7 @@ class Replica:
 
 
 def assert_one_budget(a: Replica, b: Replica, user: str) -> None:
-    """`BURST` calls alternating between A and B are admitted; the next is refused on both."""
-    for index in range(BURST):
-        (a, b)[index % 2].call(user)
-    for replica in (a, b):
-        error = replica.refused(user)
-        assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED, f"{replica.name}: {error}"
+    assert_shared_budget(a, b, user, BURST)
 
 
 def both(replicas: tuple[Replica, Replica], up: bool) -> Callable[[], bool]:

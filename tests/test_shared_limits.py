@@ -7,35 +7,25 @@ left over from one phase cannot decide another.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 
-import grpc
 import pytest
-from aiservices import ToolClient, ToolServiceError
+from aiservices import ToolClient
 
-from server.ratelimit.redis_store import DEFAULT_PREFIX
 from server.standin import StandinUpstream
 from tests.support.keys import TestKeys
 from tests.support.processes import ServerProcess
 from tests.support.redis_server import RedisServer
+from tests.support.replicas import ReplicaCaller, redis_key
+from tests.support.replicas import assert_one_budget as assert_shared_budget
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY
 
-TOOL = "tools.agenta.api.refine_prompt"
-ARGUMENTS = {
-    "prompt_template_json": json.dumps({"messages": [{"role": "user", "content": "Hi {{name}}"}]})
-}
 BURST = 10
-ORGANIZATION = "acme"  # the gateway key's organization in the test keys file
 # Long enough for the server to check the dead Redis several times in the background (every
 # 0.1 s at first, backing off), which must not log a second warning.
 OUTAGE_SECONDS = 2.5
-
-
-def redis_key(user: str) -> str:
-    return f"{DEFAULT_PREFIX}{ORGANIZATION}|u:{user}|{TOOL}"
 
 
 def outage_warnings(server: ServerProcess) -> list[dict[str, object]]:
@@ -49,29 +39,12 @@ def outage_warnings(server: ServerProcess) -> list[dict[str, object]]:
     ]
 
 
-class Replica:
+class Replica(ReplicaCaller):
     """One server process and a client for it, calling as a delegated user."""
 
     def __init__(self, process: ServerProcess, client: ToolClient) -> None:
+        super().__init__(process.name, client)
         self.process = process
-        self.client = client
-
-    @property
-    def name(self) -> str:
-        return self.process.name
-
-    def call(self, user: str) -> None:
-        """One call as `user`; it must be admitted and served by the upstream."""
-        result = self.client.call_tool(TOOL, ARGUMENTS, metadata=[("x-agenta-user-id", user)])
-        assert not result.is_error, f"{self.name}: tool error for {user}: {result.error}"
-        assert result.structured_content and result.structured_content["messages"]
-
-    def refused(self, user: str) -> ToolServiceError:
-        try:
-            self.call(user)
-        except ToolServiceError as error:
-            return error
-        pytest.fail(f"{self.name}: a call for {user} was admitted past the shared budget")
 
 
 @pytest.fixture
@@ -107,17 +80,7 @@ def replicas(
 
 
 def assert_one_budget(a: Replica, b: Replica, user: str) -> None:
-    """`BURST` calls alternating between A and B are admitted; the next is refused on both."""
-    for index in range(BURST):
-        replica = (a, b)[index % 2]
-        try:
-            replica.call(user)
-        except ToolServiceError as exc:
-            pytest.fail(f"{replica.name}: call {index + 1} of {BURST} for {user} failed: {exc}")
-    for replica in (a, b):
-        error = replica.refused(user)
-        assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED, f"{replica.name}: {error}"
-        assert error.retry_after is not None and 1 <= error.retry_after <= 2, error.retry_after
+    assert_shared_budget(a, b, user, BURST)
 
 
 def test_two_processes_share_one_budget(
