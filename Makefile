@@ -34,7 +34,7 @@ redis:
 run: install
 	$(PY) -m server --dev-keys
 
-# The service against the local stand-in upstream: see README "Try it locally".
+# The service against the local stand-in upstream: see docs/development.md, "Try it locally".
 demo: install
 	$(PY) -m server.demo
 

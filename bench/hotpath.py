@@ -12,7 +12,7 @@ canned completion-runner reply, so the figure covers everything but the network 
 Steadier than a load test (a spread of a few per cent between runs, against tens of per cent
 for `python -m bench`), so it shows small changes. It is not what a call costs under load: there
 the same code runs beside grpc's threads on one core, with cold caches, and costs several times
-more (README, Performance).
+more (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ the user-space instructions of all the server's threads. The same build gives th
 to about 0.1 %, on a busy machine too, so a change worth a few per cent shows here when timed
 runs cannot resolve it. It is not time: kernel work, context switches and cache misses are not
 counted, and under load one instruction of the service's Python costs more than one of grpc's
-C (README, Performance). Needs valgrind (Debian package ``valgrind``); takes a few minutes.
+C (docs/performance.md). Needs valgrind (Debian package ``valgrind``); takes a few minutes.
 """
 
 from __future__ import annotations

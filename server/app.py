@@ -211,7 +211,7 @@ class GenericHandlersOnly:
     grpc.aio keeps a pending request for each registered method and waits on all of them again
     for every call it accepts: with health and reflection beside the ToolService, eight futures
     per call. Generic handlers share one pending request, about 40,000 fewer instructions per
-    call (callgrind, GetStatus under load; README, Performance). The generated `add_*_to_server`
+    call (callgrind, GetStatus under load; docs/performance.md). The generated `add_*_to_server`
     functions pass the same handlers both ways, and the interceptor chain caches each method's
     handler, so nothing else changes.
     """

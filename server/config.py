@@ -145,7 +145,7 @@ class Settings(BaseSettings):
     # 1 MiB of the costliest shape (map entries) takes about 30 ms, 4 MiB about 200 ms.
     max_message_bytes: Annotated[int, Field(ge=1_048_576, le=MAX_GRPC_MESSAGE_BYTES)] = 1_048_576
     shutdown_grace: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 10.0
-    # uvloop cuts about a tenth of the CPU per call (README, Performance).
+    # uvloop cuts about a tenth of the CPU per call (docs/performance.md).
     event_loop: EventLoop = EventLoop.UVLOOP
     log_level: LogLevel = LogLevel.INFO
     # Prompt text and model output appear in logs only when this is true.

@@ -59,7 +59,7 @@ TEMPLATE = {
 
 
 def run_body(template: Any = None) -> dict[str, Any]:
-    """The body the service sends upstream (see DESIGN.md, refine_prompt)."""
+    """The body the service sends upstream (docs/operations.md, the Agenta deployment)."""
     tpl = template if isinstance(template, str) else json.dumps(template or TEMPLATE)
     return {
         "inputs": {

@@ -3,7 +3,7 @@
 httpx's transport interface on aiohttp: httpx's default transport costs far more CPU per call
 and degrades with hundreds of slow calls in flight, and going through the transport rather than
 httpx.AsyncClient skips per-request work the upstream call does not need (cookies, redirects,
-auth flows, header merging): figures in README, Performance.
+auth flows, header merging): figures in docs/performance.md.
 
 The transport never decompresses (it turns aiohttp's auto-decompression off) and httpx decodes
 a body only when it is read with aread() or aiter_bytes(); the upstream client reads raw bytes

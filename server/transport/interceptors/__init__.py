@@ -1,2 +1,2 @@
-"""Async server interceptors, outermost first: request context and access log, then
-authentication, then rate limiting. Health and reflection pass through untouched."""
+"""Async server interceptors, outermost first: request context and access log, drain,
+authentication, decode guard, rate limiting. Health and reflection pass through untouched."""
