@@ -59,8 +59,11 @@ def main(argv: list[str]) -> int:
         settings = load_settings()
         return run_event_loop(serve(settings, dev_keys=dev_keys), settings.event_loop)
     except (SettingsError, StartupError) as exc:
-        print(f"aiservices: {exc}", file=sys.stderr)
-        return 2
+        error = exc
+    finally:
+        logging.shutdown()  # every log line queued so far is written before the process exits
+    print(f"aiservices: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,180 +1,95 @@
 """One JSON object per log line, so log pipelines need no parsing rules.
 
-The access log writes a line per RPC, so the path is kept cheap: no caller lookup, process or
-thread names in records, and lines logged on the event loop go out in batches, one write each.
+Records go through a queue to a writer thread, so a write to a slow or blocked stderr never
+holds the event loop; logging.shutdown() (which also runs at exit) writes every queued line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
+import math
 import sys
-import threading
 import time
 from collections.abc import Callable
+from logging.handlers import QueueHandler, QueueListener
+from queue import SimpleQueue
 from typing import Any, TextIO
 
-import orjson
-
+# Attributes every LogRecord has: the rest are the `extra` fields of the logging call.
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
-
-# For lines orjson cannot write as ASCII: json.dumps with options would
-# build a new encoder per call.
-_JSON = json.JSONEncoder(default=str, separators=(",", ":"))
-_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+# Pure ASCII (ensure_ascii), so U+2028 or U+0085 cannot split a line for readers that honour
+# them; NaN and Infinity are refused, as JSON has no such numbers.
+_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"), allow_nan=False)
 
 
-def encode_line(entry: dict[str, Any]) -> str:
-    """One compact, pure-ASCII JSON object; what JSON cannot hold is written as its str().
-
-    orjson costs a quarter of the json module, and a line per RPC is on the hot path. It writes
-    non-ASCII as is, and U+2028 or U+0085 would split the line for readers that honour them,
-    so such lines (and what orjson refuses: lone surrogates, integers past 64 bits) take the
-    json module's escaping path instead."""
-    try:
-        line = orjson.dumps(entry, default=str, option=_ORJSON_OPTIONS).decode()
-    except TypeError:
-        return _JSON.encode(entry)
-    # Re-encoding orjson's own output keeps its choices (NaN as null) and escapes the rest.
-    return line if line.isascii() else _JSON.encode(orjson.loads(line))
-
-
-class _Second:
-    """The last formatted second, as one (second, text) pair so threads never mix two."""
-
-    last: tuple[int, str] = (-1, "")
-
-
-# ".000Z" to ".999Z": indexing costs a third of formatting the milliseconds on every line.
-_MILLISECONDS = tuple(f".{millis:03d}Z" for millis in range(1000))
-
-
-def timestamp(created: float) -> str:
-    """ISO 8601 UTC with milliseconds."""
-    second = int(created)
-    cached_second, text = _Second.last
-    if second != cached_second:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _Second.last = (second, text)
-    return text + _MILLISECONDS[int((created - second) * 1000)]
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class JsonFormatter(logging.Formatter):
+    """`ts` (ISO 8601 UTC with milliseconds, truncated), `level`, `logger`, `msg`, then the
+    record's extra fields, as one compact, pure-ASCII JSON object.
+
+    A value JSON cannot hold is written as its str() (a non-finite number as null), so a log
+    call never breaks the one-object-per-line shape. Exception text and stack traces are
+    never written: they could carry prompt text or secrets.
+    """
+
+    converter = staticmethod(time.gmtime)
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": timestamp(record.created),
+            "ts": self.formatTime(record),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
-        return encode_line(entry)
+                entry[key] = _json_value(value)
+        try:
+            return _ENCODER.encode(entry)
+        except (TypeError, ValueError):  # e.g. a NaN inside a list, a key JSON cannot hold
+            return _ENCODER.encode({key: str(value) for key, value in entry.items()})
 
 
-# Lines logged on an event loop wait at most this long, or until this many are pending.
-FLUSH_AFTER_SECONDS = 0.01
-MAX_PENDING_LINES = 256
+class _QueueToWriter(QueueHandler):
+    """Queues records for a writer thread that hands them to `handler`.
 
-
-class LoopBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes the lines logged on an event loop in batches: one write per FLUSH_AFTER_SECONDS,
-    or as soon as MAX_PENDING_LINES are pending.
-
-    A write (a system call) per line, or even per loop iteration, was a tenth of a trivial
-    RPC's cost under load. Outside a running loop, lines are written at once. Pending lines are
-    written by flush() and close(), which logging runs at exit; only a process killed outright
-    can lose them, at most FLUSH_AFTER_SECONDS' worth.
+    Closing it (logging.shutdown() does, at exit) stops the thread once every record queued
+    before is written.
     """
 
-    def __init__(self, stream: TextIO) -> None:
-        super().__init__(stream)
-        self._pending: list[str] = []
-        self._scheduled: asyncio.AbstractEventLoop | None = None
-        self._loops: dict[int, asyncio.AbstractEventLoop] = {}
+    def __init__(self, handler: logging.Handler) -> None:
+        queue: SimpleQueue[logging.LogRecord | None] = SimpleQueue()
+        super().__init__(queue)
+        self._listener = QueueListener(queue, handler)
+        self._listener.start()
+        self._writing = True
 
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record)
-        except Exception:
-            self.handleError(record)
-            return
-        self.write_line(line)
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """A copy with the message merged with its arguments, and without exception or stack
+        information, which are never written (the base class would format them into `msg`)."""
+        record = copy.copy(record)
+        record.msg = record.getMessage()
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return record
 
-    def write_line(self, line: str) -> None:
+    def close(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._write_line(line)
-
-    def _write_line(self, line: str) -> None:
-        self._pending.append(line)
-        loop = self._loop_of_thread()
-        if loop is None or len(self._pending) >= MAX_PENDING_LINES:
-            self.flush()
-        elif self._scheduled is not loop:
-            # Per loop: a flush scheduled on a loop that then stopped must not hold lines back.
-            self._scheduled = loop
-            loop.call_later(FLUSH_AFTER_SECONDS, self.flush)
-
-    def _loop_of_thread(self) -> asyncio.AbstractEventLoop | None:
-        """The running loop of this thread, remembered: get_running_loop makes a system call
-        on Python 3.11, once per log line."""
-        thread = threading.get_ident()
-        loop = self._loops.get(thread)
-        if loop is not None and loop.is_running():
-            return loop
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loops.pop(thread, None)
-            return None
-        self._loops[thread] = loop
-        return loop
-
-    def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            self._scheduled = None
-            if self._pending:
-                lines, self._pending = self._pending, []
-                self._write(lines)
-
-    def _write(self, lines: list[str]) -> None:
-        try:
-            self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
-        except Exception:
-            self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
-
-
-class _Direct:
-    """Set by configure_logging: where emit_json writes without building a LogRecord."""
-
-    handler: LoopBatchingHandler | None = None
-
-
-def emit_json(logger: logging.Logger, msg: str, fields: dict[str, Any]) -> None:
-    """Log `msg` with `fields` at INFO, as JsonFormatter would render it.
-
-    For the per-RPC access log: once configure_logging has run, the line is written straight
-    to its handler, skipping LogRecord creation and formatting (the largest cost of a trivial
-    RPC); otherwise (tests, embedding) it goes through logging as usual.
-    """
-    if not logger.isEnabledFor(logging.INFO):
-        return
-    handler = _Direct.handler
-    if handler is None:
-        logger.info(msg, extra=fields)
-        return
-    entry = {
-        "ts": timestamp(time.time()),
-        "level": "INFO",
-        "logger": logger.name,
-        "msg": msg,
-        **fields,
-    }
-    handler.write_line(encode_line(entry))
+            if self._writing:
+                self._writing = False
+                self._listener.stop()
+        super().close()
 
 
 class LineSampler:
@@ -233,16 +148,27 @@ class LineSampler:
             self._summarize(count)
 
 
-def configure_logging(level: str, stream: TextIO | None = None) -> None:
+def configure_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
+    """Send every record at `level` or above, as JsonFormatter lines, to `stream` (stderr by
+    default) through a writer thread; returns the root logger's handler.
+
+    Closing that handler, or logging.shutdown() (which also runs at exit), writes every line
+    queued so far and stops the thread. Called again, it replaces the handler it set before.
+    """
+    # No line writes the caller, thread or process of a record: logging need not look them up.
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    logging._srcfile = None  # documented switch: skip finding the caller of every log call
-    handler = LoopBatchingHandler(sys.stderr if stream is None else stream)
-    handler.setFormatter(JsonFormatter())
+    logging._srcfile = None
+    writer = logging.StreamHandler(sys.stderr if stream is None else stream)
+    writer.setFormatter(JsonFormatter())
+    handler = _QueueToWriter(writer)
     root = logging.getLogger()
+    for previous in root.handlers:
+        if isinstance(previous, _QueueToWriter):
+            previous.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    _Direct.handler = handler
     # httpx logs every request at INFO; the access log already has the upstream status.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    return handler

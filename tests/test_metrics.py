@@ -1,8 +1,9 @@
-"""The per-RPC series as Prometheus reads them: the standard names, inclusive bucket bounds, and
-histograms whose count always equals their +Inf bucket."""
+"""The series as Prometheus reads them: the standard per-RPC names, inclusive bucket bounds,
+histograms whose count always equals their +Inf bucket, and the process and platform series."""
 
 from __future__ import annotations
 
+import platform
 import threading
 
 from prometheus_client import generate_latest
@@ -78,3 +79,17 @@ def test_a_scrape_during_traffic_always_sees_a_consistent_histogram() -> None:
         scraper.join()
     assert inconsistent == []
     assert samples(metrics)[key("grpc_server_handling_seconds_count")] == 50_000
+
+
+def test_each_registry_exports_the_process_and_python_series_and_only_its_own_calls() -> None:
+    first, second = Metrics(), Metrics()
+    first.rpc_handled(first.rpc_started(METHOD), "OK", 0.01)
+
+    for metrics in (first, second):
+        got = samples(metrics)
+        assert got[("process_cpu_seconds_total", frozenset())] > 0
+        assert got[("process_resident_memory_bytes", frozenset())] > 0
+        python = {labels: value for (name, labels), value in got.items() if name == "python_info"}
+        assert [dict(labels)["version"] for labels in python] == [platform.python_version()]
+    assert samples(first)[key("grpc_server_started_total")] == 1
+    assert key("grpc_server_started_total") not in samples(second)

@@ -8,15 +8,12 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import fastjsonschema
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
 
 from server.errors import MAX_VIOLATIONS, FieldViolation, InvalidArgument
-
-if TYPE_CHECKING:
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import ValidationError
 
 _TYPE_WORDS = {
     "string": "a string",
@@ -78,51 +75,6 @@ def _string_path(error: ValidationError) -> str:
     return _path("arguments", error.absolute_path)
 
 
-# Keywords that mean the same in draft 2020-12 (jsonschema) and draft-07 (fastjsonschema), plus
-# annotations both ignore. Not here: format (asserted by fastjsonschema, not by jsonschema),
-# pattern (regex dialects), $ref and the applicators whose meaning changed between drafts.
-FAST_KEYWORDS = frozenset(
-    {
-        "type",
-        "properties",
-        "required",
-        "additionalProperties",
-        "minLength",
-        "maxLength",
-        "enum",
-        "const",
-        "minimum",
-        "maximum",
-        "exclusiveMinimum",
-        "exclusiveMaximum",
-        "minItems",
-        "maxItems",
-        "items",
-        "description",
-        "title",
-        "default",
-        "examples",
-    }
-)
-_SCHEMA_MAPS = frozenset({"properties"})
-_SCHEMA_VALUES = frozenset({"additionalProperties", "items"})
-
-
-def fast_path_applies(schema: Any) -> bool:
-    """Whether every keyword of `schema`, at every depth, is in FAST_KEYWORDS."""
-    if isinstance(schema, bool):
-        return True
-    if not isinstance(schema, dict) or not set(schema) <= FAST_KEYWORDS:
-        return False
-    for keyword, value in schema.items():
-        if keyword in _SCHEMA_MAPS:
-            if not isinstance(value, dict) or not all(map(fast_path_applies, value.values())):
-                return False
-        elif keyword in _SCHEMA_VALUES and not fast_path_applies(value):
-            return False
-    return True
-
-
 def _mentions_integer(schema: Any) -> bool:
     if isinstance(schema, dict):
         kind = schema.get("type")
@@ -134,39 +86,20 @@ def _mentions_integer(schema: Any) -> bool:
     return False
 
 
-def full_validator(schema: dict[str, Any]) -> Draft202012Validator:
-    """jsonschema's validator for `schema`, after checking the schema itself."""
-    from jsonschema import Draft202012Validator  # noqa: PLC0415  (2.5 MB: loaded when needed)
-
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
-
-
 class ArgumentValidator:
-    """A compiled validator for one tool's input schema.
+    """A validator for one tool's input schema (JSON Schema draft 2020-12), compiled once.
 
-    jsonschema is the authority and words the errors. When the schema uses only keywords both
-    libraries read alike, valid arguments are confirmed by a fastjsonschema-compiled function
-    instead: about 20 times cheaper (about 8 % of a CallTool's CPU), and most calls are valid.
-    jsonschema is then loaded at the first refusal only; such schemas are checked at start-up
-    by fastjsonschema's compiler, and the built-in tools' schemas by jsonschema in the tests.
+    The schema itself is checked here, so a malformed one stops the tool's registration
+    rather than a call.
     """
 
     def __init__(self, schema: dict[str, Any]) -> None:
+        Draft202012Validator.check_schema(schema)
         self._schema = schema
+        self._validator = Draft202012Validator(schema)
         # Struct carries every number as a double; without integers in the schema there is
         # nothing to restore.
         self._has_integers = _mentions_integer(schema)
-        self._fast: Any = None
-        self._full: Draft202012Validator | None = None
-        if fast_path_applies(schema):
-            self._fast = fastjsonschema.compile(schema)
-        else:
-            self._full = full_validator(schema)
-
-    @property
-    def has_fast_path(self) -> bool:
-        return self._fast is not None
 
     def validate(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """Return arguments with ints restored, or raise InvalidArgument with the first
@@ -174,18 +107,9 @@ class ArgumentValidator:
         restored: dict[str, Any] = (
             restore_integers(arguments, self._schema) if self._has_integers else arguments
         )
-        if self._fast is not None:
-            try:
-                self._fast(restored)
-            except (fastjsonschema.JsonSchemaException, RecursionError):
-                pass  # jsonschema below decides, and says what is wrong
-            else:
-                return restored
-        if self._full is None:
-            self._full = full_validator(self._schema)
         # jsonschema finds errors lazily: stop at one more than can be shown. Every error
         # costs tens of microseconds, and a list of thousands of bad items has one per item.
-        found = itertools.islice(self._full.iter_errors(restored), MAX_VIOLATIONS + 1)
+        found = itertools.islice(self._validator.iter_errors(restored), MAX_VIOLATIONS + 1)
         errors = sorted(found, key=_string_path)
         if not errors:
             return restored

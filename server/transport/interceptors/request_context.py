@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from server.errors import ServiceError
-from server.logs import LineSampler, emit_json
+from server.logs import LineSampler
 from server.metrics import Metrics
 from server.transport.interceptors.base import Behaviour, Context, UnaryInterceptor
 from server.transport.state import CallState, begin_call
@@ -45,7 +45,7 @@ def _status_name(context: Context, fallback: str) -> str:
 
 def log_suppressed_unauthenticated(count: int) -> None:
     """The summary line for access lines of UNAUTHENTICATED calls that were not written."""
-    emit_json(access_log, "suppressed unauthenticated calls", {"suppressed": count})
+    access_log.info("suppressed unauthenticated calls", extra={"suppressed": count})
 
 
 class RequestContextInterceptor(UnaryInterceptor):
@@ -75,7 +75,7 @@ class RequestContextInterceptor(UnaryInterceptor):
         async def run(request: Any, context: Context) -> Any:
             state = CallState(method=method, request_id="")
             begin_call(state)
-            series = None if metrics is None else metrics.rpc_started(method)
+            rpc_labels = None if metrics is None else metrics.rpc_started(method)
             code = "UNKNOWN"
             try:
                 _read_metadata(state, context)
@@ -101,8 +101,8 @@ class RequestContextInterceptor(UnaryInterceptor):
                 await abort(context, report_unexpected(exc), state.trailers)
             finally:
                 duration = time.perf_counter() - state.started
-                if metrics is not None and series is not None:
-                    metrics.rpc_handled(series, code, duration)
+                if metrics is not None and rpc_labels is not None:
+                    metrics.rpc_handled(rpc_labels, code, duration)
                 if code != "UNAUTHENTICATED" or sampler.admit():
                     _log_access(state, code, duration)
 
@@ -154,4 +154,4 @@ def _log_access(state: CallState, code: str, duration: float) -> None:
         fields["trace_id"] = state.trace_id
     if state.payload is not None:
         fields["payload"] = state.payload
-    emit_json(access_log, "rpc", fields)
+    access_log.info("rpc", extra=fields)
