@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import ssl
-import stat
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from server.auth import KeysFileError, KeyStore
 from server.config import AuthMode, EventLoop, Settings, is_loopback, split_host_port
+from server.files import FileTooLarge, NotRegularFile, read_small_file
 from server.logs import LineSampler
 from server.metrics import Metrics
 from server.ratelimit import FailoverRateLimiter, RateLimit, RateLimiter, limiter_from_url
@@ -116,18 +115,13 @@ def _read(path: Path, setting: str, *, holds: tuple[bytes, str]) -> bytes:
     """The file's bytes, checked to be a regular file within MAX_TLS_FILE_BYTES that holds the
     PEM block `holds` (marker, name); StartupError naming the setting otherwise (grpc would log
     several lines of its own and then fail on the address)."""
-    try:
-        # O_NONBLOCK: a FIFO in its place is refused below instead of blocking start-up.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-            regular = stat.S_ISREG(os.fstat(file.fileno()).st_mode)
-            data = file.read(MAX_TLS_FILE_BYTES + 1) if regular else b""
-    except OSError as exc:
-        raise StartupError(f"AGENTA_AI_SERVICES_{setting} {path}: {exc.strerror}") from None
     where = f"AGENTA_AI_SERVICES_{setting} {path}"
-    if not regular:
-        raise StartupError(f"{where}: not a regular file")
-    if len(data) > MAX_TLS_FILE_BYTES:
-        raise StartupError(f"{where}: too large (over {MAX_TLS_FILE_BYTES >> 20} MiB)")
+    try:
+        data = read_small_file(path, MAX_TLS_FILE_BYTES)
+    except OSError as exc:
+        raise StartupError(f"{where}: {exc.strerror}") from None
+    except (NotRegularFile, FileTooLarge) as exc:
+        raise StartupError(f"{where}: {exc}") from None
     marker, name = holds
     if marker not in data:
         raise StartupError(f"{where}: no PEM {name} in it")

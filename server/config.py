@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -16,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.ratelimit import redis_url_problem
 from server.ratelimit.gcra import RateLimitError, check_rate_limit
+from server.urls import MAX_PORT, split_url
 
 ENV_PREFIX = "AGENTA_AI_SERVICES_"
 
@@ -37,7 +37,6 @@ class LogLevel(StrEnum):
     ERROR = "ERROR"
 
 
-MAX_PORT = 65535
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
 """grpc keeps message limits in a signed 32-bit int."""
 
@@ -73,25 +72,17 @@ def check_http_url(url: str) -> str:
 
     Messages never quote the URL: a mistaken one may hold a password.
     """
-    if not url.startswith(("http://", "https://")):
-        raise ValueError("must start with http:// or https://")
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        raise ValueError("must not contain spaces or control characters")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise ValueError(
-            f"is not a valid URL (check the host, and the port: 1 to {MAX_PORT})"
-        ) from None
+    parts = split_url(
+        url,
+        ("http://", "https://"),
+        f"is not a valid URL (check the host, and the port: 1 to {MAX_PORT})",
+    )
     if "@" in parts.netloc:
         raise ValueError(
             f"must not hold credentials (user:password@): put the key in {ENV_PREFIX}API_KEY"
         )
     if not parts.hostname:
         raise ValueError("has no host")
-    if port == 0:
-        raise ValueError(f"the port must be a number from 1 to {MAX_PORT}")
     if "?" in url or "#" in url:
         raise ValueError("must not have a query or fragment: request paths are added to it")
     try:

@@ -17,8 +17,9 @@ MAX_DESCRIPTION_CHARS = 200
 
 
 def clip(text: str, limit: int) -> str:
-    """`text`, cut to at most `limit` characters; a cut one ends with an ellipsis."""
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+    """`text`, cut to at most `limit` characters; a cut one ends with "..." (ASCII: it goes into
+    gRPC trailers, where anything else is percent-encoded)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from server.files import FileTooLarge, NotRegularFile, read_small_file
 from server.identity import Principal
 from server.ratelimit.gcra import RateLimitError, check_rate_limit
 
@@ -369,17 +370,14 @@ def _check_mode(path: str | os.PathLike[str], mode: int) -> None:
 
 def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
-        # O_NONBLOCK: a FIFO in its place is refused below instead of blocking start-up.
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(descriptor, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise KeysFileError(path, "cannot read it (not a regular file)")
-            _check_mode(path, mode)
-            data = f.read(MAX_KEYS_FILE_BYTES + 1)
-        if len(data) > MAX_KEYS_FILE_BYTES:
-            raise KeysFileError(path, f"too large (over {MAX_KEYS_FILE_BYTES >> 20} MiB)")
+        data = read_small_file(
+            path, MAX_KEYS_FILE_BYTES, check_mode=lambda mode: _check_mode(path, mode)
+        )
         return tomllib.loads(data.decode("utf-8"))
+    except NotRegularFile as exc:
+        raise KeysFileError(path, f"cannot read it ({exc})") from None
+    except FileTooLarge as exc:
+        raise KeysFileError(path, str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise KeysFileError(path, _format_toml_error(exc)) from None
     except UnicodeDecodeError:

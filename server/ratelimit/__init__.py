@@ -7,11 +7,11 @@ a RateLimit and act on the Decision. The Redis store is in `server.ratelimit.red
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from server.ratelimit.failover import FailoverRateLimiter
 from server.ratelimit.gcra import Decision, RateLimit, RateLimiter, gcra
 from server.ratelimit.memory import InMemoryRateLimiter
+from server.urls import MAX_PORT, split_url
 
 __all__ = [
     "Decision",
@@ -34,20 +34,15 @@ def redis_url_problem(url: str) -> str | None:
     by building (not opening) one connection, as the client would on first use: an unknown one
     would otherwise fail every rate-limit decision over to memory.
     """
-    if not url.startswith(_REDIS_SCHEMES):
-        return "must start with redis://, rediss:// or unix://"
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        return "must not contain spaces or control characters"
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return (
-            "is not a valid URL (check the host, and the port: 1 to 65535; "
-            "percent-encode / ? # @ : in a password)"
+        parts = split_url(
+            url,
+            _REDIS_SCHEMES,
+            f"is not a valid URL (check the host, and the port: 1 to {MAX_PORT}; "
+            "percent-encode / ? # @ : in a password)",
         )
-    if port == 0:
-        return "the port must be a number from 1 to 65535"
+    except ValueError as exc:
+        return str(exc)
     if parts.scheme == "unix" and not parts.path:
         return "needs a socket path, e.g. unix:///run/redis/redis.sock"
     # Imported only when Redis is configured, as in limiter_from_url.

@@ -35,7 +35,7 @@ def _path(base: str, parts: Iterable[Any]) -> str:
 
 def _describe(error: ValidationError, room: int) -> tuple[list[FieldViolation], int]:
     """Up to `room` violations for one jsonschema error, and how many more it stands for."""
-    field = _path("arguments", error.absolute_path)
+    field = _string_path(error)
     rule: Any = error.validator
     expected: Any = error.validator_value
     schema: Any = error.schema

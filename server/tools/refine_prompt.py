@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from server.errors import FieldViolation, InvalidArgument
+from server.errors import FieldViolation, InvalidArgument, clip
 from server.tools.base import (
     CallContext,
     JsonObject,
@@ -134,11 +134,6 @@ def _upstream_failure(error: UpstreamError) -> ToolFailure:
     return ToolFailure(code, message, retryable=retryable, retry_after=error.retry_after)
 
 
-def _shortened(name: str, limit: int = 40) -> str:
-    """A variable name fit for an error message: a name may be as long as the template."""
-    return name if len(name) <= limit else name[: limit - 3] + "..."
-
-
 def _decode_data(data: Any) -> Any:
     """`data` is a JSON string (sometimes fenced like a chat answer) or already an object."""
     if not isinstance(data, str):
@@ -192,7 +187,8 @@ def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonO
         raise _invalid_output(f"it {exc}", trace_id) from None
     lost = source.variables - kept
     if lost:
-        names = ", ".join(_shortened(name) for name in sorted(lost)[:10])
+        # A name may be as long as the template: each is cut for the message.
+        names = ", ".join(clip(name, 40) for name in sorted(lost)[:10])
         raise _invalid_output(f"it dropped template variables: {names}", trace_id)
     return {"messages": refined, "summary": summary.strip() or DEFAULT_SUMMARY}
 
