@@ -16,30 +16,27 @@ import grpc
 import httpx
 import uvloop
 from aiservices.v1 import tool_service_pb2 as pb
-from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from server.auth import KeysFileError, KeyStore
 from server.config import AuthMode, EventLoop, Settings, is_loopback, split_host_port
+from server.core.auth import Authenticator
+from server.core.gate import CallGate
+from server.core.limits import RateLimits
+from server.core.service import ToolService
+from server.faces.grpc.auth import AuthenticationInterceptor
+from server.faces.grpc.handlers import generic_handler
+from server.faces.grpc.outermost import OutermostInterceptor
+from server.faces.grpc.servicer import ToolServicer
 from server.files import FileTooLarge, NotRegularFile, read_small_file
 from server.logs import LineSampler
 from server.metrics import Metrics
 from server.ratelimit import FailoverRateLimiter, RateLimit, RateLimiter, limiter_from_url
-from server.service.concurrency import CallGate
-from server.service.dispatch import ToolDispatcher
 from server.tools.base import Tool
 from server.tools.refine_prompt import RefinePromptTool
-from server.transport.interceptors.auth import AuthInterceptor
-from server.transport.interceptors.base import InterceptorChain, UnaryInterceptor
-from server.transport.interceptors.decode import DecodeGuardInterceptor
-from server.transport.interceptors.drain import DrainInterceptor
-from server.transport.interceptors.rate_limit import RateLimitInterceptor
-from server.transport.interceptors.request_context import RequestContextInterceptor
-from server.transport.servicer import ToolServicer
-from server.transport.state import current_call
-from server.upstream.agenta import AgentaCompletionClient, ResponseObserver
-from server.upstream.http import build_http_transport
+from server.upstream.agenta import AgentaCompletionClient
+from server.upstream.http import build_http_client
 
 log = logging.getLogger("aiservices.server")
 
@@ -169,94 +166,77 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def upstream_observer(metrics: Metrics) -> ResponseObserver:
-    """Each upstream attempt lands in the metrics and in the call's access-log line."""
-
-    def observe(status: str, seconds: float) -> None:
-        metrics.upstream_request(status, seconds)
-        state = current_call()
-        state.upstream_status, state.upstream_latency = status, seconds
-
-    return observe
-
-
-def build_tools(
-    settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
-) -> list[Tool]:
+def build_tools(settings: Settings, http: httpx.AsyncClient, metrics: Metrics) -> list[Tool]:
     if not settings.upstream_enabled:
         return []
     assert settings.api_key and settings.api_url  # guaranteed by upstream_enabled
     client = AgentaCompletionClient(
-        transport,
+        http,
         base_url=settings.api_url,
         api_key=settings.api_key.get_secret_value(),
         environment=str(settings.environment_slug).strip(),
         timeout=settings.upstream_timeout,
         max_retries=settings.upstream_retries,
         max_reply_bytes=settings.upstream_max_reply_bytes,
-        observer=upstream_observer(metrics),
+        observer=metrics.upstream_request,
     )
     return [RefinePromptTool(client, app=str(settings.refine_prompt_key).strip())]
-
-
-class GenericHandlersOnly:
-    """Hands services to grpc.aio as generic handlers only.
-
-    grpc.aio keeps a pending request for each registered method and waits on all of them again
-    for every call it accepts: with health and reflection beside the ToolService, eight futures
-    per call. Generic handlers share one pending request, about 40,000 fewer instructions per
-    call (callgrind, GetStatus under load; docs/performance.md). The generated `add_*_to_server`
-    functions pass the same handlers both ways, and the interceptor chain caches each method's
-    handler, so nothing else changes.
-    """
-
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self._server = server
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self._server.add_generic_rpc_handlers(handlers)
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        """Dropped: the same handlers came through `add_generic_rpc_handlers`."""
 
 
 class AiServicesServer:
     """One grpc.aio server with the ToolService, health and reflection.
 
-    Pass `http_transport` to share or inspect the upstream HTTP transport; otherwise the server
-    makes one at start and closes it at stop.
+    The parts a test or an embedding program may want to inject: `tools` (instead of those the
+    settings enable), `limiter` (instead of the one REDIS_URL selects; the server then neither
+    starts nor closes it) and `unauthenticated_lines` (which access lines of UNAUTHENTICATED
+    calls are written; default 10 a second).
     """
 
     def __init__(
         self,
         settings: Settings,
         *,
-        http_transport: httpx.AsyncBaseTransport | None = None,
         tools: Sequence[Tool] | None = None,
         limiter: RateLimiter | None = None,
         unauthenticated_lines: LineSampler | None = None,
     ) -> None:
         self.settings = settings
-        self._http = http_transport
-        self._owns_http = http_transport is None
+        self._http: httpx.AsyncClient | None = None
         self._tools = tools
         self._limiter = limiter
         self._owns_limiter = limiter is None
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
-        self._drain = DrainInterceptor()
-        # Which access lines of UNAUTHENTICATED calls are written (default: 10 a second).
-        self._request_context = RequestContextInterceptor(
+        self._outermost = OutermostInterceptor(
             self.metrics, unauthenticated_lines=unauthenticated_lines
         )
-        # Set by start(): what grpc runs per call, for in-process measurement (bench.hotpath).
-        self.chain: InterceptorChain | None = None
-        self.servicer: ToolServicer | None = None
         self.port = 0
         self.metrics_port: int | None = None
+
+    def _build_service(self, settings: Settings, limiter: RateLimiter) -> ToolService:
+        metrics = self.metrics
+        if self._tools is not None:
+            tools = list(self._tools)
+        else:
+            self._http = build_http_client(max_connections=settings.upstream_max_connections)
+            tools = build_tools(settings, self._http, metrics)
+        gate = CallGate(
+            settings.max_concurrent_calls,
+            max_wait=settings.queue_timeout,
+            on_refusal=metrics.overloaded.inc,
+        )
+        metrics.in_flight.set_function(lambda: gate.in_flight)
+        metrics.in_flight_limit.set(settings.max_concurrent_calls)
+        default_limit = RateLimit(
+            burst=settings.rate_limit_burst, per_minute=settings.rate_limit_per_minute
+        )
+        return ToolService(
+            tools,
+            enabled=settings.upstream_enabled,
+            limits=RateLimits(limiter, default_limit, metrics),
+            gate=gate,
+        )
 
     async def start(self) -> int:
         settings = self.settings
@@ -275,66 +255,25 @@ class AiServicesServer:
                 timeout=settings.redis_timeout,
                 connect_timeout=settings.redis_connect_timeout,
             )
-        if self._http is None:
-            self._http = build_http_transport(max_connections=settings.upstream_max_connections)
-        tools = (
-            list(self._tools)
-            if self._tools is not None
-            else build_tools(settings, self._http, metrics)
+        service = self._build_service(settings, self._limiter)
+        servicer = ToolServicer(
+            service, log_payloads=settings.log_payloads, max_reply_bytes=settings.max_message_bytes
         )
-        gate = CallGate(
-            settings.max_concurrent_calls,
-            max_wait=settings.queue_timeout,
-            on_refusal=metrics.overloaded.inc,
-        )
-        metrics.in_flight.set_function(lambda: gate.in_flight)
-        metrics.in_flight_limit.set(settings.max_concurrent_calls)
-        dispatcher = ToolDispatcher(tools, enabled=settings.upstream_enabled, gate=gate)
-        interceptors: list[UnaryInterceptor] = [
-            self._request_context,
-            self._drain,
-        ]
-        if keys is not None:
-            interceptors.append(
-                AuthInterceptor(keys, on_unauthenticated=metrics.unauthenticated_refusal)
-            )
-        interceptors.append(DecodeGuardInterceptor())
-        default_limit = RateLimit(
-            burst=settings.rate_limit_burst, per_minute=settings.rate_limit_per_minute
-        )
-        interceptors.append(
-            RateLimitInterceptor(
-                self._limiter,
-                default_limit,
-                may_call=dispatcher.may_call,
-                on_refusal=lambda tool, key_id: metrics.rate_limited.labels(tool, key_id).inc(),
-            )
-        )
-        self.chain = InterceptorChain(interceptors)
         server = grpc.aio.server(
-            interceptors=[self.chain],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        servicer = ToolServicer(
-            dispatcher,
-            metrics=metrics,
-            log_payloads=settings.log_payloads,
-            max_reply_bytes=settings.max_message_bytes,
+        authentication = AuthenticationInterceptor(Authenticator(keys, metrics))
+        server.add_generic_rpc_handlers(
+            [generic_handler(SERVICE_NAME, servicer.methods(), self._outermost, [authentication])]
         )
-        self.servicer = servicer
-        services = GenericHandlersOnly(server)
-        pb_grpc.add_ToolServiceServicer_to_server(servicer, services)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if settings.reflection:
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-                reflection.aio.ReflectionServicer(
-                    (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-                ),
-                services,
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         try:
             if credentials is None:
@@ -357,8 +296,8 @@ class AiServicesServer:
                 ) from None
         await server.start()
         self._server = server
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self._start_rate_limit_store()
         log.info(
             "serving",
@@ -416,7 +355,7 @@ class AiServicesServer:
         await asyncio.wait({stopping, again}, return_when=asyncio.FIRST_COMPLETED)
         if again.done() and not stopping.done():
             log.warning("second signal: calls still in flight are cancelled now")
-            self._drain.hurry()
+            self._outermost.drain.hurry()
         again.cancel()
         await stopping
 
@@ -426,20 +365,21 @@ class AiServicesServer:
         deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            in_flight = self._drain.in_flight
-            if not await self._drain.drain(grace):
+            drain = self._outermost.drain
+            in_flight = drain.in_flight
+            if not await drain.drain(grace):
                 log.warning(
                     "calls still in flight after the grace period are cancelled",
-                    extra={"in_flight": self._drain.in_flight, "grace_seconds": grace},
+                    extra={"in_flight": drain.in_flight, "grace_seconds": grace},
                 )
             elif in_flight:
                 log.info("drained", extra={"finished_calls": in_flight})
-            left = 0.0 if self._drain.hurried else max(0.0, deadline - time.monotonic())
+            left = 0.0 if drain.hurried else max(0.0, deadline - time.monotonic())
             await self._server.stop(left)
-        if self._owns_http and self._http is not None:
+        if self._http is not None:
             await self._http.aclose()
         if self._owns_limiter and self._limiter is not None:
             await self._limiter.close()
-        self._request_context.unauthenticated_lines.flush()
+        self._outermost.unauthenticated_lines.flush()
         self.metrics.close()
         log.info("stopped")

@@ -1,13 +1,19 @@
 """Domain errors that refuse a call.
 
-They carry no gRPC types: the transport layer maps each class to a status code and
-google.rpc details. Messages are shown to callers, so they never hold secrets or prompt text.
+They carry no transport types: each face maps each class to its protocol's errors in one place
+(the gRPC face: a status code and google.rpc details). Messages are shown to callers, so they
+never hold secrets or prompt text.
 """
 
 from __future__ import annotations
 
+import logging
+import traceback
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+log = logging.getLogger("aiservices.server")
 
 # What one refusal may report: a caller's request can name any number of fields, of any length,
 # and all of it would go back in the status trailer.
@@ -38,14 +44,27 @@ class FieldViolation:
 
 
 class ServiceError(Exception):
-    """A call refused by the service; `reason` becomes the google.rpc.ErrorInfo reason."""
+    """A call refused by the service; `reason` becomes the google.rpc.ErrorInfo reason.
+
+    `metadata` is shown to the caller with the reason. `headers` are sent with the refusal
+    (e.g. the rate limit left); the core adds them once it has charged the call. `key_id` names
+    the caller's key when it was recognised before the refusal, for the access log only.
+    """
 
     reason: str = "INTERNAL"
 
-    def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        key_id: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.headers: dict[str, str] = {}
+        self.key_id = key_id
 
 
 class Unauthenticated(ServiceError):
@@ -80,10 +99,11 @@ class InvalidArgument(ServiceError):
         violations: list[FieldViolation] | None = None,
         *,
         metadata: Mapping[str, str] | None = None,
+        key_id: str | None = None,
         more: int = 0,
         more_is_exact: bool = True,
     ) -> None:
-        super().__init__(message, metadata=metadata)
+        super().__init__(message, metadata=metadata, key_id=key_id)
         given = list(violations or [])
         self.violations = given[:MAX_VIOLATIONS]
         self.not_shown = len(given) - len(self.violations) + more
@@ -94,17 +114,10 @@ class RetryLater(ServiceError):
     """Base for refusals that tell the caller when to come back."""
 
     def __init__(
-        self,
-        message: str,
-        retry_after: float,
-        *,
-        metadata: Mapping[str, str] | None = None,
-        headers: Mapping[str, str] | None = None,
+        self, message: str, retry_after: float, *, metadata: Mapping[str, str] | None = None
     ) -> None:
         super().__init__(message, metadata=metadata)
         self.retry_after = retry_after
-        # Extra trailing metadata for the caller, e.g. x-ratelimit-limit.
-        self.headers: dict[str, str] = dict(headers or {})
 
 
 class RateLimited(RetryLater):
@@ -121,3 +134,31 @@ class ShuttingDown(RetryLater):
 
 class DeadlineExceeded(ServiceError):
     reason = "DEADLINE_EXCEEDED"
+
+
+class Internal(ServiceError):
+    """Something failed that no rule covers; the message quotes a support id, nothing else."""
+
+    reason = "INTERNAL"
+
+
+def report_unexpected(exc: BaseException, request_id: str) -> Internal:
+    """Log `exc` by type and place under a fresh support id (with the request id); return the
+    Internal error that quotes the support id to the caller. Never the exception's text, to
+    either: it may quote request data."""
+    support_id = uuid.uuid4().hex[:16]
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    log.error(
+        "unexpected error",
+        extra={
+            "support_id": support_id,
+            "request_id": request_id,
+            "error": type(exc).__name__,
+            "at": where,
+        },
+    )
+    return Internal(
+        f"internal error; quote support id {support_id} when reporting it",
+        metadata={"support_id": support_id},
+    )

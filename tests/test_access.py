@@ -33,9 +33,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from server.app import AiServicesServer
 from server.auth import generate_key, hash_key
 from server.config import ENV_PREFIX
+from server.faces.grpc.outermost import log_suppressed_unauthenticated
 from server.logs import JsonFormatter, LineSampler
 from server.standin import StandinUpstream
-from server.transport.interceptors.request_context import log_suppressed_unauthenticated
 from tests.support.keys import TestKeys
 from tests.support.processes import run_to_exit
 from tests.support.responsive import responsive_during

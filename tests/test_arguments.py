@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
+from server.core.arguments import ArgumentValidator
 from server.errors import MAX_DESCRIPTION_CHARS, MAX_FIELD_CHARS, MAX_VIOLATIONS, InvalidArgument
-from server.service.arguments import ArgumentValidator
+from server.faces.grpc.convert import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS, dict_from, struct_from
 from server.tools.refine_prompt import DEFINITION, INPUT_SCHEMA
-from server.transport.convert import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS, dict_from, struct_from
 
 
 def _violations(validator: ArgumentValidator, arguments: dict[str, Any]) -> list[tuple[str, str]]:

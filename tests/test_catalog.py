@@ -12,7 +12,8 @@ from aiservices.client import MAX_NESTING
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.tools.base import CallContext, JsonObject, ToolDefinition, ToolOutput
+from server.call import Call
+from server.tools.base import JsonObject, ToolDefinition, ToolResult
 from tests.support.keys import load_test_keys
 from tests.support.servers import ServerThread, make_settings
 
@@ -48,9 +49,9 @@ class EchoTool:
     def definition(self) -> ToolDefinition:
         return self._definition
 
-    async def call(self, arguments: JsonObject, context: CallContext) -> ToolOutput:
+    async def call(self, arguments: JsonObject, call: Call) -> ToolResult:
         self.received.append(arguments)
-        return ToolOutput(text="echo", structured=arguments)
+        return ToolResult(text="echo", structured=arguments)
 
 
 def full_client(server: ServerThread) -> ToolClient:

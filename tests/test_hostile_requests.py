@@ -28,7 +28,9 @@ from grpc_status import rpc_status
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from server.call import Call
 from server.config import Settings
+from server.core.service import _decode_cursor, _encode_cursor
 from server.errors import (
     MAX_DESCRIPTION_CHARS,
     MAX_FIELD_CHARS,
@@ -36,10 +38,9 @@ from server.errors import (
     InvalidArgument,
     ServiceError,
 )
-from server.service.dispatch import _decode_cursor, _encode_cursor
-from server.tools.base import CallContext, JsonObject, ToolDefinition, ToolOutput
-from server.transport.convert import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS
-from server.transport.status import MAX_DETAILS_BYTES, to_grpc_status
+from server.faces.grpc.convert import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS
+from server.faces.grpc.status import MAX_DETAILS_BYTES, to_grpc_status
+from server.tools.base import JsonObject, ToolDefinition, ToolResult
 from tests.support.keys import TestKeys, load_test_keys
 from tests.support.responsive import responsive_during
 from tests.support.servers import ServerThread, make_settings
@@ -75,8 +76,8 @@ class ListTool:
     def definition(self) -> ToolDefinition:
         return self._definition
 
-    async def call(self, arguments: JsonObject, context: CallContext) -> ToolOutput:
-        return ToolOutput(text="done", structured={"blob": "x" * arguments.get("size", 0)})
+    async def call(self, arguments: JsonObject, call: Call) -> ToolResult:
+        return ToolResult(text="done", structured={"blob": "x" * arguments.get("size", 0)})
 
 
 @pytest.fixture

@@ -9,25 +9,27 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from aiservices import ToolClient, ToolServiceError
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from server.app import AiServicesServer
+from server.core.auth import Authenticator
+from server.faces.grpc.auth import AuthenticationInterceptor
+from server.faces.grpc.handlers import Method, generic_handler
+from server.faces.grpc.outermost import OutermostInterceptor
+from server.faces.grpc.rpc import Reply, Rpc
 from server.logs import JsonFormatter
 from server.metrics import Metrics
 from server.ratelimit import Decision, RateLimit
 from server.standin import StandinUpstream
-from server.transport.interceptors.base import InterceptorChain
-from server.transport.interceptors.decode import DecodeGuardInterceptor
-from server.transport.interceptors.request_context import RequestContextInterceptor
 from tests.support.keys import TestKeys
 from tests.support.responsive import responsive_during
 from tests.support.servers import ServerThread, make_settings
@@ -121,8 +123,11 @@ def test_a_failing_rate_limit_store_is_internal_with_a_support_id(
 # --- a parser or serializer that fails --------------------------------------------------------
 
 
-def broken_serializer(message: Any) -> bytes:
-    raise TypeError(f"cannot serialize: {SECRET}")
+class Unserializable:
+    """A response whose serializer fails in a way nobody planned for."""
+
+    def SerializeToString(self) -> bytes:
+        raise TypeError(f"cannot serialize: {SECRET}")
 
 
 def parser_raising(error: Exception) -> Callable[[bytes], Any]:
@@ -132,33 +137,25 @@ def parser_raising(error: Exception) -> Callable[[bytes], Any]:
     return parse
 
 
-async def get_status(request: Any, context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
-    return pb.GetStatusResponse(enabled=True)
+async def get_status(request: Any, rpc: Rpc) -> Reply:
+    return Reply(pb.GetStatusResponse(enabled=True))
 
 
-CASES: dict[str, tuple[grpc.RpcMethodHandler, grpc.StatusCode]] = {
+async def unserializable_status(request: Any, rpc: Rpc) -> Reply:
+    return Reply(cast(Message, Unserializable()))
+
+
+CASES: dict[str, tuple[Method, grpc.StatusCode]] = {
     "a response that does not serialize": (
-        grpc.unary_unary_rpc_method_handler(
-            get_status,
-            request_deserializer=pb.GetStatusRequest.FromString,
-            response_serializer=broken_serializer,
-        ),
+        Method(pb.GetStatusRequest.FromString, unserializable_status),
         grpc.StatusCode.INTERNAL,
     ),
     "a parser failing unexpectedly": (
-        grpc.unary_unary_rpc_method_handler(
-            get_status,
-            request_deserializer=parser_raising(TypeError(SECRET)),
-            response_serializer=pb.GetStatusResponse.SerializeToString,
-        ),
+        Method(parser_raising(TypeError(SECRET)), get_status),
         grpc.StatusCode.INTERNAL,
     ),
     "request bytes that do not parse": (
-        grpc.unary_unary_rpc_method_handler(
-            get_status,
-            request_deserializer=parser_raising(DecodeError(SECRET)),
-            response_serializer=pb.GetStatusResponse.SerializeToString,
-        ),
+        Method(parser_raising(DecodeError(SECRET)), get_status),
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
 }
@@ -179,15 +176,19 @@ class _Seen(logging.Handler):
 async def test_a_failing_parser_or_serializer_never_answers_unknown(
     case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The server's interceptor chain around a method whose (de)serializer fails: a real grpc
-    server on loopback, called by a real client."""
+    """The gRPC face's interceptors around a method whose request parser or response
+    serializer fails: a real grpc server on loopback, called by a real client."""
     caplog.set_level(logging.INFO)
-    handler, expected = CASES[case]
+    method, expected = CASES[case]
     metrics = Metrics()
-    chain = InterceptorChain([RequestContextInterceptor(metrics), DecodeGuardInterceptor()])
-    server = grpc.aio.server(interceptors=[chain])
+    authentication = AuthenticationInterceptor(Authenticator(None, metrics))
+    server = grpc.aio.server()
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE, {"GetStatus": handler}),)
+        [
+            generic_handler(
+                SERVICE, {"GetStatus": method}, OutermostInterceptor(metrics), [authentication]
+            )
+        ]
     )
     port = server.add_insecure_port("127.0.0.1:0")
     access_logged = asyncio.Event()

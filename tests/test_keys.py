@@ -95,8 +95,8 @@ def test_good_file_loads_every_field(tmp_path: Path) -> None:
     assert b.id == "svc.b_2"
     assert b.permissions == frozenset({"*"})
     assert b.organization == "acme"
-    assert b.rate_limit == (30, 90.0)
-    assert isinstance(b.rate_limit[1], float)
+    assert b.rate_limit == RateLimit(burst=30, per_minute=90.0)
+    assert isinstance(b.rate_limit.per_minute, float)
 
 
 def test_principal_carries_the_key_identity() -> None:
@@ -224,8 +224,8 @@ def test_the_largest_limits_load_and_work() -> None:
     with TemporaryDirectory() as directory:
         text = entry(rate_limit="{ burst = 1_000_000, per_minute = 6_000_000 }")
         (key,) = load_keys_file(write(Path(directory), text))
-    assert key.rate_limit == (1_000_000, 6_000_000.0)
-    decision, _ = gcra(None, NOW_US, RateLimit(*key.rate_limit))
+    assert key.rate_limit == RateLimit(burst=1_000_000, per_minute=6_000_000.0)
+    decision, _ = gcra(None, NOW_US, key.rate_limit)
     assert decision.allowed and decision.remaining == 999_999
 
 
@@ -265,7 +265,7 @@ def test_a_key_limit_loads_exactly_when_the_limiter_can_use_it(
             return
     (key,) = keys
     assert key.rate_limit is not None
-    limit = RateLimit(*key.rate_limit)
+    limit = key.rate_limit
     decision, tat = gcra(None, NOW_US, limit)
     assert decision.allowed and tat is not None
     # The furthest the stored time can run ahead of now (a spent burst) stays exact in the
@@ -507,7 +507,7 @@ def test_keys_new_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert found.id == "svc-new"
     assert found.permissions == frozenset({"tools.agenta.api.refine_prompt", "*"})
     assert found.organization == 'ac"me'
-    assert found.rate_limit == (5, 12.5)
+    assert found.rate_limit == RateLimit(burst=5, per_minute=12.5)
     assert store.authenticate(generate_key()) is None
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from server import logs
-from server.transport.interceptors.request_context import log_suppressed_unauthenticated
+from server.faces.grpc.outermost import log_suppressed_unauthenticated
 
 
 class Output:

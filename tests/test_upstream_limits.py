@@ -4,17 +4,20 @@ Replies are read within a byte cap (checked against Content-Length first, counte
 streaming), only uncompressed bodies are read, a parse is bounded by the values it would build,
 and the trace id passed on to callers and logs is a short safe token or nothing. Each hostile
 reply is served by the real HTTP stand-in to the real server, while health checks prove the
-server still answers and tracemalloc shows what the process allocated meanwhile.
+server still answers and tracemalloc shows what the process allocated meanwhile. The upstream
+client itself, against the same stand-in, reports what each HTTP attempt came to and keeps no
+cookies an upstream sets.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,17 +28,21 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from server.logs import JsonFormatter
-from server.standin import Endless, GzipBomb, Large, Refine, StandinUpstream, Status
+from server.standin import Endless, GzipBomb, Hang, Large, Refine, StandinUpstream, Status
 from server.upstream.agenta import (
     DEFAULT_MAX_REPLY_BYTES,
     MAX_REPLY_VALUES,
+    AgentaCompletionClient,
     CompletionReply,
     UpstreamBadReply,
+    UpstreamTimeout,
+    UpstreamUnavailable,
     parse_completion,
 )
+from server.upstream.http import UpstreamAttempt, build_http_client
 from tests.support.keys import TestKeys
 from tests.support.responsive import responsive_during
-from tests.support.servers import ServerThread, make_settings
+from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
 
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {
@@ -341,7 +348,7 @@ WORST_CASES = [
 def check_parse(body: bytes) -> CompletionReply | None:
     """The only outcomes allowed: a reply with a safe trace id, or an UpstreamBadReply."""
     try:
-        reply = parse_completion(body)
+        reply = parse_completion(body, attempt=UpstreamAttempt("200", 0.01))
     except UpstreamBadReply as error:
         assert error.message.startswith("the upstream reply ")
         assert not error.retryable
@@ -403,3 +410,101 @@ def test_any_json_envelope_parses_to_a_reply_or_an_upstream_error(envelope: Any)
     sent = envelope.get("trace_id") or envelope.get("traceId")
     if reply.trace_id:
         assert reply.trace_id == sent
+
+
+# --- what each attempt came to, as the client reports it ----------------------------------------
+
+
+@asynccontextmanager
+async def completion_client(
+    base_url: str, *, upstream_timeout: float = 5.0
+) -> AsyncIterator[tuple[AgentaCompletionClient, list[tuple[str, float]]]]:
+    """The upstream client as the server builds it, with the attempts its observer heard."""
+    heard: list[tuple[str, float]] = []
+    async with build_http_client(max_connections=4) as http:
+        yield (
+            AgentaCompletionClient(
+                http,
+                base_url=base_url,
+                api_key=UPSTREAM_KEY,
+                environment=ENVIRONMENT,
+                timeout=upstream_timeout,
+                max_retries=1,
+                observer=lambda status, seconds: heard.append((status, seconds)),
+            ),
+            heard,
+        )
+
+
+REFINE_INPUTS = {
+    "__ag_prompt_template_json": ARGUMENTS["prompt_template_json"],
+    "__ag_guidelines": "",
+    "__ag_context": "",
+}
+
+
+async def test_a_reply_carries_its_attempt(upstream: StandinUpstream) -> None:
+    async with completion_client(upstream.url) as (client, heard):
+        reply = await client.run(APP, REFINE_INPUTS)
+    assert reply.attempt.status == "200"
+    assert reply.attempt.seconds > 0
+    assert heard == [(reply.attempt.status, reply.attempt.seconds)]
+
+
+async def test_a_retried_call_carries_its_last_attempt(upstream: StandinUpstream) -> None:
+    upstream.push(Status(503, headers={"Retry-After": "0"}))
+    async with completion_client(upstream.url) as (client, heard):
+        reply = await client.run(APP, REFINE_INPUTS)
+    assert reply.attempt.status == "200"
+    assert [status for status, _ in heard] == ["503", "200"]
+
+
+async def test_a_timeout_carries_a_timeout_attempt(upstream: StandinUpstream) -> None:
+    upstream.push(Hang())
+    async with completion_client(upstream.url, upstream_timeout=0.3) as (client, heard):
+        with pytest.raises(UpstreamTimeout) as raised:
+            await client.run(APP, REFINE_INPUTS)
+    attempt = raised.value.attempt
+    assert attempt is not None
+    assert attempt.status == "timeout"
+    assert attempt.seconds >= 0.3
+    assert heard == [(attempt.status, attempt.seconds)]
+
+
+async def test_a_refused_connection_carries_an_unavailable_attempt() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound but not listening: connections are refused
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        async with completion_client(url) as (client, heard):
+            with pytest.raises(UpstreamUnavailable) as raised:
+                await client.run(APP, REFINE_INPUTS)
+    attempt = raised.value.attempt
+    assert attempt is not None
+    assert attempt.status == "unavailable"
+    # Nothing was sent, so the one retry was made, and the error carries the last attempt.
+    assert [status for status, _ in heard] == ["unavailable", "unavailable"]
+    assert heard[-1] == (attempt.status, attempt.seconds)
+
+
+async def test_no_time_left_means_no_attempt(upstream: StandinUpstream) -> None:
+    async with completion_client(upstream.url) as (client, heard):
+        with pytest.raises(UpstreamTimeout) as raised:
+            await client.run(APP, REFINE_INPUTS, time_left=0.0)
+    assert raised.value.attempt is None
+    assert heard == []
+    assert upstream.request_count == 0
+
+
+async def test_cookies_an_upstream_sets_are_neither_kept_nor_sent_back(
+    upstream: StandinUpstream,
+) -> None:
+    upstream.push(
+        Status(200, body={"data": "{}"}, headers={"Set-Cookie": "session=abc; Path=/"}),
+        Refine(),
+    )
+    async with completion_client(upstream.url) as (client, _):
+        await client.run(APP, REFINE_INPUTS)
+        await client.run(APP, REFINE_INPUTS)
+    first, second = upstream.requests
+    assert "cookie" not in first.headers
+    assert "cookie" not in second.headers

@@ -30,9 +30,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from server.call import Principal
 from server.files import FileTooLarge, NotRegularFile, read_small_file
-from server.identity import Principal
-from server.ratelimit.gcra import RateLimitError, check_rate_limit
+from server.ratelimit.gcra import RateLimit, RateLimitError, check_rate_limit
 
 __all__ = [
     "KEY_ID_PATTERN",
@@ -146,8 +146,8 @@ class ApiKey:
     digest: bytes = field(repr=False)
     permissions: frozenset[str] = frozenset()
     organization: str | None = None
-    rate_limit: tuple[int, float] | None = None
-    """(burst, per_minute) overriding the service default, or None for the default."""
+    rate_limit: RateLimit | None = None
+    """The key's own limit, overriding the service default; None for the default."""
 
     def __post_init__(self) -> None:
         if not is_valid_key_id(self.id):
@@ -162,6 +162,7 @@ class ApiKey:
             permissions=self.permissions,
             organization=self.organization,
             user_id=user_id,
+            rate_limit=self.rate_limit,
         )
 
 
@@ -424,7 +425,9 @@ def load_keys_file(path: str | os.PathLike[str]) -> list[ApiKey]:
                 permissions=frozenset(entry.permissions),
                 organization=entry.organization,
                 rate_limit=(
-                    None if rate_limit is None else (rate_limit.burst, float(rate_limit.per_minute))
+                    None
+                    if rate_limit is None
+                    else RateLimit(burst=rate_limit.burst, per_minute=float(rate_limit.per_minute))
                 ),
             )
         )

@@ -1,17 +1,19 @@
-"""What a tool is: a definition the catalog publishes and an async handler the service calls.
+"""What a tool is: a definition the catalogue publishes and an async handler the core calls.
 
-Tools return plain data and raise `ToolFailure` for failures the caller should see as a tool
-result with `is_error`; they never import grpc.
+A tool returns a `ToolResult` or raises `ToolFailure` (the tool ran but could not produce a
+result: the caller gets a result with `is_error`, not a refusal). It may also raise a domain
+error (`server.errors`) for input only it can judge. Tools never import a transport.
 """
 
 from __future__ import annotations
 
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from server.identity import Principal
+from server.call import Call
+from server.upstream.http import UpstreamAttempt
 
 JsonObject = dict[str, Any]
 
@@ -23,8 +25,25 @@ class ToolErrorCode(StrEnum):
     INVALID_MODEL_OUTPUT = "INVALID_MODEL_OUTPUT"
 
 
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """A successful call: the summary text shown to people and the structured object.
+
+    `upstream` is the last upstream attempt, for the access log. `headers` are sent with the
+    result (the core adds the rate limit left)."""
+
+    text: str
+    structured: JsonObject
+    trace_id: str = ""
+    upstream: UpstreamAttempt | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
 class ToolFailure(Exception):
-    """The tool ran but could not produce a result; becomes `is_error = true`, not a status."""
+    """The tool ran but could not produce a result: a result with `is_error`, not a refusal.
+
+    `retry_after` (seconds) is the upstream's advice, when it gave one; `upstream` and `headers`
+    as in ToolResult."""
 
     def __init__(
         self,
@@ -34,6 +53,7 @@ class ToolFailure(Exception):
         retryable: bool = False,
         retry_after: float | None = None,
         trace_id: str = "",
+        upstream: UpstreamAttempt | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -41,6 +61,8 @@ class ToolFailure(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.trace_id = trace_id
+        self.upstream = upstream
+        self.headers: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -64,60 +86,10 @@ class ToolDefinition:
     annotations: ToolAnnotations = field(default_factory=ToolAnnotations)
 
 
-@dataclass(frozen=True)
-class CallContext:
-    """Per-call facts a tool may need; `deadline` is a time.monotonic() instant or None."""
-
-    principal: Principal
-    request_id: str = ""
-    deadline: float | None = None
-    traceparent: str | None = None
-
-    def time_left(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
-
-@dataclass(frozen=True)
-class ToolOutput:
-    """A successful result: the summary text shown to people and the structured object."""
-
-    text: str
-    structured: JsonObject
-    trace_id: str = ""
-
-
-@dataclass(frozen=True)
-class ToolErrorInfo:
-    code: ToolErrorCode
-    message: str
-    retryable: bool
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    """What the service returns for a call that ran, successful or not."""
-
-    text: str
-    structured: JsonObject | None
-    is_error: bool
-    trace_id: str
-    error: ToolErrorInfo | None = None
-
-    @classmethod
-    def success(cls, output: ToolOutput) -> ToolResult:
-        return cls(output.text, output.structured, False, output.trace_id)
-
-    @classmethod
-    def failure(cls, failure: ToolFailure) -> ToolResult:
-        info = ToolErrorInfo(failure.code, failure.message, failure.retryable, failure.retry_after)
-        return cls(failure.message, None, True, failure.trace_id, info)
-
-
 class Tool(Protocol):
     @property
     def definition(self) -> ToolDefinition: ...
 
-    async def call(self, arguments: JsonObject, context: CallContext) -> ToolOutput:
+    async def call(self, arguments: JsonObject, call: Call) -> ToolResult:
         """Run with arguments already validated against `definition.input_schema`."""
         ...

@@ -11,15 +11,15 @@ from typing import Any
 
 import orjson
 
+from server.call import Call
 from server.errors import FieldViolation, InvalidArgument, clip
 from server.tools.base import (
-    CallContext,
     JsonObject,
     ToolAnnotations,
     ToolDefinition,
     ToolErrorCode,
     ToolFailure,
-    ToolOutput,
+    ToolResult,
 )
 from server.tools.templates import (
     PromptTemplate,
@@ -131,7 +131,9 @@ def _upstream_failure(error: UpstreamError) -> ToolFailure:
     message = error.message
     if isinstance(error, UpstreamStatusError) and error.status in (401, 403):
         message += " (the service's upstream credentials were refused)"
-    return ToolFailure(code, message, retryable=retryable, retry_after=error.retry_after)
+    return ToolFailure(
+        code, message, retryable=retryable, retry_after=error.retry_after, upstream=error.attempt
+    )
 
 
 def _decode_data(data: Any) -> Any:
@@ -202,7 +204,7 @@ class RefinePromptTool:
     def definition(self) -> ToolDefinition:
         return DEFINITION
 
-    async def call(self, arguments: JsonObject, context: CallContext) -> ToolOutput:
+    async def call(self, arguments: JsonObject, call: Call) -> ToolResult:
         template_json: str = arguments["prompt_template_json"]
         try:
             template = parse_template(template_json)
@@ -220,10 +222,19 @@ class RefinePromptTool:
             reply = await self._client.run(
                 self._app,
                 inputs,
-                time_left=context.time_left(),
-                traceparent=context.traceparent,
+                time_left=call.time_left(),
+                traceparent=call.traceparent,
             )
         except UpstreamError as error:
             raise _upstream_failure(error) from None
-        refined = check_output(reply.data, template, reply.trace_id)
-        return ToolOutput(text=refined["summary"], structured=refined, trace_id=reply.trace_id)
+        try:
+            refined = check_output(reply.data, template, reply.trace_id)
+        except ToolFailure as failure:
+            failure.upstream = reply.attempt
+            raise
+        return ToolResult(
+            text=refined["summary"],
+            structured=refined,
+            trace_id=reply.trace_id,
+            upstream=reply.attempt,
+        )

@@ -21,6 +21,8 @@ import aiohttp
 import httpx
 import orjson
 
+from server.upstream.http import UpstreamAttempt
+
 RUN_PATH = "/services/completion/run"
 # A longer Retry-After is no use to a caller and would not fit a protobuf Duration anyway.
 MAX_RETRY_AFTER = 86_400.0
@@ -43,7 +45,11 @@ _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class UpstreamError(Exception):
-    """Base of upstream failures; messages are safe to show callers (no keys, no payloads)."""
+    """Base of upstream failures; messages are safe to show callers (no keys, no payloads).
+
+    `attempt` is the last HTTP attempt made for the call, or None when none was made (no time
+    was left for one).
+    """
 
     retryable = False
 
@@ -51,6 +57,7 @@ class UpstreamError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.attempt: UpstreamAttempt | None = None
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -90,10 +97,12 @@ class UpstreamReplyTooLarge(UpstreamBadReply):
 
 @dataclass(frozen=True)
 class CompletionReply:
+    """A completion runner's answer: its `data`, its trace id ("" when unsafe or absent), and
+    the HTTP attempt that brought it."""
+
     data: Any
     trace_id: str
-    status: int
-    latency: float
+    attempt: UpstreamAttempt
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -155,9 +164,7 @@ def _holds_too_many_values(text: str | bytes | bytearray) -> bool:
     return 2 * openers + 1 > MAX_REPLY_VALUES
 
 
-def parse_completion(
-    body: bytes | bytearray, *, status: int = 200, latency: float = 0.0
-) -> CompletionReply:
+def parse_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) -> CompletionReply:
     """A 2xx body as a CompletionReply; raises only UpstreamBadReply (or its subclass).
 
     The values a parse would build are bounded first, for the envelope and for `data` when it
@@ -175,7 +182,7 @@ def parse_completion(
     data = reply["data"]
     if isinstance(data, str) and _holds_too_many_values(data):
         raise UpstreamReplyTooLarge(_too_many_values())
-    return CompletionReply(data, _trace_id(reply), status, latency)
+    return CompletionReply(data, _trace_id(reply), attempt)
 
 
 def _too_many_values() -> str:
@@ -216,7 +223,7 @@ def _check_encoding(response: httpx.Response) -> None:
         raise UpstreamBadReply("the upstream reply uses a content encoding that is not supported")
 
 
-# (status or failure kind, seconds): reported once per HTTP attempt, for metrics and logs.
+# (status or failure kind, seconds): reported once per HTTP attempt, for metrics.
 ResponseObserver = Callable[[str, float], None]
 
 # Retry-After delays are honoured only when this much time is left for the retried attempt.
@@ -231,11 +238,15 @@ class AgentaCompletionClient:
 
     Retries only where it is safe and can help: a connection that failed before the request
     was sent, and 429/503 with a Retry-After that fits in the time left.
+
+    Each HTTP attempt is an UpstreamAttempt: the reply carries the last one, and so does every
+    UpstreamError out of `run()` (None when no attempt was made). `observer`, when given, hears
+    of every attempt as it ends, retried ones included.
     """
 
     def __init__(
         self,
-        transport: httpx.AsyncBaseTransport,
+        http: httpx.AsyncClient,
         *,
         base_url: str,
         api_key: str,
@@ -245,20 +256,15 @@ class AgentaCompletionClient:
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
         observer: ResponseObserver | None = None,
     ) -> None:
-        self._transport = transport
+        self._http = http
         self._url = httpx.URL(base_url.rstrip("/") + RUN_PATH)  # parsed once, not per call
-        # Normalised once: httpx.Request(content=...) re-parses every header on each call,
-        # which cost about a fifth of the upstream call's CPU under load.
-        self._headers: list[tuple[bytes, bytes]] = httpx.Headers(
-            {
-                "Host": self._url.netloc.decode("ascii"),
-                "Authorization": f"ApiKey {api_key}",
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-                "Accept-Encoding": "identity",
-                "User-Agent": USER_AGENT,
-            }
-        ).raw
+        self._headers = {
+            "Authorization": f"ApiKey {api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Accept-Encoding": "identity",
+            "User-Agent": USER_AGENT,
+        }
         self._environment = environment
         self.timeout = timeout
         self.max_retries = max_retries
@@ -278,22 +284,25 @@ class AgentaCompletionClient:
         deadline = time.monotonic() + budget
         headers = self._headers
         if traceparent:
-            headers = [*headers, (b"traceparent", traceparent.encode("ascii"))]
+            headers = {**headers, "traceparent": traceparent}
         body = _JSON.encode({"inputs": inputs, "environment": self._environment, "app": app})
         content = body.encode()
-        attempt = 0
+        retries = 0
+        last_attempt: UpstreamAttempt | None = None
         while True:
             try:
                 return await self._attempt(content, headers, deadline - time.monotonic())
             except UpstreamError as error:
-                delay = self._retry_delay(error, attempt, deadline)
+                error.attempt = error.attempt or last_attempt
+                last_attempt = error.attempt
+                delay = self._retry_delay(error, retries, deadline)
                 if delay is None:
                     raise
-            attempt += 1
+            retries += 1
             await asyncio.sleep(delay)
 
-    def _retry_delay(self, error: UpstreamError, attempt: int, deadline: float) -> float | None:
-        if attempt >= self.max_retries:
+    def _retry_delay(self, error: UpstreamError, retries: int, deadline: float) -> float | None:
+        if retries >= self.max_retries:
             return None
         if isinstance(error, UpstreamUnavailable) and not error.sent:
             delay = random.uniform(0.05, 0.25)
@@ -310,64 +319,62 @@ class AgentaCompletionClient:
         return delay
 
     async def _attempt(
-        self, content: bytes, headers: list[tuple[bytes, bytes]], budget: float
+        self, content: bytes, headers: dict[str, str], budget: float
     ) -> CompletionReply:
+        """One HTTP attempt within `budget` seconds, reported to the observer once it ends."""
         if budget <= 0:
             raise UpstreamTimeout("no time left for the upstream call")
         started = time.monotonic()
-        outcome = "error"
-        # A request built from a stream skips httpx's header preparation (the headers above
-        # are complete); read() then holds the body as bytes, which the transport sends as is.
-        # No timeout extension: the one asyncio.timeout below bounds connect, send and read
-        # together, and per-phase timers in the transport would only add work to every call.
-        request = httpx.Request(
-            "POST",
-            self._url,
-            headers=httpx.Headers([*headers, (b"Content-Length", b"%d" % len(content))]),
-            stream=httpx.ByteStream(content),
-        )
-        request.read()
+        request = self._http.build_request("POST", self._url, content=content, headers=headers)
+        try:
+            response, body = await self._exchange(request, budget)
+        except BaseException as exc:
+            attempt = UpstreamAttempt(_failure_kind(exc), time.monotonic() - started)
+            self._report(attempt)
+            if isinstance(exc, UpstreamError):
+                exc.attempt = attempt
+            raise
+        status = response.status_code
+        attempt = UpstreamAttempt(str(status), time.monotonic() - started)
+        self._report(attempt)
+        if not response.is_success:
+            error = UpstreamStatusError(
+                status,
+                f"the upstream answered HTTP {status}",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+            error.attempt = attempt
+            raise error
+        try:
+            return parse_completion(body, attempt=attempt)
+        except UpstreamError as error:
+            error.attempt = attempt
+            raise
+
+    async def _exchange(
+        self, request: httpx.Request, budget: float
+    ) -> tuple[httpx.Response, bytes | bytearray]:
+        """The response and its body (see `_read`), within `budget` seconds.
+
+        Every failure to get them is an UpstreamError, except cancellation. The one
+        asyncio.timeout bounds connecting, sending and reading together.
+        """
         try:
             async with asyncio.timeout(budget):
-                response = await self._transport.handle_async_request(request)
+                response = await self._http.send(request, stream=True)
                 try:
-                    body = await self._read(response)
+                    return response, await self._read(response)
                 finally:
                     await response.aclose()
-            outcome = str(response.status_code)
-        except UpstreamReplyTooLarge:
-            outcome = "too_large"
-            raise
-        except UpstreamBadReply:
-            outcome = "invalid"
-            raise
         except TimeoutError:
-            outcome = "timeout"
             raise UpstreamTimeout("the upstream did not answer in time") from None
         except httpx.TransportError as exc:
-            error = _classify(exc)
-            outcome = "timeout" if isinstance(error, UpstreamTimeout) else "unavailable"
-            raise error from None
+            raise _classify(exc) from None
         except aiohttp.ClientResponseError:
             # Not HTTP at all (bad status line, headers or length): the transport passes it on.
-            outcome = "invalid"
             raise UpstreamBadReply("the upstream reply is not valid HTTP") from None
         except aiohttp.ClientError:
-            outcome = "unavailable"
             raise UpstreamUnavailable("the upstream connection failed", sent=True) from None
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            if self._observer is not None:
-                self._observer(outcome, time.monotonic() - started)
-        status = response.status_code
-        if not response.is_success:
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            raise UpstreamStatusError(
-                status, f"the upstream answered HTTP {status}", retry_after=retry_after
-            )
-        return parse_completion(body, status=status, latency=time.monotonic() - started)
 
     async def _read(self, response: httpx.Response) -> bytes | bytearray:
         """A 2xx body within the byte cap; an error reply's body drained and dropped."""
@@ -377,3 +384,22 @@ class AgentaCompletionClient:
             return b""
         _check_encoding(response)
         return await read_capped(response, self.max_reply_bytes)
+
+    def _report(self, attempt: UpstreamAttempt) -> None:
+        if self._observer is not None:
+            self._observer(attempt.status, attempt.seconds)
+
+
+def _failure_kind(exc: BaseException) -> str:
+    """The attempt status for an attempt that ended in `exc` instead of a status code."""
+    if isinstance(exc, UpstreamReplyTooLarge):
+        return "too_large"
+    if isinstance(exc, UpstreamBadReply):
+        return "invalid"
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamUnavailable):
+        return "unavailable"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return "error"

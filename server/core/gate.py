@@ -13,6 +13,8 @@ from server.errors import Overloaded
 
 
 class CallGate:
+    """`async with gate:` runs the block holding one slot, or raises Overloaded."""
+
     def __init__(
         self,
         max_in_flight: int,
@@ -48,3 +50,9 @@ class CallGate:
     def release(self) -> None:
         self.in_flight -= 1
         self._slots.release()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import math
-import traceback
-import uuid
-from typing import NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -14,11 +10,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server import errors
-from server.transport.state import current_call
 
 DOMAIN = "aiservices"
-
-log = logging.getLogger("aiservices.server")
 
 _CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
@@ -143,10 +136,11 @@ def _status_details(
 def to_grpc_status(
     error: errors.ServiceError, trailers: dict[str, str] | None = None
 ) -> grpc.Status:
+    """The status for `error`, with `trailers`, the error's own headers and, when it tells the
+    caller to come back, `retry-after` as trailing metadata."""
     code = status_code_for(error)
-    extra = dict(trailers or {})
+    extra = {**(trailers or {}), **error.headers}
     if isinstance(error, errors.RetryLater):
-        extra.update(error.headers)
         extra["retry-after"] = str(retry_after_seconds(error.retry_after))
     status = _status_details(code, _clip_message(error.message), error)
     converted = rpc_status.to_status(status)
@@ -163,40 +157,3 @@ class _Status(grpc.Status):  # type: ignore[misc]
         self.code = code
         self.details = details
         self.trailing_metadata = trailing_metadata
-
-
-async def abort(
-    context: grpc.aio.ServicerContext,
-    error: errors.ServiceError,
-    trailers: dict[str, str] | None = None,
-) -> NoReturn:
-    status = to_grpc_status(error, trailers)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-    raise AssertionError("context.abort returned")  # pragma: no cover
-
-
-def report_unexpected(exc: BaseException) -> errors.ServiceError:
-    """Log `exc` by type and place under a fresh support id (with the call's request id);
-    return the INTERNAL error that quotes the support id to the caller. Never the exception's
-    text, to either: it may quote request data."""
-    support_id = uuid.uuid4().hex[:16]
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
-    log.error(
-        "unexpected error",
-        extra={
-            "support_id": support_id,
-            "request_id": current_call().request_id,
-            "error": type(exc).__name__,
-            "at": where,
-        },
-    )
-    return internal_status(support_id)
-
-
-def internal_status(support_id: str) -> errors.ServiceError:
-    error = errors.ServiceError(
-        f"internal error; quote support id {support_id} when reporting it",
-        metadata={"support_id": support_id},
-    )
-    return error

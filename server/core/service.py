@@ -1,24 +1,35 @@
-"""The tool catalog and call dispatch: feature gate, lookup, permission, arguments, handler."""
+"""The tool service every face calls: the catalogue a caller may see, and running one call
+through its steps in order."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
+from server.call import Call, Principal
+from server.core.arguments import ArgumentValidator
+from server.core.gate import CallGate
+from server.core.limits import RateLimits
 from server.errors import (
+    DeadlineExceeded,
     FeatureDisabled,
     FieldViolation,
     InvalidArgument,
+    Overloaded,
     PermissionDenied,
+    ServiceError,
     ToolNotFound,
 )
-from server.identity import Principal
-from server.service.arguments import ArgumentValidator
-from server.service.concurrency import CallGate
-from server.tools.base import CallContext, Tool, ToolDefinition, ToolFailure, ToolResult
+from server.tools.base import (
+    JsonObject,
+    Tool,
+    ToolDefinition,
+    ToolErrorCode,
+    ToolFailure,
+    ToolResult,
+)
 
 DEFAULT_PAGE_SIZE = 50
 # Names are echoed in errors and logs only this far: a caller may send megabytes.
@@ -27,6 +38,8 @@ MAX_NAME_SHOWN = 200
 _NAME_IN_MESSAGE = 64
 MAX_PAGE_SIZE = 100
 _CURSOR_PREFIX = "v1:"
+# A tool timeout this close to the caller's deadline is the deadline passing.
+_DEADLINE_SLACK = 0.05
 # Offsets this server issues are below the number of tools: nine digits is more than enough.
 _MAX_OFFSET_DIGITS = 9
 # Base64 of the prefix and the longest offset, with room to spare: anything longer is not ours.
@@ -72,14 +85,29 @@ def _decode_cursor(cursor: str) -> int:
     return start
 
 
-class ToolDispatcher:
-    """Owns the registered tools and runs calls against them."""
+class ToolService:
+    """The registered tools and the one way to call them.
+
+    `call` runs these steps in order, each raising a domain error that refuses the call:
+    look the tool up (FeatureDisabled, ToolNotFound), check the caller's permission
+    (PermissionDenied), charge the caller's rate limit (RateLimited), validate the arguments
+    (InvalidArgument), take a slot of the bound on calls in flight (Overloaded: the unit charged
+    is given back), run the tool. A tool that ran but failed raises ToolFailure; an upstream
+    timeout at the caller's own deadline is DeadlineExceeded. Once charged, every answer carries
+    the rate limit left in `headers`.
+    """
 
     def __init__(
-        self, tools: Sequence[Tool], *, enabled: bool, gate: CallGate | None = None
+        self,
+        tools: Sequence[Tool],
+        *,
+        enabled: bool,
+        limits: RateLimits,
+        gate: CallGate,
     ) -> None:
         self.enabled = enabled
-        self.gate = gate
+        self._limits = limits
+        self._gate = gate
         self._tools: dict[str, Tool] = {}
         self._validators: dict[str, ArgumentValidator] = {}
         for tool in tools:
@@ -88,6 +116,11 @@ class ToolDispatcher:
                 raise ValueError(f"tool {name!r} registered twice")
             self._tools[name] = tool
             self._validators[name] = ArgumentValidator(tool.definition.input_schema)
+
+    @property
+    def definitions(self) -> list[ToolDefinition]:
+        """Every registered tool's definition, whoever may call it."""
+        return [tool.definition for tool in self._tools.values()]
 
     def visible_tools(self, principal: Principal) -> list[ToolDefinition]:
         """The tools this caller may call, in a stable order; none while disabled."""
@@ -112,7 +145,24 @@ class ToolDispatcher:
         end = start + len(page)
         return ToolPage(page, _encode_cursor(end) if end < len(tools) else "")
 
-    def tool_for(self, principal: Principal, name: str) -> Tool:
+    async def call(self, call: Call, name: str, arguments: JsonObject) -> ToolResult:
+        tool = self._look_up(name)
+        self._check_permission(call.principal, tool)
+        charge = await self._limits.charge(call.principal, name)
+        try:
+            checked = self._validators[name].validate(arguments)
+            async with self._gate:
+                result = await self._run(tool, checked, call)
+        except Overloaded as refused:
+            charge = await self._limits.refund(charge)
+            refused.headers.update(charge.headers())
+            raise
+        except (ServiceError, ToolFailure) as error:
+            error.headers.update(charge.headers())
+            raise
+        return replace(result, headers=charge.headers())
+
+    def _look_up(self, name: str) -> Tool:
         if not self.enabled:
             raise FeatureDisabled("AI services are not configured on this server")
         tool = self._tools.get(name)
@@ -120,30 +170,29 @@ class ToolDispatcher:
             shown = name[:MAX_NAME_SHOWN]
             named = repr(name[:_NAME_IN_MESSAGE]) + ("..." if len(name) > _NAME_IN_MESSAGE else "")
             raise ToolNotFound(f"no tool named {named}", metadata={"tool": shown})
-        if not principal.may(tool.definition.permission):
-            raise PermissionDenied(
-                f"this caller may not call {name}",
-                metadata={"tool": name, "permission": tool.definition.permission},
-            )
         return tool
 
-    async def call(self, name: str, arguments: dict[str, Any], context: CallContext) -> ToolResult:
-        tool = self.tool_for(context.principal, name)
-        checked = self._validators[name].validate(arguments)
-        try:
-            if self.gate is None:
-                output = await tool.call(checked, context)
-            else:
-                await self.gate.acquire()
-                try:
-                    output = await tool.call(checked, context)
-                finally:
-                    self.gate.release()
-        except ToolFailure as failure:
-            return ToolResult.failure(failure)
-        return ToolResult.success(output)
+    @staticmethod
+    def _check_permission(principal: Principal, tool: Tool) -> None:
+        definition = tool.definition
+        if not principal.may(definition.permission):
+            raise PermissionDenied(
+                f"this caller may not call {definition.name}",
+                metadata={"tool": definition.name, "permission": definition.permission},
+            )
 
-    def may_call(self, principal: Principal, name: str) -> bool:
-        """True when the call would reach the tool: enabled, known and permitted."""
-        tool = self._tools.get(name)
-        return self.enabled and tool is not None and principal.may(tool.definition.permission)
+    @staticmethod
+    async def _run(tool: Tool, arguments: JsonObject, call: Call) -> ToolResult:
+        try:
+            return await tool.call(arguments, call)
+        except ToolFailure as failure:
+            time_left = call.time_left()
+            if (
+                failure.code is ToolErrorCode.UPSTREAM_TIMEOUT
+                and time_left is not None
+                and time_left <= _DEADLINE_SLACK
+            ):
+                raise DeadlineExceeded(
+                    "the call's deadline passed before the upstream answered"
+                ) from None
+            raise

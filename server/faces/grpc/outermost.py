@@ -1,0 +1,201 @@
+"""The outermost interceptor: the first and the last thing every ToolService call meets.
+
+It owns the request id, draining, the RPC metrics, the access line and the one mapping from
+domain errors to gRPC status, details and trailers. An exception no rule covers (a failing
+limiter store, a bug, a response that does not serialize) becomes INTERNAL with a support id,
+never UNKNOWN with the exception's text. What the caller sees, the access line and the metrics
+agree, because all three are decided here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiservices.v1 import tool_service_pb2 as pb
+
+from server.core.headers import REQUEST_ID_HEADER, Headers, request_id_for
+from server.core.service import MAX_NAME_SHOWN
+from server.errors import ServiceError, ShuttingDown, report_unexpected
+from server.faces.grpc.rpc import Handler, Reply, Rpc
+from server.faces.grpc.status import status_code_for, to_grpc_status
+from server.logs import LineSampler
+from server.metrics import Metrics
+
+access_log = logging.getLogger("aiservices.access")
+
+GrpcHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[bytes]]
+"""What grpc.aio runs for a unary method: the request and grpc's context in, response bytes
+out (serialized here, so a response that does not serialize is an error seen here too)."""
+
+
+def log_suppressed_unauthenticated(count: int) -> None:
+    """The summary line for access lines of UNAUTHENTICATED calls that were not written."""
+    access_log.info("suppressed unauthenticated calls", extra={"suppressed": count})
+
+
+def headers_of(context: grpc.aio.ServicerContext) -> Headers:
+    """The call's text metadata (binary `-bin` values are no headers the core reads), with
+    the names sent more than once."""
+    pairs = context.invocation_metadata() or ()
+    values: dict[str, str] = {}
+    repeated: set[str] = set()
+    for name, value in pairs:
+        if isinstance(value, str):
+            if name in values:
+                repeated.add(name)
+            values[name] = value
+    return Headers(values, frozenset(repeated))
+
+
+class Drain:
+    """Graceful drain: once started, new calls are refused with UNAVAILABLE while calls in
+    flight finish. grpc's own `server.stop(grace)` also refuses new calls, but it stops
+    answering health checks at once; draining here first keeps the server observable until
+    the last call is done."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._hurry = asyncio.Event()
+
+    @property
+    def hurried(self) -> bool:
+        return self._hurry.is_set()
+
+    def hurry(self) -> None:
+        """Stop waiting for calls in flight (an operator's second signal)."""
+        self._hurry.set()
+
+    def enter(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica", 1.0)
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self.draining:
+            self._idle.set()
+
+    async def drain(self, grace: float) -> bool:
+        """Refuse new calls and wait up to `grace` seconds for those in flight; True when idle."""
+        self.draining = True
+        if self.in_flight == 0:
+            self._idle.set()
+        idle = asyncio.ensure_future(self._idle.wait())
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        done, pending = await asyncio.wait(
+            {idle, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiter in pending:
+            waiter.cancel()
+        return idle in done
+
+
+class OutermostInterceptor:
+    """Access lines of UNAUTHENTICATED calls go through `unauthenticated_lines`, so a flood of
+    them cannot flood the log; the metrics count every one."""
+
+    def __init__(
+        self, metrics: Metrics, *, unauthenticated_lines: LineSampler | None = None
+    ) -> None:
+        self._metrics = metrics
+        self.drain = Drain()
+        self.unauthenticated_lines = unauthenticated_lines or LineSampler(
+            log_suppressed_unauthenticated
+        )
+
+    def wrap(self, method: str, handler: Handler) -> GrpcHandler:
+        metrics = self._metrics
+        drain = self.drain
+        sampler = self.unauthenticated_lines
+
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            labels = metrics.rpc_started(method)
+            headers = headers_of(context)
+            rpc = Rpc(method, request_id_for(headers), headers, context)
+            trailers = {REQUEST_ID_HEADER: rpc.request_id}
+            code = "UNKNOWN"
+            reply: Reply | None = None
+            refusal: ServiceError | None = None
+            try:
+                drain.enter()
+                try:
+                    reply = await handler(request, rpc)
+                    data = reply.message.SerializeToString()
+                finally:
+                    drain.leave()
+                context.set_trailing_metadata(tuple({**trailers, **reply.headers}.items()))
+                code = "OK"
+                return data
+            except asyncio.CancelledError:
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+                raise
+            except Exception as exc:
+                refusal = (
+                    exc if isinstance(exc, ServiceError) else report_unexpected(exc, rpc.request_id)
+                )
+                code = status_code_for(refusal).name
+                status = to_grpc_status(refusal, trailers)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+                raise AssertionError("context.abort returned") from None  # pragma: no cover
+            finally:
+                duration = time.perf_counter() - started
+                metrics.rpc_handled(labels, code, duration)
+                tool = request.name if isinstance(request, pb.CallToolRequest) else None
+                key_id = _key_id(rpc, refusal)
+                if reply is not None and reply.outcome is not None and tool is not None:
+                    metrics.tool_call(tool, reply.outcome.code, key_id)
+                if code != "UNAUTHENTICATED" or sampler.admit():
+                    _log_access(rpc, code, duration, tool, key_id, reply)
+
+        return run
+
+
+def _key_id(rpc: Rpc, refusal: ServiceError | None) -> str:
+    caller = rpc.caller
+    if caller is not None:
+        return caller.key_id
+    if refusal is not None and refusal.key_id is not None:
+        return refusal.key_id
+    return "anonymous"
+
+
+def _log_access(
+    rpc: Rpc, code: str, duration: float, tool: str | None, key_id: str, reply: Reply | None
+) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    fields: dict[str, Any] = {
+        "request_id": rpc.request_id,
+        "method": rpc.method,
+        "code": code,
+        "duration_ms": round(duration * 1e6) / 1000,
+        "key_id": key_id,
+    }
+    caller = rpc.caller
+    if caller is not None and caller.user_id is not None:
+        fields["user_id"] = caller.user_id
+    if caller is not None and caller.organization is not None:
+        fields["organization"] = caller.organization
+    if tool:
+        fields["tool"] = tool[:MAX_NAME_SHOWN]
+    outcome = reply.outcome if reply is not None else None
+    if outcome is not None:
+        fields["outcome"] = outcome.code
+        if outcome.upstream is not None:
+            fields["upstream_status"] = outcome.upstream.status
+            fields["upstream_ms"] = round(outcome.upstream.seconds * 1e6) / 1000
+        if outcome.trace_id:
+            fields["trace_id"] = outcome.trace_id
+        if outcome.payload is not None:
+            fields["payload"] = outcome.payload
+    access_log.info("rpc", extra=fields)
