@@ -53,8 +53,10 @@ lint: install tools
 	$(PY) -m mypy server clients/aiservices tests bench
 	cd protos && ../$(BUF) lint
 
+# The REST rows need the optional `bench` extra (FastAPI, uvicorn): see docs/performance.md.
 bench: install
-	$(PY) -m bench
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

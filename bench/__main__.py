@@ -1,34 +1,36 @@
 """``python -m bench`` (``make bench``): the service against its baselines, side by side.
 
-Scenarios (issue 5), all on 127.0.0.1, each process on its own, servers pinned to one core:
+Scenarios, all on 127.0.0.1, every server a process of its own pinned to the same core:
 
-1. bare grpc.aio server, same proto, trivial handlers (the baseline)
-2. GetStatus through the real server, and its ratio to (1); beside it the floor, (1) behind
-   the least interceptor the same concerns need (bench/floor.py)
-3. CallTool refine_prompt to an instant upstream, against a bare grpc.aio handler doing one
-   aiohttp POST to the same upstream
-4. a 1 s upstream with 1,000 calls in flight: req/s, latency, errors, peak RSS
-5. cost growth: CallTool by concurrency 1/16/64/256; RSS by 100/500/1,000 slow calls in flight
+  status    GetStatus: the service against a bare grpc.aio server (a ratio, no target)
+  calltool  CallTool to an instant upstream: the service against a bare grpc.aio server doing
+            one aiohttp POST (a ratio, no target)
+  rest      CallTool: the service against the REST design it replaces, tuned and as merged
+            (targets: at least 3x and 30x their req/s); needs pip install -e '.[bench]'
+  slow      1,000 calls in flight to a 1 s upstream (targets: 0 errors, peak RSS under 130 MB,
+            900 req/s or 0.9 of the bare server's when that is under 900)
+  growth    cost growth: CallTool at 1/16/64/256 in flight; RSS at 100/500/1,000 slow calls
 
-Prints a table on stdout (progress on stderr) and writes bench/results/latest.json (a run with
---quick or --only writes bench/results/partial.json instead, unless --out says otherwise).
+Prints a table on stdout (progress on stderr) and writes bench/results/latest.json; a run with
+--quick or --only writes bench/results/partial.json instead, unless --out says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from bench.harness import add_server_env_option, harness
-from bench.procs import ROOT, Pinning, ProcessFailed
-from bench.report import machine, render, versions, write_json
-from bench.scenarios import FULL, QUICK, Runner, describe_profile, parse_only
+from bench.harness import ROOT, Harness, Pinning, ProcessFailed
+from bench.report import machine, render, write_json
+from bench.scenarios import FULL, QUICK, Runner, parse_only
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -45,17 +47,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="1 run per row, shorter windows")
     parser.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        metavar="SCENARIO",
-        help="1-5 or baseline, status, calltool, slow, growth; repeat or comma-separate",
+        "--only", action="append", default=[], metavar="SCENARIO", help="repeat or comma-separate"
     )
-    add_server_env_option(parser)
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
-    parser.add_argument(
-        "--strict", action="store_true", help="exit 1 when a target is missed (for CI)"
-    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     return parser.parse_args(argv)
 
 
@@ -67,35 +62,39 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 2
+    if "rest" in selected and importlib.util.find_spec("fastapi") is None:
+        print("python -m bench: the rest scenario needs pip install -e '.[bench]'", file=sys.stderr)
+        return 2
     profile = QUICK if args.quick else FULL
     partial = args.quick or bool(args.only)
     out: Path = args.out or RESULTS / ("partial.json" if partial else "latest.json")
-    command = shlex.join([".venv/bin/python", "-m", "bench", *args_list])
 
     signal.signal(signal.SIGTERM, _terminate)
-    # Even when started with SIGINT ignored (a background job), Ctrl-C or kill -INT stops cleanly.
+    # Even when started with SIGINT ignored (a background job), Ctrl-C stops it cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     pinning = Pinning.detect()
     if pinning.load_cpu is not None:
-        # The harness mostly waits; keep it off the server's core anyway.
-        os.sched_setaffinity(0, {pinning.load_cpu})
-    info = {"machine": machine(pinning.note), "versions": versions()}
+        os.sched_setaffinity(0, {pinning.load_cpu})  # the harness mostly waits: off the server core
     print(f"python -m bench: {pinning.note}", file=sys.stderr, flush=True)
 
     started = time.monotonic()
     try:
-        with harness(pinning, dict(args.server_env)) as h:
-            scenarios = Runner(h, profile).run(selected)
+        with Harness(pinning) as harness:
+            scenarios = Runner(harness, profile).run(selected)
     except ProcessFailed as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("python -m bench: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
-    elapsed = time.monotonic() - started
-
-    print(render(scenarios, info, command, profile.runs, elapsed))
-    write_json(out, scenarios, info, command, describe_profile(profile), elapsed)
+    info = {
+        "command": shlex.join([".venv/bin/python", "-m", "bench", *args_list]),
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "machine": machine(pinning.note),
+        "profile": asdict(profile),
+    }
+    print(render(scenarios, info, profile.runs))
+    write_json(out, scenarios, info)
     print(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     if args.strict and not all(t.passed for s in scenarios for t in s.targets):
         return 1

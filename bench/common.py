@@ -1,11 +1,11 @@
-"""What the harness, the load generator and the baseline server share: the call, and /proc."""
+"""What every benchmark process shares: the call it makes, the upstream's settings, and /proc."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 TOOL_NAME: Final = "tools.agenta.api.refine_prompt"
 PROMPT_TEMPLATE_JSON: Final = json.dumps(
@@ -21,8 +21,27 @@ ARGUMENTS: Final = {"prompt_template_json": PROMPT_TEMPLATE_JSON}
 UPSTREAM_API_KEY: Final = "bench-upstream-key"
 ENVIRONMENT_SLUG: Final = "production"
 REFINE_PROMPT_KEY: Final = "bench-refine-prompt"
+RUN_PATH: Final = "/services/completion/run"
+REST_PATH: Final = "/tools/call"
 
-_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# High enough that no benchmark load is ever refused, while every call still pays for a decision.
+RATE_LIMIT_BURST: Final = 1_000_000
+RATE_LIMIT_PER_MINUTE: Final = 6_000_000
+
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+def upstream_body(prompt_template_json: str) -> dict[str, Any]:
+    """The completion-runner request body the service sends for a refine_prompt call."""
+    return {
+        "inputs": {
+            "__ag_prompt_template_json": prompt_template_json,
+            "__ag_guidelines": "",
+            "__ag_context": "",
+        },
+        "environment": ENVIRONMENT_SLUG,
+        "app": REFINE_PROMPT_KEY,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,55 +53,35 @@ class ProcSample:
     hwm_kb: int
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` from /proc/<pid>/stat, in seconds (10 ms resolution)."""
+def sample(pid: int) -> ProcSample:
+    """Read /proc/<pid>/stat (utime + stime) and /proc/<pid>/status (VmRSS, VmHWM)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     # The command name may hold spaces and parentheses: fields start after the last ')'.
     fields = raw[raw.rindex(b")") + 2 :].split()
-    # Fields 14 and 15 of stat(5), counted from 1 with pid and comm as 1 and 2.
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-
-
-def memory_kb(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of ``pid`` in kB from /proc/<pid>/status."""
-    rss = hwm = 0
+    cpu_s = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    memory = {"VmRSS:": 0, "VmHWM:": 0}
     with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1])
-    return rss, hwm
+            name, *values = line.split()
+            if name in memory:
+                memory[name] = int(values[0])
+    return ProcSample(cpu_s, memory["VmRSS:"], memory["VmHWM:"])
 
 
-def sample(pid: int) -> ProcSample:
-    rss, hwm = memory_kb(pid)
-    return ProcSample(cpu_seconds(pid), rss, hwm)
-
-
-def cpu_busy_ticks(cpus: list[int]) -> dict[int, tuple[int, int]]:
-    """(busy, total) clock ticks since boot of each CPU in ``cpus``, from /proc/stat."""
-    out: dict[int, tuple[int, int]] = {}
+def cpu_ticks(cpu: int | None) -> tuple[int, int] | None:
+    """(busy, total) clock ticks since boot of CPU ``cpu``, from /proc/stat (None for None)."""
     with open("/proc/stat", encoding="ascii") as f:
         for line in f:
-            if not line.startswith("cpu") or not line[3].isdigit():
-                continue
             name, *values = line.split()
-            cpu = int(name[3:])
-            if cpu in cpus:
+            if cpu is not None and name == f"cpu{cpu}":
                 ticks = [int(v) for v in values[:8]]
-                idle = ticks[3] + ticks[4]  # idle + iowait
-                out[cpu] = (sum(ticks) - idle, sum(ticks))
-    return out
+                return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # minus idle and iowait
+    return None
 
 
-def busy_fraction(
-    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
-) -> dict[int, float]:
-    """How busy each CPU was between two ``cpu_busy_ticks`` readings (0..1)."""
-    out: dict[int, float] = {}
-    for cpu, (busy1, total1) in after.items():
-        busy0, total0 = before.get(cpu, (busy1, total1))
-        out[cpu] = (busy1 - busy0) / (total1 - total0) if total1 > total0 else 0.0
-    return out
+def busy_between(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """How busy a CPU was between two ``cpu_ticks`` readings (0..1), counting every process."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])

@@ -1,180 +1,209 @@
-"""The table on stdout and bench/results/latest.json."""
+"""What a run produces (rows of repeated measurements, ratios, targets) and how it is shown:
+a Markdown table on stdout and a JSON document (bench/results/latest.json)."""
 
 from __future__ import annotations
 
 import json
+import operator
 import os
 import platform
+import statistics
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.results_model import Row, Scenario
+from bench.loadgen import LoadResult
 
-PACKAGES = ("grpcio", "protobuf", "httpx", "aiohttp", "httpx-aiohttp", "prometheus-client")
+SATURATED = 0.85
+"""A process using this share of its core is what limits the run."""
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+METRICS = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_call", "server_util", "client_util")
+PACKAGES = ("grpcio", "protobuf", "httpx", "aiohttp", "fastapi", "uvicorn", "uvloop")
 
 
-def machine(pinning_note: str) -> dict[str, Any]:
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "platform": platform.platform(),
-        "pinning": pinning_note,
-    }
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
+@dataclass
+class Row:
+    """One server at one load, measured ``len(runs)`` times."""
+
+    label: str
+    concurrency: int
+    runs: list[LoadResult] = field(default_factory=list)
+    ratio_to: Row | None = None
+    """The row this one's req/s is shown against, measured in the same rounds."""
+    fresh_server: bool = False
+    """A fresh server per run: its VmHWM is the peak RSS of exactly that load."""
+
+    def median(self, metric: str) -> float | None:
+        return median([getattr(run, metric) for run in self.runs])
+
+    def ratio(self, other: Row | None) -> float | None:
+        """Median of per-round req/s ratios this / other: drift on a busy machine cancels out."""
+        if other is None:
+            return None
+        pairs = [a.rps / b.rps for a, b in zip(self.runs, other.runs, strict=False) if b.rps > 0]
+        return statistics.median(pairs) if pairs else None
+
+    @property
+    def errors(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for run in self.runs:
+            total.update(run.errors)
+        return total
+
+    @property
+    def rss_mb(self) -> float | None:
+        return self.median("server_hwm_mb" if self.fresh_server else "server_rss_peak_mb")
+
+    @property
+    def bound(self) -> str:
+        """What limited the run: the server's CPU, the load generator's, another process on the
+        server's core, or none of them (then latency, e.g. a slow upstream, set the pace)."""
+        if (self.median("server_util") or 0.0) >= SATURATED:
+            return "server CPU"
+        if (self.median("client_util") or 0.0) >= SATURATED:
+            return "CLIENT CPU"
+        if (self.median("server_cpu_busy") or 0.0) >= 0.95:
+            return "server core shared"
+        return "latency"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "concurrency": self.concurrency,
+            "median": {metric: self.median(metric) for metric in METRICS},
+            "ratio": self.ratio(self.ratio_to),
+            "ratio_to": self.ratio_to.label if self.ratio_to else None,
+            "errors": dict(self.errors),
+            "rss_mb": self.rss_mb,
+            "bound": self.bound,
+            "runs": [asdict(run) for run in self.runs],
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    value: float | None
+    op: str  # ">=", "<" or "=="
+    threshold: float
+
+    @property
+    def passed(self) -> bool:
+        compare = {">=": operator.ge, "<": operator.lt, "==": operator.eq}[self.op]
+        return self.value is not None and bool(compare(self.value, self.threshold))
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "title": self.title,
+            "rows": [row.to_json() for row in self.rows],
+            "targets": [target.to_json() for target in self.targets],
+            "notes": self.notes,
+        }
+
+
+def machine(pinning: str) -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
-            found[name] = metadata.version(name)
+            versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+            versions[name] = "not installed"
+    return {"cores": os.cpu_count(), "cpu_model": model, "pinning": pinning, "versions": versions}
 
 
 def _num(value: float | None, spec: str = ",.0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
 def _errors(row: Row) -> str:
-    errors = row.errors
-    if not errors:
+    if not row.errors:
         return "0"
-    code, n = errors.most_common(1)[0]
-    total = sum(errors.values())
-    return f"{total} ({code})" if total == n else f"{total} ({code} {n}, ...)"
+    code, _ = row.errors.most_common(1)[0]
+    return f"{row.errors.total()} ({code})"
 
 
-HEADER = (
-    "| # | variant | conc | req/s | p50 ms | p99 ms | server µs/call | core cap. req/s "
-    "| server CPU | client CPU | upstream CPU | errors | RSS MB | ratio | CPU ratio | bound by |"
-)
+def _ratio(row: Row) -> str:
+    ratio = row.ratio(row.ratio_to)
+    return "-" if ratio is None or row.ratio_to is None else f"{ratio:.2f} of {row.ratio_to.label}"
 
 
-def _row_line(key: str, row: Row) -> str:
-    return (
-        f"| {key} | {row.label} | {row.concurrency} "
-        f"| {_num(row.median('rps'))} "
-        f"| {_num(row.median('p50_ms'), '.1f')} "
-        f"| {_num(row.median('p99_ms'), '.1f')} "
-        f"| {_num(row.median('server_cpu_us_per_call'))} "
-        f"| {_num(row.capacity)} "
-        f"| {_pct(row.median('server_util'))} "
-        f"| {_pct(row.median('client_util'))} "
-        f"| {_pct(row.median('upstream_util'))} "
-        f"| {_errors(row)} "
-        f"| {_num(row.rss_mb, '.1f')} "
-        f"| {_num(row.ratio, '.2f')} "
-        f"| {_num(row.cpu_ratio, '.2f')} "
-        f"| {row.bound} |"
-    )
-
-
-def render(
-    scenarios: list[Scenario], info: dict[str, Any], command: str, runs: int, elapsed: float
-) -> str:
-    m, v = info["machine"], info["versions"]
+def render(scenarios: list[Scenario], info: dict[str, Any], runs: int) -> str:
+    """The report as Markdown: how it was run, one table row per Row, notes, then targets."""
+    m = info["machine"]
     lines = [
-        f"Command: `{command}` ({elapsed:.0f} s, median of {runs} run{'s' if runs > 1 else ''} "
-        "per row)",
+        f"Command: `{info['command']}` ({info['elapsed_s']:.0f} s, median of {runs} "
+        f"run{'s' if runs > 1 else ''} per row)",
         f"Machine: {m['cores']} cores, {m['cpu_model']}; {m['pinning']}",
-        "Versions: " + ", ".join(f"{name} {version}" for name, version in v.items()),
+        "Versions: " + ", ".join(f"{name} {v}" for name, v in m["versions"].items()),
         "",
-        HEADER,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| # | variant | conc. | req/s | p50 ms | p99 ms | server CPU µs/call | server CPU "
+        "| client CPU | errors | RSS MB | ratio | bound by |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for scenario in scenarios:
-        lines.extend(_row_line(scenario.key, row) for row in scenario.rows)
-    lines.append("")
-    lines.append(
-        "server/client/upstream CPU: share of one core used by that process in the window; "
-        "server µs/call: server utime+stime per completed call; core cap.: 1e6 / server "
-        "µs/call, what one dedicated core would serve; RSS: sampled VmRSS peak, or VmHWM "
-        "where the server was fresh for the run; ratio: median of per-round req/s ratios to "
-        "the baseline row; CPU ratio: the same for baseline µs/call / server µs/call (robust "
-        "when other processes share the cores); bound by: the side whose CPU was >= 85% busy, "
-        '"core shared" when the core was >= 95% busy counting other processes, '
-        '"latency" when none was. CLIENT CPU means the load generator, not the server, '
-        "limited the run."
-    )
-    notes = [
-        f"- {scenario.key}. {scenario.title}: {note}"
-        for scenario in scenarios
-        for note in scenario.notes
-    ]
-    noisy = []
     for scenario in scenarios:
         for row in scenario.rows:
-            on_server, on_load = row.other_load
-            if (on_server or 0) > 0.15 or (on_load or 0) > 0.15:
-                noisy.append(
-                    f"{scenario.key} {row.label} c={row.concurrency} "
-                    f"(server core {_pct(on_server)}, load core {_pct(on_load)})"
-                )
-    if noisy:
-        notes.append(
-            "- CPU time not charged to any benchmark process (other processes on the machine, "
-            "or kernel network work) during: " + "; ".join(noisy) + ". Where that lands on the "
-            "server core, req/s is low; µs/call and the interleaved ratios hold better."
-        )
-    client_bound = [
-        f"{scenario.key} {row.label} c={row.concurrency}"
-        for scenario in scenarios
-        for row in scenario.rows
-        if row.bound == "CLIENT CPU"
+            lines.append(
+                f"| {scenario.key} | {row.label} | {row.concurrency:,} "
+                f"| {_num(row.median('rps'))} | {_num(row.median('p50_ms'), ',.1f')} "
+                f"| {_num(row.median('p99_ms'), ',.1f')} "
+                f"| {_num(row.median('server_cpu_us_per_call'))} "
+                f"| {_num(row.median('server_util'), '.0%')} "
+                f"| {_num(row.median('client_util'), '.0%')} | {_errors(row)} "
+                f"| {_num(row.rss_mb, '.1f')} | {_ratio(row)} | {row.bound} |"
+            )
+    lines += [
+        "",
+        "server/client CPU: share of one core the server / the load generator used; RSS: peak "
+        "VmRSS sampled in the window, or VmHWM where the server was fresh for the run; ratio: "
+        "median of per-round req/s ratios to the named row; bound by: the side whose CPU was "
+        "at least 85 % busy (CLIENT CPU: the load generator limited the run, so its req/s is "
+        "a floor for the server, not its limit).",
     ]
-    if client_bound:
-        notes.append(
-            "- THE LOAD GENERATOR WAS THE BOTTLENECK in: "
-            + "; ".join(client_bound)
-            + ". Those req/s are a floor for the server, not its limit."
-        )
+    notes = [f"- {s.key}. {note}" for s in scenarios for note in s.notes]
     if notes:
         lines += ["", "Notes:", *notes]
-    targets = [t for scenario in scenarios for t in scenario.targets]
+    targets = [t for s in scenarios for t in s.targets]
     if targets:
-        lines += ["", "| target | value | pass |", "|---|---:|---|"]
-        for target in targets:
-            value = "-" if target.value is None else f"{target.value:,.2f}".rstrip("0").rstrip(".")
-            threshold = f"{target.threshold:,g}"
-            lines.append(
-                f"| {target.name} {target.op} {threshold} | {value} "
-                f"| {'PASS' if target.passed else 'FAIL'} |"
-            )
+        lines += ["", "| target | this run | pass |", "|---|---:|---|"]
+        for t in targets:
+            value = "-" if t.value is None else f"{t.value:,.2f}".rstrip("0").rstrip(".")
+            verdict = "PASS" if t.passed else "FAIL"
+            lines.append(f"| {t.name} {t.op} {t.threshold:,g} | {value} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
-def write_json(
-    path: Path,
-    scenarios: list[Scenario],
-    info: dict[str, Any],
-    command: str,
-    profile: dict[str, Any],
-    elapsed: float,
-) -> None:
-    targets = [t for scenario in scenarios for t in scenario.targets]
+def write_json(path: Path, scenarios: list[Scenario], info: dict[str, Any]) -> None:
+    """The whole run, every single measurement included, written atomically."""
+    targets = [t for s in scenarios for t in s.targets]
     document = {
-        "command": command,
-        "elapsed_s": round(elapsed, 1),
         **info,
-        "profile": profile,
-        "scenarios": [scenario.to_json() for scenario in scenarios],
+        "scenarios": [s.to_json() for s in scenarios],
         "targets": [t.to_json() for t in targets],
         "all_targets_passed": all(t.passed for t in targets),
     }

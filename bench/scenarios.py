@@ -1,34 +1,32 @@
-"""Scenarios 1 to 5 of issue 5, run interleaved so drift on a noisy machine spreads evenly."""
+"""The scenarios: which servers run, under which load, side by side, and the targets they carry.
+
+Rows compared with each other are measured in rounds (each row once per round, the order
+flipped every round), so drift on a shared machine spreads over all of them alike.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from bench.harness import Harness, Server
 from bench.loadgen import LoadResult
-from bench.results_model import Row, Scenario, Target
+from bench.report import Row, Scenario, Target
 
-ALL = ("1", "2", "3", "4", "5")
-NAMES = {
-    "baseline": "1",
-    "status": "2",
-    "getstatus": "2",
-    "calltool": "3",
-    "instant": "3",
-    "slow": "4",
-    "growth": "5",
-    "cost": "5",
-}
-
+SCENARIOS = ("status", "calltool", "rest", "slow", "growth")
 FAST_CONCURRENCY = 64
 SLOW_IN_FLIGHT = 1000
 GROWTH_CONCURRENCY = (1, 16, 64, 256)
 GROWTH_IN_FLIGHT = (100, 500, 1000)
 CALL_TIMEOUT_S = 10.0
 SLOW_TIMEOUT_S = 30.0
+
+SERVICE = "service"
+BARE = "bare grpc.aio"
+BARE_CALL = "bare grpc.aio + aiohttp"
+REST_TUNED = "REST, tuned"
+REST_MERGED = "REST, as merged"
 
 
 @dataclass(frozen=True)
@@ -42,42 +40,30 @@ class Profile:
 
 
 FULL = Profile(
-    runs=3,
-    warmup_s=1.0,
-    duration_s=3.0,
-    slow_ramp_s=1.0,
-    slow_warmup_s=2.5,
-    slow_duration_s=4.0,
+    runs=3, warmup_s=1.0, duration_s=3.0, slow_ramp_s=1.0, slow_warmup_s=2.5, slow_duration_s=4.0
 )
 QUICK = Profile(
-    runs=1,
-    warmup_s=0.5,
-    duration_s=1.5,
-    slow_ramp_s=1.0,
-    slow_warmup_s=2.0,
-    slow_duration_s=2.0,
+    runs=1, warmup_s=0.5, duration_s=1.5, slow_ramp_s=1.0, slow_warmup_s=2.0, slow_duration_s=2.0
 )
-
-
-def channels_for(concurrency: int) -> int:
-    """Several HTTP/2 connections, as several client replicas would open: 1 to 8."""
-    if concurrency <= 1:
-        return 1
-    return min(8, max(2, concurrency // 16))
 
 
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _describe(row: Row, run: LoadResult) -> str:
-    errors = sum(run.errors.values())
-    server = f"{run.server_cpu_us_per_call:,.0f}" if run.server_cpu_us_per_call else "?"
-    return (
-        f"  {row.label} c={row.concurrency}: {run.rps:,.0f} req/s, p50 {run.p50_ms:.1f} ms, "
-        f"p99 {run.p99_ms:.1f} ms, server {server} µs/call, client CPU {run.client_util:.0%}, "
-        f"errors {errors}"
-    )
+def parse_only(values: list[str]) -> list[str]:
+    """``--only status --only slow`` or ``--only status,slow``; none means all, in order."""
+    names = {name.strip().lower() for value in values for name in value.split(",")}
+    unknown = sorted(names - set(SCENARIOS))
+    if unknown:
+        raise ValueError(f"unknown scenario {unknown[0]!r}: use {', '.join(SCENARIOS)}")
+    return [name for name in SCENARIOS if name in names or not names]
+
+
+def slow_rps_floor(bare_rps: float) -> float:
+    """The slow scenario's req/s target: 900, unless the bare server itself cannot reach 900
+    in the same run (a slow or busy machine): then 0.9 of the bare server's req/s."""
+    return 900.0 if bare_rps >= 900 else round(0.9 * bare_rps, 1)
 
 
 class Runner:
@@ -85,265 +71,175 @@ class Runner:
         self.h = harness
         self.p = profile
 
-    def _fast(self, server: Server, rpc: str, concurrency: int) -> LoadResult:
-        assert self.h.instant is not None
-        return self.h.load(
+    def run(self, selected: list[str]) -> list[Scenario]:
+        out: dict[str, Scenario] = {}
+        for name in selected:
+            if name == "growth":
+                out[name] = self.growth(out["slow"].rows[-1] if "slow" in out else None)
+            else:
+                out[name] = getattr(self, name)()
+        return [out[name] for name in SCENARIOS if name in out]
+
+    # --- measuring ---------------------------------------------------------------------------
+
+    def _fast(self, server: Server, rpc: str, concurrency: int) -> Callable[[], LoadResult]:
+        """A measured run against the instant upstream. Workers start spread over half the
+        warm-up: started at once, calls to a server that costs tens of ms each would finish
+        in bunches, and a short window could hold none of them."""
+        return lambda: self.h.load(
             server,
-            self.h.instant[1],
             rpc=rpc,
             concurrency=concurrency,
-            channels=channels_for(concurrency),
+            ramp_s=self.p.warmup_s / 2,
             warmup_s=self.p.warmup_s,
             duration_s=self.p.duration_s,
             timeout_s=CALL_TIMEOUT_S,
         )
 
-    def _slow_run(self, row: Row, in_flight: int) -> None:
-        """A fresh server per run, so VmHWM is the peak of exactly this load."""
-        assert self.h.slow is not None
-        server = self.h.real_server(self.h.slow[0])
-        try:
-            run = self.h.load(
-                server,
-                self.h.slow[1],
-                rpc="call",
-                concurrency=in_flight,
-                channels=channels_for(in_flight),
-                users=True,
-                ramp_s=self.p.slow_ramp_s,
-                warmup_s=self.p.slow_warmup_s,
-                duration_s=self.p.slow_duration_s,
-                timeout_s=SLOW_TIMEOUT_S,
-            )
-        finally:
-            self.h.stop(server)
-        row.runs.append(run)
-        row.idle_rss_mb.append(server.idle_rss_mb)
-        progress(_describe(row, run) + f", peak RSS {run.server_hwm_mb or 0:.1f} MB")
+    def _slow(self, start: Callable[[Server], Server], in_flight: int) -> Callable[[], LoadResult]:
+        """A measured run of ``in_flight`` calls to the 1 s upstream, on a fresh server, so its
+        VmHWM is the peak RSS of exactly this load. Every worker acts for its own user, so each
+        has a rate-limit budget of its own; their starts spread over ``slow_ramp_s``."""
 
-    def _interleave(self, pairs: list[tuple[Row, Callable[[], LoadResult]]]) -> None:
-        """Run every row once per round; the order flips each round to cancel drift."""
+        def measure() -> LoadResult:
+            server = start(self.h.slow)
+            try:
+                return self.h.load(
+                    server,
+                    rpc="call",
+                    concurrency=in_flight,
+                    users=True,
+                    ramp_s=self.p.slow_ramp_s,
+                    warmup_s=self.p.slow_warmup_s,
+                    duration_s=self.p.slow_duration_s,
+                    timeout_s=SLOW_TIMEOUT_S,
+                )
+            finally:
+                server.stop()
+
+        return measure
+
+    def _rounds(self, pairs: list[tuple[Row, Callable[[], LoadResult]]]) -> None:
         for round_no in range(self.p.runs):
-            order = pairs if round_no % 2 == 0 else list(reversed(pairs))
-            for row, measure in order:
+            for row, measure in pairs if round_no % 2 == 0 else reversed(pairs):
                 run = measure()
                 row.runs.append(run)
-                progress(_describe(row, run))
-
-    def run(self, selected: set[str]) -> list[Scenario]:
-        h = self.h
-        assert h.instant is not None
-        out: dict[str, Scenario] = {}
-        if selected & {"1", "2", "3", "5"}:
-            real = h.real_server(h.instant[0])
-            h.capture_status(real)
-            base = h.baseline(h.instant[0])
-            try:
-                if selected & {"1", "2"}:
-                    floor = h.baseline(None, floor=True)
-                    try:
-                        out.update(self._status(base, floor, real))
-                    finally:
-                        h.stop(floor)
-                if "3" in selected:
-                    client_base = h.baseline(h.instant[0], client="service")
-                    try:
-                        out["3"] = self._calltool(base, client_base, real)
-                    finally:
-                        h.stop(client_base)
-                if "5" in selected:
-                    out["5"] = self._growth_concurrency(real)
-            finally:
-                h.stop(real)
-                h.stop(base)
-        if "4" in selected or "5" in selected:
-            slow = self._slow(SLOW_IN_FLIGHT)
-            if "4" in selected:
-                out["4"] = self._scenario4(slow)
-            if "5" in selected:
-                self._growth_in_flight(out["5"], slow)
-        return [out[key] for key in ALL if key in out]
-
-    # --- 1 and 2 -----------------------------------------------------------------------------
-
-    def _status(self, base: Server, floor: Server, real: Server) -> dict[str, Scenario]:
-        progress(f"scenarios 1-2: GetStatus, concurrency {FAST_CONCURRENCY}")
-        base_row = Row("bare grpc.aio GetStatus", FAST_CONCURRENCY)
-        floor_row = Row("bare grpc.aio + floor interceptor", FAST_CONCURRENCY, ratio_to=base_row)
-        real_row = Row("real server GetStatus", FAST_CONCURRENCY, ratio_to=base_row)
-        for row, server in ((base_row, base), (floor_row, floor), (real_row, real)):
-            row.idle_rss_mb.append(server.idle_rss_mb)
-        self._interleave(
-            [
-                (base_row, lambda: self._fast(base, "status", FAST_CONCURRENCY)),
-                (floor_row, lambda: self._fast(floor, "status", FAST_CONCURRENCY)),
-                (real_row, lambda: self._fast(real, "status", FAST_CONCURRENCY)),
-            ]
-        )
-        one = Scenario(
-            "1",
-            "Baseline: bare grpc.aio server, same proto, trivial handlers",
-            [base_row],
-            notes=[
-                "GetStatus answers the real server's GetStatus reply, built once, so both "
-                "servers send the same bytes; no interceptors, logging or metrics."
-            ],
-        )
-        two = Scenario(
-            "2",
-            "GetStatus through the real stack (auth, rate limit, metrics, access log)",
-            [floor_row, real_row],
-            notes=[
-                "The floor row is the bare baseline behind one interceptor doing the least "
-                "those four concerns can do (bench/floor.py: a dict lookup of the key, one GCRA "
-                "step, integer counters, an f-string access line written in batches); its "
-                "ratio is about the most any Python implementation of them reaches here."
-            ],
-            targets=[
-                Target("GetStatus req/s ratio real / bare", real_row.ratio, ">=", 0.95),
-                Target("GetStatus CPU ratio bare / real", real_row.cpu_ratio, ">=", 0.95),
-            ],
-        )
-        return {"1": one, "2": two}
-
-    # --- 3 -----------------------------------------------------------------------------------
-
-    def _calltool(self, base: Server, client_base: Server, real: Server) -> Scenario:
-        progress(f"scenario 3: CallTool to an instant upstream, concurrency {FAST_CONCURRENCY}")
-        base_row = Row("bare grpc.aio + aiohttp POST", FAST_CONCURRENCY)
-        client_row = Row("bare grpc.aio + service HTTP client", FAST_CONCURRENCY, ratio_to=base_row)
-        real_row = Row("real server CallTool", FAST_CONCURRENCY, ratio_to=base_row)
-        self._interleave(
-            [
-                (base_row, lambda: self._fast(base, "call", FAST_CONCURRENCY)),
-                (client_row, lambda: self._fast(client_base, "call", FAST_CONCURRENCY)),
-                (real_row, lambda: self._fast(real, "call", FAST_CONCURRENCY)),
-            ]
-        )
-        notes = [
-            "The baseline handler posts the same body with one plain aiohttp.ClientSession, "
-            "parses the reply and returns summary, refined messages and trace id: no "
-            "argument or output checks, no auth, no rate limit, no logging.",
-            "The second baseline is the same handler posting through the service's own "
-            "upstream client (AgentaCompletionClient: httpx over httpx-aiohttp), so the "
-            "difference between the two is the HTTP client layer alone.",
-        ]
-        split = _cost_split(base_row, client_row, real_row)
-        if split:
-            notes.append(split)
-        return Scenario(
-            "3",
-            "CallTool refine_prompt, instant upstream",
-            [base_row, client_row, real_row],
-            targets=[
-                Target("CallTool req/s on one server core", real_row.median("rps"), ">=", 1000),
-                Target("CallTool req/s ratio real / bare", real_row.ratio, ">=", 0.85),
-                Target("CallTool core capacity req/s", real_row.capacity, ">=", 1000),
-                Target("CallTool CPU ratio bare / real", real_row.cpu_ratio, ">=", 0.85),
-            ],
-            notes=notes,
-        )
-
-    # --- 4 -----------------------------------------------------------------------------------
-
-    def _slow(self, in_flight: int) -> Row:
-        progress(f"scenario 4: slow upstream ({1.0:g} s), {in_flight} calls in flight")
-        row = Row("real server, 1 s upstream", in_flight, rss_from_hwm=True)
-        for _ in range(self.p.runs):
-            self._slow_run(row, in_flight)
-        return row
-
-    def _scenario4(self, row: Row) -> Scenario:
-        errors = float(sum(row.errors.values()))
-        return Scenario(
-            "4",
-            f"Slow upstream (1 s), {row.concurrency} calls in flight, distinct delegated users",
-            [row],
-            targets=[
-                Target("slow: errors (all runs)", errors, "==", 0),
-                Target("slow: req/s", row.median("rps"), ">=", 700),
-                Target("slow: peak server RSS MB", row.rss_mb, "<", 120),
-            ],
-            notes=[
-                f"A fresh server per run; calls start spread over {self.p.slow_ramp_s:g} s so "
-                "they do not move in lockstep; RSS is VmHWM (peak of the whole run)."
-            ],
-        )
-
-    # --- 5 -----------------------------------------------------------------------------------
-
-    def _growth_concurrency(self, real: Server) -> Scenario:
-        progress(f"scenario 5: CallTool at concurrency {', '.join(map(str, GROWTH_CONCURRENCY))}")
-        rows = [Row("real server CallTool", c) for c in GROWTH_CONCURRENCY]
-
-        def measure(concurrency: int) -> Callable[[], LoadResult]:
-            return lambda: self._fast(real, "call", concurrency)
-
-        self._interleave([(row, measure(row.concurrency)) for row in rows])
-        return Scenario(
-            "5",
-            "Cost growth: CallTool (instant upstream) by concurrency; RSS by slow calls in flight",
-            rows,
-        )
-
-    def _growth_in_flight(self, scenario: Scenario, at_1000: Row) -> None:
-        for in_flight in GROWTH_IN_FLIGHT:
-            if in_flight == SLOW_IN_FLIGHT:
-                row = Row("real server, 1 s upstream", in_flight, rss_from_hwm=True)
-                row.runs, row.idle_rss_mb = at_1000.runs, at_1000.idle_rss_mb
-                scenario.notes.append(f"{in_flight} in flight: the runs of scenario 4.")
-            else:
-                progress(f"scenario 5: {in_flight} slow calls in flight")
-                row = Row("real server, 1 s upstream", in_flight, rss_from_hwm=True)
-                for _ in range(self.p.runs):
-                    self._slow_run(row, in_flight)
-            scenario.rows.append(row)
-
-
-def _cost_split(base: Row, client: Row, real: Row) -> str:
-    """Where the real server's extra CPU per call goes, from the medians of the three rows."""
-    costs = [row.median("server_cpu_us_per_call") for row in (base, client, real)]
-    if any(cost is None for cost in costs):
-        return ""
-    bare, with_client, full = (float(cost or 0.0) for cost in costs)
-    return (
-        f"Server CPU per call over the aiohttp baseline: {full - bare:,.0f} µs, of which "
-        f"{with_client - bare:,.0f} µs is the HTTP client layer (second baseline minus the "
-        f"first) and {full - with_client:,.0f} µs the service's own work (auth, rate limit, "
-        "argument and template checks, metrics, access log)."
-    )
-
-
-def parse_only(values: list[str]) -> set[str]:
-    """``--only 2 --only slow`` or ``--only 2,4``; scenario 2's ratio needs 1, so 2 brings 1."""
-    if not values:
-        return set(ALL)
-    selected: set[str] = set()
-    for value in values:
-        for raw in value.split(","):
-            name = raw.strip().lower()
-            key = NAMES.get(name, name)
-            if key not in ALL:
-                raise ValueError(
-                    f"unknown scenario {name!r}: use 1-5 or {', '.join(sorted(NAMES))}"
+                progress(
+                    f"  {row.label} c={row.concurrency}: {run.rps:,.0f} req/s, "
+                    f"p50 {run.p50_ms:,.1f} ms, server {run.server_cpu_us_per_call:,.0f} "
+                    f"µs/call, errors {sum(run.errors.values())}"
                 )
-            selected.add(key)
-    if "2" in selected:
-        selected.add("1")
-    return selected
 
+    def _side_by_side(self, rows: list[tuple[Row, Server, str]]) -> None:
+        """Rounds of fast runs, each row against its server with its rpc; then stop them."""
+        try:
+            self._rounds(
+                [(row, self._fast(server, rpc, row.concurrency)) for row, server, rpc in rows]
+            )
+        finally:
+            for _, server, _ in rows:
+                server.stop()
 
-def describe_profile(profile: Profile) -> dict[str, Any]:
-    return {
-        "runs": profile.runs,
-        "warmup_s": profile.warmup_s,
-        "duration_s": profile.duration_s,
-        "slow_ramp_s": profile.slow_ramp_s,
-        "slow_warmup_s": profile.slow_warmup_s,
-        "slow_duration_s": profile.slow_duration_s,
-        "fast_concurrency": FAST_CONCURRENCY,
-        "slow_in_flight": SLOW_IN_FLIGHT,
-        "growth_concurrency": list(GROWTH_CONCURRENCY),
-        "growth_in_flight": list(GROWTH_IN_FLIGHT),
-        "channels": "1 at concurrency 1, else concurrency/16 clamped to 2..8",
-    }
+    # --- the scenarios -----------------------------------------------------------------------
+
+    def status(self) -> Scenario:
+        progress(f"status: GetStatus, {FAST_CONCURRENCY} in flight")
+        service = self.h.service(self.h.instant)
+        self.h.capture_status(service)
+        base_row = Row(f"{BARE} GetStatus", FAST_CONCURRENCY)
+        row = Row(f"{SERVICE} GetStatus", FAST_CONCURRENCY, ratio_to=base_row)
+        bare = self.h.baseline(self.h.instant)
+        self._side_by_side([(base_row, bare, "status"), (row, service, "status")])
+        note = (
+            "The bare server answers with the service's own GetStatus reply, built once, and "
+            "has no interceptors: the ratio is what authentication, rate limiting, metrics and "
+            "the access line cost on the cheapest call. A fact, not a target."
+        )
+        title = "GetStatus against a bare grpc.aio server"
+        return Scenario("status", title, [base_row, row], notes=[note])
+
+    def calltool(self) -> Scenario:
+        progress(f"calltool: CallTool to an instant upstream, {FAST_CONCURRENCY} in flight")
+        base_row = Row(f"{BARE_CALL} CallTool", FAST_CONCURRENCY)
+        row = Row(f"{SERVICE} CallTool", FAST_CONCURRENCY, ratio_to=base_row)
+        bare, service = self.h.baseline(self.h.instant), self.h.service(self.h.instant)
+        self._side_by_side([(base_row, bare, "call"), (row, service, "call")])
+        note = (
+            "The bare handler posts the same body with one aiohttp session and returns the "
+            "reply, with no checks, auth, rate limit or logging. A fact, not a target."
+        )
+        title = "CallTool against a bare grpc.aio server doing one aiohttp POST"
+        return Scenario("calltool", title, [base_row, row], notes=[note])
+
+    def rest(self) -> Scenario:
+        progress(f"rest: CallTool against the REST design, {FAST_CONCURRENCY} in flight")
+        row = Row(f"{SERVICE} CallTool", FAST_CONCURRENCY)
+        tuned = Row(f"{REST_TUNED} POST /tools/call", FAST_CONCURRENCY, ratio_to=row)
+        merged = Row(f"{REST_MERGED} POST /tools/call", FAST_CONCURRENCY, ratio_to=row)
+        self._side_by_side(
+            [
+                (row, self.h.service(self.h.instant), "call"),
+                (tuned, self.h.rest(self.h.instant, "shared"), "rest"),
+                (merged, self.h.rest(self.h.instant, "per-call"), "rest"),
+            ]
+        )
+        note = (
+            "FastAPI on one uvicorn worker (uvloop, httptools) on the service's core, with the "
+            "same keys file, limiter, argument and output checks; tuned shares one "
+            "httpx.AsyncClient, as merged builds one per call. Load: one aiohttp session at the "
+            "same concurrency."
+        )
+        targets = [
+            Target(f"CallTool req/s, {SERVICE} / {REST_TUNED}", row.ratio(tuned), ">=", 3),
+            Target(f"CallTool req/s, {SERVICE} / {REST_MERGED}", row.ratio(merged), ">=", 30),
+        ]
+        title = "CallTool against the REST design the service replaces"
+        return Scenario("rest", title, [row, tuned, merged], targets, [note])
+
+    def slow(self) -> Scenario:
+        progress(f"slow: 1 s upstream, {SLOW_IN_FLIGHT:,} calls in flight")
+        base_row = Row(f"{BARE_CALL}, 1 s upstream", SLOW_IN_FLIGHT, fresh_server=True)
+        row = Row(f"{SERVICE}, 1 s upstream", SLOW_IN_FLIGHT, ratio_to=base_row, fresh_server=True)
+        self._rounds(
+            [
+                (base_row, self._slow(self.h.baseline, SLOW_IN_FLIGHT)),
+                (row, self._slow(self.h.service, SLOW_IN_FLIGHT)),
+            ]
+        )
+        bare_rps = base_row.median("rps") or 0.0
+        return Scenario(
+            "slow",
+            f"{SLOW_IN_FLIGHT:,} calls in flight to a 1 s upstream",
+            [base_row, row],
+            targets=[
+                Target("1,000 in flight: errors (all runs)", float(row.errors.total()), "==", 0),
+                Target("1,000 in flight: peak RSS MB", row.rss_mb, "<", 130),
+                Target("1,000 in flight: req/s", row.median("rps"), ">=", slow_rps_floor(bare_rps)),
+            ],
+            notes=[
+                "A fresh server per run; RSS is its VmHWM. The req/s target is 900, or 0.9 of "
+                "the bare server's req/s in the same run when that is under 900 "
+                f"(here {bare_rps:,.0f})."
+            ],
+        )
+
+    def growth(self, at_1000: Row | None) -> Scenario:
+        progress(f"growth: CallTool at {', '.join(map(str, GROWTH_CONCURRENCY))} in flight")
+        rows = [Row(f"{SERVICE} CallTool", c) for c in GROWTH_CONCURRENCY]
+        service = self.h.service(self.h.instant)
+        self._side_by_side([(row, service, "call") for row in rows])
+        progress(f"growth: 1 s upstream, {', '.join(map(str, GROWTH_IN_FLIGHT))} in flight")
+        slow_rows = [
+            Row(f"{SERVICE}, 1 s upstream", n, fresh_server=True)
+            for n in GROWTH_IN_FLIGHT
+            if at_1000 is None or n != at_1000.concurrency
+        ]
+        self._rounds([(row, self._slow(self.h.service, row.concurrency)) for row in slow_rows])
+        if at_1000 is not None:
+            slow_rows.append(at_1000)
+        return Scenario(
+            "growth",
+            "Cost growth: CallTool by concurrency; RSS by slow calls in flight",
+            rows + slow_rows,
+            notes=["The 1,000 row is the slow scenario's, when it ran."] if at_1000 else [],
+        )

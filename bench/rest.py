@@ -1,0 +1,146 @@
+"""The REST design this service replaced, re-created for comparison: FastAPI on uvicorn.
+
+``python -m bench.rest --port N --keys-file F --upstream URL --client shared|per-call`` serves
+``POST /tools/call`` (JSON body ``{"name", "arguments"}``) on 127.0.0.1 with one uvicorn worker
+on uvloop and httptools, until SIGTERM or SIGINT. Needs the optional extra:
+``pip install -e '.[bench]'``.
+
+Each call does what the service does for refine_prompt, with the same building blocks: the API
+key from ``Authorization: Bearer`` checked against the same keys file (``KeyStore``), the tool's
+permission, the same in-memory GCRA limiter, the arguments checked with jsonschema against the
+tool's input schema and the template parsed, one POST to the upstream, and the same checks of the
+model's output. Refusals are HTTP statuses (401, 403, 404, 422, 429); upstream failures and
+rejected output are a 200 with ``isError``, as tool errors are in the service.
+
+``--client shared`` ("REST, tuned") posts through one ``httpx.AsyncClient`` for the process;
+``--client per-call`` ("REST, as merged") builds a fresh ``httpx.AsyncClient()`` for every call,
+as the design did when it was merged: each one builds an SSL context, tens of ms of CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Header, HTTPException
+from jsonschema import Draft202012Validator
+from pydantic import BaseModel
+
+from bench.common import (
+    RATE_LIMIT_BURST,
+    RATE_LIMIT_PER_MINUTE,
+    REST_PATH,
+    RUN_PATH,
+    UPSTREAM_API_KEY,
+    upstream_body,
+)
+from server.auth import KeyStore, parse_authorization
+from server.ratelimit import InMemoryRateLimiter, RateLimit
+from server.tools.refine_prompt import INPUT_SCHEMA, NAME, PERMISSION, check_output
+from server.tools.templates import TemplateError, parse_template
+
+TIMEOUT_S = 60.0
+
+
+class ToolCall(BaseModel):
+    name: str
+    arguments: dict[str, Any]
+
+
+def make_app(keys: KeyStore, upstream: str, per_call_client: bool) -> FastAPI:
+    """The REST app; ``per_call_client`` picks the as-merged HTTP client use over the tuned one."""
+    url = upstream.rstrip("/") + RUN_PATH
+    headers = {"Authorization": f"ApiKey {UPSTREAM_API_KEY}"}
+    limiter = InMemoryRateLimiter()
+    limit = RateLimit(RATE_LIMIT_BURST, RATE_LIMIT_PER_MINUTE)
+    validator = Draft202012Validator(INPUT_SCHEMA)
+    # httpx's default pool limits: wider ones measured slower at 64 calls in flight.
+    shared = httpx.AsyncClient(timeout=TIMEOUT_S)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with shared:
+            yield
+
+    async def post(body: dict[str, Any]) -> httpx.Response:
+        if per_call_client:
+            async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
+                return await client.post(url, json=body, headers=headers)
+        return await shared.post(url, json=body, headers=headers)
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post(REST_PATH)
+    async def call_tool(
+        call: ToolCall, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        key = keys.authenticate(parse_authorization(authorization) or "")
+        if key is None:
+            raise HTTPException(401, "missing or unknown API key", {"WWW-Authenticate": "Bearer"})
+        if call.name != NAME:
+            raise HTTPException(404, "unknown tool")
+        if "*" not in key.permissions and PERMISSION not in key.permissions:
+            raise HTTPException(403, "this key may not call the tool")
+        decision = await limiter.acquire(f"{key.organization}:{key.id}:{NAME}", limit)
+        if not decision.allowed:
+            retry_after = str(max(1, round(decision.retry_after)))
+            raise HTTPException(429, "rate limited", {"Retry-After": retry_after})
+        problems = [error.message for error in validator.iter_errors(call.arguments)]
+        if problems:
+            raise HTTPException(422, problems)
+        template_json: str = call.arguments["prompt_template_json"]
+        try:
+            template = parse_template(template_json)
+        except TemplateError as exc:
+            raise HTTPException(422, [str(exc)]) from None
+        try:
+            response = await post(upstream_body(template_json))
+        except httpx.HTTPError as exc:
+            return _tool_error(f"upstream unavailable: {type(exc).__name__}")
+        if response.status_code != 200:
+            return _tool_error(f"upstream HTTP {response.status_code}")
+        reply = response.json()
+        trace_id = str(reply.get("trace_id") or "")
+        try:
+            refined = check_output(reply.get("data"), template, trace_id)
+        except Exception as failure:  # the tool's own failure type: the output was rejected
+            return _tool_error(str(failure))
+        return {
+            "content": [{"type": "text", "text": refined["summary"]}],
+            "structuredContent": refined,
+            "isError": False,
+            "meta": {"traceId": trace_id},
+        }
+
+    return app
+
+
+def _tool_error(text: str) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": text}], "isError": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.rest", description=__doc__)
+    parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
+    parser.add_argument("--keys-file", required=True, help="the keys file the service uses")
+    parser.add_argument("--upstream", required=True, help="base URL of the stand-in upstream")
+    parser.add_argument("--client", choices=("shared", "per-call"), default="shared")
+    args = parser.parse_args(argv)
+    app = make_app(KeyStore.from_file(args.keys_file), args.upstream, args.client == "per-call")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    # uvicorn's defaults otherwise, its access log included (the service logs every call too).
+    config = uvicorn.Config(app, loop="uvloop", http="httptools", workers=1)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
