@@ -186,8 +186,10 @@ class Harness(contextlib.ExitStack):
             "LOG_LEVEL": "INFO",
             "SHUTDOWN_GRACE": "2",
         }
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env.update({ENV_PREFIX + name: value for name, value in settings.items()})
+        # Settings in the bench's own environment win: `AGENTA_AI_SERVICES_LOG_LEVEL=WARNING
+        # make bench` measures the service without its access lines.
+        env = {**os.environ, **{ENV_PREFIX + name: value for name, value in settings.items()}}
+        env.update({k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)})
         return self._start(
             "service", ["-m", "server"], port, self.pinning.server_cpu, env=env, cwd=self._tmp
         )

@@ -36,7 +36,7 @@ from server.ratelimit import FailoverRateLimiter, RateLimit, RateLimiter, limite
 from server.tools.base import Tool
 from server.tools.refine_prompt import RefinePromptTool
 from server.upstream.agenta import AgentaCompletionClient
-from server.upstream.http import build_http_client
+from server.upstream.http import build_http_transport
 
 log = logging.getLogger("aiservices.server")
 
@@ -166,12 +166,14 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def build_tools(settings: Settings, http: httpx.AsyncClient, metrics: Metrics) -> list[Tool]:
+def build_tools(
+    settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
+) -> list[Tool]:
     if not settings.upstream_enabled:
         return []
     assert settings.api_key and settings.api_url  # guaranteed by upstream_enabled
     client = AgentaCompletionClient(
-        http,
+        transport,
         base_url=settings.api_url,
         api_key=settings.api_key.get_secret_value(),
         environment=str(settings.environment_slug).strip(),
@@ -201,7 +203,7 @@ class AiServicesServer:
         unauthenticated_lines: LineSampler | None = None,
     ) -> None:
         self.settings = settings
-        self._http: httpx.AsyncClient | None = None
+        self._http: httpx.AsyncBaseTransport | None = None
         self._tools = tools
         self._limiter = limiter
         self._owns_limiter = limiter is None
@@ -219,7 +221,7 @@ class AiServicesServer:
         if self._tools is not None:
             tools = list(self._tools)
         else:
-            self._http = build_http_client(max_connections=settings.upstream_max_connections)
+            self._http = build_http_transport(max_connections=settings.upstream_max_connections)
             tools = build_tools(settings, self._http, metrics)
         gate = CallGate(
             settings.max_concurrent_calls,

@@ -39,7 +39,7 @@ from server.upstream.agenta import (
     UpstreamUnavailable,
     parse_completion,
 )
-from server.upstream.http import UpstreamAttempt, build_http_client
+from server.upstream.http import UpstreamAttempt, build_http_transport
 from tests.support.keys import TestKeys
 from tests.support.responsive import responsive_during
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
@@ -421,10 +421,10 @@ async def completion_client(
 ) -> AsyncIterator[tuple[AgentaCompletionClient, list[tuple[str, float]]]]:
     """The upstream client as the server builds it, with the attempts its observer heard."""
     heard: list[tuple[str, float]] = []
-    async with build_http_client(max_connections=4) as http:
+    async with build_http_transport(max_connections=4) as transport:
         yield (
             AgentaCompletionClient(
-                http,
+                transport,
                 base_url=base_url,
                 api_key=UPSTREAM_KEY,
                 environment=ENVIRONMENT,
