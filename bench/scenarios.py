@@ -152,8 +152,8 @@ class Runner:
         self._side_by_side([(base_row, bare, "status"), (row, service, "status")])
         note = (
             "The bare server answers with the service's own GetStatus reply, built once, and "
-            "has no interceptors: the ratio is what authentication, rate limiting, metrics and "
-            "the access line cost on the cheapest call. A fact, not a target."
+            "has no interceptors: the ratio is what authentication, metrics and the access "
+            "line cost on the cheapest call (it is not rate limited). A fact, not a target."
         )
         title = "GetStatus against a bare grpc.aio server"
         return Scenario("status", title, [base_row, row], notes=[note])
