@@ -26,17 +26,12 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from types import FrameType
 
 from bench.harness import ROOT, Harness, Pinning, ProcessFailed
-from bench.report import machine, render, write_json
+from bench.report import document, machine, render, write_json
 from bench.scenarios import FULL, QUICK, Runner, parse_only
 
 RESULTS = ROOT / "bench" / "results"
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -69,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     partial = args.quick or bool(args.only)
     out: Path = args.out or RESULTS / ("partial.json" if partial else "latest.json")
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     # Even when started with SIGINT ignored (a background job), Ctrl-C stops it cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     pinning = Pinning.detect()
@@ -93,12 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(pinning.note),
         "profile": asdict(profile),
     }
-    print(render(scenarios, info, profile.runs))
-    write_json(out, scenarios, info)
+    doc = document(scenarios, info)
+    print(render(doc))
+    write_json(out, doc)
     print(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
-    if args.strict and not all(t.passed for s in scenarios for t in s.targets):
-        return 1
-    return 0
+    return 1 if args.strict and not doc["all_targets_passed"] else 0
 
 
 if __name__ == "__main__":

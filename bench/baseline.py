@@ -1,6 +1,6 @@
 """The baseline: a bare grpc.aio server for the same proto, with trivial handlers.
 
-``python -m bench.baseline --port N [--upstream URL] [--status-file F]``
+``python -m bench.baseline --port N --upstream URL [--status-file F]``
 serves on 127.0.0.1 until SIGTERM or SIGINT. It imports no server code.
 
 - GetStatus answers a message built once at start: the real server's GetStatus reply, read
@@ -30,15 +30,12 @@ from google.protobuf import struct_pb2
 
 from bench.common import RUN_PATH, UPSTREAM_API_KEY, upstream_body
 
-MAX_CONNECTIONS = 1000
-TIMEOUT_S = 60.0
-
 
 class BaselineServicer(pb_grpc.ToolServiceServicer):
-    def __init__(self, status: pb.GetStatusResponse, upstream: str | None) -> None:
+    def __init__(self, status: pb.GetStatusResponse, url: str, session: aiohttp.ClientSession):
         self._status = status
-        self._url = None if upstream is None else upstream.rstrip("/") + RUN_PATH
-        self.session: aiohttp.ClientSession | None = None
+        self._url = url
+        self._session = session
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
@@ -53,11 +50,8 @@ class BaselineServicer(pb_grpc.ToolServiceServicer):
     async def CallTool(
         self, request: pb.CallToolRequest, context: grpc.aio.ServicerContext
     ) -> pb.CallToolResponse:
-        if self.session is None or self._url is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no upstream")
-            raise AssertionError("abort raises")
         body = upstream_body(request.arguments.fields["prompt_template_json"].string_value)
-        async with self.session.post(self._url, json=body) as response:
+        async with self._session.post(self._url, json=body) as response:
             status = response.status
             payload = await response.read()
         if status != 200:
@@ -76,34 +70,30 @@ class BaselineServicer(pb_grpc.ToolServiceServicer):
         )
 
 
-async def serve(port: int, status: pb.GetStatusResponse, upstream: str | None) -> None:
-    servicer = BaselineServicer(status, upstream)
-    if upstream is not None:
-        servicer.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
-            timeout=aiohttp.ClientTimeout(total=TIMEOUT_S),
-            headers={"Authorization": f"ApiKey {UPSTREAM_API_KEY}"},
-        )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_ToolServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop(1.0)
-        if servicer.session is not None:
-            await servicer.session.close()
+async def serve(port: int, status: pb.GetStatusResponse, upstream: str) -> None:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1000),
+        timeout=aiohttp.ClientTimeout(total=60.0),
+        headers={"Authorization": f"ApiKey {UPSTREAM_API_KEY}"},
+    ) as session:
+        servicer = BaselineServicer(status, upstream.rstrip("/") + RUN_PATH, session)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ToolServiceServicer_to_server(servicer, server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop(1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__)
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
-    parser.add_argument("--upstream", help="base URL of the stand-in upstream")
+    parser.add_argument("--upstream", required=True, help="base URL of the stand-in upstream")
     parser.add_argument("--status-file", type=Path, help="a serialized GetStatusResponse")
     args = parser.parse_args(argv)
     status = pb.GetStatusResponse(enabled=True)

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Final
 
 TOOL_NAME: Final = "tools.agenta.api.refine_prompt"
-PROMPT_TEMPLATE_JSON: Final = json.dumps(
-    {
-        "messages": [
-            {"role": "system", "content": "You are helpful to {{name}}."},
-            {"role": "user", "content": "{{question}}"},
-        ]
-    }
-)
-ARGUMENTS: Final = {"prompt_template_json": PROMPT_TEMPLATE_JSON}
+SYSTEM: Final = {"role": "system", "content": "You are helpful to {{name}}."}
+USER: Final = {"role": "user", "content": "{{question}}"}
+ARGUMENTS: Final = {"prompt_template_json": json.dumps({"messages": [SYSTEM, USER]})}
 
 UPSTREAM_API_KEY: Final = "bench-upstream-key"
 ENVIRONMENT_SLUG: Final = "production"
@@ -44,17 +37,8 @@ def upstream_body(prompt_template_json: str) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
-class ProcSample:
-    """CPU seconds (user + system, all threads) and memory of one process at one instant."""
-
-    cpu_s: float
-    rss_kb: int
-    hwm_kb: int
-
-
-def sample(pid: int) -> ProcSample:
-    """Read /proc/<pid>/stat (utime + stime) and /proc/<pid>/status (VmRSS, VmHWM)."""
+def sample(pid: int) -> tuple[float, int, int]:
+    """CPU seconds (user + system, all threads), VmRSS and VmHWM in kB of one process now."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     # The command name may hold spaces and parentheses: fields start after the last ')'.
@@ -66,11 +50,11 @@ def sample(pid: int) -> ProcSample:
             name, *values = line.split()
             if name in memory:
                 memory[name] = int(values[0])
-    return ProcSample(cpu_s, memory["VmRSS:"], memory["VmHWM:"])
+    return cpu_s, memory["VmRSS:"], memory["VmHWM:"]
 
 
 def cpu_ticks(cpu: int | None) -> tuple[int, int] | None:
-    """(busy, total) clock ticks since boot of CPU ``cpu``, from /proc/stat (None for None)."""
+    """(busy, total) clock ticks since boot of CPU ``cpu`` (None for None)."""
     with open("/proc/stat", encoding="ascii") as f:
         for line in f:
             name, *values = line.split()
@@ -82,6 +66,6 @@ def cpu_ticks(cpu: int | None) -> tuple[int, int] | None:
 
 def busy_between(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
     """How busy a CPU was between two ``cpu_ticks`` readings (0..1), counting every process."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    if before and after and after[1] > before[1]:
+        return (after[0] - before[0]) / (after[1] - before[1])
+    return None

@@ -61,22 +61,22 @@ class Pinning:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             return cls(None, None, f"no pinning: only CPU {cpus} available")
-        return cls(
-            cpus[0],
-            cpus[1],
-            f"servers under test on CPU {cpus[0]}; load generator, stand-in upstreams and "
-            f"harness on CPU {cpus[1]} (taskset)",
-        )
+        load = f"load generator, stand-in upstreams and harness on CPU {cpus[1]} (taskset)"
+        return cls(cpus[0], cpus[1], f"servers under test on CPU {cpus[0]}; {load}")
+
+
+def pinned(cpu: int | None, *args: str) -> list[str]:
+    """``python args``, run with taskset on ``cpu`` when there is one."""
+    return [*([] if cpu is None else ["taskset", "-c", str(cpu)]), sys.executable, *args]
 
 
 class Server:
-    """A process started by the harness that listens on 127.0.0.1:``port``; its output (stdout
-    and stderr) goes to a file, and it runs in its own session so Ctrl-C reaches only the
-    harness, which stops it."""
+    """A process started by the harness that listens on 127.0.0.1:``port``."""
 
     def __init__(self, name: str, cmd: list[str], port: int, logs: Path, **popen: Any) -> None:
         self.name = name
         self.port = port
+        self.target = f"127.0.0.1:{port}"
         self.log_path = logs / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -88,13 +88,8 @@ class Server:
                 **popen,
             )
 
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def tail(self, lines: int = 10) -> str:
-        text = self.log_path.read_text(errors="replace")
-        return "\n".join(text.strip().splitlines()[-lines:])
+    def tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").strip().splitlines()[-10:])
 
     def wait_listening(self) -> None:
         """Return once the port accepts connections; ProcessFailed if it never does."""
@@ -147,31 +142,28 @@ class Harness(contextlib.ExitStack):
         self.instant = self._upstream(0.0)
         self.slow = self._upstream(SLOW_DELAY_S)
 
-    def _start(self, name: str, cmd: list[str], port: int, cpu: int | None, **popen: Any) -> Server:
-        """Start ``python cmd`` pinned to ``cpu``; return once it listens on ``port``."""
+    def _start(self, name: str, cpu: int | None, *args: str, port: int = 0, **popen: Any) -> Server:
+        """Start ``python args`` pinned to ``cpu`` (with ``--port`` unless ``port`` is given);
+        return once it listens."""
+        if not port:
+            port = free_port()
+            args = (*args, "--port", str(port))
         self._count += 1
-        taskset = [] if cpu is None else ["taskset", "-c", str(cpu)]
-        argv = [*taskset, sys.executable, *cmd]
-        server = Server(f"{self._count:03d}-{name}", argv, port, self._tmp, **popen)
+        server = Server(f"{self._count:03d}-{name}", pinned(cpu, *args), port, self._tmp, **popen)
         self.callback(server.stop)
-        try:
-            server.wait_listening()
-        except ProcessFailed:
-            server.stop()
-            raise
+        server.wait_listening()
         return server
 
     def _upstream(self, delay: float) -> Server:
-        port = free_port()
-        cmd = ["-m", "server.standin", "--port", str(port), "--api-key", UPSTREAM_API_KEY]
-        cmd += ["--delay", str(delay)]
-        return self._start(f"upstream-{delay:g}s", cmd, port, self.pinning.load_cpu)
+        args = ("-m", "server.standin", "--api-key", UPSTREAM_API_KEY, "--delay", str(delay))
+        return self._start(f"upstream-{delay:g}s", self.pinning.load_cpu, *args)
 
     def service(self, upstream: Server) -> Server:
         """``python -m server`` with production settings, the rate limit raised out of the way.
 
-        It runs in a temporary directory so a developer's ``.env`` does not leak in, and none
-        of the harness's own AGENTA_AI_SERVICES_ variables reach it."""
+        It runs in a temporary directory so a developer's ``.env`` does not leak in. Settings in
+        the bench's own environment win: ``AGENTA_AI_SERVICES_LOG_LEVEL=WARNING make bench``
+        measures the service without its access lines."""
         port = free_port()
         settings = {
             "GRPC_ADDRESS": f"127.0.0.1:{port}",
@@ -186,29 +178,21 @@ class Harness(contextlib.ExitStack):
             "LOG_LEVEL": "INFO",
             "SHUTDOWN_GRACE": "2",
         }
-        # Settings in the bench's own environment win: `AGENTA_AI_SERVICES_LOG_LEVEL=WARNING
-        # make bench` measures the service without its access lines.
-        env = {**os.environ, **{ENV_PREFIX + name: value for name, value in settings.items()}}
-        env.update({k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)})
-        return self._start(
-            "service", ["-m", "server"], port, self.pinning.server_cpu, env=env, cwd=self._tmp
-        )
+        env = {**{ENV_PREFIX + name: value for name, value in settings.items()}, **os.environ}
+        cpu = self.pinning.server_cpu
+        return self._start("service", cpu, "-m", "server", port=port, env=env, cwd=self._tmp)
 
     def baseline(self, upstream: Server) -> Server:
-        """The bare grpc.aio baseline."""
-        port = free_port()
-        cmd = ["-m", "bench.baseline", "--port", str(port)]
-        cmd += ["--upstream", f"http://{upstream.target}"]
+        args = ["-m", "bench.baseline", "--upstream", f"http://{upstream.target}"]
         if self.status_file is not None:
-            cmd += ["--status-file", str(self.status_file)]
-        return self._start("baseline", cmd, port, self.pinning.server_cpu, cwd=ROOT)
+            args += ["--status-file", str(self.status_file)]
+        return self._start("baseline", self.pinning.server_cpu, *args, cwd=ROOT)
 
     def rest(self, upstream: Server, client: str) -> Server:
         """The REST design, with ``client`` "shared" (tuned) or "per-call" (as merged)."""
-        port = free_port()
-        cmd = ["-m", "bench.rest", "--port", str(port), "--keys-file", str(self.keys_file)]
-        cmd += ["--upstream", f"http://{upstream.target}", "--client", client]
-        return self._start(f"rest-{client}", cmd, port, self.pinning.server_cpu, cwd=ROOT)
+        args = ["-m", "bench.rest", "--keys-file", str(self.keys_file), "--client", client]
+        args += ["--upstream", f"http://{upstream.target}"]
+        return self._start(f"rest-{client}", self.pinning.server_cpu, *args, cwd=ROOT)
 
     def capture_status(self, service: Server) -> None:
         """Save the service's GetStatus reply so the baseline answers with the same bytes."""
@@ -231,12 +215,11 @@ class Harness(contextlib.ExitStack):
             server_cpu=self.pinning.server_cpu,
             **config,
         )
-        cpu = self.pinning.load_cpu
-        taskset = [] if cpu is None else ["taskset", "-c", str(cpu)]
         bound = load.warmup_s + load.duration_s + load.timeout_s + 40.0
+        argv = pinned(self.pinning.load_cpu, "-m", "bench.loadgen", json.dumps(asdict(load)))
         try:
             finished = subprocess.run(
-                [*taskset, sys.executable, "-m", "bench.loadgen", json.dumps(asdict(load))],
+                argv,
                 cwd=ROOT,
                 capture_output=True,
                 text=True,

@@ -2,10 +2,9 @@
 
 ``python -m bench.loadgen '<LoadConfig as JSON>'`` runs ``concurrency`` workers that call back to
 back: gRPC GetStatus or CallTool through the generated stubs over a few channels (each its own
-HTTP/2 connection), or the REST design's ``POST /tools/call`` through one aiohttp session. It
-warms up, then measures for ``duration_s``: calls that complete inside the window count. While
-measuring it samples the server's RSS, and it reads the CPU time of the server, the upstream and
-itself at the window's edges, so the report can tell which side limited the run. It prints one
+HTTP/2 connection), or the REST design's ``POST /tools/call`` through one aiohttp session. After
+the warm-up, calls that complete inside the ``duration_s`` window count; the server's CPU time
+and memory, and the load generator's own CPU time, are read at the window's edges. It prints one
 JSON line (a LoadResult) on stdout.
 """
 
@@ -18,7 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import aiohttp
 import grpc
@@ -36,42 +35,36 @@ Call = Callable[[], Awaitable[str]]
 
 @dataclass(frozen=True, slots=True)
 class LoadConfig:
-    target: str
-    """host:port of the server under test."""
-    rpc: str
-    """"status" or "call" over gRPC, or "rest" for the REST design's POST /tools/call."""
+    target: str  # host:port of the server under test
+    rpc: str  # "status" or "call" over gRPC, or "rest" for the REST design's POST /tools/call
     concurrency: int
     warmup_s: float
     duration_s: float
     key: str
-    server_pid: int
-    """The server's process, whose CPU time and memory the run reads from /proc."""
+    server_pid: int  # whose CPU time and memory the run reads from /proc
     ramp_s: float = 0.0
     """Start worker i after ramp_s * i / concurrency, so slow calls do not move in lockstep."""
     users: bool = False
     """Send a distinct x-agenta-user-id per worker (a rate-limit budget of its own each)."""
     timeout_s: float = 30.0
-    server_cpu: int | None = None
-    """The CPU the server is pinned to, to report how busy it was."""
+    server_cpu: int | None = None  # the CPU the server is pinned to
 
 
 @dataclass(slots=True)
 class LoadResult:
-    window_s: float = 0.0
-    calls: int = 0
-    ok: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    rps: float = 0.0
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
-    server_cpu_us_per_call: float = 0.0
-    server_util: float = 0.0
-    """Share of one core the server used in the window."""
-    server_rss_peak_mb: float = 0.0
-    server_hwm_mb: float = 0.0
-    client_util: float = 0.0
-    server_cpu_busy: float | None = None
-    """How busy the server's CPU was, counting every process on it."""
+    window_s: float
+    calls: int
+    ok: int
+    errors: dict[str, int]
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_us_per_call: float
+    server_util: float  # share of one core the server used in the window
+    server_rss_peak_mb: float
+    server_hwm_mb: float
+    client_util: float
+    server_cpu_busy: float | None  # how busy the server's CPU was, counting every process on it
 
 
 def channels_for(concurrency: int) -> int:
@@ -121,9 +114,7 @@ def _rest_call(config: LoadConfig, session: aiohttp.ClientSession) -> Call:
 
 
 def _percentile(ordered: list[float], q: float) -> float:
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+    return ordered[max(0, round(q * len(ordered)) - 1)] if ordered else 0.0
 
 
 class Load:
@@ -153,14 +144,14 @@ class Load:
 
     async def run(self) -> LoadResult:
         config = self.config
-        async with contextlib.AsyncExitStack() as stack:
+        bound = config.warmup_s + config.duration_s + config.timeout_s + 30.0
+        async with asyncio.timeout(bound), contextlib.AsyncExitStack() as stack:
             if config.rpc == "rest":
-                connector = aiohttp.TCPConnector(limit=config.concurrency)
-                session = await stack.enter_async_context(
-                    aiohttp.ClientSession(
-                        connector=connector, timeout=aiohttp.ClientTimeout(total=config.timeout_s)
-                    )
+                session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=config.concurrency),
+                    timeout=aiohttp.ClientTimeout(total=config.timeout_s),
                 )
+                stack.push_async_callback(session.close)
                 calls = [_rest_call(config, session) for _ in range(config.concurrency)]
             else:
                 channels = []
@@ -188,22 +179,20 @@ class Load:
     async def _measure(self) -> LoadResult:
         config = self.config
         await asyncio.sleep(config.warmup_s)
-        server0 = sample(config.server_pid)
+        cpu0, peak_kb, _ = sample(config.server_pid)
         busy0 = cpu_ticks(config.server_cpu)
         client0, t0 = time.process_time(), time.perf_counter()
         self.measuring = True
-        peak_kb = server0.rss_kb
         end = t0 + config.duration_s
         while (now := time.perf_counter()) < end:
             await asyncio.sleep(min(SAMPLE_EVERY_S, end - now))
-            peak_kb = max(peak_kb, sample(config.server_pid).rss_kb)
+            peak_kb = max(peak_kb, sample(config.server_pid)[1])
         self.measuring = False
         t1, client1 = time.perf_counter(), time.process_time()
-        server1 = sample(config.server_pid)
-        window = t1 - t0
+        cpu1, rss_kb, hwm_kb = sample(config.server_pid)
+        window, server_cpu_s = t1 - t0, cpu1 - cpu0
         ordered = sorted(self.latencies)
         calls = sum(self.codes.values())
-        server_cpu_s = server1.cpu_s - server0.cpu_s
         return LoadResult(
             window_s=window,
             calls=calls,
@@ -215,15 +204,10 @@ class Load:
             client_util=(client1 - client0) / window,
             server_cpu_us_per_call=server_cpu_s / max(calls, 1) * 1e6,
             server_util=server_cpu_s / window,
-            server_rss_peak_mb=max(peak_kb, server1.rss_kb) / 1024,
-            server_hwm_mb=server1.hwm_kb / 1024,
+            server_rss_peak_mb=max(peak_kb, rss_kb) / 1024,
+            server_hwm_mb=hwm_kb / 1024,
             server_cpu_busy=busy_between(busy0, cpu_ticks(config.server_cpu)),
         )
-
-
-async def _main(config: LoadConfig) -> LoadResult:
-    async with asyncio.timeout(config.warmup_s + config.duration_s + config.timeout_s + 30.0):
-        return await Load(config).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m bench.loadgen '<LoadConfig JSON>'", file=sys.stderr)
         return 2
-    result = asyncio.run(_main(LoadConfig(**json.loads(args[0]))))
+    result = asyncio.run(Load(LoadConfig(**json.loads(args[0]))).run())
     print(json.dumps(asdict(result)), flush=True)
     return 0
 

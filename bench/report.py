@@ -1,5 +1,5 @@
 """What a run produces (rows of repeated measurements, ratios, targets) and how it is shown:
-a Markdown table on stdout and a JSON document (bench/results/latest.json)."""
+a JSON document (bench/results/latest.json) and a Markdown table rendered from that document."""
 
 from __future__ import annotations
 
@@ -19,13 +19,16 @@ from bench.loadgen import LoadResult
 SATURATED = 0.85
 """A process using this share of its core is what limits the run."""
 
-METRICS = ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_call", "server_util", "client_util")
+METRICS = {  # the medians each row reports, with their format in the table
+    "rps": ",.0f",
+    "p50_ms": ",.1f",
+    "p99_ms": ",.1f",
+    "server_cpu_us_per_call": ",.0f",
+    "server_util": ".0%",
+    "client_util": ".0%",
+}
 PACKAGES = ("grpcio", "protobuf", "httpx", "aiohttp", "fastapi", "uvicorn", "uvloop")
-
-
-def median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
+COMPARE = {">=": operator.ge, "<": operator.lt, "==": operator.eq}
 
 
 @dataclass
@@ -41,7 +44,8 @@ class Row:
     """A fresh server per run: its VmHWM is the peak RSS of exactly that load."""
 
     def median(self, metric: str) -> float | None:
-        return median([getattr(run, metric) for run in self.runs])
+        values = [value for run in self.runs if (value := getattr(run, metric)) is not None]
+        return statistics.median(values) if values else None
 
     def ratio(self, other: Row | None) -> float | None:
         """Median of per-round req/s ratios this / other: drift on a busy machine cancels out."""
@@ -52,16 +56,12 @@ class Row:
 
     @property
     def errors(self) -> Counter[str]:
-        total: Counter[str] = Counter()
-        for run in self.runs:
-            total.update(run.errors)
-        return total
+        return sum((Counter(run.errors) for run in self.runs), Counter())
 
     @property
     def rss_mb(self) -> float | None:
         return self.median("server_hwm_mb" if self.fresh_server else "server_rss_peak_mb")
 
-    @property
     def bound(self) -> str:
         """What limited the run: the server's CPU, the load generator's, another process on the
         server's core, or none of them (then latency, e.g. a slow upstream, set the pace)."""
@@ -82,7 +82,7 @@ class Row:
             "ratio_to": self.ratio_to.label if self.ratio_to else None,
             "errors": dict(self.errors),
             "rss_mb": self.rss_mb,
-            "bound": self.bound,
+            "bound": self.bound(),
             "runs": [asdict(run) for run in self.runs],
         }
 
@@ -91,16 +91,12 @@ class Row:
 class Target:
     name: str
     value: float | None
-    op: str  # ">=", "<" or "=="
+    op: str  # a key of COMPARE
     threshold: float
 
     @property
     def passed(self) -> bool:
-        compare = {">=": operator.ge, "<": operator.lt, "==": operator.eq}[self.op]
-        return self.value is not None and bool(compare(self.value, self.threshold))
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "passed": self.passed}
+        return self.value is not None and bool(COMPARE[self.op](self.value, self.threshold))
 
 
 @dataclass
@@ -116,7 +112,7 @@ class Scenario:
             "key": self.key,
             "title": self.title,
             "rows": [row.to_json() for row in self.rows],
-            "targets": [target.to_json() for target in self.targets],
+            "targets": [{**asdict(t), "passed": t.passed} for t in self.targets],
             "notes": self.notes,
         }
 
@@ -137,27 +133,35 @@ def machine(pinning: str) -> dict[str, Any]:
     return {"cores": os.cpu_count(), "cpu_model": model, "pinning": pinning, "versions": versions}
 
 
+def document(scenarios: list[Scenario], info: dict[str, Any]) -> dict[str, Any]:
+    """The whole run, every single measurement included: what is written and what is shown."""
+    rendered = [s.to_json() for s in scenarios]
+    targets = [t for s in rendered for t in s["targets"]]
+    return {
+        **info,
+        "scenarios": rendered,
+        "targets": targets,
+        "all_targets_passed": all(t["passed"] for t in targets),
+    }
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write the document atomically: a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def _num(value: float | None, spec: str = ",.0f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _errors(row: Row) -> str:
-    if not row.errors:
-        return "0"
-    code, _ = row.errors.most_common(1)[0]
-    return f"{row.errors.total()} ({code})"
-
-
-def _ratio(row: Row) -> str:
-    ratio = row.ratio(row.ratio_to)
-    return "-" if ratio is None or row.ratio_to is None else f"{ratio:.2f} of {row.ratio_to.label}"
-
-
-def render(scenarios: list[Scenario], info: dict[str, Any], runs: int) -> str:
+def render(doc: dict[str, Any]) -> str:
     """The report as Markdown: how it was run, one table row per Row, notes, then targets."""
-    m = info["machine"]
+    m, runs = doc["machine"], doc["profile"]["runs"]
     lines = [
-        f"Command: `{info['command']}` ({info['elapsed_s']:.0f} s, median of {runs} "
+        f"Command: `{doc['command']}` ({doc['elapsed_s']:.0f} s, median of {runs} "
         f"run{'s' if runs > 1 else ''} per row)",
         f"Machine: {m['cores']} cores, {m['cpu_model']}; {m['pinning']}",
         "Versions: " + ", ".join(f"{name} {v}" for name, v in m["versions"].items()),
@@ -166,17 +170,15 @@ def render(scenarios: list[Scenario], info: dict[str, Any], runs: int) -> str:
         "| client CPU | errors | RSS MB | ratio | bound by |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for scenario in scenarios:
-        for row in scenario.rows:
-            lines.append(
-                f"| {scenario.key} | {row.label} | {row.concurrency:,} "
-                f"| {_num(row.median('rps'))} | {_num(row.median('p50_ms'), ',.1f')} "
-                f"| {_num(row.median('p99_ms'), ',.1f')} "
-                f"| {_num(row.median('server_cpu_us_per_call'))} "
-                f"| {_num(row.median('server_util'), '.0%')} "
-                f"| {_num(row.median('client_util'), '.0%')} | {_errors(row)} "
-                f"| {_num(row.rss_mb, '.1f')} | {_ratio(row)} | {row.bound} |"
-            )
+    for scenario in doc["scenarios"]:
+        for row in scenario["rows"]:
+            med, errors = row["median"], row["errors"]
+            worst = f"{sum(errors.values())} ({max(errors, key=errors.get)})" if errors else "0"
+            ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f} of {row['ratio_to']}"
+            cells = [scenario["key"], row["label"], f"{row['concurrency']:,}"]
+            cells += [_num(med[metric], spec) for metric, spec in METRICS.items()]
+            cells += [worst, _num(row["rss_mb"], ".1f"), ratio, row["bound"]]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "server/client CPU: share of one core the server / the load generator used; RSS: peak "
@@ -185,29 +187,13 @@ def render(scenarios: list[Scenario], info: dict[str, Any], runs: int) -> str:
         "at least 85 % busy (CLIENT CPU: the load generator limited the run, so its req/s is "
         "a floor for the server, not its limit).",
     ]
-    notes = [f"- {s.key}. {note}" for s in scenarios for note in s.notes]
+    notes = [f"- {s['key']}. {note}" for s in doc["scenarios"] for note in s["notes"]]
     if notes:
         lines += ["", "Notes:", *notes]
-    targets = [t for s in scenarios for t in s.targets]
-    if targets:
+    if doc["targets"]:
         lines += ["", "| target | this run | pass |", "|---|---:|---|"]
-        for t in targets:
-            value = "-" if t.value is None else f"{t.value:,.2f}".rstrip("0").rstrip(".")
-            verdict = "PASS" if t.passed else "FAIL"
-            lines.append(f"| {t.name} {t.op} {t.threshold:,g} | {value} | {verdict} |")
+        for t in doc["targets"]:
+            value = "-" if t["value"] is None else f"{t['value']:,.2f}".rstrip("0").rstrip(".")
+            verdict = "PASS" if t["passed"] else "FAIL"
+            lines.append(f"| {t['name']} {t['op']} {t['threshold']:,g} | {value} | {verdict} |")
     return "\n".join(lines) + "\n"
-
-
-def write_json(path: Path, scenarios: list[Scenario], info: dict[str, Any]) -> None:
-    """The whole run, every single measurement included, written atomically."""
-    targets = [t for s in scenarios for t in s.targets]
-    document = {
-        **info,
-        "scenarios": [s.to_json() for s in scenarios],
-        "targets": [t.to_json() for t in targets],
-        "all_targets_passed": all(t.passed for t in targets),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(path)

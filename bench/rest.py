@@ -1,26 +1,18 @@
 """The REST design this service replaced, re-created for comparison: FastAPI on uvicorn.
 
 ``python -m bench.rest --port N --keys-file F --upstream URL --client shared|per-call`` serves
-``POST /tools/call`` (JSON body ``{"name", "arguments"}``) on 127.0.0.1 with one uvicorn worker
-on uvloop and httptools, until SIGTERM or SIGINT. Needs the optional extra:
-``pip install -e '.[bench]'``.
-
-Each call does what the service does for refine_prompt, with the same building blocks: the API
-key from ``Authorization: Bearer`` checked against the same keys file (``KeyStore``), the tool's
-permission, the same in-memory GCRA limiter, the arguments checked with jsonschema against the
-tool's input schema and the template parsed, one POST to the upstream, and the same checks of the
-model's output. Refusals are HTTP statuses (401, 403, 404, 422, 429); upstream failures and
-rejected output are a 200 with ``isError``, as tool errors are in the service.
-
-``--client shared`` ("REST, tuned") posts through one ``httpx.AsyncClient`` for the process;
-``--client per-call`` ("REST, as merged") builds a fresh ``httpx.AsyncClient()`` for every call,
-as the design did when it was merged: each one builds an SSL context, tens of ms of CPU.
+``POST /tools/call`` (JSON ``{"name", "arguments"}``) on 127.0.0.1 with one uvicorn worker on
+uvloop and httptools. Each call does what the service does for refine_prompt with the same
+building blocks (keys file, permission, GCRA limiter, input schema and template checks, one
+upstream POST, output checks); refusals are HTTP 401, 403, 404, 422 or 429, and upstream failures
+are a 200 with ``isError``. ``shared`` ("REST, tuned") posts through one ``httpx.AsyncClient``;
+``per-call`` ("REST, as merged") builds one per call, as the merged design did: each builds an
+SSL context, tens of ms of CPU. Needs ``pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -133,12 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client", choices=("shared", "per-call"), default="shared")
     args = parser.parse_args(argv)
     app = make_app(KeyStore.from_file(args.keys_file), args.upstream, args.client == "per-call")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", args.port))
     # uvicorn's defaults otherwise, its access log included (the service logs every call too).
-    config = uvicorn.Config(app, loop="uvloop", http="httptools", workers=1)
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", workers=1)
     return 0
 
 

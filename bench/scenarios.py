@@ -15,18 +15,18 @@ from bench.loadgen import LoadResult
 from bench.report import Row, Scenario, Target
 
 SCENARIOS = ("status", "calltool", "rest", "slow", "growth")
-FAST_CONCURRENCY = 64
+FAST = 64  # calls in flight against the instant upstream
 SLOW_IN_FLIGHT = 1000
 GROWTH_CONCURRENCY = (1, 16, 64, 256)
 GROWTH_IN_FLIGHT = (100, 500, 1000)
-CALL_TIMEOUT_S = 10.0
-SLOW_TIMEOUT_S = 30.0
 
 SERVICE = "service"
 BARE = "bare grpc.aio"
 BARE_CALL = "bare grpc.aio + aiohttp"
 REST_TUNED = "REST, tuned"
 REST_MERGED = "REST, as merged"
+
+Measure = Callable[[], LoadResult]
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,10 @@ class Profile:
 
 
 FULL = Profile(
-    runs=3, warmup_s=1.0, duration_s=3.0, slow_ramp_s=1.0, slow_warmup_s=2.5, slow_duration_s=4.0
+    3, warmup_s=1.0, duration_s=3.0, slow_ramp_s=1.0, slow_warmup_s=2.5, slow_duration_s=4.0
 )
 QUICK = Profile(
-    runs=1, warmup_s=0.5, duration_s=1.5, slow_ramp_s=1.0, slow_warmup_s=2.0, slow_duration_s=2.0
+    1, warmup_s=0.5, duration_s=1.5, slow_ramp_s=1.0, slow_warmup_s=2.0, slow_duration_s=2.0
 )
 
 
@@ -80,46 +80,45 @@ class Runner:
                 out[name] = getattr(self, name)()
         return [out[name] for name in SCENARIOS if name in out]
 
-    # --- measuring ---------------------------------------------------------------------------
-
-    def _fast(self, server: Server, rpc: str, concurrency: int) -> Callable[[], LoadResult]:
+    def _fast(self, server: Server, rpc: str, concurrency: int) -> Measure:
         """A measured run against the instant upstream. Workers start spread over half the
         warm-up: started at once, calls to a server that costs tens of ms each would finish
         in bunches, and a short window could hold none of them."""
+        p = self.p
         return lambda: self.h.load(
             server,
             rpc=rpc,
             concurrency=concurrency,
-            ramp_s=self.p.warmup_s / 2,
-            warmup_s=self.p.warmup_s,
-            duration_s=self.p.duration_s,
-            timeout_s=CALL_TIMEOUT_S,
+            ramp_s=p.warmup_s / 2,
+            warmup_s=p.warmup_s,
+            duration_s=p.duration_s,
+            timeout_s=10.0,
         )
 
-    def _slow(self, start: Callable[[Server], Server], in_flight: int) -> Callable[[], LoadResult]:
+    def _slow(self, start: Callable[[Server], Server], in_flight: int) -> Measure:
         """A measured run of ``in_flight`` calls to the 1 s upstream, on a fresh server, so its
         VmHWM is the peak RSS of exactly this load. Every worker acts for its own user, so each
         has a rate-limit budget of its own; their starts spread over ``slow_ramp_s``."""
 
         def measure() -> LoadResult:
-            server = start(self.h.slow)
+            server, p = start(self.h.slow), self.p
             try:
                 return self.h.load(
                     server,
                     rpc="call",
                     concurrency=in_flight,
                     users=True,
-                    ramp_s=self.p.slow_ramp_s,
-                    warmup_s=self.p.slow_warmup_s,
-                    duration_s=self.p.slow_duration_s,
-                    timeout_s=SLOW_TIMEOUT_S,
+                    ramp_s=p.slow_ramp_s,
+                    warmup_s=p.slow_warmup_s,
+                    duration_s=p.slow_duration_s,
+                    timeout_s=30.0,
                 )
             finally:
                 server.stop()
 
         return measure
 
-    def _rounds(self, pairs: list[tuple[Row, Callable[[], LoadResult]]]) -> None:
+    def _rounds(self, pairs: list[tuple[Row, Measure]]) -> None:
         for round_no in range(self.p.runs):
             for row, measure in pairs if round_no % 2 == 0 else reversed(pairs):
                 run = measure()
@@ -133,49 +132,47 @@ class Runner:
     def _side_by_side(self, rows: list[tuple[Row, Server, str]]) -> None:
         """Rounds of fast runs, each row against its server with its rpc; then stop them."""
         try:
-            self._rounds(
-                [(row, self._fast(server, rpc, row.concurrency)) for row, server, rpc in rows]
-            )
+            self._rounds([(row, self._fast(srv, rpc, row.concurrency)) for row, srv, rpc in rows])
         finally:
             for _, server, _ in rows:
                 server.stop()
 
-    # --- the scenarios -----------------------------------------------------------------------
-
     def status(self) -> Scenario:
-        progress(f"status: GetStatus, {FAST_CONCURRENCY} in flight")
+        progress(f"status: GetStatus, {FAST} in flight")
         service = self.h.service(self.h.instant)
         self.h.capture_status(service)
-        base_row = Row(f"{BARE} GetStatus", FAST_CONCURRENCY)
-        row = Row(f"{SERVICE} GetStatus", FAST_CONCURRENCY, ratio_to=base_row)
-        bare = self.h.baseline(self.h.instant)
-        self._side_by_side([(base_row, bare, "status"), (row, service, "status")])
+        bare = Row(f"{BARE} GetStatus", FAST)
+        row = Row(f"{SERVICE} GetStatus", FAST, ratio_to=bare)
+        self._side_by_side(
+            [(bare, self.h.baseline(self.h.instant), "status"), (row, service, "status")]
+        )
         note = (
             "The bare server answers with the service's own GetStatus reply, built once, and "
             "has no interceptors: the ratio is what authentication, metrics and the access "
             "line cost on the cheapest call (it is not rate limited). A fact, not a target."
         )
-        title = "GetStatus against a bare grpc.aio server"
-        return Scenario("status", title, [base_row, row], notes=[note])
+        return Scenario(
+            "status", "GetStatus against a bare grpc.aio server", [bare, row], notes=[note]
+        )
 
     def calltool(self) -> Scenario:
-        progress(f"calltool: CallTool to an instant upstream, {FAST_CONCURRENCY} in flight")
-        base_row = Row(f"{BARE_CALL} CallTool", FAST_CONCURRENCY)
-        row = Row(f"{SERVICE} CallTool", FAST_CONCURRENCY, ratio_to=base_row)
-        bare, service = self.h.baseline(self.h.instant), self.h.service(self.h.instant)
-        self._side_by_side([(base_row, bare, "call"), (row, service, "call")])
+        progress(f"calltool: CallTool to an instant upstream, {FAST} in flight")
+        bare = Row(f"{BARE_CALL} CallTool", FAST)
+        row = Row(f"{SERVICE} CallTool", FAST, ratio_to=bare)
+        servers = self.h.baseline(self.h.instant), self.h.service(self.h.instant)
+        self._side_by_side([(bare, servers[0], "call"), (row, servers[1], "call")])
         note = (
             "The bare handler posts the same body with one aiohttp session and returns the "
             "reply, with no checks, auth, rate limit or logging. A fact, not a target."
         )
         title = "CallTool against a bare grpc.aio server doing one aiohttp POST"
-        return Scenario("calltool", title, [base_row, row], notes=[note])
+        return Scenario("calltool", title, [bare, row], notes=[note])
 
     def rest(self) -> Scenario:
-        progress(f"rest: CallTool against the REST design, {FAST_CONCURRENCY} in flight")
-        row = Row(f"{SERVICE} CallTool", FAST_CONCURRENCY)
-        tuned = Row(f"{REST_TUNED} POST /tools/call", FAST_CONCURRENCY, ratio_to=row)
-        merged = Row(f"{REST_MERGED} POST /tools/call", FAST_CONCURRENCY, ratio_to=row)
+        progress(f"rest: CallTool against the REST design, {FAST} in flight")
+        row = Row(f"{SERVICE} CallTool", FAST)
+        tuned = Row(f"{REST_TUNED} POST /tools/call", FAST, ratio_to=row)
+        merged = Row(f"{REST_MERGED} POST /tools/call", FAST, ratio_to=row)
         self._side_by_side(
             [
                 (row, self.h.service(self.h.instant), "call"),
@@ -198,30 +195,26 @@ class Runner:
 
     def slow(self) -> Scenario:
         progress(f"slow: 1 s upstream, {SLOW_IN_FLIGHT:,} calls in flight")
-        base_row = Row(f"{BARE_CALL}, 1 s upstream", SLOW_IN_FLIGHT, fresh_server=True)
-        row = Row(f"{SERVICE}, 1 s upstream", SLOW_IN_FLIGHT, ratio_to=base_row, fresh_server=True)
+        bare = Row(f"{BARE_CALL}, 1 s upstream", SLOW_IN_FLIGHT, fresh_server=True)
+        row = Row(f"{SERVICE}, 1 s upstream", SLOW_IN_FLIGHT, ratio_to=bare, fresh_server=True)
         self._rounds(
             [
-                (base_row, self._slow(self.h.baseline, SLOW_IN_FLIGHT)),
+                (bare, self._slow(self.h.baseline, SLOW_IN_FLIGHT)),
                 (row, self._slow(self.h.service, SLOW_IN_FLIGHT)),
             ]
         )
-        bare_rps = base_row.median("rps") or 0.0
-        return Scenario(
-            "slow",
-            f"{SLOW_IN_FLIGHT:,} calls in flight to a 1 s upstream",
-            [base_row, row],
-            targets=[
-                Target("1,000 in flight: errors (all runs)", float(row.errors.total()), "==", 0),
-                Target("1,000 in flight: peak RSS MB", row.rss_mb, "<", 130),
-                Target("1,000 in flight: req/s", row.median("rps"), ">=", slow_rps_floor(bare_rps)),
-            ],
-            notes=[
-                "A fresh server per run; RSS is its VmHWM. The req/s target is 900, or 0.9 of "
-                "the bare server's req/s in the same run when that is under 900 "
-                f"(here {bare_rps:,.0f})."
-            ],
+        bare_rps = bare.median("rps") or 0.0
+        targets = [
+            Target("1,000 in flight: errors (all runs)", float(row.errors.total()), "==", 0),
+            Target("1,000 in flight: peak RSS MB", row.rss_mb, "<", 130),
+            Target("1,000 in flight: req/s", row.median("rps"), ">=", slow_rps_floor(bare_rps)),
+        ]
+        note = (
+            "A fresh server per run; RSS is its VmHWM. The req/s target is 900, or 0.9 of the "
+            f"bare server's req/s in the same run when that is under 900 (here {bare_rps:,.0f})."
         )
+        title = f"{SLOW_IN_FLIGHT:,} calls in flight to a 1 s upstream"
+        return Scenario("slow", title, [bare, row], targets, [note])
 
     def growth(self, at_1000: Row | None) -> Scenario:
         progress(f"growth: CallTool at {', '.join(map(str, GROWTH_CONCURRENCY))} in flight")
@@ -237,9 +230,6 @@ class Runner:
         self._rounds([(row, self._slow(self.h.service, row.concurrency)) for row in slow_rows])
         if at_1000 is not None:
             slow_rows.append(at_1000)
-        return Scenario(
-            "growth",
-            "Cost growth: CallTool by concurrency; RSS by slow calls in flight",
-            rows + slow_rows,
-            notes=["The 1,000 row is the slow scenario's, when it ran."] if at_1000 else [],
-        )
+        title = "Cost growth: CallTool by concurrency; RSS by slow calls in flight"
+        notes = ["The 1,000 row is the slow scenario's, when it ran."] if at_1000 else []
+        return Scenario("growth", title, rows + slow_rows, notes=notes)
