@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from server.auth import KeysFileError, KeyStore
 from server.config import AuthMode, EventLoop, Settings, is_loopback, split_host_port
 from server.core.auth import Authenticator
+from server.core.drain import Drain
 from server.core.gate import CallGate
 from server.core.limits import RateLimits
 from server.core.service import ToolService
@@ -29,6 +30,8 @@ from server.faces.grpc.auth import AuthenticationInterceptor
 from server.faces.grpc.handlers import generic_handler
 from server.faces.grpc.outermost import OutermostInterceptor
 from server.faces.grpc.servicer import ToolServicer
+from server.faces.mcp.face import McpFace
+from server.faces.mcp.listener import McpListener
 from server.files import FileTooLarge, NotRegularFile, read_small_file
 from server.logs import LineSampler
 from server.metrics import Metrics
@@ -210,11 +213,16 @@ class AiServicesServer:
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
+        self._drain = Drain()
         self._outermost = OutermostInterceptor(
-            self.metrics, unauthenticated_lines=unauthenticated_lines
+            self.metrics, self._drain, unauthenticated_lines=unauthenticated_lines
         )
+        self._unauthenticated_lines = self._outermost.unauthenticated_lines
+        self._mcp: McpListener | None = None
+        self._mcp_face: McpFace | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self.mcp_port: int | None = None
 
     def _build_service(self, settings: Settings, limiter: RateLimiter) -> ToolService:
         metrics = self.metrics
@@ -268,7 +276,8 @@ class AiServicesServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        authentication = AuthenticationInterceptor(Authenticator(keys, metrics))
+        authenticator = Authenticator(keys, metrics)
+        authentication = AuthenticationInterceptor(authenticator)
         server.add_generic_rpc_handlers(
             [generic_handler(SERVICE_NAME, servicer.methods(), self._outermost, [authentication])]
         )
@@ -296,6 +305,9 @@ class AiServicesServer:
                     f"invalid setting AGENTA_AI_SERVICES_METRICS_ADDRESS: cannot listen on "
                     f"{settings.metrics_address}: {exc.strerror}"
                 ) from None
+        if settings.mcp_address is not None:
+            ensure_bindable(settings.mcp_address, "MCP_ADDRESS")
+            await self._start_mcp(settings, service, authenticator)
         await server.start()
         self._server = server
         for name in ("", SERVICE_NAME):
@@ -313,10 +325,43 @@ class AiServicesServer:
                 "keys": len(keys) if keys is not None else 0,
                 "redis": settings.redis_url is not None,
                 "metrics_port": self.metrics_port,
+                "mcp_port": self.mcp_port,
                 "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             },
         )
         return self.port
+
+    async def _start_mcp(
+        self, settings: Settings, service: ToolService, authenticator: Authenticator
+    ) -> None:
+        """MCP on MCP_ADDRESS, over the same core, drained with gRPC; HTTPS with the server's
+        TLS settings when they are set."""
+        face = McpFace(
+            service,
+            authenticator,
+            self._drain,
+            self.metrics,
+            max_body_bytes=settings.max_message_bytes,
+            log_payloads=settings.log_payloads,
+            unauthenticated_lines=self._unauthenticated_lines,
+        )
+        host, port = settings.mcp_host_port or ("127.0.0.1", 0)
+        certificate = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            certificate = (settings.tls_cert_file, settings.tls_key_file)
+        listener = McpListener(
+            face, host, port, certificate=certificate, client_ca=settings.tls_client_ca_file
+        )
+        await face.start()
+        self._mcp_face = face
+        try:
+            self.mcp_port = await listener.start()
+        except (OSError, SystemExit):
+            raise StartupError(
+                f"invalid setting AGENTA_AI_SERVICES_MCP_ADDRESS: cannot listen on "
+                f"{settings.mcp_address}"
+            ) from None
+        self._mcp = listener
 
     async def _start_rate_limit_store(self) -> None:
         """Report the store's state and start watching it (only a limiter this server built
@@ -357,7 +402,7 @@ class AiServicesServer:
         await asyncio.wait({stopping, again}, return_when=asyncio.FIRST_COMPLETED)
         if again.done() and not stopping.done():
             log.warning("second signal: calls still in flight are cancelled now")
-            self._outermost.drain.hurry()
+            self._drain.hurry()
         again.cancel()
         await stopping
 
@@ -367,7 +412,7 @@ class AiServicesServer:
         deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            drain = self._outermost.drain
+            drain = self._drain
             in_flight = drain.in_flight
             if not await drain.drain(grace):
                 log.warning(
@@ -377,11 +422,15 @@ class AiServicesServer:
             elif in_flight:
                 log.info("drained", extra={"finished_calls": in_flight})
             left = 0.0 if drain.hurried else max(0.0, deadline - time.monotonic())
+            if self._mcp is not None:
+                await self._mcp.stop(left)
             await self._server.stop(left)
         if self._http is not None:
             await self._http.aclose()
         if self._owns_limiter and self._limiter is not None:
             await self._limiter.close()
-        self._outermost.unauthenticated_lines.flush()
+        if self._mcp_face is not None:
+            await self._mcp_face.stop()
+        self._unauthenticated_lines.flush()
         self.metrics.close()
         log.info("stopped")

@@ -142,6 +142,10 @@ class Settings(BaseSettings):
     # Prompt text and model output appear in logs only when this is true.
     log_payloads: bool = False
     metrics_address: str | None = None
+    # MCP Streamable HTTP at http(s)://MCP_ADDRESS/mcp; off when unset.
+    mcp_address: str | None = None
+    # Serve MCP without TLS on an address that is not loopback (behind a TLS-terminating proxy).
+    mcp_allow_plaintext: bool = False
 
     # Access control.
     auth: AuthMode = AuthMode.KEYS
@@ -179,14 +183,32 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_distinct_addresses(self) -> Settings:
-        metrics = self.metrics_host_port
+        listeners = [
+            ("GRPC_ADDRESS", split_host_port(self.grpc_address)),
+            ("METRICS_ADDRESS", self.metrics_host_port),
+            ("MCP_ADDRESS", self.mcp_host_port),
+        ]
+        seen: dict[tuple[str, int], str] = {}
+        for name, address in listeners:
+            if address is None or address[1] == 0:
+                continue
+            if address in seen:
+                raise ValueError(f"{ENV_PREFIX}{name} must differ from {ENV_PREFIX}{seen[address]}")
+            seen[address] = name
+        return self
+
+    @model_validator(mode="after")
+    def _check_mcp_transport(self) -> Settings:
         if (
-            metrics is not None
-            and metrics[1] != 0
-            and metrics == split_host_port(self.grpc_address)
+            self.mcp_address is not None
+            and not is_loopback(self.mcp_address)
+            and self.tls_cert_file is None
+            and not self.mcp_allow_plaintext
         ):
             raise ValueError(
-                f"{ENV_PREFIX}METRICS_ADDRESS must differ from {ENV_PREFIX}GRPC_ADDRESS"
+                f"{ENV_PREFIX}MCP_ADDRESS {self.mcp_address} is not loopback: serve it with TLS "
+                f"({ENV_PREFIX}TLS_CERT_FILE and TLS_KEY_FILE), or set "
+                f"{ENV_PREFIX}MCP_ALLOW_PLAINTEXT=true behind a proxy that terminates TLS"
             )
         return self
 
@@ -232,9 +254,9 @@ class Settings(BaseSettings):
         split_host_port(value)
         return value
 
-    @field_validator("metrics_address")
+    @field_validator("metrics_address", "mcp_address")
     @classmethod
-    def _check_metrics_address(cls, value: str | None) -> str | None:
+    def _check_optional_address(cls, value: str | None) -> str | None:
         if value is None or not value.strip():
             return None
         split_host_port(value)
@@ -243,6 +265,10 @@ class Settings(BaseSettings):
     @property
     def metrics_host_port(self) -> tuple[str, int] | None:
         return None if self.metrics_address is None else split_host_port(self.metrics_address)
+
+    @property
+    def mcp_host_port(self) -> tuple[str, int] | None:
+        return None if self.mcp_address is None else split_host_port(self.mcp_address)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ never hold secrets or prompt text.
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 import uuid
 from collections.abc import Mapping
@@ -108,6 +109,11 @@ class InvalidArgument(ServiceError):
         self.violations = given[:MAX_VIOLATIONS]
         self.not_shown = len(given) - len(self.violations) + more
         self.not_shown_exact = more_is_exact
+
+
+def retry_after_seconds(delay: float) -> int:
+    """Whole seconds, at least 1: what a `retry-after` header promises."""
+    return max(1, math.ceil(delay))
 
 
 class RetryLater(ServiceError):

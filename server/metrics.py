@@ -66,8 +66,22 @@ class Metrics:
         )
         self.tool_calls = Counter(
             "aiservices_tool_calls",
-            "Tool calls that ran, by tool, outcome (OK or the tool error code) and key id.",
-            ("tool", "outcome", "key_id"),
+            "Tool calls that ran, by tool, outcome (OK or the tool error code), key id and "
+            "transport (grpc, mcp).",
+            ("tool", "outcome", "key_id", "transport"),
+            registry=registry,
+        )
+        self.mcp_requests = Counter(
+            "aiservices_mcp_requests",
+            "MCP requests by JSON-RPC method and code (OK or the refusal, as gRPC names it).",
+            ("method", "code"),
+            registry=registry,
+        )
+        self.mcp_handling = Histogram(
+            "aiservices_mcp_request_seconds",
+            "Time to handle an MCP request, by JSON-RPC method.",
+            ("method",),
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.upstream_requests = Histogram(
@@ -132,8 +146,12 @@ class Metrics:
     def unauthenticated_refusal(self, reason: str) -> None:
         self.unauthenticated_refusals.labels(reason).inc()
 
-    def tool_call(self, tool: str, outcome: str, key_id: str) -> None:
-        self.tool_calls.labels(tool, outcome, key_id).inc()
+    def tool_call(self, tool: str, outcome: str, key_id: str, transport: str) -> None:
+        self.tool_calls.labels(tool, outcome, key_id, transport).inc()
+
+    def mcp_request(self, method: str, code: str, seconds: float) -> None:
+        self.mcp_requests.labels(method, code).inc()
+        self.mcp_handling.labels(method).observe(seconds)
 
     def upstream_request(self, status: str, seconds: float) -> None:
         self.upstream_requests.labels(status).observe(seconds)

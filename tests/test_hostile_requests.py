@@ -269,7 +269,7 @@ def test_a_tool_name_as_large_as_a_request_may_be_is_not_found_with_a_short_mess
 def tool_calls(server: ServerThread, outcome: str) -> float:
     value = server.server.metrics.registry.get_sample_value(
         "aiservices_tool_calls_total",
-        {"tool": "tests.hostile.list", "outcome": outcome, "key_id": "full"},
+        {"tool": "tests.hostile.list", "outcome": outcome, "key_id": "full", "transport": "grpc"},
     )
     return value or 0.0
 

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 
 from server.app import AiServicesServer
 from server.core.auth import Authenticator
+from server.core.drain import Drain
 from server.faces.grpc.auth import AuthenticationInterceptor
 from server.faces.grpc.handlers import Method, generic_handler
 from server.faces.grpc.outermost import OutermostInterceptor
@@ -186,7 +187,10 @@ async def test_a_failing_parser_or_serializer_never_answers_unknown(
     server.add_generic_rpc_handlers(
         [
             generic_handler(
-                SERVICE, {"GetStatus": method}, OutermostInterceptor(metrics), [authentication]
+                SERVICE,
+                {"GetStatus": method},
+                OutermostInterceptor(metrics, Drain()),
+                [authentication],
             )
         ]
     )

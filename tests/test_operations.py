@@ -218,7 +218,7 @@ def test_metrics_count_calls_by_method_code_tool_and_outcome(
         == 1
     )
 
-    tool_calls = {"tool": TOOL, "key_id": "gateway"}
+    tool_calls = {"tool": TOOL, "key_id": "gateway", "transport": "grpc"}
     assert value(samples, "aiservices_tool_calls_total", outcome="OK", **tool_calls) == 2
     assert (
         value(samples, "aiservices_tool_calls_total", outcome="UPSTREAM_ERROR", **tool_calls) == 1
@@ -228,7 +228,8 @@ def test_metrics_count_calls_by_method_code_tool_and_outcome(
     assert value(samples, "aiservices_upstream_request_seconds_count", status="500") == 1
     assert ("aiservices_tool_calls_in_flight", frozenset()) in samples
     assert value(samples, "aiservices_tool_calls_in_flight") == 0
-    assert value(samples, "aiservices_rate_limit_refusals_total", **tool_calls) == 1
+    limited = {"tool": TOOL, "key_id": "gateway"}
+    assert value(samples, "aiservices_rate_limit_refusals_total", **limited) == 1
     assert value(samples, "aiservices_rate_limit_refusals_total") == 1
 
     # User ids have unbounded cardinality: never a label value, nowhere in the exposition.
@@ -252,6 +253,7 @@ SECRET_ARGUMENTS = {
 TRACE_ID = "ab" * 16
 ACCESS_FIELDS = {
     "request_id",
+    "transport",
     "method",
     "code",
     "duration_ms",

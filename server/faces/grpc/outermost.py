@@ -18,9 +18,10 @@ from typing import Any
 import grpc
 from aiservices.v1 import tool_service_pb2 as pb
 
+from server.core.drain import Drain
 from server.core.headers import REQUEST_ID_HEADER, Headers, request_id_for
 from server.core.service import MAX_NAME_SHOWN
-from server.errors import ServiceError, ShuttingDown, report_unexpected
+from server.errors import ServiceError, report_unexpected
 from server.faces.grpc.rpc import Handler, Reply, Rpc
 from server.faces.grpc.status import status_code_for, to_grpc_status
 from server.logs import LineSampler
@@ -52,60 +53,15 @@ def headers_of(context: grpc.aio.ServicerContext) -> Headers:
     return Headers(values, frozenset(repeated))
 
 
-class Drain:
-    """Graceful drain: once started, new calls are refused with UNAVAILABLE while calls in
-    flight finish. grpc's own `server.stop(grace)` also refuses new calls, but it stops
-    answering health checks at once; draining here first keeps the server observable until
-    the last call is done."""
-
-    def __init__(self) -> None:
-        self.draining = False
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._hurry = asyncio.Event()
-
-    @property
-    def hurried(self) -> bool:
-        return self._hurry.is_set()
-
-    def hurry(self) -> None:
-        """Stop waiting for calls in flight (an operator's second signal)."""
-        self._hurry.set()
-
-    def enter(self) -> None:
-        if self.draining:
-            raise ShuttingDown("the server is shutting down; retry on another replica", 1.0)
-        self.in_flight += 1
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0 and self.draining:
-            self._idle.set()
-
-    async def drain(self, grace: float) -> bool:
-        """Refuse new calls and wait up to `grace` seconds for those in flight; True when idle."""
-        self.draining = True
-        if self.in_flight == 0:
-            self._idle.set()
-        idle = asyncio.ensure_future(self._idle.wait())
-        hurry = asyncio.ensure_future(self._hurry.wait())
-        done, pending = await asyncio.wait(
-            {idle, hurry}, timeout=grace, return_when=asyncio.FIRST_COMPLETED
-        )
-        for waiter in pending:
-            waiter.cancel()
-        return idle in done
-
-
 class OutermostInterceptor:
     """Access lines of UNAUTHENTICATED calls go through `unauthenticated_lines`, so a flood of
     them cannot flood the log; the metrics count every one."""
 
     def __init__(
-        self, metrics: Metrics, *, unauthenticated_lines: LineSampler | None = None
+        self, metrics: Metrics, drain: Drain, *, unauthenticated_lines: LineSampler | None = None
     ) -> None:
         self._metrics = metrics
-        self.drain = Drain()
+        self.drain = drain
         self.unauthenticated_lines = unauthenticated_lines or LineSampler(
             log_suppressed_unauthenticated
         )
@@ -153,7 +109,7 @@ class OutermostInterceptor:
                 tool = request.name if isinstance(request, pb.CallToolRequest) else None
                 key_id = _key_id(rpc, refusal)
                 if reply is not None and reply.outcome is not None and tool is not None:
-                    metrics.tool_call(tool, reply.outcome.code, key_id)
+                    metrics.tool_call(tool, reply.outcome.code, key_id, "grpc")
                 if code != "UNAUTHENTICATED" or sampler.admit():
                     _log_access(rpc, code, duration, tool, key_id, reply)
 
@@ -176,6 +132,7 @@ def _log_access(
         return
     fields: dict[str, Any] = {
         "request_id": rpc.request_id,
+        "transport": "grpc",
         "method": rpc.method,
         "code": code,
         "duration_ms": round(duration * 1e6) / 1000,

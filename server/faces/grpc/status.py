@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server import errors
+from server.errors import retry_after_seconds
 
 DOMAIN = "aiservices"
 
@@ -38,11 +37,6 @@ def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]
     return packed
-
-
-def retry_after_seconds(delay: float) -> int:
-    """Whole seconds, at least 1: what a `retry-after` header promises."""
-    return max(1, math.ceil(delay))
 
 
 # A gRPC client refuses trailers over 8 KB by default (grpc.max_metadata_size): the caller would
