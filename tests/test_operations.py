@@ -228,8 +228,8 @@ def test_metrics_count_calls_by_method_code_tool_and_outcome(
     assert value(samples, "aiservices_upstream_request_seconds_count", status="500") == 1
     assert ("aiservices_tool_calls_in_flight", frozenset()) in samples
     assert value(samples, "aiservices_tool_calls_in_flight") == 0
-    limited = {"tool": TOOL, "key_id": "gateway"}
-    assert value(samples, "aiservices_rate_limit_refusals_total", **limited) == 1
+    refused = {"tool": TOOL, "key_id": "gateway"}
+    assert value(samples, "aiservices_rate_limit_refusals_total", **refused) == 1
     assert value(samples, "aiservices_rate_limit_refusals_total") == 1
 
     # User ids have unbounded cardinality: never a label value, nowhere in the exposition.
