@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
+# The MCP Inspector's CLI, a client nobody here wrote (tests/test_mcp_inspector.py, make demo).
+INSPECTOR_VERSION := 2.12.0
+INSPECTOR := .tools/node_modules/.bin/mcp-inspector
 
 .PHONY: install tools redis run demo test proto lint bench clean
 
@@ -17,12 +20,17 @@ $(STAMP): pyproject.toml clients/pyproject.toml
 	$(PY) -m pip install -q -e ./clients -e '.[dev]'
 	touch $(STAMP)
 
-# buf (lint and `buf curl`) comes from npm as a package with its binary inside.
-tools: $(BUF)
+# buf (lint and `buf curl`) and the MCP Inspector come from npm, pinned, into .tools/.
+tools: $(BUF) $(INSPECTOR)
 
 $(BUF):
 	mkdir -p .tools
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+$(INSPECTOR):
+	mkdir -p .tools
+	npm install --silent --no-audit --no-fund --save-exact --prefix .tools \
+	  @modelcontextprotocol/inspector@$(INSPECTOR_VERSION)
 
 # redis-server for the shared rate-limit tests; installed with apt when missing and we are root.
 redis:
@@ -34,8 +42,9 @@ redis:
 run: install
 	$(PY) -m server --dev-keys
 
-# The service against the local stand-in upstream: see docs/development.md, "Try it locally".
-demo: install
+# The service (gRPC and MCP) against the local stand-in upstream: see docs/development.md,
+# "Try it locally". It prints commands that use buf and the MCP Inspector, hence `tools`.
+demo: install tools
 	$(PY) -m server.demo
 
 test: install tools redis

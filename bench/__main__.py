@@ -7,6 +7,10 @@ Scenarios, all on 127.0.0.1, every server a process of its own pinned to the sam
             one aiohttp POST (a ratio, no target)
   rest      CallTool: the service against the REST design it replaces, tuned and as merged
             (targets: at least 3x and 30x their req/s); needs pip install -e '.[bench]'
+  mcp       tools/call: the service's MCP face against a plain MCP SDK server doing the same
+            work, with the service's CallTool in the same rounds (targets: MCP at least 0.9x
+            and gRPC at least 3x its req/s); 1,000 calls in flight to a 1 s upstream over MCP
+            and gRPC (targets: 0 errors, MCP at least half of gRPC's req/s); needs the extra
   slow      1,000 calls in flight to a 1 s upstream (targets: 0 errors, peak RSS under 130 MB,
             900 req/s or 0.9 of the bare server's when that is under 900)
   growth    cost growth: CallTool at 1/16/64/256 in flight; RSS at 100/500/1,000 slow calls
@@ -57,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 2
-    if "rest" in selected and importlib.util.find_spec("fastapi") is None:
-        print("python -m bench: the rest scenario needs pip install -e '.[bench]'", file=sys.stderr)
+    needs_extra = [name for name in ("rest", "mcp") if name in selected]
+    if needs_extra and importlib.util.find_spec("fastapi") is None:
+        print(f"python -m bench: {needs_extra[0]} needs pip install -e '.[bench]'", file=sys.stderr)
         return 2
     profile = QUICK if args.quick else FULL
     partial = args.quick or bool(args.only)

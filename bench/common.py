@@ -16,6 +16,30 @@ ENVIRONMENT_SLUG: Final = "production"
 REFINE_PROMPT_KEY: Final = "bench-refine-prompt"
 RUN_PATH: Final = "/services/completion/run"
 REST_PATH: Final = "/tools/call"
+MCP_PATH: Final = "/mcp"
+MCP_PROTOCOL: Final = "2026-07-28"
+# A tools/call as the SDK's own client posts it: the method and tool name in headers too, and
+# the protocol version and client in every request's _meta (the protocol has no sessions).
+MCP_HEADERS: Final = {
+    "Accept": "application/json, text/event-stream",
+    "MCP-Protocol-Version": MCP_PROTOCOL,
+    "Mcp-Method": "tools/call",
+    "Mcp-Name": TOOL_NAME,
+}
+MCP_CALL: Final = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "tools/call",
+    "params": {
+        "name": TOOL_NAME,
+        "arguments": ARGUMENTS,
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": MCP_PROTOCOL,
+            "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"},
+            "io.modelcontextprotocol/clientCapabilities": {},
+        },
+    },
+}
 
 # High enough that no benchmark load is ever refused, while every call still pays for a decision.
 RATE_LIMIT_BURST: Final = 1_000_000

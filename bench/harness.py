@@ -77,6 +77,7 @@ class Server:
         self.name = name
         self.port = port
         self.target = f"127.0.0.1:{port}"
+        self.mcp_target = ""  # where it serves MCP, when it does
         self.log_path = logs / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -91,11 +92,12 @@ class Server:
     def tail(self) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").strip().splitlines()[-10:])
 
-    def wait_listening(self) -> None:
-        """Return once the port accepts connections; ProcessFailed if it never does."""
-        deadline = time.monotonic() + READY_TIMEOUT_S
+    def wait_listening(self, port: int = 0) -> None:
+        """Return once the port (its own by default) accepts connections; ProcessFailed if it
+        never does."""
+        deadline, address = time.monotonic() + READY_TIMEOUT_S, ("127.0.0.1", port or self.port)
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
+            with contextlib.suppress(OSError), socket.create_connection(address):
                 return
             if self.proc.poll() is not None:
                 raise ProcessFailed(
@@ -158,8 +160,9 @@ class Harness(contextlib.ExitStack):
         args = ("-m", "server.standin", "--api-key", UPSTREAM_API_KEY, "--delay", str(delay))
         return self._start(f"upstream-{delay:g}s", self.pinning.load_cpu, *args)
 
-    def service(self, upstream: Server) -> Server:
-        """``python -m server`` with production settings, the rate limit raised out of the way.
+    def service(self, upstream: Server, mcp: bool = False) -> Server:
+        """``python -m server`` with production settings, the rate limit raised out of the way,
+        serving MCP too when ``mcp`` is set.
 
         It runs in a temporary directory so a developer's ``.env`` does not leak in. Settings in
         the bench's own environment win: ``AGENTA_AI_SERVICES_LOG_LEVEL=WARNING make bench``
@@ -178,9 +181,16 @@ class Harness(contextlib.ExitStack):
             "LOG_LEVEL": "INFO",
             "SHUTDOWN_GRACE": "2",
         }
+        mcp_port = free_port() if mcp else 0
+        if mcp:
+            settings["MCP_ADDRESS"] = f"127.0.0.1:{mcp_port}"
         env = {**{ENV_PREFIX + name: value for name, value in settings.items()}, **os.environ}
         cpu = self.pinning.server_cpu
-        return self._start("service", cpu, "-m", "server", port=port, env=env, cwd=self._tmp)
+        server = self._start("service", cpu, "-m", "server", port=port, env=env, cwd=self._tmp)
+        if mcp:
+            server.wait_listening(mcp_port)
+            server.mcp_target = f"127.0.0.1:{mcp_port}"
+        return server
 
     def baseline(self, upstream: Server) -> Server:
         args = ["-m", "bench.baseline", "--upstream", f"http://{upstream.target}"]
@@ -193,6 +203,14 @@ class Harness(contextlib.ExitStack):
         args = ["-m", "bench.rest", "--keys-file", str(self.keys_file), "--client", client]
         args += ["--upstream", f"http://{upstream.target}"]
         return self._start(f"rest-{client}", self.pinning.server_cpu, *args, cwd=ROOT)
+
+    def sdk(self, upstream: Server) -> Server:
+        """The plain MCP server from the SDK (bench/sdk.py), doing the REST design's work."""
+        args = ["-m", "bench.sdk", "--keys-file", str(self.keys_file)]
+        args += ["--upstream", f"http://{upstream.target}"]
+        server = self._start("sdk", self.pinning.server_cpu, *args, cwd=ROOT)
+        server.mcp_target = server.target
+        return server
 
     def capture_status(self, service: Server) -> None:
         """Save the service's GetStatus reply so the baseline answers with the same bytes."""
@@ -209,7 +227,7 @@ class Harness(contextlib.ExitStack):
     def load(self, server: Server, **config: Any) -> LoadResult:
         """One measured run of the load generator, as its own process on the load CPU."""
         load = LoadConfig(
-            target=server.target,
+            target=server.mcp_target if config["rpc"] == "mcp" else server.target,
             key=self.key,
             server_pid=server.proc.pid,
             server_cpu=self.pinning.server_cpu,

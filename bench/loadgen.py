@@ -2,7 +2,8 @@
 
 ``python -m bench.loadgen '<LoadConfig as JSON>'`` runs ``concurrency`` workers that call back to
 back: gRPC GetStatus or CallTool through the generated stubs over a few channels (each its own
-HTTP/2 connection), or the REST design's ``POST /tools/call`` through one aiohttp session. After
+HTTP/2 connection), or the REST design's ``POST /tools/call`` or an MCP ``tools/call`` through
+one aiohttp session. After
 the warm-up, calls that complete inside the ``duration_s`` window count; the server's CPU time
 and memory, and the load generator's own CPU time, are read at the window's edges. It prints one
 JSON line (a LoadResult) on stdout.
@@ -18,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import aiohttp
 import grpc
@@ -25,7 +27,17 @@ from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
-from bench.common import ARGUMENTS, REST_PATH, TOOL_NAME, busy_between, cpu_ticks, sample
+from bench.common import (
+    ARGUMENTS,
+    MCP_CALL,
+    MCP_HEADERS,
+    MCP_PATH,
+    REST_PATH,
+    TOOL_NAME,
+    busy_between,
+    cpu_ticks,
+    sample,
+)
 
 SAMPLE_EVERY_S = 0.1
 
@@ -36,7 +48,7 @@ Call = Callable[[], Awaitable[str]]
 @dataclass(frozen=True, slots=True)
 class LoadConfig:
     target: str  # host:port of the server under test
-    rpc: str  # "status" or "call" over gRPC, or "rest" for the REST design's POST /tools/call
+    rpc: str  # "status" or "call" over gRPC; "rest" (POST /tools/call) or "mcp" (tools/call)
     concurrency: int
     warmup_s: float
     duration_s: float
@@ -98,17 +110,28 @@ def _grpc_call(config: LoadConfig, channel: grpc.aio.Channel, index: int) -> Cal
     return call
 
 
-def _rest_call(config: LoadConfig, session: aiohttp.ClientSession) -> Call:
-    url = f"http://{config.target}{REST_PATH}"
+def _http_call(config: LoadConfig, session: aiohttp.ClientSession, index: int) -> Call:
+    """The REST design's ``POST /tools/call``, or an MCP ``tools/call`` posted as the SDK's own
+    client posts it (protocol 2026-07-28: the version and method in headers and in ``_meta``)."""
     headers = {"Authorization": f"Bearer {config.key}", "Content-Type": "application/json"}
-    body = json.dumps({"name": TOOL_NAME, "arguments": ARGUMENTS}).encode()
+    if config.users:
+        headers["x-agenta-user-id"] = f"user-{index}"
+    if config.rpc == "rest":
+        url = f"http://{config.target}{REST_PATH}"
+        request: dict[str, Any] = {"name": TOOL_NAME, "arguments": ARGUMENTS}
+    else:
+        url, request, headers = f"http://{config.target}{MCP_PATH}", MCP_CALL, headers | MCP_HEADERS
+    body = json.dumps(request).encode()
 
     async def call() -> str:
         async with session.post(url, data=body, headers=headers) as response:
             payload = await response.read()
         if response.status != 200:
             return f"HTTP {response.status}"
-        return "is_error" if json.loads(payload).get("isError") else "OK"
+        reply = json.loads(payload)
+        if "error" in reply:
+            return f"JSON-RPC {reply['error'].get('code')}"
+        return "is_error" if reply.get("result", reply).get("isError") else "OK"
 
     return call
 
@@ -146,13 +169,13 @@ class Load:
         config = self.config
         bound = config.warmup_s + config.duration_s + config.timeout_s + 30.0
         async with asyncio.timeout(bound), contextlib.AsyncExitStack() as stack:
-            if config.rpc == "rest":
+            if config.rpc in ("rest", "mcp"):
                 session = aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(limit=config.concurrency),
                     timeout=aiohttp.ClientTimeout(total=config.timeout_s),
                 )
                 stack.push_async_callback(session.close)
-                calls = [_rest_call(config, session) for _ in range(config.concurrency)]
+                calls = [_http_call(config, session, i) for i in range(config.concurrency)]
             else:
                 channels = []
                 for i in range(channels_for(config.concurrency)):

@@ -27,7 +27,7 @@ METRICS = {  # the medians each row reports, with their format in the table
     "server_util": ".0%",
     "client_util": ".0%",
 }
-PACKAGES = ("grpcio", "protobuf", "httpx", "aiohttp", "fastapi", "uvicorn", "uvloop")
+PACKAGES = ("grpcio", "protobuf", "httpx", "aiohttp", "fastapi", "uvicorn", "uvloop", "mcp")
 COMPARE = {">=": operator.ge, "<": operator.lt, "==": operator.eq}
 
 

@@ -45,54 +45,63 @@ class ToolCall(BaseModel):
     arguments: dict[str, Any]
 
 
-def make_app(keys: KeyStore, upstream: str, per_call_client: bool) -> FastAPI:
-    """The REST app; ``per_call_client`` picks the as-merged HTTP client use over the tuned one."""
-    url = upstream.rstrip("/") + RUN_PATH
-    headers = {"Authorization": f"ApiKey {UPSTREAM_API_KEY}"}
-    limiter = InMemoryRateLimiter()
-    limit = RateLimit(RATE_LIMIT_BURST, RATE_LIMIT_PER_MINUTE)
-    validator = Draft202012Validator(INPUT_SCHEMA)
-    # httpx's default pool limits: wider ones measured slower at 64 calls in flight.
-    shared = httpx.AsyncClient(timeout=TIMEOUT_S)
+class Refused(Exception):
+    """A call refused before the upstream: the HTTP status the REST design answered, a detail,
+    and headers (WWW-Authenticate, Retry-After)."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with shared:
-            yield
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers
 
-    async def post(body: dict[str, Any]) -> httpx.Response:
-        if per_call_client:
+
+class RefinePrompt:
+    """One refine_prompt call as the REST design made it, from the API key to the checked
+    output, with the service's building blocks. The REST app and the plain MCP server
+    (bench/sdk.py) share it, so the two baselines do the same work."""
+
+    def __init__(self, keys: KeyStore, upstream: str, per_call_client: bool = False) -> None:
+        self._keys = keys
+        self._url = upstream.rstrip("/") + RUN_PATH
+        self._per_call_client = per_call_client
+        self._limiter = InMemoryRateLimiter()
+        self._limit = RateLimit(RATE_LIMIT_BURST, RATE_LIMIT_PER_MINUTE)
+        self._validator = Draft202012Validator(INPUT_SCHEMA)
+        # httpx's default pool limits: wider ones measured slower at 64 calls in flight.
+        self.client = httpx.AsyncClient(timeout=TIMEOUT_S)
+
+    async def _post(self, body: dict[str, Any]) -> httpx.Response:
+        headers = {"Authorization": f"ApiKey {UPSTREAM_API_KEY}"}
+        if self._per_call_client:
             async with httpx.AsyncClient(timeout=TIMEOUT_S) as client:
-                return await client.post(url, json=body, headers=headers)
-        return await shared.post(url, json=body, headers=headers)
+                return await client.post(self._url, json=body, headers=headers)
+        return await self.client.post(self._url, json=body, headers=headers)
 
-    app = FastAPI(lifespan=lifespan)
-
-    @app.post(REST_PATH)
-    async def call_tool(
-        call: ToolCall, authorization: str | None = Header(default=None)
+    async def call(
+        self, authorization: str | None, name: str, arguments: dict[str, Any]
     ) -> dict[str, Any]:
-        key = keys.authenticate(parse_authorization(authorization) or "")
+        """The result as MCP shapes it (content, structuredContent, isError, meta); Refused
+        when the key, permission, rate limit or arguments do not allow the call."""
+        key = self._keys.authenticate(parse_authorization(authorization) or "")
         if key is None:
-            raise HTTPException(401, "missing or unknown API key", {"WWW-Authenticate": "Bearer"})
-        if call.name != NAME:
-            raise HTTPException(404, "unknown tool")
+            raise Refused(401, "missing or unknown API key", {"WWW-Authenticate": "Bearer"})
+        if name != NAME:
+            raise Refused(404, "unknown tool")
         if "*" not in key.permissions and PERMISSION not in key.permissions:
-            raise HTTPException(403, "this key may not call the tool")
-        decision = await limiter.acquire(f"{key.organization}:{key.id}:{NAME}", limit)
+            raise Refused(403, "this key may not call the tool")
+        decision = await self._limiter.acquire(f"{key.organization}:{key.id}:{NAME}", self._limit)
         if not decision.allowed:
             retry_after = str(max(1, round(decision.retry_after)))
-            raise HTTPException(429, "rate limited", {"Retry-After": retry_after})
-        problems = [error.message for error in validator.iter_errors(call.arguments)]
+            raise Refused(429, "rate limited", {"Retry-After": retry_after})
+        problems = [error.message for error in self._validator.iter_errors(arguments)]
         if problems:
-            raise HTTPException(422, problems)
-        template_json: str = call.arguments["prompt_template_json"]
+            raise Refused(422, problems)
+        template_json: str = arguments["prompt_template_json"]
         try:
             template = parse_template(template_json)
         except TemplateError as exc:
-            raise HTTPException(422, [str(exc)]) from None
+            raise Refused(422, [str(exc)]) from None
         try:
-            response = await post(upstream_body(template_json))
+            response = await self._post(upstream_body(template_json))
         except httpx.HTTPError as exc:
             return _tool_error(f"upstream unavailable: {type(exc).__name__}")
         if response.status_code != 200:
@@ -110,6 +119,26 @@ def make_app(keys: KeyStore, upstream: str, per_call_client: bool) -> FastAPI:
             "meta": {"traceId": trace_id},
         }
 
+
+def make_app(work: RefinePrompt) -> FastAPI:
+    """The REST app: ``POST /tools/call`` in front of ``work``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with work.client:
+            yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post(REST_PATH)
+    async def call_tool(
+        call: ToolCall, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        try:
+            return await work.call(authorization, call.name, call.arguments)
+        except Refused as refused:
+            raise HTTPException(refused.status, refused.detail, refused.headers) from None
+
     return app
 
 
@@ -124,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", required=True, help="base URL of the stand-in upstream")
     parser.add_argument("--client", choices=("shared", "per-call"), default="shared")
     args = parser.parse_args(argv)
-    app = make_app(KeyStore.from_file(args.keys_file), args.upstream, args.client == "per-call")
+    keys = KeyStore.from_file(args.keys_file)
+    app = make_app(RefinePrompt(keys, args.upstream, args.client == "per-call"))
     # uvicorn's defaults otherwise, its access log included (the service logs every call too).
     uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", workers=1)
     return 0

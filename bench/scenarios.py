@@ -14,7 +14,7 @@ from bench.harness import Harness, Server
 from bench.loadgen import LoadResult
 from bench.report import Row, Scenario, Target
 
-SCENARIOS = ("status", "calltool", "rest", "slow", "growth")
+SCENARIOS = ("status", "calltool", "rest", "mcp", "slow", "growth")
 FAST = 64  # calls in flight against the instant upstream
 SLOW_IN_FLIGHT = 1000
 GROWTH_CONCURRENCY = (1, 16, 64, 256)
@@ -25,6 +25,7 @@ BARE = "bare grpc.aio"
 BARE_CALL = "bare grpc.aio + aiohttp"
 REST_TUNED = "REST, tuned"
 REST_MERGED = "REST, as merged"
+SDK = "plain MCP SDK server"
 
 Measure = Callable[[], LoadResult]
 
@@ -95,7 +96,9 @@ class Runner:
             timeout_s=10.0,
         )
 
-    def _slow(self, start: Callable[[Server], Server], in_flight: int) -> Measure:
+    def _slow(
+        self, start: Callable[[Server], Server], in_flight: int, rpc: str = "call"
+    ) -> Measure:
         """A measured run of ``in_flight`` calls to the 1 s upstream, on a fresh server, so its
         VmHWM is the peak RSS of exactly this load. Every worker acts for its own user, so each
         has a rate-limit budget of its own; their starts spread over ``slow_ramp_s``."""
@@ -105,7 +108,7 @@ class Runner:
             try:
                 return self.h.load(
                     server,
-                    rpc="call",
+                    rpc=rpc,
                     concurrency=in_flight,
                     users=True,
                     ramp_s=p.slow_ramp_s,
@@ -192,6 +195,51 @@ class Runner:
         ]
         title = "CallTool against the REST design the service replaces"
         return Scenario("rest", title, [row, tuned, merged], targets, [note])
+
+    def mcp(self) -> Scenario:
+        progress(f"mcp: tools/call against a plain MCP SDK server, {FAST} in flight")
+        sdk = Row(f"{SDK} tools/call", FAST)
+        face = Row(f"{SERVICE} MCP tools/call", FAST, ratio_to=sdk)
+        grpc = Row(f"{SERVICE} CallTool", FAST, ratio_to=sdk)
+        service = self.h.service(self.h.instant, mcp=True)
+        self._side_by_side(
+            [
+                (grpc, service, "call"),
+                (face, service, "mcp"),
+                (sdk, self.h.sdk(self.h.instant), "mcp"),
+            ]
+        )
+        progress(f"mcp: 1 s upstream, {SLOW_IN_FLIGHT:,} calls in flight over gRPC and MCP")
+        slow_grpc = Row(f"{SERVICE} CallTool, 1 s upstream", SLOW_IN_FLIGHT, fresh_server=True)
+        label = f"{SERVICE} MCP tools/call, 1 s upstream"
+        slow_face = Row(label, SLOW_IN_FLIGHT, ratio_to=slow_grpc, fresh_server=True)
+
+        def with_mcp(upstream: Server) -> Server:
+            return self.h.service(upstream, mcp=True)
+
+        self._rounds(
+            [
+                (slow_grpc, self._slow(with_mcp, SLOW_IN_FLIGHT)),
+                (slow_face, self._slow(with_mcp, SLOW_IN_FLIGHT, "mcp")),
+            ]
+        )
+        targets = [
+            Target(f"tools/call req/s, {SERVICE} MCP / {SDK}", face.ratio(sdk), ">=", 0.9),
+            Target(f"CallTool req/s, {SERVICE} gRPC / {SDK}", grpc.ratio(sdk), ">=", 3),
+            Target("1,000 in flight over MCP: errors", float(slow_face.errors.total()), "==", 0),
+            Target("1,000 in flight: req/s, MCP / gRPC", slow_face.ratio(slow_grpc), ">=", 0.5),
+        ]
+        note = (
+            "The SDK server is the SDK's MCPServer with one tool, stateless with JSON responses, "
+            "on one uvicorn worker on the service's core, doing the REST design's work (keys "
+            "file, limiter, argument and output checks, one shared httpx.AsyncClient). Load: "
+            "JSON-RPC tools/call bodies posted with the SDK client's headers through one aiohttp "
+            "session; the service serves gRPC and MCP from one process. Slow rows: a fresh "
+            "service per run, every call acting for its own user."
+        )
+        title = "MCP tools/call: the service's MCP face against a plain MCP SDK server"
+        rows = [grpc, face, sdk, slow_grpc, slow_face]
+        return Scenario("mcp", title, rows, targets, [note])
 
     def slow(self) -> Scenario:
         progress(f"slow: 1 s upstream, {SLOW_IN_FLIGHT:,} calls in flight")

@@ -10,7 +10,7 @@ import ssl
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import httpx
@@ -30,8 +30,6 @@ from server.faces.grpc.auth import AuthenticationInterceptor
 from server.faces.grpc.handlers import generic_handler
 from server.faces.grpc.outermost import OutermostInterceptor
 from server.faces.grpc.servicer import ToolServicer
-from server.faces.mcp.face import McpFace
-from server.faces.mcp.listener import McpListener
 from server.files import FileTooLarge, NotRegularFile, read_small_file
 from server.logs import LineSampler
 from server.metrics import Metrics
@@ -40,6 +38,10 @@ from server.tools.base import Tool
 from server.tools.refine_prompt import RefinePromptTool
 from server.upstream.agenta import AgentaCompletionClient
 from server.upstream.http import build_http_transport
+
+if TYPE_CHECKING:
+    from server.faces.mcp.face import McpFace
+    from server.faces.mcp.listener import McpListener
 
 log = logging.getLogger("aiservices.server")
 
@@ -336,6 +338,10 @@ class AiServicesServer:
     ) -> None:
         """MCP on MCP_ADDRESS, over the same core, drained with gRPC; HTTPS with the server's
         TLS settings when they are set."""
+        # Imported only when MCP is on: the SDK and uvicorn take about 30 MB in every replica.
+        from server.faces.mcp.face import McpFace  # noqa: PLC0415
+        from server.faces.mcp.listener import McpListener  # noqa: PLC0415
+
         face = McpFace(
             service,
             authenticator,

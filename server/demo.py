@@ -1,7 +1,10 @@
-"""`make demo`: the service against the local stand-in upstream, ready for a first call.
+"""`make demo`: the service, gRPC and MCP, against the local stand-in upstream, ready for a
+first call.
 
-The stand-in speaks the Agenta completion-runner contract and "refines" deterministically, so
-a newcomer sees the whole path work without an Agenta deployment or an LLM.
+It prints commands that work as printed, from any directory: the MCP Inspector's CLI, a few
+lines of Python with the MCP SDK's client, and `buf curl` for gRPC. The stand-in speaks the
+Agenta completion-runner contract and "refines" deterministically, so a newcomer sees the whole
+path work without an Agenta deployment or an LLM.
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ from server.logs import configure_logging
 from server.standin import StandinUpstream
 
 DEMO_UPSTREAM_KEY = "demo-upstream-key"
+# MCP is on in the demo, beside gRPC's 127.0.0.1:50051, unless MCP_ADDRESS says otherwise.
+DEMO_MCP_ADDRESS = "127.0.0.1:50052"
+TOOL = "tools.agenta.api.refine_prompt"
+# The versions the Makefile's `tools` target pins, for the npx form when .tools/ is missing.
+BUF_VERSION = "1.75.0"
+INSPECTOR_VERSION = "2.12.0"
+TOOLS_BIN = Path(__file__).resolve().parents[1] / ".tools" / "node_modules" / ".bin"
 EXAMPLE_TEMPLATE = {
     "messages": [
         {"role": "system", "content": "You are a helpful assistant for {{company}}."},
@@ -27,56 +37,119 @@ EXAMPLE_TEMPLATE = {
     ],
     "template_format": "curly",
 }
+EXAMPLE_ARGUMENTS = {
+    "prompt_template_json": json.dumps(EXAMPLE_TEMPLATE),
+    "guidelines": "be concise",
+}
 
 
-def _instructions(target: str, key: str) -> str:
-    body = json.dumps(
-        {
-            "name": "tools.agenta.api.refine_prompt",
-            "arguments": {
-                "prompt_template_json": json.dumps(EXAMPLE_TEMPLATE),
-                "guidelines": "be concise",
-            },
-        }
+def _npm_tool(binary: str, package: str) -> str:
+    """The command for an npm tool: the copy `make tools` installed, else npx (needs network)."""
+    path = TOOLS_BIN / binary
+    return shlex.quote(str(path)) if path.exists() else f"npx -y {package}"
+
+
+def inspector_commands(mcp_url: str, key: str) -> list[str]:
+    """Shell commands for the MCP Inspector's CLI: list the tools, call refine_prompt.
+
+    `--tool-args-json` passes the arguments verbatim: `--tool-arg name=value` would turn a
+    value that looks like JSON (the template) into an object, which the schema refuses.
+    `--stored-auth-only` keeps a wrong key a plain error: without it the Inspector answers the
+    401 by starting an OAuth login, which this service does not offer.
+    """
+    inspector = _npm_tool("mcp-inspector", f"@modelcontextprotocol/inspector@{INSPECTOR_VERSION}")
+    base = (
+        f"{inspector} --cli {mcp_url} --transport http --stored-auth-only "
+        f"--header {shlex.quote(f'Authorization: Bearer {key}')}"
     )
-    buf = ".tools/node_modules/.bin/buf curl --protocol grpc --http2-prior-knowledge"
-    return "\n".join(
-        [
-            f"aiservices demo: serving on {target} against a stand-in upstream",
-            f"API key: {key}",
-            "",
-            "Try it (in another terminal):",
-            f"  {buf} -H 'authorization: Bearer {key}' "
-            f"http://{target}/aiservices.v1.ToolService/GetStatus",
-            f"  {buf} -H 'authorization: Bearer {key}' -d {shlex.quote(body)} "
-            f"http://{target}/aiservices.v1.ToolService/CallTool",
-            "",
-            "Stop with Ctrl-C.",
-        ]
+    arguments = shlex.quote(json.dumps(EXAMPLE_ARGUMENTS))
+    return [
+        f"{base} --method tools/list",
+        f"{base} --method tools/call --tool-name {TOOL} --tool-args-json {arguments}",
+    ]
+
+
+def python_command(mcp_url: str, key: str) -> str:
+    """A shell command running a few lines of Python with the MCP SDK's own client."""
+    lines = [
+        "import asyncio",
+        "import httpx2",
+        "from mcp import Client",
+        "from mcp.client.streamable_http import streamable_http_client",
+        "",
+        "async def main():",
+        f"    http = httpx2.AsyncClient(headers={{'Authorization': 'Bearer {key}'}})",
+        f"    transport = streamable_http_client({mcp_url!r}, http_client=http)",
+        "    async with http, Client(transport) as client:",
+        "        print([tool.name for tool in (await client.list_tools()).tools])",
+        f"        result = await client.call_tool({TOOL!r}, {EXAMPLE_ARGUMENTS!r})",
+        "        print(result.is_error, result.structured_content)",
+        "",
+        "asyncio.run(main())",
+    ]
+    python = shlex.quote(sys.executable)
+    return "\n".join([f"{python} - <<'EOF'", *lines, "EOF"])
+
+
+def buf_commands(target: str, key: str) -> list[str]:
+    """`buf curl` commands for gRPC: GetStatus, then CallTool."""
+    body = shlex.quote(json.dumps({"name": TOOL, "arguments": EXAMPLE_ARGUMENTS}))
+    buf = _npm_tool("buf", f"@bufbuild/buf@{BUF_VERSION}")
+    base = (
+        f"{buf} curl --protocol grpc --http2-prior-knowledge "
+        f"-H {shlex.quote(f'authorization: Bearer {key}')}"
     )
+    service = f"http://{target}/aiservices.v1.ToolService"
+    return [f"{base} {service}/GetStatus", f"{base} -d {body} {service}/CallTool"]
+
+
+def instructions(target: str, mcp_url: str | None, key: str) -> str:
+    """What the demo prints: where it serves, the key, and commands that work as printed."""
+    where = f"gRPC on {target}" + ("" if mcp_url is None else f", MCP at {mcp_url}")
+    lines = [f"aiservices demo: {where}, against a stand-in upstream", f"API key: {key}", ""]
+    if mcp_url is not None:
+        lines += ["MCP, with the MCP Inspector's CLI (in another terminal):"]
+        lines += [f"  {command}" for command in inspector_commands(mcp_url, key)]
+        lines += ["", "MCP, with the Python SDK's client:", python_command(mcp_url, key), ""]
+    lines += ["gRPC, with buf curl:"]
+    lines += [f"  {command}" for command in buf_commands(target, key)]
+    lines += ["", "Stop with Ctrl-C."]
+    return "\n".join(lines)
 
 
 async def run_demo() -> int:
     upstream = StandinUpstream(api_key=DEMO_UPSTREAM_KEY, record=False)
     await upstream.start()
     keys_file, key = ensure_dev_keys(Path(".dev"))
-    settings = load_settings(
-        api_key=DEMO_UPSTREAM_KEY,
-        api_url=upstream.url,
-        environment_slug="development",
-        refine_prompt_key="ai-services-refine-prompt",
-        api_keys_file=keys_file,
-    )
+    demo_settings: dict[str, object] = {
+        "api_key": DEMO_UPSTREAM_KEY,
+        "api_url": upstream.url,
+        "environment_slug": "development",
+        "refine_prompt_key": "ai-services-refine-prompt",
+        "api_keys_file": keys_file,
+    }
+    settings = load_settings(**demo_settings)
+    if settings.mcp_address is None:
+        settings = load_settings(**demo_settings, mcp_address=DEMO_MCP_ADDRESS)
     configure_logging(settings.log_level.value)
     server = AiServicesServer(settings)
     try:
         port = await server.start()
         host = settings.grpc_address.rpartition(":")[0]
-        print(_instructions(f"{host}:{port}", key), file=sys.stderr, flush=True)
+        mcp_url = None
+        if server.mcp_port is not None and settings.mcp_host_port is not None:
+            mcp_host = settings.mcp_host_port[0]
+            scheme = "https" if settings.tls_cert_file is not None else "http"
+            mcp_url = f"{scheme}://{_url_host(mcp_host)}:{server.mcp_port}/mcp"
+        print(instructions(f"{host}:{port}", mcp_url, key), file=sys.stderr, flush=True)
         await server.serve_until_signalled()
     finally:
         await upstream.stop()
     return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def main() -> int:

@@ -169,6 +169,8 @@ def configure_logging(level: str, stream: TextIO | None = None) -> logging.Handl
             previous.close()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # httpx logs every request at INFO; the access log already has the upstream status.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    # httpx logs every request at INFO; the access log already has the upstream status. uvicorn
+    # (serving MCP) logs its start and stop at INFO with terminal colours; the server says both.
+    for chatty in ("httpx", "uvicorn"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     return handler

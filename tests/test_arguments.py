@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from server.core.arguments import ArgumentValidator
+from server.core.arguments import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS, ArgumentValidator
 from server.errors import MAX_DESCRIPTION_CHARS, MAX_FIELD_CHARS, MAX_VIOLATIONS, InvalidArgument
-from server.faces.grpc.convert import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS, dict_from, struct_from
+from server.faces.grpc.convert import dict_from, struct_from
 from server.tools.refine_prompt import DEFINITION, INPUT_SCHEMA
 
 

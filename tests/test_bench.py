@@ -1,7 +1,8 @@
 """`make bench` keeps working: a quick run of the GetStatus and CallTool scenarios starts the
 service and the bare baseline as processes, measures both, and reports every row with its ratio,
-in the table and in the JSON file. The figures themselves are not judged here (machines differ);
-the benchmark's own targets are."""
+in the table and in the JSON file; a quick run of the MCP scenario does the same for the MCP
+face, the plain SDK server and the gRPC face. The figures themselves are not judged here
+(machines differ); the benchmark's own targets are."""
 
 from __future__ import annotations
 
@@ -56,13 +57,36 @@ def test_a_quick_run_reports_the_service_and_the_bare_baseline_side_by_side(
     assert "of bare grpc.aio GetStatus" in table[1]
 
 
+def test_a_quick_mcp_run_sets_the_mcp_face_beside_the_sdk_server_and_grpc(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    finished = run_bench("--quick", "--only", "mcp", "--out", str(out))
+
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    results = json.loads(out.read_text())
+    rows = {row["label"]: row for row in results["scenarios"][0]["rows"]}
+    sdk = "plain MCP SDK server tools/call"
+    slow_grpc = "service CallTool, 1 s upstream"
+    assert rows["service MCP tools/call"]["ratio_to"] == sdk
+    assert rows["service CallTool"]["ratio_to"] == sdk
+    assert rows["service MCP tools/call, 1 s upstream"]["ratio_to"] == slow_grpc
+    for label, row in rows.items():
+        assert row["errors"] == {}, label  # every tools/call answered, without isError
+        assert row["median"]["rps"] > 0, label
+    assert rows["service MCP tools/call, 1 s upstream"]["concurrency"] == 1000
+    targets = {target["name"]: target for target in results["targets"]}
+    assert len(targets) == 4
+    assert targets["1,000 in flight: req/s, MCP / gRPC"]["threshold"] == 0.5
+    assert all(target["value"] is not None for target in targets.values())
+    assert "| mcp | service MCP tools/call | 64 |" in finished.stdout
+
+
 def test_an_unknown_scenario_is_refused_before_anything_starts(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     finished = run_bench("--only", "status,nonsense", "--out", str(out))
 
     assert finished.returncode == 2
     assert "unknown scenario 'nonsense'" in finished.stderr
-    assert "status, calltool, rest, slow, growth" in finished.stderr
+    assert "status, calltool, rest, mcp, slow, growth" in finished.stderr
     assert not out.exists()
 
 

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 from server.call import Call
 from server.config import Settings
+from server.core.arguments import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS
 from server.core.service import _decode_cursor, _encode_cursor
 from server.errors import (
     MAX_DESCRIPTION_CHARS,
@@ -38,7 +39,6 @@ from server.errors import (
     InvalidArgument,
     ServiceError,
 )
-from server.faces.grpc.convert import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS
 from server.faces.grpc.status import MAX_DETAILS_BYTES, to_grpc_status
 from server.tools.base import JsonObject, ToolDefinition, ToolResult
 from tests.support.keys import TestKeys, load_test_keys

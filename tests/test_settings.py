@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -481,3 +482,59 @@ def test_url_checks_raise_only_value_error_or_name_a_problem(text: str) -> None:
 def test_a_password_in_a_redis_url_is_never_in_the_problem(password: str) -> None:
     problem = redis_url_problem(f"redis://:{password}@127.0.0.1:6379/0")
     assert problem is None or password not in problem
+
+
+# --- the MCP listener ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"MCP_ADDRESS": "0.0.0.0:8931"}, "MCP_ADDRESS"),
+        ({"MCP_ADDRESS": "127.0.0.1:50071", "GRPC_ADDRESS": "127.0.0.1:50071"}, "MCP_ADDRESS"),
+        ({"MCP_ADDRESS": "127.0.0.1:9471", "METRICS_ADDRESS": "127.0.0.1:9471"}, "MCP_ADDRESS"),
+    ],
+    ids=["not loopback without TLS", "the gRPC address", "the metrics address"],
+)
+def test_an_mcp_address_that_cannot_be_served_stops_start_up_with_one_line(
+    tmp_path: Path, values: dict[str, str], named: str
+) -> None:
+    settings = {"API_KEYS_FILE": str(load_test_keys().path), "GRPC_ADDRESS": "127.0.0.1:0"}
+    result = run_to_exit(tmp_path, {**settings, **values})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert ENV_PREFIX + named in lines[0]
+
+
+def test_a_non_loopback_mcp_address_is_accepted_with_tls_or_allow_plaintext(
+    environment: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    environment.setenv(ENV_PREFIX + "MCP_ADDRESS", "0.0.0.0:8931")
+    environment.setenv(ENV_PREFIX + "MCP_ALLOW_PLAINTEXT", "true")
+    assert load_settings().mcp_host_port == ("0.0.0.0", 8931)
+    environment.delenv(ENV_PREFIX + "MCP_ALLOW_PLAINTEXT")
+    certs = make_certificates(tmp_path)
+    environment.setenv(ENV_PREFIX + "TLS_CERT_FILE", str(certs.server.cert_file))
+    environment.setenv(ENV_PREFIX + "TLS_KEY_FILE", str(certs.server.key_file))
+    assert load_settings().mcp_host_port == ("0.0.0.0", 8931)
+
+
+def test_an_mcp_port_in_use_stops_start_up_with_one_line_naming_the_setting(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        settings = {
+            "API_KEYS_FILE": str(load_test_keys().path),
+            "GRPC_ADDRESS": "127.0.0.1:0",
+            "MCP_ADDRESS": address,
+        }
+        result = run_to_exit(tmp_path, settings)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert ENV_PREFIX + "MCP_ADDRESS" in lines[0]
+    assert address in lines[0]

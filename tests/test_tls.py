@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
+import httpx2
 import pytest
 from aiservices import ToolClient, ToolServiceError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from server.app import AiServicesServer, StartupError
 from server.config import ENV_PREFIX, SettingsError, load_settings
@@ -269,3 +274,66 @@ def test_an_unreadable_client_ca_stops_start_up_naming_the_setting(
         )
     )
     assert f"{ENV_PREFIX}TLS_CLIENT_CA_FILE" in message
+
+
+# --- MCP over TLS ------------------------------------------------------------------------
+
+MCP_TOOL = "tools.agenta.api.refine_prompt"
+
+
+def mcp_tls_settings(certs: TestCertificates, upstream: StandinUpstream, *, mtls: bool) -> Any:
+    return make_settings(
+        upstream.url,
+        mcp_address="127.0.0.1:0",
+        tls_cert_file=certs.server.cert_file,
+        tls_key_file=certs.server.key_file,
+        tls_client_ca_file=certs.ca.cert_file if mtls else None,
+    )
+
+
+def trusting_context(certs: TestCertificates, *, client_certificate: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=certs.ca.cert_pem.decode())
+    if client_certificate:
+        context.load_cert_chain(certs.client.cert_file, certs.client.key_file)
+    return context
+
+
+def mcp_tools_over(url: str, api_key: str, context: ssl.SSLContext) -> list[str]:
+    """The tool names an MCP client gets from `url` with the SDK's own client."""
+
+    async def listing() -> list[str]:
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, verify=context)
+        async with Client(streamable_http_client(url, http_client=http)) as client:
+            return [tool.name for tool in (await client.list_tools()).tools]
+
+    return asyncio.run(listing())
+
+
+def test_mcp_is_served_over_https_with_the_server_tls_settings(
+    certs: TestCertificates, upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    with ServerThread(mcp_tls_settings(certs, upstream, mtls=False)) as running:
+        port = running.server.mcp_port
+        context = trusting_context(certs, client_certificate=False)
+        assert mcp_tools_over(f"https://127.0.0.1:{port}/mcp", keys.editor, context) == [MCP_TOOL]
+        assert mcp_tools_over(f"https://localhost:{port}/mcp", keys.editor, context) == [MCP_TOOL]
+        with (
+            httpx.Client(trust_env=False, timeout=TIMEOUT) as plain,
+            pytest.raises(httpx.TransportError),
+        ):
+            plain.post(f"http://127.0.0.1:{port}/mcp", json={})
+
+
+def test_mcp_with_a_client_ca_refuses_a_client_without_a_certificate(
+    certs: TestCertificates, upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    with ServerThread(mcp_tls_settings(certs, upstream, mtls=True)) as running:
+        url = f"https://127.0.0.1:{running.server.mcp_port}/mcp"
+        with_certificate = trusting_context(certs, client_certificate=True)
+        assert mcp_tools_over(url, keys.editor, with_certificate) == [MCP_TOOL]
+        without = trusting_context(certs, client_certificate=False)
+        with (
+            httpx.Client(trust_env=False, timeout=TIMEOUT, verify=without) as http,
+            pytest.raises(httpx.TransportError),
+        ):
+            http.post(url, json={}, headers={"Authorization": f"Bearer {keys.editor}"})

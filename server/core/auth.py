@@ -65,7 +65,7 @@ class Authenticator:
         if presented is None:
             raise self._refused(
                 "malformed" if header else "missing",
-                "missing or malformed credentials: send metadata 'authorization: Bearer <key>'",
+                "missing or malformed credentials: send 'authorization: Bearer <key>'",
             )
         key = self._keys.authenticate(presented)
         if key is None:

@@ -55,7 +55,8 @@ class RateLimits:
         if not charge.decision.allowed:
             self._metrics.rate_limited.labels(tool, principal.key_id).inc()
             refused = RateLimited(
-                f"rate limit exceeded for {tool}: {limit.burst} calls, then "
+                f"rate limit exceeded for {tool}: {limit.burst} call"
+                f"{'' if limit.burst == 1 else 's'}, then "
                 f"{limit.per_minute:g} per minute",
                 charge.decision.retry_after,
                 metadata={"tool": tool, "limit": str(charge.decision.limit)},

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from server.call import Call, Principal
-from server.core.arguments import ArgumentValidator
+from server.core.arguments import ArgumentValidator, check_bounds
 from server.core.gate import CallGate
 from server.core.limits import RateLimits
 from server.errors import (
@@ -89,12 +89,12 @@ class ToolService:
     """The registered tools and the one way to call them.
 
     `call` runs these steps in order, each raising a domain error that refuses the call:
-    look the tool up (FeatureDisabled, ToolNotFound), check the caller's permission
-    (PermissionDenied), charge the caller's rate limit (RateLimited), validate the arguments
-    (InvalidArgument), take a slot of the bound on calls in flight (Overloaded: the unit charged
-    is given back), run the tool. A tool that ran but failed raises ToolFailure; an upstream
-    timeout at the caller's own deadline is DeadlineExceeded. Once charged, every answer carries
-    the rate limit left in `headers`.
+    bound the arguments' size (InvalidArgument), look the tool up (FeatureDisabled,
+    ToolNotFound), check the caller's permission (PermissionDenied), charge the caller's rate
+    limit (RateLimited), validate the arguments (InvalidArgument), take a slot of the bound on
+    calls in flight (Overloaded: the unit charged is given back), run the tool. A tool that ran
+    but failed raises ToolFailure; an upstream timeout at the caller's own deadline is
+    DeadlineExceeded. Once charged, every answer carries the rate limit left in `headers`.
     """
 
     def __init__(
@@ -146,6 +146,7 @@ class ToolService:
         return ToolPage(page, _encode_cursor(end) if end < len(tools) else "")
 
     async def call(self, call: Call, name: str, arguments: JsonObject) -> ToolResult:
+        check_bounds(arguments)
         tool = self._look_up(name)
         self._check_permission(call.principal, tool)
         charge = await self._limits.charge(call.principal, name)

@@ -7,16 +7,9 @@ from typing import Any
 from aiservices.v1 import tool_service_pb2 as pb
 from google.protobuf import struct_pb2
 
+from server.core.arguments import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS
 from server.errors import FieldViolation, InvalidArgument
 from server.tools.base import ToolDefinition, ToolFailure, ToolResult
-
-# Values (object members and list items, at any depth) one call's arguments may hold. A 4 MB
-# request can carry a million of them, and explaining a refusal costs jsonschema up to 10-15 us
-# per value: seconds of a held event loop, while real arguments hold a handful of values. At this
-# bound converting and checking any arguments stays well within the 50 ms a call may hold it.
-MAX_ARGUMENT_VALUES = 2_000
-# Object keys in arguments are names; every refusal quotes the unknown ones, twice over.
-MAX_KEY_CHARS = 256
 
 
 def struct_from(value: dict[str, Any]) -> struct_pb2.Struct:

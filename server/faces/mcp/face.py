@@ -117,8 +117,14 @@ class McpFace:
         self._log_payloads = log_payloads
         self._unauthenticated_lines = unauthenticated_lines
         self._tools = {definition.name: _tool(definition) for definition in service.definitions}
+        schemas = {definition.name: definition.input_schema for definition in service.definitions}
         mcp_server: Server[Any] = Server(
-            SERVER_NAME, on_list_tools=self._list_tools, on_call_tool=self._call_tool
+            SERVER_NAME,
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+            # The SDK checks a call's parameter headers against the tool's input schema; given
+            # here, it need not list the tools for every call to find it.
+            get_tool_input_schema=schemas.get,
         )
         self._holder: asyncio.Future[None] | None = None
         self._stopping = asyncio.Event()
@@ -274,8 +280,10 @@ class McpFace:
         except ToolFailure as failure:
             return _failed(exchange, failure)
         except InvalidArgument as error:
+            # A refusal, not a tool outcome: logged and counted as gRPC's INVALID_ARGUMENT is,
+            # though MCP answers it as a result the model can read.
             exchange.headers.update(error.headers)
-            exchange.outcome = error.reason
+            exchange.refusal = error.reason
             return _invalid_arguments(error, exchange.call.request_id)
         except ServiceError as error:
             raise self._refusal(exchange, error) from None
@@ -326,7 +334,8 @@ class McpFace:
 
 
 def _code(status: int, exchange: Exchange | None) -> str:
-    """What the call came to, in the words of the gRPC face's access line."""
+    """What the request came to: OK, or the refusal's reason as MCP callers read it in
+    `data.reason` (over gRPC the access line names the status code instead)."""
     if exchange is not None and exchange.refusal:
         return exchange.refusal
     return {
