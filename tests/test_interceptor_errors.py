@@ -19,6 +19,8 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from mcp.shared.exceptions import MCPError
+from mcp_types import INTERNAL_ERROR
 
 from server.app import AiServicesServer
 from server.core.auth import Authenticator
@@ -32,6 +34,7 @@ from server.metrics import Metrics
 from server.ratelimit import Decision, RateLimit
 from server.standin import StandinUpstream
 from tests.support.keys import TestKeys
+from tests.support.mcp import mcp_caller
 from tests.support.responsive import responsive_during
 from tests.support.servers import ServerThread, make_settings
 
@@ -226,4 +229,39 @@ async def test_a_failing_parser_or_serializer_never_answers_unknown(
     (access,) = [r for r in caplog.records if r.name == "aiservices.access"]
     assert getattr(access, "code", None) == expected.name
     assert handled(metrics, "GetStatus", expected.name) == 1
+    assert SECRET not in everything_logged(caplog)
+
+
+# --- the same over MCP ----------------------------------------------------------------------------
+
+
+async def test_a_failing_rate_limit_store_over_mcp_is_an_internal_error_with_a_support_id(
+    upstream: StandinUpstream, keys: TestKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    settings = make_settings(upstream.url, mcp_address="127.0.0.1:0")
+    thread = ServerThread(settings)
+    thread.server = AiServicesServer(settings, limiter=BrokenStore())
+    await asyncio.to_thread(thread.start)
+    try:
+        async with mcp_caller(thread, keys.editor) as caller:
+            with pytest.raises(MCPError) as caught:
+                await caller.client.call_tool(TOOL, ARGUMENTS)
+            # Calls the limiter has no say in still work.
+            assert [tool.name for tool in (await caller.client.list_tools()).tools] == [TOOL]
+    finally:
+        await asyncio.to_thread(thread.stop)
+
+    refused = caught.value
+    assert refused.code == INTERNAL_ERROR
+    assert isinstance(refused.data, dict) and refused.data["reason"] == "INTERNAL"
+    support_id = refused.data["support_id"]
+    assert support_id in refused.message
+    assert SECRET not in str(refused) and "RuntimeError" not in refused.message
+    (error,) = [r for r in caplog.records if r.getMessage() == "unexpected error"]
+    assert getattr(error, "support_id", None) == support_id
+    call = [r for r in caplog.records if getattr(r, "method", "") == "tools/call"]
+    assert [(getattr(r, "code", None), getattr(r, "transport", None)) for r in call] == [
+        ("INTERNAL", "mcp")
+    ]
     assert SECRET not in everything_logged(caplog)

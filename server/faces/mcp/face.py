@@ -72,6 +72,7 @@ class Exchange:
     payload: dict[str, Any] | None = None
     refusal: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    answered: bool = False
 
 
 def _headers(scope: Scope) -> Headers:
@@ -192,6 +193,11 @@ class McpFace:
             status = 400
             key_id = refusal.key_id or key_id
             await self._refuse_http(send, status, refusal, request_id)
+        except Exception as exc:
+            status = 500
+            internal = report_unexpected(exc, request_id)
+            if exchange is None or not exchange.answered:
+                await self._refuse_http(send, status, internal, request_id)
         finally:
             self._finish(exchange, status, request_id, key_id, time.perf_counter() - started)
 
@@ -206,6 +212,7 @@ class McpFace:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                exchange.answered = True
                 extra = {REQUEST_ID_HEADER: exchange.call.request_id, **exchange.headers}
                 message = {
                     **message,
