@@ -36,7 +36,7 @@ from server.metrics import Metrics
 from server.ratelimit import FailoverRateLimiter, RateLimit, RateLimiter, limiter_from_url
 from server.tools.base import Tool
 from server.tools.refine_prompt import RefinePromptTool
-from server.upstream.agenta import AgentaCompletionClient
+from server.upstream.agenta import AgentaCompletionClient, AgentaRefiner
 from server.upstream.http import build_http_transport
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ def build_tools(
         max_reply_bytes=settings.upstream_max_reply_bytes,
         observer=metrics.upstream_request,
     )
-    return [RefinePromptTool(client, app=str(settings.refine_prompt_key).strip())]
+    return [RefinePromptTool(AgentaRefiner(client, app=str(settings.refine_prompt_key).strip()))]
 
 
 class AiServicesServer:

@@ -34,12 +34,10 @@ from server.upstream.agenta import (
     MAX_REPLY_VALUES,
     AgentaCompletionClient,
     CompletionReply,
-    UpstreamBadReply,
-    UpstreamTimeout,
-    UpstreamUnavailable,
     parse_completion,
 )
 from server.upstream.http import UpstreamAttempt, build_http_transport
+from server.upstream.refiner import UpstreamBadReply, UpstreamTimeout, UpstreamUnavailable
 from tests.support.keys import TestKeys
 from tests.support.responsive import responsive_during
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings

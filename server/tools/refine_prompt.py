@@ -27,8 +27,9 @@ from server.tools.templates import (
     parse_template,
     template_variables,
 )
-from server.upstream.agenta import (
-    AgentaCompletionClient,
+from server.upstream.refiner import (
+    Refiner,
+    RefineRequest,
     UpstreamBadReply,
     UpstreamError,
     UpstreamStatusError,
@@ -196,9 +197,10 @@ def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonO
 
 
 class RefinePromptTool:
-    def __init__(self, client: AgentaCompletionClient, *, app: str) -> None:
-        self._client = client
-        self._app = app
+    """refine_prompt on any upstream that implements the refine port."""
+
+    def __init__(self, refiner: Refiner) -> None:
+        self._refiner = refiner
 
     @property
     def definition(self) -> ToolDefinition:
@@ -213,22 +215,19 @@ class RefinePromptTool:
             raise InvalidArgument(
                 f"prompt_template_json {exc}", [FieldViolation(field, str(exc))]
             ) from None
-        inputs = {
-            "__ag_prompt_template_json": template_json,
-            "__ag_guidelines": arguments.get("guidelines") or "",
-            "__ag_context": arguments.get("context") or "",
-        }
+        request = RefineRequest(
+            template_json,
+            guidelines=arguments.get("guidelines") or "",
+            context=arguments.get("context") or "",
+        )
         try:
-            reply = await self._client.run(
-                self._app,
-                inputs,
-                time_left=call.time_left(),
-                traceparent=call.traceparent,
+            reply = await self._refiner.refine(
+                request, time_left=call.time_left(), traceparent=call.traceparent
             )
         except UpstreamError as error:
             raise _upstream_failure(error) from None
         try:
-            refined = check_output(reply.data, template, reply.trace_id)
+            refined = check_output(reply.output, template, reply.trace_id)
         except ToolFailure as failure:
             failure.upstream = reply.attempt
             raise

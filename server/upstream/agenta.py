@@ -22,6 +22,16 @@ import httpx
 import orjson
 
 from server.upstream.http import UpstreamAttempt
+from server.upstream.refiner import (
+    RefineReply,
+    RefineRequest,
+    UpstreamBadReply,
+    UpstreamError,
+    UpstreamReplyTooLarge,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 RUN_PATH = "/services/completion/run"
 # A longer Retry-After is no use to a caller and would not fit a protobuf Duration anyway.
@@ -40,57 +50,6 @@ MAX_TRACE_ID_CHARS = 128
 _TRACE_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_TRACE_ID_CHARS}}}")
 # json, not orjson: orjson's buffer per call fragments the heap while calls wait (peak RSS).
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
-class UpstreamError(Exception):
-    """Base of upstream failures; messages are safe to show callers (no keys, no payloads).
-
-    `attempt` is the last HTTP attempt made for the call, or None when none was made (no time
-    was left for one).
-    """
-
-    retryable = False
-
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
-        self.attempt: UpstreamAttempt | None = None
-
-
-class UpstreamUnavailable(UpstreamError):
-    """Could not connect, or the connection broke before a reply arrived."""
-
-    retryable = True
-
-    def __init__(self, message: str, *, sent: bool) -> None:
-        super().__init__(message)
-        # False when the request never left: retrying cannot run the prompt twice.
-        self.sent = sent
-
-
-class UpstreamTimeout(UpstreamError):
-    retryable = True
-
-
-class UpstreamStatusError(UpstreamError):
-    """A non-2xx reply."""
-
-    def __init__(self, status: int, message: str, *, retry_after: float | None = None) -> None:
-        super().__init__(message, retry_after=retry_after)
-        self.status = status
-        self.retryable = status in (408, 425, 429, 500, 502, 503, 504)
-
-
-class UpstreamBadReply(UpstreamError):
-    """A 2xx reply that is not the completion-runner JSON shape."""
-
-
-class UpstreamReplyTooLarge(UpstreamBadReply):
-    """A reply over the byte cap, or holding more JSON values than a parse may build.
-
-    Not retryable: the same prompt would most likely answer the same way.
-    """
 
 
 @dataclass(frozen=True)
@@ -402,3 +361,28 @@ def _failure_kind(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"
     return "error"
+
+
+class AgentaRefiner:
+    """The refine port on a prompt deployed on an Agenta completion runner: the template,
+    guidelines and context go in as the deployed prompt's inputs, and its `data` is the model's
+    answer."""
+
+    name = "agenta"
+
+    def __init__(self, client: AgentaCompletionClient, *, app: str) -> None:
+        self._client = client
+        self._app = app
+
+    async def refine(
+        self, request: RefineRequest, *, time_left: float | None, traceparent: str | None
+    ) -> RefineReply:
+        inputs = {
+            "__ag_prompt_template_json": request.template_json,
+            "__ag_guidelines": request.guidelines,
+            "__ag_context": request.context,
+        }
+        reply = await self._client.run(
+            self._app, inputs, time_left=time_left, traceparent=traceparent
+        )
+        return RefineReply(reply.data, reply.trace_id, reply.attempt)
