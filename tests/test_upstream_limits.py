@@ -30,14 +30,17 @@ from hypothesis import strategies as st
 from server.logs import JsonFormatter
 from server.standin import Endless, GzipBomb, Hang, Large, Refine, StandinUpstream, Status
 from server.upstream.agenta import (
-    DEFAULT_MAX_REPLY_BYTES,
-    MAX_REPLY_VALUES,
     AgentaCompletionClient,
     CompletionReply,
     parse_completion,
 )
-from server.upstream.http import UpstreamAttempt, build_http_transport
-from server.upstream.refiner import UpstreamBadReply, UpstreamTimeout, UpstreamUnavailable
+from server.upstream.http import DEFAULT_MAX_REPLY_BYTES, MAX_REPLY_VALUES, build_http_transport
+from server.upstream.refiner import (
+    UpstreamAttempt,
+    UpstreamBadReply,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from tests.support.keys import TestKeys
 from tests.support.responsive import responsive_during
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from server.call import Call
-from server.upstream.http import UpstreamAttempt
+from server.upstream.refiner import UpstreamAttempt
 
 JsonObject = dict[str, Any]
 

@@ -11,7 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from server.upstream.http import UpstreamAttempt
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAttempt:
+    """What one HTTP attempt to an upstream came to, and how long it took.
+
+    `status` is the HTTP status code ("200", "503"...) or, when no status was read, one of
+    timeout, unavailable, cancelled, too_large, invalid or error.
+    """
+
+    status: str
+    seconds: float
 
 
 class UpstreamError(Exception):

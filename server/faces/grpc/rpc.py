@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from server.call import Call, Principal
 from server.core.headers import Headers
-from server.upstream.http import UpstreamAttempt
+from server.upstream.refiner import UpstreamAttempt
 
 
 class Rpc:

@@ -44,7 +44,7 @@ from server.errors import (
 from server.logs import LineSampler
 from server.metrics import Metrics
 from server.tools.base import ToolDefinition, ToolFailure, ToolResult
-from server.upstream.http import UpstreamAttempt
+from server.upstream.refiner import UpstreamAttempt
 
 access_log = logging.getLogger("aiservices.access")
 
