@@ -20,7 +20,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.auth import KeysFileError, KeyStore
-from server.config import AuthMode, EventLoop, Settings, is_loopback, split_host_port
+from server.config import (
+    AuthMode,
+    EventLoop,
+    Settings,
+    UpstreamKind,
+    is_loopback,
+    split_host_port,
+)
 from server.core.auth import Authenticator
 from server.core.drain import Drain
 from server.core.gate import CallGate
@@ -35,9 +42,11 @@ from server.logs import LineSampler
 from server.metrics import Metrics
 from server.ratelimit import FailoverRateLimiter, RateLimit, RateLimiter, limiter_from_url
 from server.tools.base import Tool
-from server.tools.refine_prompt import RefinePromptTool
+from server.tools.refine_prompt import OUTPUT_SCHEMA, RefinePromptTool
 from server.upstream.agenta import AgentaCompletionClient, AgentaRefiner
 from server.upstream.http import build_http_transport
+from server.upstream.openai import OpenAIRefiner
+from server.upstream.refiner import Refiner
 
 if TYPE_CHECKING:
     from server.faces.mcp.face import McpFace
@@ -171,23 +180,46 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-def build_tools(
+def build_refiner(
     settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
-) -> list[Tool]:
-    if not settings.upstream_enabled:
-        return []
-    assert settings.api_key and settings.api_url  # guaranteed by upstream_enabled
+) -> Refiner:
+    """The adapter of the upstream the settings choose (complete: see `upstream_enabled`)."""
+    limits: dict[str, Any] = {
+        "timeout": settings.upstream_timeout,
+        "max_retries": settings.upstream_retries,
+        "max_reply_bytes": settings.upstream_max_reply_bytes,
+        "observer": metrics.upstream_request,
+    }
+    if settings.upstream is UpstreamKind.OPENAI:
+        assert settings.openai_base_url and settings.openai_model
+        key = settings.openai_api_key
+        return OpenAIRefiner(
+            transport,
+            base_url=settings.openai_base_url,
+            model=settings.openai_model.strip(),
+            output_schema=OUTPUT_SCHEMA,
+            api_key=key.get_secret_value() if key else None,
+            temperature=settings.openai_temperature,
+            max_tokens=settings.openai_max_tokens,
+            **limits,
+        )
+    assert settings.api_key and settings.api_url
     client = AgentaCompletionClient(
         transport,
         base_url=settings.api_url,
         api_key=settings.api_key.get_secret_value(),
         environment=str(settings.environment_slug).strip(),
-        timeout=settings.upstream_timeout,
-        max_retries=settings.upstream_retries,
-        max_reply_bytes=settings.upstream_max_reply_bytes,
-        observer=metrics.upstream_request,
+        **limits,
     )
-    return [RefinePromptTool(AgentaRefiner(client, app=str(settings.refine_prompt_key).strip()))]
+    return AgentaRefiner(client, app=str(settings.refine_prompt_key).strip())
+
+
+def build_tools(
+    settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
+) -> list[Tool]:
+    if not settings.upstream_enabled:
+        return []
+    return [RefinePromptTool(build_refiner(settings, transport, metrics))]
 
 
 class AiServicesServer:
@@ -321,6 +353,7 @@ class AiServicesServer:
                 "address": settings.grpc_address,
                 "port": self.port,
                 "enabled": settings.upstream_enabled,
+                "upstream": settings.upstream.value,
                 "reflection": settings.reflection,
                 "tls": credentials is not None,
                 "mtls": settings.tls_client_ca_file is not None,

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.ratelimit import redis_url_problem
@@ -23,6 +30,11 @@ ENV_PREFIX = "AGENTA_AI_SERVICES_"
 class AuthMode(StrEnum):
     KEYS = "keys"
     DISABLED = "disabled"
+
+
+class UpstreamKind(StrEnum):
+    AGENTA = "agenta"
+    OPENAI = "openai"
 
 
 class EventLoop(StrEnum):
@@ -67,7 +79,7 @@ def _is_host(host: str) -> bool:
     )
 
 
-def check_http_url(url: str) -> str:
+def check_http_url(url: str, key_setting: str = "API_KEY") -> str:
     """`url` if it can serve as the base of upstream requests, else ValueError saying why.
 
     Messages never quote the URL: a mistaken one may hold a password.
@@ -79,7 +91,7 @@ def check_http_url(url: str) -> str:
     )
     if "@" in parts.netloc:
         raise ValueError(
-            f"must not hold credentials (user:password@): put the key in {ENV_PREFIX}API_KEY"
+            f"must not hold credentials (user:password@): put the key in {ENV_PREFIX}{key_setting}"
         )
     if not parts.hostname:
         raise ValueError("has no host")
@@ -113,11 +125,19 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    # Upstream (Agenta completion runner). All four non-blank enables the feature.
+    # Which upstream refines prompts; its settings complete enable the feature.
+    upstream: UpstreamKind = UpstreamKind.AGENTA
+    # The Agenta completion runner: all four non-blank.
     api_key: SecretStr | None = None
     api_url: str | None = None
     environment_slug: str | None = None
     refine_prompt_key: str | None = None
+    # An OpenAI-compatible chat completions endpoint: base URL and model; the key is optional.
+    openai_base_url: str | None = None
+    openai_api_key: SecretStr | None = None
+    openai_model: str | None = None
+    openai_temperature: Annotated[float | None, Field(ge=0, le=2, allow_inf_nan=False)] = None
+    openai_max_tokens: Annotated[int | None, Field(ge=1, le=1_000_000)] = None
     upstream_timeout: Annotated[float, Field(gt=0, le=600, allow_inf_nan=False)] = 60.0
     upstream_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 1000
     upstream_retries: Annotated[int, Field(ge=0, le=3)] = 1
@@ -223,14 +243,15 @@ class Settings(BaseSettings):
             raise ValueError(problem)
         return SecretStr(url)
 
-    @field_validator("api_url")
+    @field_validator("api_url", "openai_base_url")
     @classmethod
-    def _check_url(cls, value: str | None) -> str | None:
+    def _check_url(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None or not value.strip():
             return None
-        return check_http_url(value.strip().rstrip("/"))
+        key_setting = "OPENAI_API_KEY" if info.field_name == "openai_base_url" else "API_KEY"
+        return check_http_url(value.strip().rstrip("/"), key_setting)
 
-    @field_validator("api_key")
+    @field_validator("api_key", "openai_api_key")
     @classmethod
     def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
         key = "" if value is None else value.get_secret_value().strip()
@@ -277,12 +298,17 @@ class Settings(BaseSettings):
 
     @property
     def upstream_enabled(self) -> bool:
-        fields = (
-            self.api_key.get_secret_value() if self.api_key else None,
-            self.api_url,
-            self.environment_slug,
-            self.refine_prompt_key,
-        )
+        """Whether the chosen upstream's settings are complete."""
+        fields: tuple[str | None, ...]
+        if self.upstream is UpstreamKind.OPENAI:
+            fields = (self.openai_base_url, self.openai_model)
+        else:
+            fields = (
+                self.api_key.get_secret_value() if self.api_key else None,
+                self.api_url,
+                self.environment_slug,
+                self.refine_prompt_key,
+            )
         return all(value is not None and value.strip() for value in fields)
 
 

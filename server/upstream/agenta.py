@@ -9,7 +9,6 @@ It speaks HTTP only (through `server.upstream.http.JsonEndpoint`) and reports fa
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ from server.upstream.http import (
     ResponseObserver,
     holds_too_many_values,
     too_many_values,
+    trace_token,
 )
 from server.upstream.refiner import (
     RefineReply,
@@ -33,9 +33,6 @@ from server.upstream.refiner import (
 )
 
 RUN_PATH = "/services/completion/run"
-# A trace id is passed on to callers and logs: a short token of safe characters or nothing.
-MAX_TRACE_ID_CHARS = 128
-_TRACE_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_TRACE_ID_CHARS}}}")
 # json, not orjson: orjson's buffer per call fragments the heap while calls wait (peak RSS).
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
@@ -48,18 +45,6 @@ class CompletionReply:
     data: Any
     trace_id: str
     attempt: UpstreamAttempt
-
-
-def _trace_id(reply: dict[str, Any]) -> str:
-    """The upstream's trace id when it is a short token of safe characters, else "".
-
-    It reaches callers and the access log as is, so anything else (an object, a long string,
-    control characters) is dropped rather than escaped or cut.
-    """
-    value = reply.get("trace_id") or reply.get("traceId")
-    if isinstance(value, str) and len(value) <= MAX_TRACE_ID_CHARS and _TRACE_ID.fullmatch(value):
-        return value
-    return ""
 
 
 def parse_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) -> CompletionReply:
@@ -80,7 +65,9 @@ def parse_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) -> Co
     data = reply["data"]
     if isinstance(data, str) and holds_too_many_values(data):
         raise UpstreamReplyTooLarge(too_many_values())
-    return CompletionReply(data, _trace_id(reply), attempt)
+    return CompletionReply(
+        data, trace_token(reply.get("trace_id") or reply.get("traceId")), attempt
+    )
 
 
 class AgentaCompletionClient:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import email.utils
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,11 +45,25 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 # event loop for a second (the cyclic GC makes it superlinear), while 100,000 values of any
 # shape parse in about 10 ms. A refine reply holds a few dozen.
 MAX_REPLY_VALUES = 100_000
+# A trace id is passed on to callers and logs: a short token of safe characters or nothing.
+MAX_TRACE_ID_CHARS = 128
+_TRACE_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_TRACE_ID_CHARS}}}")
 # Retry-After delays are honoured only when this much time is left for the retried attempt.
 MIN_ATTEMPT_SECONDS = 0.5
 
 # (status or failure kind, seconds): reported once per HTTP attempt, for metrics.
 ResponseObserver = Callable[[str, float], None]
+
+
+def trace_token(value: object) -> str:
+    """`value` when it is a short token of safe characters, else "".
+
+    An upstream's trace id reaches callers and the access log as is, so anything else (an
+    object, a long string, control characters) is dropped rather than escaped or cut.
+    """
+    if isinstance(value, str) and len(value) <= MAX_TRACE_ID_CHARS and _TRACE_ID.fullmatch(value):
+        return value
+    return ""
 
 
 def build_http_transport(*, max_connections: int) -> httpx.AsyncBaseTransport:

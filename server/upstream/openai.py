@@ -1,0 +1,166 @@
+"""The refine port on any OpenAI-compatible chat completions endpoint: OpenAI itself, a local
+vLLM or Ollama, a LiteLLM gateway, a company proxy.
+
+`POST {base_url}/chat/completions` with the service's own refine instructions as the system
+message (`prompts/refine-v1.txt`, versioned with the package) and the template, guidelines and
+context as the user message, a JSON object. The reply's first choice is the model's answer,
+checked by the tool exactly as the Agenta runner's. The response format asks for the tool's
+output JSON Schema; an endpoint that answers 400 to that gets `json_object` instead, from then
+on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from server.upstream.http import (
+    DEFAULT_MAX_REPLY_BYTES,
+    JsonEndpoint,
+    ResponseObserver,
+    holds_too_many_values,
+    too_many_values,
+    trace_token,
+)
+from server.upstream.refiner import (
+    RefineReply,
+    RefineRequest,
+    UpstreamAttempt,
+    UpstreamBadReply,
+    UpstreamError,
+    UpstreamReplyTooLarge,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+
+CHAT_PATH = "/chat/completions"
+PROMPT_VERSION = "refine-v1"
+SYSTEM_PROMPT = (Path(__file__).parent / "prompts" / f"{PROMPT_VERSION}.txt").read_text("utf-8")
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+class ModelOutputCut(UpstreamBadReply):
+    """The model ran out of tokens before it finished its answer (`finish_reason: length`)."""
+
+
+class OpenAIRefiner:
+    """Refines through `model` at `base_url`; `api_key`, when given, is sent as a Bearer token
+    (local servers need none). `output_schema` is what the answer must match."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        *,
+        base_url: str,
+        model: str,
+        output_schema: dict[str, Any],
+        api_key: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        timeout: float,
+        max_retries: int = 1,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        observer: ResponseObserver | None = None,
+    ) -> None:
+        self._endpoint = JsonEndpoint(
+            transport,
+            base_url.rstrip("/") + CHAT_PATH,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            timeout=timeout,
+            max_retries=max_retries,
+            max_reply_bytes=max_reply_bytes,
+            observer=observer,
+        )
+        self._model = model
+        self._options: dict[str, Any] = {}
+        if temperature is not None:
+            self._options["temperature"] = temperature
+        if max_tokens is not None:
+            self._options["max_tokens"] = max_tokens
+        self._json_schema = {
+            "type": "json_schema",
+            "json_schema": {"name": "refined_prompt", "strict": True, "schema": output_schema},
+        }
+        # Cleared for good once the endpoint refuses a JSON Schema response format.
+        self.json_schema_accepted = True
+
+    async def refine(
+        self, request: RefineRequest, *, time_left: float | None, traceparent: str | None
+    ) -> RefineReply:
+        deadline = None if time_left is None else time.monotonic() + time_left
+        asked_for_schema = self.json_schema_accepted
+        try:
+            answer = await self._endpoint.post(
+                self._body(request, json_schema=asked_for_schema),
+                time_left=time_left,
+                traceparent=traceparent,
+            )
+        except UpstreamStatusError as error:
+            if error.status != 400 or not asked_for_schema:
+                raise
+            self.json_schema_accepted = False
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise UpstreamTimeout("no time left for the upstream call") from None
+            answer = await self._endpoint.post(
+                self._body(request, json_schema=False), time_left=left, traceparent=traceparent
+            )
+        try:
+            return parse_chat_completion(answer.body, attempt=answer.attempt)
+        except UpstreamError as error:
+            error.attempt = answer.attempt
+            raise
+
+    def _body(self, request: RefineRequest, *, json_schema: bool) -> bytes:
+        user = _JSON.encode(
+            {
+                "prompt_template_json": request.template_json,
+                "guidelines": request.guidelines,
+                "context": request.context,
+            }
+        )
+        body = {
+            "model": self._model,
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": user},
+            ],
+            "response_format": self._json_schema if json_schema else {"type": "json_object"},
+            **self._options,
+        }
+        return _JSON.encode(body).encode()
+
+
+def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) -> RefineReply:
+    """The first choice's content as the model's answer, the response id as the trace id;
+    raises only UpstreamBadReply (or a subclass). The values a parse would build are bounded
+    first, for the envelope and for the content (the tool parses it again)."""
+    if holds_too_many_values(body):
+        raise UpstreamReplyTooLarge(too_many_values())
+    try:
+        reply = orjson.loads(body)
+    except (ValueError, RecursionError):
+        raise UpstreamBadReply("the upstream reply is not JSON") from None
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise UpstreamBadReply("the upstream reply has no choices")
+    choice = choices[0]
+    if choice.get("finish_reason") == "length":
+        raise ModelOutputCut(
+            "the model ran out of tokens before it finished its answer (finish_reason length): "
+            "raise the upstream's max tokens"
+        )
+    message = choice.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise UpstreamBadReply("the upstream reply's first choice has no text content")
+    if holds_too_many_values(content):
+        raise UpstreamReplyTooLarge(too_many_values())
+    return RefineReply(content, trace_token(reply.get("id")), attempt)
