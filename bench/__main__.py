@@ -10,7 +10,7 @@ Scenarios, all on 127.0.0.1, every server a process of its own pinned to the sam
   mcp       tools/call: the service's MCP face against a plain MCP SDK server doing the same
             work, with the service's CallTool in the same rounds (targets: MCP at least 0.9x
             and gRPC at least 3x its req/s); 1,000 calls in flight to a 1 s upstream over MCP
-            and gRPC (targets: 0 errors, MCP at least half of gRPC's req/s); needs the extra
+            and gRPC (targets: 0 errors, MCP at least half of gRPC's req/s); needs the extra too
   slow      1,000 calls in flight to a 1 s upstream (targets: 0 errors, peak RSS under 130 MB,
             900 req/s or 0.9 of the bare server's when that is under 900)
   growth    cost growth: CallTool at 1/16/64/256 in flight; RSS at 100/500/1,000 slow calls
@@ -35,10 +35,9 @@ from bench.harness import ROOT, Harness, Pinning, ProcessFailed
 from bench.report import document, machine, render, write_json
 from bench.scenarios import FULL, QUICK, Runner, parse_only
 
-RESULTS = ROOT / "bench" / "results"
 
-
-def parse(argv: list[str]) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description=__doc__,
@@ -50,12 +49,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args_list = sys.argv[1:] if argv is None else argv
-    args = parse(args_list)
+    args = parser.parse_args(args_list)
     try:
         selected = parse_only(args.only)
     except ValueError as exc:
@@ -66,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m bench: {needs_extra[0]} needs pip install -e '.[bench]'", file=sys.stderr)
         return 2
     profile = QUICK if args.quick else FULL
-    partial = args.quick or bool(args.only)
-    out: Path = args.out or RESULTS / ("partial.json" if partial else "latest.json")
+    name = "partial" if args.quick or args.only else "latest"
+    out: Path = args.out or ROOT / "bench" / "results" / f"{name}.json"
 
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     # Even when started with SIGINT ignored (a background job), Ctrl-C stops it cleanly.
@@ -87,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("python -m bench: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
-    info = {
-        "command": shlex.join([".venv/bin/python", "-m", "bench", *args_list]),
-        "elapsed_s": round(time.monotonic() - started, 1),
-        "machine": machine(pinning.note),
-        "profile": asdict(profile),
-    }
-    doc = document(scenarios, info)
+    doc = document(
+        scenarios,
+        command=shlex.join([".venv/bin/python", "-m", "bench", *args_list]),
+        elapsed_s=round(time.monotonic() - started, 1),
+        machine=machine(pinning.note),
+        profile=asdict(profile),
+    )
     print(render(doc))
     write_json(out, doc)
     print(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")

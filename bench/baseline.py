@@ -58,9 +58,7 @@ class BaselineServicer(pb_grpc.ToolServiceServicer):
             text = pb.TextContent(text=f"upstream HTTP {status}")
             return pb.CallToolResponse(is_error=True, content=[pb.ContentBlock(text=text)])
         reply = json.loads(payload)
-        data = reply["data"]
-        if isinstance(data, str):
-            data = json.loads(data)
+        data = reply["data"] if isinstance(reply["data"], dict) else json.loads(reply["data"])
         structured = struct_pb2.Struct()
         structured.update(data)
         return pb.CallToolResponse(
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     status = pb.GetStatusResponse(enabled=True)
     if args.status_file is not None:
-        status = pb.GetStatusResponse.FromString(args.status_file.read_bytes())
+        status.ParseFromString(args.status_file.read_bytes())
     uvloop.run(serve(args.port, status, args.upstream))
     return 0
 

@@ -77,7 +77,7 @@ class Server:
         self.name = name
         self.port = port
         self.target = f"127.0.0.1:{port}"
-        self.mcp_target = ""  # where it serves MCP, when it does
+        self.mcp_target = ""  # where it serves MCP when not on ``target``
         self.log_path = logs / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
@@ -193,24 +193,19 @@ class Harness(contextlib.ExitStack):
         return server
 
     def baseline(self, upstream: Server) -> Server:
-        args = ["-m", "bench.baseline", "--upstream", f"http://{upstream.target}"]
-        if self.status_file is not None:
-            args += ["--status-file", str(self.status_file)]
-        return self._start("baseline", self.pinning.server_cpu, *args, cwd=ROOT)
+        status = () if self.status_file is None else ("--status-file", str(self.status_file))
+        return self.peer("baseline", upstream, *status)
 
-    def rest(self, upstream: Server, client: str) -> Server:
-        """The REST design, with ``client`` "shared" (tuned) or "per-call" (as merged)."""
-        args = ["-m", "bench.rest", "--keys-file", str(self.keys_file), "--client", client]
-        args += ["--upstream", f"http://{upstream.target}"]
-        return self._start(f"rest-{client}", self.pinning.server_cpu, *args, cwd=ROOT)
-
-    def sdk(self, upstream: Server) -> Server:
-        """The plain MCP server from the SDK (bench/sdk.py), doing the REST design's work."""
-        args = ["-m", "bench.sdk", "--keys-file", str(self.keys_file)]
-        args += ["--upstream", f"http://{upstream.target}"]
-        server = self._start("sdk", self.pinning.server_cpu, *args, cwd=ROOT)
-        server.mcp_target = server.target
-        return server
+    def peer(self, module: str, upstream: Server, *args: str) -> Server:
+        """``python -m bench.<module>``, a server the service is compared with, on its core:
+        baseline (bare grpc.aio) or rest (the REST design or, with ``--client mcp``, a plain
+        MCP SDK server, serving MCP on its one port)."""
+        args = (*args, "--upstream", f"http://{upstream.target}")
+        if module != "baseline":
+            args += ("--keys-file", str(self.keys_file))
+        return self._start(
+            module, self.pinning.server_cpu, "-m", f"bench.{module}", *args, cwd=ROOT
+        )
 
     def capture_status(self, service: Server) -> None:
         """Save the service's GetStatus reply so the baseline answers with the same bytes."""
@@ -224,10 +219,12 @@ class Harness(contextlib.ExitStack):
         self.status_file = self._tmp / "status.bin"
         self.status_file.write_bytes(reply.SerializeToString())
 
-    def load(self, server: Server, **config: Any) -> LoadResult:
-        """One measured run of the load generator, as its own process on the load CPU."""
+    def load(self, server: Server, rpc: str, **config: Any) -> LoadResult:
+        """One measured run of the load generator (``config``: the rest of its LoadConfig), as
+        its own process on the load CPU."""
         load = LoadConfig(
-            target=server.mcp_target if config["rpc"] == "mcp" else server.target,
+            target=(rpc == "mcp" and server.mcp_target) or server.target,
+            rpc=rpc,
             key=self.key,
             server_pid=server.proc.pid,
             server_cpu=self.pinning.server_cpu,

@@ -1,12 +1,11 @@
 """Closed-loop asyncio load generator, run as its own process by the harness.
 
 ``python -m bench.loadgen '<LoadConfig as JSON>'`` runs ``concurrency`` workers that call back to
-back: gRPC GetStatus or CallTool through the generated stubs over a few channels (each its own
-HTTP/2 connection), or the REST design's ``POST /tools/call`` or an MCP ``tools/call`` through
-one aiohttp session. After
-the warm-up, calls that complete inside the ``duration_s`` window count; the server's CPU time
-and memory, and the load generator's own CPU time, are read at the window's edges. It prints one
-JSON line (a LoadResult) on stdout.
+back: gRPC GetStatus or CallTool through the generated stubs over 1 to 8 channels (each its own
+HTTP/2 connection, as several client replicas would open), or the REST design's ``POST
+/tools/call`` or an MCP ``tools/call`` through one aiohttp session. After the warm-up, calls that
+complete inside the ``duration_s`` window count; the server's CPU time and memory, and the load
+generator's own CPU time, are read at the window's edges. It prints one JSON line (a LoadResult).
 """
 
 from __future__ import annotations
@@ -14,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import grpc
@@ -27,19 +27,34 @@ from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
-from bench.common import (
-    ARGUMENTS,
-    MCP_CALL,
-    MCP_HEADERS,
-    MCP_PATH,
-    REST_PATH,
-    TOOL_NAME,
-    busy_between,
-    cpu_ticks,
-    sample,
-)
+from bench.common import ARGUMENTS, REST_PATH, TOOL_NAME
 
 SAMPLE_EVERY_S = 0.1
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+MCP_PATH: Final = "/mcp"
+MCP_PROTOCOL: Final = "2026-07-28"
+# A tools/call as the SDK's own client posts it: the method and tool name in headers too, and
+# the protocol version and client in every request's _meta (the protocol has no sessions).
+MCP_HEADERS: Final = {
+    "Accept": "application/json, text/event-stream",
+    "MCP-Protocol-Version": MCP_PROTOCOL,
+    "Mcp-Method": "tools/call",
+    "Mcp-Name": TOOL_NAME,
+}
+MCP_CALL: Final = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "tools/call",
+    "params": {
+        "name": TOOL_NAME,
+        "arguments": ARGUMENTS,
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": MCP_PROTOCOL,
+            "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"},
+            "io.modelcontextprotocol/clientCapabilities": {},
+        },
+    },
+}
 
 Call = Callable[[], Awaitable[str]]
 """One call; returns "OK" or a short code for what went wrong."""
@@ -54,10 +69,8 @@ class LoadConfig:
     duration_s: float
     key: str
     server_pid: int  # whose CPU time and memory the run reads from /proc
-    ramp_s: float = 0.0
-    """Start worker i after ramp_s * i / concurrency, so slow calls do not move in lockstep."""
-    users: bool = False
-    """Send a distinct x-agenta-user-id per worker (a rate-limit budget of its own each)."""
+    ramp_s: float = 0.0  # start worker i after ramp_s * i / concurrency: no lockstep
+    users: bool = False  # a distinct x-agenta-user-id (rate-limit budget) per worker
     timeout_s: float = 30.0
     server_cpu: int | None = None  # the CPU the server is pinned to
 
@@ -79,11 +92,6 @@ class LoadResult:
     server_cpu_busy: float | None  # how busy the server's CPU was, counting every process on it
 
 
-def channels_for(concurrency: int) -> int:
-    """Several HTTP/2 connections, as several client replicas would open: 1 to 8."""
-    return 1 if concurrency <= 1 else min(8, max(2, concurrency // 16))
-
-
 def _grpc_call(config: LoadConfig, channel: grpc.aio.Channel, index: int) -> Call:
     stub = pb_grpc.ToolServiceStub(channel)
     metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {config.key}"),)
@@ -92,20 +100,19 @@ def _grpc_call(config: LoadConfig, channel: grpc.aio.Channel, index: int) -> Cal
     arguments = struct_pb2.Struct()
     arguments.update(ARGUMENTS)
     request = pb.CallToolRequest(name=TOOL_NAME, arguments=arguments)
+    timeout = config.timeout_s
 
     async def call() -> str:
         try:
             if config.rpc == "status":
-                await stub.GetStatus(
-                    pb.GetStatusRequest(), metadata=metadata, timeout=config.timeout_s
-                )
+                await stub.GetStatus(pb.GetStatusRequest(), metadata=metadata, timeout=timeout)
                 return "OK"
-            response = await stub.CallTool(request, metadata=metadata, timeout=config.timeout_s)
+            response = await stub.CallTool(request, metadata=metadata, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             return str(exc.code().name)
-        return (
-            f"is_error:{pb.ToolErrorCode.Name(response.error.code)}" if response.is_error else "OK"
-        )
+        if response.is_error:
+            return f"is_error:{pb.ToolErrorCode.Name(response.error.code)}"
+        return "OK"
 
     return call
 
@@ -134,6 +141,40 @@ def _http_call(config: LoadConfig, session: aiohttp.ClientSession, index: int) -
         return "is_error" if reply.get("result", reply).get("isError") else "OK"
 
     return call
+
+
+def sample(pid: int) -> tuple[float, int, int]:
+    """CPU seconds (user + system, all threads), VmRSS and VmHWM in kB of one process now."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    # The command name may hold spaces and parentheses: fields start after the last ')'.
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    memory = {"VmRSS:": 0, "VmHWM:": 0}
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        for line in f:
+            name, *values = line.split()
+            if name in memory:
+                memory[name] = int(values[0])
+    return cpu_s, memory["VmRSS:"], memory["VmHWM:"]
+
+
+def cpu_ticks(cpu: int | None) -> tuple[int, int] | None:
+    """(busy, total) clock ticks since boot of CPU ``cpu`` (None for None)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            name, *values = line.split()
+            if cpu is not None and name == f"cpu{cpu}":
+                ticks = [int(v) for v in values[:8]]
+                return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # minus idle and iowait
+    return None
+
+
+def busy_between(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """How busy a CPU was between two ``cpu_ticks`` readings (0..1), counting every process."""
+    if before and after and after[1] > before[1]:
+        return (after[0] - before[0]) / (after[1] - before[1])
+    return None
 
 
 def _percentile(ordered: list[float], q: float) -> float:
@@ -178,7 +219,8 @@ class Load:
                 calls = [_http_call(config, session, i) for i in range(config.concurrency)]
             else:
                 channels = []
-                for i in range(channels_for(config.concurrency)):
+                count = 1 if config.concurrency <= 1 else min(8, max(2, config.concurrency // 16))
+                for i in range(count):
                     # A distinct option per channel keeps grpc from sharing one connection.
                     options = [("grpc.use_local_subchannel_pool", 1), ("bench.channel", i)]
                     channel = grpc.aio.insecure_channel(config.target, options=options)
@@ -233,16 +275,9 @@ class Load:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m bench.loadgen '<LoadConfig JSON>'", file=sys.stderr)
-        return 2
-    result = asyncio.run(Load(LoadConfig(**json.loads(args[0]))).run())
-    print(json.dumps(asdict(result)), flush=True)
-    return 0
-
-
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m bench.loadgen '<LoadConfig JSON>'")
     with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+        result = asyncio.run(Load(LoadConfig(**json.loads(sys.argv[1]))).run())
+        print(json.dumps(asdict(result)), flush=True)

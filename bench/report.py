@@ -133,7 +133,7 @@ def machine(pinning: str) -> dict[str, Any]:
     return {"cores": os.cpu_count(), "cpu_model": model, "pinning": pinning, "versions": versions}
 
 
-def document(scenarios: list[Scenario], info: dict[str, Any]) -> dict[str, Any]:
+def document(scenarios: list[Scenario], **info: Any) -> dict[str, Any]:
     """The whole run, every single measurement included: what is written and what is shown."""
     rendered = [s.to_json() for s in scenarios]
     targets = [t for s in rendered for t in s["targets"]]

@@ -1,13 +1,21 @@
-"""The REST design this service replaced, re-created for comparison: FastAPI on uvicorn.
+"""The third-party servers the service is compared with, doing the same work as it does.
 
-``python -m bench.rest --port N --keys-file F --upstream URL --client shared|per-call`` serves
-``POST /tools/call`` (JSON ``{"name", "arguments"}``) on 127.0.0.1 with one uvicorn worker on
-uvloop and httptools. Each call does what the service does for refine_prompt with the same
-building blocks (keys file, permission, GCRA limiter, input schema and template checks, one
-upstream POST, output checks); refusals are HTTP 401, 403, 404, 422 or 429, and upstream failures
-are a 200 with ``isError``. ``shared`` ("REST, tuned") posts through one ``httpx.AsyncClient``;
-``per-call`` ("REST, as merged") builds one per call, as the merged design did: each builds an
-SSL context, tens of ms of CPU. Needs ``pip install -e '.[bench]'``.
+``python -m bench.rest --port N --keys-file F --upstream URL --client shared|per-call|mcp``
+serves on 127.0.0.1 with one uvicorn worker (uvloop, httptools, uvicorn's access log on). Each
+call does what the service does for refine_prompt with the same building blocks (keys file,
+permission, GCRA limiter, input schema and template checks, one upstream POST, output checks).
+
+- ``shared`` and ``per-call``: the REST design this service replaced, FastAPI serving ``POST
+  /tools/call`` (JSON ``{"name", "arguments"}``); refusals are HTTP 401, 403, 404, 422 or 429,
+  upstream failures a 200 with ``isError``. ``shared`` ("REST, tuned") posts through one
+  ``httpx.AsyncClient``; ``per-call`` ("REST, as merged") builds one per call, as the merged
+  design did: each builds an SSL context, tens of ms of CPU.
+- ``mcp``: a plain MCP server from the SDK the service's MCP face uses: ``MCPServer`` with one
+  decorated tool at ``/mcp``, stateless with JSON responses, one shared ``httpx.AsyncClient``. It
+  answers as the service does (the summary as text, the checked object as structured content);
+  refusals are tool errors.
+
+Needs ``pip install -e '.[bench]'``.
 """
 
 from __future__ import annotations
@@ -19,10 +27,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import mcp_types as types
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException
 from jsonschema import Draft202012Validator
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
+from starlette.applications import Starlette
 
 from bench.common import (
     RATE_LIMIT_BURST,
@@ -56,8 +68,8 @@ class Refused(Exception):
 
 class RefinePrompt:
     """One refine_prompt call as the REST design made it, from the API key to the checked
-    output, with the service's building blocks. The REST app and the plain MCP server
-    (bench/sdk.py) share it, so the two baselines do the same work."""
+    output, with the service's building blocks. The REST app and the plain MCP server share it,
+    so the two do the same work."""
 
     def __init__(self, keys: KeyStore, upstream: str, per_call_client: bool = False) -> None:
         self._keys = keys
@@ -142,6 +154,31 @@ def make_app(work: RefinePrompt) -> FastAPI:
     return app
 
 
+def make_mcp_app(work: RefinePrompt) -> Starlette:
+    """The plain MCP SDK server: one tool at ``/mcp`` in front of ``work``."""
+    server: MCPServer = MCPServer("bench-sdk")
+
+    @server.tool(name=NAME)
+    async def refine_prompt(
+        prompt_template_json: str,
+        ctx: Context,
+        guidelines: str | None = None,
+        context: str | None = None,
+    ) -> types.CallToolResult:
+        arguments: dict[str, Any] = {"prompt_template_json": prompt_template_json}
+        arguments |= {
+            k: v for k, v in (("guidelines", guidelines), ("context", context)) if v is not None
+        }
+        authorization = (ctx.headers or {}).get("authorization")
+        try:
+            result = await work.call(authorization, NAME, arguments)
+        except Refused as refused:
+            raise ToolError(f"{refused.status}: {refused.detail}") from None
+        return types.CallToolResult.model_validate(result)
+
+    return server.streamable_http_app(stateless_http=True, json_response=True)
+
+
 def _tool_error(text: str) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "isError": True}
 
@@ -151,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--keys-file", required=True, help="the keys file the service uses")
     parser.add_argument("--upstream", required=True, help="base URL of the stand-in upstream")
-    parser.add_argument("--client", choices=("shared", "per-call"), default="shared")
+    parser.add_argument("--client", choices=("shared", "per-call", "mcp"), default="shared")
     args = parser.parse_args(argv)
-    keys = KeyStore.from_file(args.keys_file)
-    app = make_app(RefinePrompt(keys, args.upstream, args.client == "per-call"))
+    work = RefinePrompt(
+        KeyStore.from_file(args.keys_file), args.upstream, args.client == "per-call"
+    )
+    app = make_mcp_app(work) if args.client == "mcp" else make_app(work)
     # uvicorn's defaults otherwise, its access log included (the service logs every call too).
     uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools", workers=1)
     return 0

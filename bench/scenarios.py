@@ -40,12 +40,8 @@ class Profile:
     slow_duration_s: float
 
 
-FULL = Profile(
-    3, warmup_s=1.0, duration_s=3.0, slow_ramp_s=1.0, slow_warmup_s=2.5, slow_duration_s=4.0
-)
-QUICK = Profile(
-    1, warmup_s=0.5, duration_s=1.5, slow_ramp_s=1.0, slow_warmup_s=2.0, slow_duration_s=2.0
-)
+FULL = Profile(3, 1.0, 3.0, slow_ramp_s=1.0, slow_warmup_s=2.5, slow_duration_s=4.0)
+QUICK = Profile(1, 0.5, 1.5, slow_ramp_s=1.0, slow_warmup_s=2.0, slow_duration_s=2.0)
 
 
 def progress(text: str) -> None:
@@ -86,15 +82,8 @@ class Runner:
         warm-up: started at once, calls to a server that costs tens of ms each would finish
         in bunches, and a short window could hold none of them."""
         p = self.p
-        return lambda: self.h.load(
-            server,
-            rpc=rpc,
-            concurrency=concurrency,
-            ramp_s=p.warmup_s / 2,
-            warmup_s=p.warmup_s,
-            duration_s=p.duration_s,
-            timeout_s=10.0,
-        )
+        window = {"ramp_s": p.warmup_s / 2, "warmup_s": p.warmup_s, "duration_s": p.duration_s}
+        return lambda: self.h.load(server, rpc, concurrency=concurrency, timeout_s=10.0, **window)
 
     def _slow(
         self, start: Callable[[Server], Server], in_flight: int, rpc: str = "call"
@@ -108,7 +97,7 @@ class Runner:
             try:
                 return self.h.load(
                     server,
-                    rpc=rpc,
+                    rpc,
                     concurrency=in_flight,
                     users=True,
                     ramp_s=p.slow_ramp_s,
@@ -140,47 +129,48 @@ class Runner:
             for _, server, _ in rows:
                 server.stop()
 
-    def status(self) -> Scenario:
-        progress(f"status: GetStatus, {FAST} in flight")
+    def _against_bare(self, key: str, rpc: str, bare_label: str, title: str, note: str) -> Scenario:
+        """The service against the bare grpc.aio baseline on one RPC: a ratio, not a target.
+        The service starts first, so the baseline answers GetStatus with its reply."""
+        method = "GetStatus" if rpc == "status" else "CallTool"
         service = self.h.service(self.h.instant)
         self.h.capture_status(service)
-        bare = Row(f"{BARE} GetStatus", FAST)
-        row = Row(f"{SERVICE} GetStatus", FAST, ratio_to=bare)
-        self._side_by_side(
-            [(bare, self.h.baseline(self.h.instant), "status"), (row, service, "status")]
-        )
+        bare = Row(f"{bare_label} {method}", FAST)
+        row = Row(f"{SERVICE} {method}", FAST, ratio_to=bare)
+        baseline = self.h.baseline(self.h.instant)
+        self._side_by_side([(bare, baseline, rpc), (row, service, rpc)])
+        return Scenario(key, title, [bare, row], notes=[note + " A fact, not a target."])
+
+    def status(self) -> Scenario:
+        progress(f"status: GetStatus, {FAST} in flight")
         note = (
             "The bare server answers with the service's own GetStatus reply, built once, and "
             "has no interceptors: the ratio is what authentication, metrics and the access "
-            "line cost on the cheapest call (it is not rate limited). A fact, not a target."
+            "line cost on the cheapest call (it is not rate limited)."
         )
-        return Scenario(
-            "status", "GetStatus against a bare grpc.aio server", [bare, row], notes=[note]
-        )
+        title = "GetStatus against a bare grpc.aio server"
+        return self._against_bare("status", "status", BARE, title, note)
 
     def calltool(self) -> Scenario:
         progress(f"calltool: CallTool to an instant upstream, {FAST} in flight")
-        bare = Row(f"{BARE_CALL} CallTool", FAST)
-        row = Row(f"{SERVICE} CallTool", FAST, ratio_to=bare)
-        servers = self.h.baseline(self.h.instant), self.h.service(self.h.instant)
-        self._side_by_side([(bare, servers[0], "call"), (row, servers[1], "call")])
         note = (
             "The bare handler posts the same body with one aiohttp session and returns the "
-            "reply, with no checks, auth, rate limit or logging. A fact, not a target."
+            "reply, with no checks, auth, rate limit or logging."
         )
         title = "CallTool against a bare grpc.aio server doing one aiohttp POST"
-        return Scenario("calltool", title, [bare, row], notes=[note])
+        return self._against_bare("calltool", "call", BARE_CALL, title, note)
 
     def rest(self) -> Scenario:
         progress(f"rest: CallTool against the REST design, {FAST} in flight")
         row = Row(f"{SERVICE} CallTool", FAST)
         tuned = Row(f"{REST_TUNED} POST /tools/call", FAST, ratio_to=row)
         merged = Row(f"{REST_MERGED} POST /tools/call", FAST, ratio_to=row)
+        service, instant = self.h.service(self.h.instant), self.h.instant
         self._side_by_side(
             [
-                (row, self.h.service(self.h.instant), "call"),
-                (tuned, self.h.rest(self.h.instant, "shared"), "rest"),
-                (merged, self.h.rest(self.h.instant, "per-call"), "rest"),
+                (row, service, "call"),
+                (tuned, self.h.peer("rest", instant, "--client", "shared"), "rest"),
+                (merged, self.h.peer("rest", instant, "--client", "per-call"), "rest"),
             ]
         )
         note = (
@@ -202,12 +192,9 @@ class Runner:
         face = Row(f"{SERVICE} MCP tools/call", FAST, ratio_to=sdk)
         grpc = Row(f"{SERVICE} CallTool", FAST, ratio_to=sdk)
         service = self.h.service(self.h.instant, mcp=True)
+        sdk_server = self.h.peer("rest", self.h.instant, "--client", "mcp")
         self._side_by_side(
-            [
-                (grpc, service, "call"),
-                (face, service, "mcp"),
-                (sdk, self.h.sdk(self.h.instant), "mcp"),
-            ]
+            [(grpc, service, "call"), (face, service, "mcp"), (sdk, sdk_server, "mcp")]
         )
         progress(f"mcp: 1 s upstream, {SLOW_IN_FLIGHT:,} calls in flight over gRPC and MCP")
         slow_grpc = Row(f"{SERVICE} CallTool, 1 s upstream", SLOW_IN_FLIGHT, fresh_server=True)
