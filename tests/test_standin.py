@@ -1,4 +1,5 @@
-"""The stand-in Agenta upstream over real loopback HTTP: other suites trust it, so pin it down."""
+"""The stand-in upstreams (Agenta runner, OpenAI-compatible chat completions) over real loopback
+HTTP: other suites trust them, so pin them down."""
 
 from __future__ import annotations
 
@@ -19,21 +20,31 @@ import httpx
 import pytest
 
 from server.standin import (
+    CHAT_PATH,
+    JSON_SCHEMA_REFUSAL,
     REFINE_SUFFIX,
     RUN_PATH,
+    ContentNotJson,
+    ContentReply,
     Endless,
     Garbage,
     GzipBomb,
     Hang,
     Large,
+    Length,
+    NoChoices,
+    RateLimited,
     Refine,
+    RejectJsonSchema,
     Reply,
     Reset,
     Slow,
     StandinUpstream,
     Status,
     Truncated,
+    Unauthorized,
     refine_template,
+    token_count,
 )
 from server.standin.__main__ import main as standin_main
 
@@ -403,6 +414,373 @@ def test_command_line_serves_until_sigterm() -> None:
             auth = {"Authorization": "ApiKey k"}
             response = httpx.post(url + RUN_PATH, json=run_body(), headers=auth)
             assert response.status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=5) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+# -- the OpenAI-compatible chat completions endpoint -------------------------------------------
+
+CHATCMPL = re.compile(r"^chatcmpl-[0-9a-f]{24}$")
+SYSTEM_PROMPT = "Refine the prompt template. Answer only with JSON."
+OUTPUT_SCHEMA = {"type": "object", "properties": {"messages": {"type": "array"}}}
+JSON_SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {"name": "refined_prompt", "schema": OUTPUT_SCHEMA, "strict": True},
+}
+
+
+def chat_body(
+    template: Any = None,
+    response_format: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """The body the OpenAI adapter sends, following ``server.standin.openai``'s convention."""
+    tpl = template if isinstance(template, str) else json.dumps(template or TEMPLATE)
+    user = json.dumps({"prompt_template_json": tpl, "guidelines": "be brief", "context": ""})
+    body: dict[str, Any] = {
+        "model": "qwen2.5:7b",
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user},
+        ],
+        "response_format": response_format or JSON_SCHEMA_FORMAT,
+    }
+    return body | options
+
+
+def chat_content(response: httpx.Response) -> Any:
+    """The refinement a chat completion carries, parsed from its message content."""
+    return json.loads(response.json()["choices"][0]["message"]["content"])
+
+
+@pytest.mark.parametrize("path", [CHAT_PATH, "/chat/completions"])
+async def test_chat_refine_reply_shape_usage_and_variables(
+    upstream: StandinUpstream, client: httpx.AsyncClient, path: str
+) -> None:
+    before = int(time.time())
+    response = await client.post(path, json=chat_body(temperature=0.2, max_tokens=2048))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    reply = response.json()
+    assert CHATCMPL.match(reply["id"])
+    assert reply["object"] == "chat.completion"
+    assert before <= reply["created"] <= int(time.time())
+    assert reply["model"] == "qwen2.5:7b"
+    [choice] = reply["choices"]
+    assert choice["index"] == 0
+    assert choice["finish_reason"] == "stop"
+    assert choice["message"]["role"] == "assistant"
+    content = choice["message"]["content"]
+    assert json.loads(content) == {
+        "messages": refine_template(json.dumps(TEMPLATE)),
+        "summary": "Tightened the wording.",
+    }
+    sent = chat_body()["messages"]
+    prompt_tokens = sum(token_count(m["content"]) for m in sent)
+    assert reply["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": token_count(content),
+        "total_tokens": prompt_tokens + token_count(content),
+    }
+    assert upstream.openai_url == upstream.url + "/v1"
+
+
+async def test_chat_accepts_json_object_and_no_format_and_text_parts(
+    client: httpx.AsyncClient,
+) -> None:
+    body = chat_body(response_format={"type": "json_object"})
+    assert chat_content(await client.post(CHAT_PATH, json=body))["summary"] is not None
+    del body["response_format"]
+    user = body["messages"][1]["content"]
+    body["messages"][1]["content"] = [{"type": "text", "text": user}]
+    reply = await client.post(CHAT_PATH, json=body)
+    assert chat_content(reply)["messages"] == refine_template(json.dumps(TEMPLATE))
+
+
+def _broken_chat_bodies() -> list[tuple[Any, str]]:
+    good = chat_body()
+    no_user = good | {"messages": [good["messages"][0]]}
+    plain_user = good | {"messages": [{"role": "user", "content": "refine this please"}]}
+    missing_context = good | {
+        "messages": [{"role": "user", "content": json.dumps({"prompt_template_json": "{}"})}]
+    }
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}
+    return [
+        (["a list"], "body"),
+        (good | {"model": ""}, "model"),
+        ({k: v for k, v in good.items() if k != "model"}, "model"),
+        (good | {"messages": []}, "messages"),
+        (good | {"messages": [{"content": "x"}]}, "messages[0]"),
+        (no_user, "messages"),
+        (plain_user, "messages"),
+        (missing_context, "messages"),
+        (chat_body("not json"), "messages"),
+        (chat_body(json.dumps({"messages": "nope"})), "messages"),
+        (good | {"response_format": {"type": "yaml"}}, "response_format"),
+        (good | {"response_format": bad_schema}, "response_format"),
+        (good | {"temperature": 3}, "temperature"),
+        (good | {"temperature": True}, "temperature"),
+        (good | {"max_tokens": 0}, "max_tokens"),
+        (good | {"max_tokens": 1.5}, "max_tokens"),
+        (good | {"stream": True}, "stream"),
+    ]
+
+
+@pytest.mark.parametrize(("body", "param"), _broken_chat_bodies())
+async def test_chat_refuses_a_request_off_the_convention_naming_the_field(
+    client: httpx.AsyncClient, body: Any, param: str
+) -> None:
+    response = await client.post(CHAT_PATH, json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+
+
+async def test_chat_requests_are_recorded_with_headers_and_body(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    await client.post(CHAT_PATH, json=chat_body(), headers={"Authorization": "Bearer sk-1"})
+    await client.post("/chat/completions", json=chat_body(temperature=0))
+    first, second = upstream.requests
+    assert (first.method, first.path) == ("POST", CHAT_PATH)
+    assert first.headers["authorization"] == "Bearer sk-1"
+    assert first.body == chat_body()
+    assert second.path == "/chat/completions"
+    assert "authorization" not in second.headers
+    assert second.body["temperature"] == 0
+    assert (await client.get(CHAT_PATH)).status_code == 405
+    assert (await client.post("/v2/chat/completions", json=chat_body())).status_code == 404
+
+
+async def test_chat_openai_specific_scenarios(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    upstream.push(
+        Length(),
+        NoChoices(),
+        ContentNotJson(),
+        ContentReply({"messages": [], "summary": "x"}, response_id="chatcmpl-fixed"),
+        ContentReply("{broken", finish_reason="content_filter", response_id=None),
+    )
+    cut = (await client.post(CHAT_PATH, json=chat_body())).json()
+    assert cut["choices"][0]["finish_reason"] == "length"
+    content = cut["choices"][0]["message"]["content"]
+    whole = json.dumps({"messages": refine_template(json.dumps(TEMPLATE)), "summary": "x"})
+    assert 0 < len(content) < len(whole)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(content)
+
+    empty = (await client.post(CHAT_PATH, json=chat_body())).json()
+    assert empty["choices"] == []
+    assert CHATCMPL.match(empty["id"])
+
+    chatty = await client.post(CHAT_PATH, json=chat_body())
+    assert chatty.status_code == 200
+    with pytest.raises(json.JSONDecodeError):
+        chat_content(chatty)
+
+    given = await client.post(CHAT_PATH, json=chat_body())
+    assert given.json()["id"] == "chatcmpl-fixed"
+    assert chat_content(given) == {"messages": [], "summary": "x"}
+
+    odd = (await client.post(CHAT_PATH, json=chat_body())).json()
+    assert "id" not in odd
+    assert odd["choices"][0] == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "{broken"},
+        "finish_reason": "content_filter",
+    }
+    assert upstream.pending == 0
+
+
+async def test_chat_reject_json_schema_only_for_json_schema(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    upstream.push(RejectJsonSchema(), RejectJsonSchema(), RejectJsonSchema(Status(503)))
+    refused = await client.post(CHAT_PATH, json=chat_body())
+    assert refused.status_code == 400
+    assert refused.json() == {
+        "error": {
+            "message": JSON_SCHEMA_REFUSAL,
+            "type": "invalid_request_error",
+            "param": "response_format",
+            "code": None,
+        }
+    }
+    fallback = await client.post(CHAT_PATH, json=chat_body(response_format={"type": "json_object"}))
+    assert fallback.status_code == 200
+    assert chat_content(fallback)["messages"] == refine_template(json.dumps(TEMPLATE))
+    # Not asked for json_schema (the Agenta endpoint never is): answered by `then`.
+    assert (await client.post(RUN_PATH, json=run_body())).status_code == 503
+
+
+async def test_server_wide_json_schema_rejection_consumes_no_scenario() -> None:
+    async with (
+        StandinUpstream(reject_json_schema=True) as up,
+        httpx.AsyncClient(base_url=up.url) as client,
+    ):
+        up.push(Status(502))
+        for _ in range(2):
+            response = await client.post(CHAT_PATH, json=chat_body())
+            assert response.status_code == 400
+            assert response.json()["error"]["param"] == "response_format"
+        assert up.pending == 1
+        body = chat_body(response_format={"type": "json_object"})
+        assert (await client.post(CHAT_PATH, json=body)).status_code == 502
+        assert (await client.post(CHAT_PATH, json=body)).status_code == 200
+
+
+async def test_chat_rate_limited_and_unauthorized_in_each_endpoints_shape(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    upstream.push(RateLimited(7), RateLimited(0.5), RateLimited(None), Unauthorized())
+    limited = await client.post(CHAT_PATH, json=chat_body())
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "7"
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert (await client.post(CHAT_PATH, json=chat_body())).headers["retry-after"] == "0.5"
+    no_header = await client.post(CHAT_PATH, json=chat_body())
+    assert (no_header.status_code, "retry-after" in no_header.headers) == (429, False)
+    refused = await client.post(CHAT_PATH, json=chat_body())
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+
+    upstream.push(RateLimited(3), Unauthorized())
+    agenta_limited = await client.post(RUN_PATH, json=run_body())
+    assert agenta_limited.status_code == 429
+    assert agenta_limited.headers["retry-after"] == "3"
+    assert "detail" in agenta_limited.json()
+    agenta_refused = await client.post(RUN_PATH, json=run_body())
+    assert agenta_refused.json() == {"detail": "invalid api key"}
+
+
+async def test_chat_only_scenarios_on_the_agenta_endpoint_say_so(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    upstream.push(Length(), NoChoices())
+    for name in ("Length", "NoChoices"):
+        response = await client.post(RUN_PATH, json=run_body())
+        assert response.status_code == 501
+        assert name in response.json()["detail"]
+
+
+async def test_shared_scenarios_answer_chat_in_its_own_shape(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    payload = {"messages": [{"role": "system", "content": "x"}], "summary": "s"}
+    upstream.push(
+        Status(500),
+        Status(503, headers={"Retry-After": "2"}),
+        Refine(summary=None, trace_id="chatcmpl-abc"),
+        Refine(trace_id=None),
+        Reply(payload, trace_id="chatcmpl-r"),
+        ContentReply(payload),
+        Slow(0.05, Status(502)),
+        Garbage(),
+    )
+    error = await client.post(CHAT_PATH, json=chat_body())
+    assert error.status_code == 500
+    assert error.json()["error"]["type"] == "server_error"
+    unavailable = await client.post(CHAT_PATH, json=chat_body())
+    assert (unavailable.status_code, unavailable.headers["retry-after"]) == (503, "2")
+    fixed = await client.post(CHAT_PATH, json=chat_body())
+    assert fixed.json()["id"] == "chatcmpl-abc"
+    assert chat_content(fixed)["summary"] is None
+    assert "id" not in (await client.post(CHAT_PATH, json=chat_body())).json()
+    replied = await client.post(CHAT_PATH, json=chat_body())
+    assert (replied.json()["id"], chat_content(replied)) == ("chatcmpl-r", payload)
+    # ContentReply on the Agenta endpoint: the same content as the envelope's data.
+    envelope = (await client.post(RUN_PATH, json=run_body())).json()
+    assert json.loads(envelope["data"]) == payload
+    assert (await client.post(CHAT_PATH, json=chat_body())).status_code == 502
+    html = await client.post(CHAT_PATH, json=chat_body())
+    assert html.content == b"<html>oops</html>"
+
+
+async def test_chat_transport_failures_hang_and_disconnects(
+    upstream: StandinUpstream, client: httpx.AsyncClient
+) -> None:
+    upstream.push(Reset(), Truncated(), Hang())
+    with pytest.raises(httpx.TransportError):
+        await client.post(CHAT_PATH, json=chat_body())
+    with pytest.raises(httpx.RemoteProtocolError):
+        await client.post(CHAT_PATH, json=chat_body())
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post(CHAT_PATH, json=chat_body(), timeout=0.2)
+    assert await upstream.until_disconnects(1, timeout=3.0)
+    assert upstream.in_flight == 0
+
+
+async def test_chat_large_and_endless(upstream: StandinUpstream, client: httpx.AsyncClient) -> None:
+    size = 2 * 64 * 1024 + 11
+    upstream.push(Large(size), Endless())
+    response = await client.post(CHAT_PATH, json=chat_body())
+    assert len(response.content) == size
+    assert response.json()["object"] == "chat.completion"
+    assert chat_content(response)["messages"] == refine_template(json.dumps(TEMPLATE))
+    received = 0
+    async with client.stream("POST", CHAT_PATH, json=chat_body()) as stream:
+        async for chunk in stream.aiter_raw():
+            received += len(chunk)
+            if received > 1024 * 1024:
+                break
+    assert await upstream.until_disconnects(1)
+
+
+async def test_chat_key_is_required_only_when_configured() -> None:
+    async with (
+        StandinUpstream(api_key="agenta", openai_api_key="sk-1") as up,
+        httpx.AsyncClient(base_url=up.url) as client,
+    ):
+        up.push(Status(503))
+        for headers in ({}, {"Authorization": "ApiKey agenta"}, {"Authorization": "Bearer x"}):
+            response = await client.post(CHAT_PATH, json=chat_body(), headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert up.pending == 1
+        ok = await client.post(
+            CHAT_PATH, json=chat_body(), headers={"Authorization": "Bearer sk-1"}
+        )
+        assert ok.status_code == 503
+        # The Agenta key does not open the chat endpoint, nor the chat key the Agenta one.
+        agenta = await client.post(
+            RUN_PATH, json=run_body(), headers={"Authorization": "Bearer sk-1"}
+        )
+        assert agenta.status_code == 401
+
+
+def test_command_line_serves_chat_completions_and_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        standin_main(["--help"])
+    assert CHAT_PATH in capsys.readouterr().out
+    with subprocess.Popen(
+        [
+            *(sys.executable, "-m", "server.standin", "--port", "0"),
+            *("--openai-api-key", "sk-1", "--reject-json-schema"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().split()[-1]
+            auth = {"Authorization": "Bearer sk-1"}
+            json_object = chat_body(response_format={"type": "json_object"})
+            response = httpx.post(url + CHAT_PATH, json=json_object, headers=auth)
+            assert chat_content(response)["messages"] == refine_template(json.dumps(TEMPLATE))
+            refused = httpx.post(url + CHAT_PATH, json=chat_body(), headers=auth)
+            assert refused.json()["error"]["message"] == JSON_SCHEMA_REFUSAL
+            assert httpx.post(url + CHAT_PATH, json=chat_body()).status_code == 401
+            assert httpx.post(url + RUN_PATH, json=run_body()).status_code == 200
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=5) == 0
         finally:

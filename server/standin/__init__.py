@@ -1,4 +1,5 @@
-"""Stand-in Agenta completion runner: a loopback HTTP upstream for tests, demo and benchmark."""
+"""Stand-in upstream: the Agenta completion runner and OpenAI-compatible chat completions over
+loopback HTTP, for tests, demo and benchmark."""
 
 from server.standin.app import (
     AUTO,
@@ -24,21 +25,40 @@ from server.standin.app import (
     check_loopback,
     refine_template,
 )
+from server.standin.openai import CHAT_PATH, CHAT_PATHS, JSON_SCHEMA_REFUSAL, token_count
+from server.standin.openai_scenarios import (
+    ContentNotJson,
+    ContentReply,
+    Length,
+    NoChoices,
+    RateLimited,
+    RejectJsonSchema,
+    Unauthorized,
+)
 
 __all__ = [
     "AUTO",
+    "CHAT_PATH",
+    "CHAT_PATHS",
+    "JSON_SCHEMA_REFUSAL",
     "LOOPBACK_HOSTS",
     "REFINE_SUFFIX",
     "RUN_PATH",
+    "ContentNotJson",
+    "ContentReply",
     "Endless",
     "Exchange",
     "Garbage",
     "GzipBomb",
     "Hang",
     "Large",
+    "Length",
+    "NoChoices",
+    "RateLimited",
     "RawBytes",
     "RecordedRequest",
     "Refine",
+    "RejectJsonSchema",
     "Reply",
     "Reset",
     "Scenario",
@@ -46,6 +66,8 @@ __all__ = [
     "StandinUpstream",
     "Status",
     "Truncated",
+    "Unauthorized",
     "check_loopback",
     "refine_template",
+    "token_count",
 ]

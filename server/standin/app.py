@@ -1,9 +1,15 @@
-"""A stand-in for the Agenta completion runner, served over real loopback HTTP.
+"""A stand-in upstream served over real loopback HTTP: the Agenta completion runner
+(``RUN_PATH``) and an OpenAI-compatible chat completions endpoint (``CHAT_PATHS``, see
+``server.standin.openai`` for that convention).
 
-The service calls a prompt deployed on an Agenta completion runner. Tests, ``make demo`` and the
-benchmark need that upstream without the network or an LLM, and they need it to misbehave on
-demand (slow, hanging, garbage, resets), so this module serves the same contract from aiohttp and
-lets callers queue *scenarios* that decide how each request is answered.
+The service refines prompts through one of those upstreams. Tests, ``make demo`` and the
+benchmark need them without the network or an LLM, and they need them to misbehave on demand
+(slow, hanging, garbage, resets), so this module serves both contracts from aiohttp and lets
+callers queue *scenarios* that decide how each request is answered. One queue serves whichever
+endpoint is called next; a scenario answers in that endpoint's shape (``Refine`` gives an Agenta
+envelope or a ``chat.completion``, ``Status`` an Agenta or an OpenAI error body). Scenarios
+that only make sense for chat completions (``Length``, ``NoChoices``) answer the Agenta
+endpoint with a 501 that says so, so a misplaced one cannot pass unnoticed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 from aiohttp import web
+
+from server.standin import openai
 
 __all__ = [
     "AUTO",
@@ -64,13 +72,15 @@ _CHUNK: Final = 64 * 1024
 
 
 class _Auto(enum.Enum):
-    """Sentinel type so a trace id can be 'random per reply', a fixed string, or absent (None)."""
+    """Sentinel type for 'the stand-in chooses': a trace id can be 'random per reply', a fixed
+    value, or absent (None); an error body can be 'the endpoint's own' or given."""
 
     AUTO = "auto"
 
 
 AUTO: Final = _Auto.AUTO
-"""Default for ``trace_id``: a fresh random 32-hex id for every reply."""
+"""Default for ``trace_id``: a fresh random id for every reply (32 hex for Agenta, a
+``chatcmpl-`` id for chat completions); for ``Status.body``: the endpoint's error body."""
 
 # Anything JSON can hold, to test how the service treats odd trace ids (None: left out).
 TraceId = str | int | float | bool | list[Any] | dict[str, Any] | _Auto | None
@@ -152,14 +162,52 @@ class RecordedRequest:
 
 
 class Exchange:
-    """What a scenario gets to act on: the request, its parsed body and the server's hooks."""
+    """What a scenario gets to act on: the request, its parsed body, which endpoint was called
+    (``chat``: the OpenAI-compatible one) and the server's hooks."""
 
-    __slots__ = ("body", "request", "upstream")
+    __slots__ = ("body", "chat", "request", "upstream")
 
-    def __init__(self, upstream: StandinUpstream, request: web.BaseRequest, body: Any) -> None:
+    def __init__(
+        self, upstream: StandinUpstream, request: web.BaseRequest, body: Any, chat: bool = False
+    ) -> None:
         self.upstream = upstream
         self.request = request
         self.body = body
+        self.chat = chat
+
+    def error(
+        self, status: int, message: str, kind: str = "server_error", code: Any = None
+    ) -> web.Response:
+        """An error in this endpoint's shape: OpenAI's error body or Agenta's ``detail``."""
+        if self.chat:
+            return _json_response(status, openai.error_body(message, kind, code=code))
+        return _json_response(status, {"detail": message})
+
+    def answer(
+        self, content: str | None, trace_id: TraceId = AUTO, finish_reason: str = "stop"
+    ) -> web.Response:
+        """Model output ``content`` in this endpoint's shape: a ``chat.completion`` (no choices
+        when None) or an Agenta envelope with ``content`` as its data."""
+        if not self.chat:
+            return _json_response(200, _envelope(content, trace_id, "trace_id"))
+        return _json_response(200, self.completion(content, trace_id, finish_reason))
+
+    def completion(
+        self, content: str | None, trace_id: TraceId = AUTO, finish_reason: str = "stop"
+    ) -> dict[str, Any]:
+        """A ``chat.completion`` answering this request (its model, its prompt's tokens)."""
+        try:
+            prompt_tokens = openai.parse_chat_request(self.body).prompt_tokens
+        except openai.ChatRequestError:
+            prompt_tokens = 0
+        cid = openai.response_id() if isinstance(trace_id, _Auto) else trace_id
+        return openai.completion(
+            openai.request_model(self.body),
+            content,
+            completion_id=cid,
+            prompt_tokens=prompt_tokens,
+            finish_reason=finish_reason,
+        )
 
     async def pause(self, seconds: float | None) -> None:
         """Wait (forever when None) in a way ``stop()`` can interrupt, so shutdown never blocks."""
@@ -201,28 +249,66 @@ class Scenario(ABC):
         """Produce the response (or misbehave) for this request."""
 
 
+def json_schema_refusal() -> web.Response:
+    """The 400 a server without structured outputs gives a ``json_schema`` request."""
+    return _json_response(
+        400, openai.error_body(openai.JSON_SCHEMA_REFUSAL, param="response_format")
+    )
+
+
+def openai_unauthorized() -> web.Response:
+    """OpenAI's 401 for a wrong key."""
+    body = openai.error_body(
+        "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key"
+    )
+    return _json_response(401, body)
+
+
+def chat_only(exchange: Exchange, scenario: Scenario) -> web.Response | None:
+    """A 501 naming ``scenario`` when it is used on the Agenta endpoint, where it means nothing."""
+    if exchange.chat:
+        return None
+    name = type(scenario).__name__
+    return exchange.error(501, f"stand-in: {name}() only answers chat completions")
+
+
 @dataclass(frozen=True, slots=True)
 class Refine(Scenario):
     """The happy path: a deterministic refinement that keeps roles, order and variables.
 
-    ``summary=None`` sends ``"summary": null``; ``trace_id=None`` leaves the trace id out; any
-    other JSON value is sent as the trace id as is.
+    ``summary=None`` sends ``"summary": null``; ``trace_id=None`` leaves the trace id (for chat
+    completions: the response id) out; any other JSON value is sent as it is.
     """
 
     summary: str | None = "Tightened the wording."
     trace_id: TraceId = AUTO
 
     async def respond(self, exchange: Exchange) -> web.StreamResponse:
-        refined = _refined_envelope(exchange, self.summary, self.trace_id)
+        refined = refined_body(exchange, self.summary, self.trace_id)
         if isinstance(refined, web.StreamResponse):
             return refined
         return _json_response(200, refined)
 
 
-def _refined_envelope(
-    exchange: Exchange, summary: str | None, trace_id: TraceId
+def refined_body(
+    exchange: Exchange, summary: str | None, trace_id: TraceId, finish_reason: str = "stop"
 ) -> dict[str, Any] | web.StreamResponse:
-    """The envelope of a refinement of the request's template, or a 422 when it has none."""
+    """The reply body of a refinement of the request's template (an Agenta envelope or a
+    ``chat.completion``), or the error the endpoint gives for a request it cannot read: 422 from
+    Agenta, OpenAI's 400 naming the field. A ``length`` finish cuts the content in half."""
+    if exchange.chat:
+        try:
+            request = openai.parse_chat_request(exchange.body)
+            messages = refine_template(request.template_json)
+        except openai.ChatRequestError as exc:
+            return _json_response(400, openai.error_body(exc.message, param=exc.param))
+        except ValueError as exc:
+            message = f"cannot parse prompt template: {exc}"
+            return _json_response(400, openai.error_body(message, param="messages"))
+        content = json.dumps({"messages": messages, "summary": summary})
+        if finish_reason == "length":
+            content = content[: len(content) // 2]
+        return exchange.completion(content, trace_id, finish_reason)
     body = exchange.body
     try:
         inputs = body["inputs"]
@@ -239,6 +325,8 @@ class Reply(Scenario):
 
     With ``data_as_string`` a non-str ``data`` is JSON-encoded into a string (a str is sent as
     is, so a broken JSON string can be tested); otherwise ``data`` is embedded as an object.
+    On the chat completions endpoint ``data`` (as a string) is the message content and
+    ``trace_id`` the response id, so one scenario serves tests of either upstream.
     """
 
     data: Any
@@ -249,6 +337,9 @@ class Reply(Scenario):
 
     async def respond(self, exchange: Exchange) -> web.StreamResponse:
         data = self.data
+        if exchange.chat:
+            content = data if isinstance(data, str) else json.dumps(data)
+            return _json_response(self.status, exchange.completion(content, self.trace_id))
         if self.data_as_string and not isinstance(data, str):
             data = json.dumps(data)
         return _json_response(self.status, _envelope(data, self.trace_id, self.trace_key))
@@ -256,13 +347,18 @@ class Reply(Scenario):
 
 @dataclass(frozen=True, slots=True)
 class Status(Scenario):
-    """A plain error status (500, 503, 429 + Retry-After...). ``body`` None sends no body."""
+    """A plain error status (500, 503, 429 + Retry-After...). ``body`` None sends no body;
+    ``AUTO`` sends the endpoint's error body (Agenta's ``detail`` or OpenAI's ``error``)."""
 
     code: int
-    body: Any = field(default_factory=lambda: {"detail": "stand-in upstream error"})
+    body: Any = AUTO
     headers: Mapping[str, str] = field(default_factory=dict)
 
     async def respond(self, exchange: Exchange) -> web.StreamResponse:
+        if isinstance(self.body, _Auto):
+            response = exchange.error(self.code, "stand-in upstream error")
+            response.headers.update(self.headers)
+            return response
         if self.body is None:
             return web.Response(status=self.code, headers=dict(self.headers))
         if isinstance(self.body, bytes):
@@ -330,7 +426,8 @@ class Truncated(Scenario):
     """Send the headers and half of a valid body, then close cleanly: an incomplete response."""
 
     async def respond(self, exchange: Exchange) -> web.StreamResponse:
-        body = json.dumps(_envelope("{}", AUTO, "trace_id")).encode()
+        reply = exchange.completion("{}") if exchange.chat else _envelope("{}", AUTO, "trace_id")
+        body = json.dumps(reply).encode()
         response = web.StreamResponse(status=200, headers={"Content-Type": _JSON})
         response.content_length = len(body)
         await response.prepare(exchange.request)
@@ -393,7 +490,8 @@ def _repeat(chunk: bytes, total: int | None) -> Iterator[bytes]:
 
 @dataclass(frozen=True, slots=True)
 class Large(Scenario):
-    """A refinement padded to exactly ``size`` bytes of valid JSON, streamed in small chunks.
+    """A refinement padded to exactly ``size`` bytes of valid JSON, streamed in small chunks
+    (a ``padding`` key in the Agenta envelope or the ``chat.completion``).
 
     With Content-Length, unless ``chunked``. A size under the service's cap must succeed, one
     over it must be refused; with an error ``status`` it is an error page that big.
@@ -404,7 +502,7 @@ class Large(Scenario):
     status: int = 200
 
     async def respond(self, exchange: Exchange) -> web.StreamResponse:
-        refined = _refined_envelope(exchange, "Padded.", AUTO)
+        refined = refined_body(exchange, "Padded.", AUTO)
         if isinstance(refined, web.StreamResponse):
             return refined
         refined["padding"] = ""
@@ -465,7 +563,13 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 
 class StandinUpstream:
-    """The stand-in Agenta completion runner on 127.0.0.1 (or ::1), in a loop or its own thread.
+    """The stand-in upstream on 127.0.0.1 (or ::1), in a loop or its own thread: the Agenta
+    completion runner at ``RUN_PATH`` and OpenAI-compatible chat completions at ``CHAT_PATHS``.
+
+    ``api_key`` guards the Agenta endpoint (``Authorization: ApiKey KEY``), ``openai_api_key``
+    the chat endpoint (``Authorization: Bearer KEY``); each is open when None, as a local model
+    server is. With ``reject_json_schema`` every ``json_schema`` request gets the 400 of a server
+    without structured outputs, before and without consuming a scenario, as a refused key does.
 
     Counters and the request log are guarded by one ``threading.Condition`` so a test in any
     thread (or any event loop) can wait for "n requests arrived" instead of sleeping.
@@ -475,6 +579,8 @@ class StandinUpstream:
         self,
         *,
         api_key: str | None = None,
+        openai_api_key: str | None = None,
+        reject_json_schema: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
         default: Scenario | None = None,
@@ -484,6 +590,8 @@ class StandinUpstream:
         self._host = check_loopback(host)
         self._requested_port = port
         self._auth = f"ApiKey {api_key}" if api_key is not None else None
+        self._openai_auth = f"Bearer {openai_api_key}" if openai_api_key is not None else None
+        self.reject_json_schema = reject_json_schema
         self.default: Scenario = default if default is not None else Refine()
         self._record = record
         self._backlog = backlog
@@ -518,6 +626,11 @@ class StandinUpstream:
         """Base URL, e.g. ``http://127.0.0.1:PORT``; the service appends ``RUN_PATH``."""
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"http://{host}:{self.port}"
+
+    @property
+    def openai_url(self) -> str:
+        """OpenAI base URL, ``http://127.0.0.1:PORT/v1`` (``url`` without ``/v1`` works too)."""
+        return self.url + "/v1"
 
     # -- scenarios and observations --------------------------------------------------------
 
@@ -636,15 +749,17 @@ class StandinUpstream:
                         RecordedRequest(request.method, request.path, headers, body, raw)
                     )
                 self._notify_locked()
-            if request.path != RUN_PATH:
+            chat = request.path in openai.CHAT_PATHS
+            if request.path != RUN_PATH and not chat:
                 return _json_response(404, {"detail": "Not Found"})
             if request.method != "POST":
                 return _json_response(405, {"detail": "Method Not Allowed"})
-            if self._auth is not None and request.headers.get("Authorization") != self._auth:
-                return _json_response(401, {"detail": "invalid api key"})
+            refused = self._refuse(request, body, chat)
+            if refused is not None:
+                return refused
             with self._cond:
                 scenario = self._queue.popleft() if self._queue else self.default
-            return await scenario.respond(Exchange(self, request, body))
+            return await scenario.respond(Exchange(self, request, body, chat))
         except asyncio.CancelledError:
             # aiohttp cancels the handler (handler_cancellation=True) when the client goes away;
             # stop() cancels too, but sets _closing first so that is not counted.
@@ -652,6 +767,20 @@ class StandinUpstream:
             raise
         finally:
             self.in_flight -= 1
+
+    def _refuse(self, request: web.BaseRequest, body: Any, chat: bool) -> web.Response | None:
+        """The answer to a request refused before any scenario: a wrong key, or ``json_schema``
+        asked of a server set to reject it."""
+        given = request.headers.get("Authorization")
+        if not chat:
+            if self._auth is not None and given != self._auth:
+                return _json_response(401, {"detail": "invalid api key"})
+            return None
+        if self._openai_auth is not None and given != self._openai_auth:
+            return openai_unauthorized()
+        if self.reject_json_schema and openai.asks_json_schema(body):
+            return json_schema_refusal()
+        return None
 
     def _count_disconnect(self) -> None:
         """A client went away mid-answer (not counted while the stand-in itself stops)."""
