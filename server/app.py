@@ -280,6 +280,7 @@ class AiServicesServer:
             enabled=settings.upstream_enabled,
             limits=RateLimits(limiter, default_limit, metrics),
             gate=gate,
+            upstream=settings.upstream.value if self._tools is None else "",
         )
 
     async def start(self) -> int:

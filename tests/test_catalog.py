@@ -234,3 +234,16 @@ def test_the_deepest_arguments_the_client_sends_are_decoded(echo_server: ServerT
         assert result.structured_content == arguments
         with pytest.raises(ValueError, match="nested deeper"):
             client.call_tool("tests.echo.00", {"nested": _nested(MAX_NESTING)})
+
+
+def test_get_status_names_the_upstream_in_use_and_nothing_while_disabled(
+    client: ToolClient,
+) -> None:
+    status = client.status()
+    assert (status.enabled, status.upstream) == (True, "agenta")
+    with (
+        ServerThread(make_settings()) as disabled,
+        ToolClient(disabled.target, api_key=load_test_keys().editor, timeout=10) as other,
+    ):
+        off = other.status()
+    assert (off.enabled, off.upstream, off.tools) == (False, "", [])

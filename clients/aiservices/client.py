@@ -203,10 +203,12 @@ class ToolInfo:
 
 @dataclass(frozen=True)
 class Status:
-    """Whether the feature is on, and the tools this caller may call."""
+    """Whether the feature is on, the tools this caller may call, and which upstream refines
+    prompts ("agenta" or "openai"; empty when the feature is off)."""
 
     enabled: bool
     tools: list[ToolInfo]
+    upstream: str = ""
 
 
 @dataclass(frozen=True)
@@ -553,7 +555,11 @@ class ToolClient(_ClientBase):
         response: pb.GetStatusResponse = self._invoke(
             self._stub.GetStatus, pb.GetStatusRequest(), timeout, metadata
         )
-        return Status(enabled=response.enabled, tools=[_tool_info(t) for t in response.tools])
+        return Status(
+            enabled=response.enabled,
+            tools=[_tool_info(t) for t in response.tools],
+            upstream=response.upstream,
+        )
 
     def list_tools_page(
         self,
@@ -672,7 +678,11 @@ class AsyncToolClient(_ClientBase):
         response: pb.GetStatusResponse = await self._invoke(
             "GetStatus", pb.GetStatusRequest(), timeout, metadata
         )
-        return Status(enabled=response.enabled, tools=[_tool_info(t) for t in response.tools])
+        return Status(
+            enabled=response.enabled,
+            tools=[_tool_info(t) for t in response.tools],
+            upstream=response.upstream,
+        )
 
     async def list_tools_page(
         self,

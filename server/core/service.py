@@ -104,8 +104,11 @@ class ToolService:
         enabled: bool,
         limits: RateLimits,
         gate: CallGate,
+        upstream: str = "",
     ) -> None:
+        """`upstream` names the upstream the tools call, for callers who ask (GetStatus)."""
         self.enabled = enabled
+        self.upstream = upstream if enabled else ""
         self._limits = limits
         self._gate = gate
         self._tools: dict[str, Tool] = {}

@@ -26,39 +26,39 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n aiservices/v1/tool_service.proto\x12\raiservices.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x12\n\x10GetStatusRequest\"H\n\x11GetStatusResponse\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\"\n\x05tools\x18\x02 \x03(\x0b\x32\x13.aiservices.v1.Tool\"5\n\x10ListToolsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\"L\n\x11ListToolsResponse\x12\"\n\x05tools\x18\x01 \x03(\x0b\x32\x13.aiservices.v1.Tool\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\xcc\x01\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12-\n\x0cinput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x33\n\x0b\x61nnotations\x18\x06 \x01(\x0b\x32\x1e.aiservices.v1.ToolAnnotations\"\xd9\x01\n\x0fToolAnnotations\x12\x1b\n\x0eread_only_hint\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10\x64\x65structive_hint\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x0fidempotent_hint\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x1c\n\x0fopen_world_hint\x18\x04 \x01(\x08H\x03\x88\x01\x01\x42\x11\n\x0f_read_only_hintB\x13\n\x11_destructive_hintB\x12\n\x10_idempotent_hintB\x12\n\x10_open_world_hint\"K\n\x0f\x43\x61llToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xdb\x01\n\x10\x43\x61llToolResponse\x12,\n\x07\x63ontent\x18\x01 \x03(\x0b\x32\x1b.aiservices.v1.ContentBlock\x12\x33\n\x12structured_content\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12)\n\x04meta\x18\x04 \x01(\x0b\x32\x1b.aiservices.v1.CallToolMeta\x12\'\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x18.aiservices.v1.ToolError\"4\n\x0c\x43\x61llToolMeta\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"C\n\x0c\x43ontentBlock\x12*\n\x04text\x18\x01 \x01(\x0b\x32\x1a.aiservices.v1.TextContentH\x00\x42\x07\n\x05\x62lock\"\x1b\n\x0bTextContent\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x8b\x01\n\tToolError\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.aiservices.v1.ToolErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration*\xce\x01\n\rToolErrorCode\x12\x1f\n\x1bTOOL_ERROR_CODE_UNSPECIFIED\x10\x00\x12(\n$TOOL_ERROR_CODE_UPSTREAM_UNAVAILABLE\x10\x01\x12$\n TOOL_ERROR_CODE_UPSTREAM_TIMEOUT\x10\x02\x12\"\n\x1eTOOL_ERROR_CODE_UPSTREAM_ERROR\x10\x03\x12(\n$TOOL_ERROR_CODE_INVALID_MODEL_OUTPUT\x10\x04\x32\xfa\x01\n\x0bToolService\x12N\n\tGetStatus\x12\x1f.aiservices.v1.GetStatusRequest\x1a .aiservices.v1.GetStatusResponse\x12N\n\tListTools\x12\x1f.aiservices.v1.ListToolsRequest\x1a .aiservices.v1.ListToolsResponse\x12K\n\x08\x43\x61llTool\x12\x1e.aiservices.v1.CallToolRequest\x1a\x1f.aiservices.v1.CallToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n aiservices/v1/tool_service.proto\x12\raiservices.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x12\n\x10GetStatusRequest\"Z\n\x11GetStatusResponse\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\"\n\x05tools\x18\x02 \x03(\x0b\x32\x13.aiservices.v1.Tool\x12\x10\n\x08upstream\x18\x03 \x01(\t\"5\n\x10ListToolsRequest\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\"L\n\x11ListToolsResponse\x12\"\n\x05tools\x18\x01 \x03(\x0b\x32\x13.aiservices.v1.Tool\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\"\xcc\x01\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12-\n\x0cinput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12.\n\routput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x33\n\x0b\x61nnotations\x18\x06 \x01(\x0b\x32\x1e.aiservices.v1.ToolAnnotations\"\xd9\x01\n\x0fToolAnnotations\x12\x1b\n\x0eread_only_hint\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\x1d\n\x10\x64\x65structive_hint\x18\x02 \x01(\x08H\x01\x88\x01\x01\x12\x1c\n\x0fidempotent_hint\x18\x03 \x01(\x08H\x02\x88\x01\x01\x12\x1c\n\x0fopen_world_hint\x18\x04 \x01(\x08H\x03\x88\x01\x01\x42\x11\n\x0f_read_only_hintB\x13\n\x11_destructive_hintB\x12\n\x10_idempotent_hintB\x12\n\x10_open_world_hint\"K\n\x0f\x43\x61llToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xdb\x01\n\x10\x43\x61llToolResponse\x12,\n\x07\x63ontent\x18\x01 \x03(\x0b\x32\x1b.aiservices.v1.ContentBlock\x12\x33\n\x12structured_content\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12)\n\x04meta\x18\x04 \x01(\x0b\x32\x1b.aiservices.v1.CallToolMeta\x12\'\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x18.aiservices.v1.ToolError\"4\n\x0c\x43\x61llToolMeta\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"C\n\x0c\x43ontentBlock\x12*\n\x04text\x18\x01 \x01(\x0b\x32\x1a.aiservices.v1.TextContentH\x00\x42\x07\n\x05\x62lock\"\x1b\n\x0bTextContent\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x8b\x01\n\tToolError\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.aiservices.v1.ToolErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration*\xce\x01\n\rToolErrorCode\x12\x1f\n\x1bTOOL_ERROR_CODE_UNSPECIFIED\x10\x00\x12(\n$TOOL_ERROR_CODE_UPSTREAM_UNAVAILABLE\x10\x01\x12$\n TOOL_ERROR_CODE_UPSTREAM_TIMEOUT\x10\x02\x12\"\n\x1eTOOL_ERROR_CODE_UPSTREAM_ERROR\x10\x03\x12(\n$TOOL_ERROR_CODE_INVALID_MODEL_OUTPUT\x10\x04\x32\xfa\x01\n\x0bToolService\x12N\n\tGetStatus\x12\x1f.aiservices.v1.GetStatusRequest\x1a .aiservices.v1.GetStatusResponse\x12N\n\tListTools\x12\x1f.aiservices.v1.ListToolsRequest\x1a .aiservices.v1.ListToolsResponse\x12K\n\x08\x43\x61llTool\x12\x1e.aiservices.v1.CallToolRequest\x1a\x1f.aiservices.v1.CallToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aiservices.v1.tool_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLERRORCODE']._serialized_start=1361
-  _globals['_TOOLERRORCODE']._serialized_end=1567
+  _globals['_TOOLERRORCODE']._serialized_start=1379
+  _globals['_TOOLERRORCODE']._serialized_end=1585
   _globals['_GETSTATUSREQUEST']._serialized_start=113
   _globals['_GETSTATUSREQUEST']._serialized_end=131
   _globals['_GETSTATUSRESPONSE']._serialized_start=133
-  _globals['_GETSTATUSRESPONSE']._serialized_end=205
-  _globals['_LISTTOOLSREQUEST']._serialized_start=207
-  _globals['_LISTTOOLSREQUEST']._serialized_end=260
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=262
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=338
-  _globals['_TOOL']._serialized_start=341
-  _globals['_TOOL']._serialized_end=545
-  _globals['_TOOLANNOTATIONS']._serialized_start=548
-  _globals['_TOOLANNOTATIONS']._serialized_end=765
-  _globals['_CALLTOOLREQUEST']._serialized_start=767
-  _globals['_CALLTOOLREQUEST']._serialized_end=842
-  _globals['_CALLTOOLRESPONSE']._serialized_start=845
-  _globals['_CALLTOOLRESPONSE']._serialized_end=1064
-  _globals['_CALLTOOLMETA']._serialized_start=1066
-  _globals['_CALLTOOLMETA']._serialized_end=1118
-  _globals['_CONTENTBLOCK']._serialized_start=1120
-  _globals['_CONTENTBLOCK']._serialized_end=1187
-  _globals['_TEXTCONTENT']._serialized_start=1189
-  _globals['_TEXTCONTENT']._serialized_end=1216
-  _globals['_TOOLERROR']._serialized_start=1219
-  _globals['_TOOLERROR']._serialized_end=1358
-  _globals['_TOOLSERVICE']._serialized_start=1570
-  _globals['_TOOLSERVICE']._serialized_end=1820
+  _globals['_GETSTATUSRESPONSE']._serialized_end=223
+  _globals['_LISTTOOLSREQUEST']._serialized_start=225
+  _globals['_LISTTOOLSREQUEST']._serialized_end=278
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=280
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=356
+  _globals['_TOOL']._serialized_start=359
+  _globals['_TOOL']._serialized_end=563
+  _globals['_TOOLANNOTATIONS']._serialized_start=566
+  _globals['_TOOLANNOTATIONS']._serialized_end=783
+  _globals['_CALLTOOLREQUEST']._serialized_start=785
+  _globals['_CALLTOOLREQUEST']._serialized_end=860
+  _globals['_CALLTOOLRESPONSE']._serialized_start=863
+  _globals['_CALLTOOLRESPONSE']._serialized_end=1082
+  _globals['_CALLTOOLMETA']._serialized_start=1084
+  _globals['_CALLTOOLMETA']._serialized_end=1136
+  _globals['_CONTENTBLOCK']._serialized_start=1138
+  _globals['_CONTENTBLOCK']._serialized_end=1205
+  _globals['_TEXTCONTENT']._serialized_start=1207
+  _globals['_TEXTCONTENT']._serialized_end=1234
+  _globals['_TOOLERROR']._serialized_start=1237
+  _globals['_TOOLERROR']._serialized_end=1376
+  _globals['_TOOLSERVICE']._serialized_start=1588
+  _globals['_TOOLSERVICE']._serialized_end=1838
 # @@protoc_insertion_point(module_scope)

@@ -84,8 +84,13 @@ class GetStatusResponse(_message.Message):
 
     ENABLED_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    UPSTREAM_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """True when the service is configured to reach its upstream."""
+    upstream: _builtins.str
+    """Which upstream refines prompts: "agenta" (an Agenta completion runner) or "openai" (an
+    OpenAI-compatible chat completions endpoint); empty when the feature is disabled.
+    """
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
         """The tools this caller may call; empty when the feature is disabled."""
@@ -95,10 +100,11 @@ class GetStatusResponse(_message.Message):
         *,
         enabled: _builtins.bool = ...,
         tools: _abc.Iterable[Global___Tool] | None = ...,
+        upstream: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "tools", b"tools", "upstream", b"upstream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

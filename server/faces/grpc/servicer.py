@@ -43,7 +43,9 @@ class ToolServicer:
         tools = self._service.visible_tools(rpc.call.principal)
         return Reply(
             pb.GetStatusResponse(
-                enabled=self._service.enabled, tools=[self._messages[t.name] for t in tools]
+                enabled=self._service.enabled,
+                tools=[self._messages[t.name] for t in tools],
+                upstream=self._service.upstream,
             )
         )
 
