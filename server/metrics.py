@@ -19,6 +19,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from server.upstream.refiner import UpstreamAttempt
+
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
 )  # fmt: skip
@@ -92,6 +94,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.upstream_tokens = Counter(
+            "aiservices_upstream_tokens",
+            "Model tokens the upstream reported for tool calls, by kind (prompt, completion).",
+            ("kind",),
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "aiservices_tool_calls_in_flight", "Tool calls running now.", registry=registry
         )
@@ -146,8 +154,20 @@ class Metrics:
     def unauthenticated_refusal(self, reason: str) -> None:
         self.unauthenticated_refusals.labels(reason).inc()
 
-    def tool_call(self, tool: str, outcome: str, key_id: str, transport: str) -> None:
+    def tool_call(
+        self,
+        tool: str,
+        outcome: str,
+        key_id: str,
+        transport: str,
+        upstream: UpstreamAttempt | None = None,
+    ) -> None:
+        """A tool call that ran, and the model's tokens its last upstream attempt reported."""
         self.tool_calls.labels(tool, outcome, key_id, transport).inc()
+        if upstream is not None and upstream.tokens is not None:
+            prompt, completion = upstream.tokens
+            self.upstream_tokens.labels("prompt").inc(prompt)
+            self.upstream_tokens.labels("completion").inc(completion)
 
     def mcp_request(self, method: str, code: str, seconds: float) -> None:
         self.mcp_requests.labels(method, code).inc()

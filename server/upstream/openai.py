@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx
 import orjson
@@ -163,4 +164,25 @@ def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) 
         raise UpstreamBadReply("the upstream reply's first choice has no text content")
     if holds_too_many_values(content):
         raise UpstreamReplyTooLarge(too_many_values())
+    tokens = _tokens(reply.get("usage"))
+    if tokens is not None:
+        attempt = replace(attempt, tokens=tokens)
     return RefineReply(content, trace_token(reply.get("id")), attempt)
+
+
+# More tokens than any model's context holds is not a count this service believes.
+_MAX_TOKENS_REPORTED = 100_000_000
+
+
+def _tokens(usage: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from `usage`, when both are plausible counts."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if _is_count(prompt) and _is_count(completion):
+        return prompt, completion
+    return None
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return type(value) is int and 0 <= value <= _MAX_TOKENS_REPORTED

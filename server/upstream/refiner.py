@@ -17,11 +17,13 @@ class UpstreamAttempt:
     """What one HTTP attempt to an upstream came to, and how long it took.
 
     `status` is the HTTP status code ("200", "503"...) or, when no status was read, one of
-    timeout, unavailable, cancelled, too_large, invalid or error.
+    timeout, unavailable, cancelled, too_large, invalid or error. `tokens` is the model's usage
+    (prompt, completion) when the upstream reported it.
     """
 
     status: str
     seconds: float
+    tokens: tuple[int, int] | None = None
 
 
 class UpstreamError(Exception):

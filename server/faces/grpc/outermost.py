@@ -10,7 +10,6 @@ agree, because all three are decided here.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,14 +19,12 @@ from aiservices.v1 import tool_service_pb2 as pb
 
 from server.core.drain import Drain
 from server.core.headers import REQUEST_ID_HEADER, Headers, request_id_for
-from server.core.service import MAX_NAME_SHOWN
 from server.errors import ServiceError, report_unexpected
+from server.faces.access import access_log, log_access
 from server.faces.grpc.rpc import Handler, Reply, Rpc
 from server.faces.grpc.status import status_code_for, to_grpc_status
 from server.logs import LineSampler
 from server.metrics import Metrics
-
-access_log = logging.getLogger("aiservices.access")
 
 GrpcHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[bytes]]
 """What grpc.aio runs for a unary method: the request and grpc's context in, response bytes
@@ -109,9 +106,25 @@ class OutermostInterceptor:
                 tool = request.name if isinstance(request, pb.CallToolRequest) else None
                 key_id = _key_id(rpc, refusal)
                 if reply is not None and reply.outcome is not None and tool is not None:
-                    metrics.tool_call(tool, reply.outcome.code, key_id, "grpc")
+                    metrics.tool_call(
+                        tool, reply.outcome.code, key_id, "grpc", reply.outcome.upstream
+                    )
                 if code != "UNAUTHENTICATED" or sampler.admit():
-                    _log_access(rpc, code, duration, tool, key_id, reply)
+                    outcome = reply.outcome if reply is not None else None
+                    log_access(
+                        transport="grpc",
+                        request_id=rpc.request_id,
+                        method=method,
+                        code=code,
+                        duration=duration,
+                        key_id=key_id,
+                        caller=rpc.caller,
+                        tool=tool,
+                        outcome=outcome.code if outcome is not None else "",
+                        trace_id=outcome.trace_id if outcome is not None else "",
+                        upstream=outcome.upstream if outcome is not None else None,
+                        payload=outcome.payload if outcome is not None else None,
+                    )
 
         return run
 
@@ -123,36 +136,3 @@ def _key_id(rpc: Rpc, refusal: ServiceError | None) -> str:
     if refusal is not None and refusal.key_id is not None:
         return refusal.key_id
     return "anonymous"
-
-
-def _log_access(
-    rpc: Rpc, code: str, duration: float, tool: str | None, key_id: str, reply: Reply | None
-) -> None:
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    fields: dict[str, Any] = {
-        "request_id": rpc.request_id,
-        "transport": "grpc",
-        "method": rpc.method,
-        "code": code,
-        "duration_ms": round(duration * 1e6) / 1000,
-        "key_id": key_id,
-    }
-    caller = rpc.caller
-    if caller is not None and caller.user_id is not None:
-        fields["user_id"] = caller.user_id
-    if caller is not None and caller.organization is not None:
-        fields["organization"] = caller.organization
-    if tool:
-        fields["tool"] = tool[:MAX_NAME_SHOWN]
-    outcome = reply.outcome if reply is not None else None
-    if outcome is not None:
-        fields["outcome"] = outcome.code
-        if outcome.upstream is not None:
-            fields["upstream_status"] = outcome.upstream.status
-            fields["upstream_ms"] = round(outcome.upstream.seconds * 1e6) / 1000
-        if outcome.trace_id:
-            fields["trace_id"] = outcome.trace_id
-        if outcome.payload is not None:
-            fields["payload"] = outcome.payload
-    access_log.info("rpc", extra=fields)

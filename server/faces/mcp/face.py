@@ -12,7 +12,6 @@ requests.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
 from starlette.types import Message, Receive, Scope, Send
 
-from server.call import Call, Principal
+from server.call import Call
 from server.core.auth import Authenticator
 from server.core.drain import Drain
 from server.core.headers import REQUEST_ID_HEADER, Headers, request_id_for, traceparent_in
@@ -41,12 +40,11 @@ from server.errors import (
     report_unexpected,
     retry_after_seconds,
 )
+from server.faces.access import log_access
 from server.logs import LineSampler
 from server.metrics import Metrics
 from server.tools.base import ToolDefinition, ToolFailure, ToolResult
 from server.upstream.refiner import UpstreamAttempt
-
-access_log = logging.getLogger("aiservices.access")
 
 PATH = "/mcp"
 SERVER_NAME = "aiservices"
@@ -333,11 +331,26 @@ class McpFace:
         code = _code(status, exchange)
         self._metrics.mcp_request(method, code, duration)
         if exchange is not None and exchange.tool and exchange.outcome:
-            self._metrics.tool_call(exchange.tool, exchange.outcome, key_id, "mcp")
+            self._metrics.tool_call(
+                exchange.tool, exchange.outcome, key_id, "mcp", exchange.upstream
+            )
         sampler = self._unauthenticated_lines
         if code == "UNAUTHENTICATED" and sampler is not None and not sampler.admit():
             return
-        _log_access(exchange, method, code, duration, request_id, key_id)
+        log_access(
+            transport="mcp",
+            request_id=request_id,
+            method=method,
+            code=code,
+            duration=duration,
+            key_id=key_id,
+            caller=exchange.call.principal if exchange is not None else None,
+            tool=exchange.tool if exchange is not None else None,
+            outcome=exchange.outcome if exchange is not None else "",
+            trace_id=exchange.trace_id if exchange is not None else "",
+            upstream=exchange.upstream if exchange is not None else None,
+            payload=exchange.payload if exchange is not None else None,
+        )
 
 
 def _code(status: int, exchange: Exchange | None) -> str:
@@ -475,41 +488,3 @@ async def _until_disconnect(receive: Receive, gone: asyncio.Event) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     gone.set()
-
-
-def _log_access(
-    exchange: Exchange | None,
-    method: str,
-    code: str,
-    duration: float,
-    request_id: str,
-    key_id: str,
-) -> None:
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    fields: dict[str, Any] = {
-        "request_id": request_id,
-        "transport": "mcp",
-        "method": method,
-        "code": code,
-        "duration_ms": round(duration * 1e6) / 1000,
-        "key_id": key_id,
-    }
-    if exchange is not None:
-        principal: Principal = exchange.call.principal
-        if principal.user_id is not None:
-            fields["user_id"] = principal.user_id
-        if principal.organization is not None:
-            fields["organization"] = principal.organization
-        if exchange.tool:
-            fields["tool"] = exchange.tool
-        if exchange.outcome:
-            fields["outcome"] = exchange.outcome
-        if exchange.upstream is not None:
-            fields["upstream_status"] = exchange.upstream.status
-            fields["upstream_ms"] = round(exchange.upstream.seconds * 1e6) / 1000
-        if exchange.trace_id:
-            fields["trace_id"] = exchange.trace_id
-        if exchange.payload is not None:
-            fields["payload"] = exchange.payload
-    access_log.info("rpc", extra=fields)
