@@ -160,9 +160,10 @@ class Harness(contextlib.ExitStack):
         args = ("-m", "server.standin", "--api-key", UPSTREAM_API_KEY, "--delay", str(delay))
         return self._start(f"upstream-{delay:g}s", self.pinning.load_cpu, *args)
 
-    def service(self, upstream: Server, mcp: bool = False) -> Server:
+    def service(self, upstream: Server, mcp: bool = False, openai: bool = False) -> Server:
         """``python -m server`` with production settings, the rate limit raised out of the way,
-        serving MCP too when ``mcp`` is set.
+        serving MCP too when ``mcp`` is set, refining through the stand-in's OpenAI-compatible
+        endpoint instead of its Agenta one when ``openai`` is set.
 
         It runs in a temporary directory so a developer's ``.env`` does not leak in. Settings in
         the bench's own environment win: ``AGENTA_AI_SERVICES_LOG_LEVEL=WARNING make bench``
@@ -181,6 +182,12 @@ class Harness(contextlib.ExitStack):
             "LOG_LEVEL": "INFO",
             "SHUTDOWN_GRACE": "2",
         }
+        if openai:
+            settings.update(
+                UPSTREAM="openai",
+                OPENAI_BASE_URL=f"http://{upstream.target}/v1",
+                OPENAI_MODEL="stand-in",
+            )
         mcp_port = free_port() if mcp else 0
         if mcp:
             settings["MCP_ADDRESS"] = f"127.0.0.1:{mcp_port}"

@@ -14,7 +14,7 @@ from bench.harness import Harness, Server
 from bench.loadgen import LoadResult
 from bench.report import Row, Scenario, Target
 
-SCENARIOS = ("status", "calltool", "rest", "mcp", "slow", "growth")
+SCENARIOS = ("status", "calltool", "upstreams", "rest", "mcp", "slow", "growth")
 FAST = 64  # calls in flight against the instant upstream
 SLOW_IN_FLIGHT = 1000
 GROWTH_CONCURRENCY = (1, 16, 64, 256)
@@ -160,6 +160,29 @@ class Runner:
         title = "CallTool against a bare grpc.aio server doing one aiohttp POST"
         return self._against_bare("calltool", "call", BARE_CALL, title, note)
 
+    def upstreams(self) -> Scenario:
+        progress(f"upstreams: CallTool through each upstream adapter, {FAST} in flight")
+        agenta = Row(f"{SERVICE} CallTool, Agenta runner", FAST)
+        openai = Row(f"{SERVICE} CallTool, OpenAI-compatible", FAST, ratio_to=agenta)
+        self._side_by_side(
+            [
+                (agenta, self.h.service(self.h.instant), "call"),
+                (openai, self.h.service(self.h.instant, openai=True), "call"),
+            ]
+        )
+        note = (
+            "The same service and stand-in, refining through the Agenta completion runner's "
+            "endpoint or its OpenAI-compatible chat completions endpoint."
+        )
+        ratio = openai.ratio(agenta)
+        targets = [
+            Target("CallTool req/s, OpenAI-compatible / Agenta runner", ratio, ">=", 0.9),
+            Target("CallTool req/s, Agenta runner / OpenAI-compatible", _inverse(ratio), ">=", 0.9),
+        ]
+        return Scenario(
+            "upstreams", "CallTool through each upstream", [agenta, openai], targets, [note]
+        )
+
     def rest(self) -> Scenario:
         progress(f"rest: CallTool against the REST design, {FAST} in flight")
         row = Row(f"{SERVICE} CallTool", FAST)
@@ -268,3 +291,7 @@ class Runner:
         title = "Cost growth: CallTool by concurrency; RSS by slow calls in flight"
         notes = ["The 1,000 row is the slow scenario's, when it ran."] if at_1000 else []
         return Scenario("growth", title, rows + slow_rows, notes=notes)
+
+
+def _inverse(ratio: float | None) -> float | None:
+    return None if not ratio else round(1 / ratio, 2)

@@ -86,7 +86,7 @@ def test_an_unknown_scenario_is_refused_before_anything_starts(tmp_path: Path) -
 
     assert finished.returncode == 2
     assert "unknown scenario 'nonsense'" in finished.stderr
-    assert "status, calltool, rest, mcp, slow, growth" in finished.stderr
+    assert "status, calltool, upstreams, rest, mcp, slow, growth" in finished.stderr
     assert not out.exists()
 
 
