@@ -44,8 +44,9 @@ run: install
 
 # The service (gRPC and MCP) against the local stand-in upstream: see docs/development.md,
 # "Try it locally". It prints commands that use buf and the MCP Inspector, hence `tools`.
+# UPSTREAM=openai calls the stand-in's chat completions instead of its Agenta runner.
 demo: install tools
-	$(PY) -m server.demo
+	$(if $(UPSTREAM),AGENTA_AI_SERVICES_UPSTREAM=$(UPSTREAM) )$(PY) -m server.demo
 
 test: install tools redis
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -2,9 +2,11 @@
 first call.
 
 It prints commands that work as printed, from any directory: the MCP Inspector's CLI, a few
-lines of Python with the MCP SDK's client, and `buf curl` for gRPC. The stand-in speaks the
-Agenta completion-runner contract and "refines" deterministically, so a newcomer sees the whole
-path work without an Agenta deployment or an LLM.
+lines of Python with the MCP SDK's client, and `buf curl` for gRPC. The stand-in speaks both
+upstream contracts, the Agenta completion runner and OpenAI-compatible chat completions, and
+"refines" deterministically, so a newcomer sees the whole path work without an Agenta
+deployment or an LLM. `AGENTA_AI_SERVICES_UPSTREAM` (`make demo UPSTREAM=openai`) picks which
+of the two the service calls, as it does for the server.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import sys
 from pathlib import Path
 
 from server.app import AiServicesServer, StartupError
-from server.config import SettingsError, load_settings
+from server.config import SettingsError, UpstreamKind, load_settings
 from server.devkeys import ensure_dev_keys
 from server.logs import configure_logging
 from server.standin import StandinUpstream
 
 DEMO_UPSTREAM_KEY = "demo-upstream-key"
+# The model name the service sends to the stand-in's chat completions (it echoes any name).
+DEMO_MODEL = "stand-in"
 # MCP is on in the demo, beside gRPC's 127.0.0.1:50051, unless MCP_ADDRESS says otherwise.
 DEMO_MCP_ADDRESS = "127.0.0.1:50052"
 TOOL = "tools.agenta.api.refine_prompt"
@@ -103,10 +107,40 @@ def buf_commands(target: str, key: str) -> list[str]:
     return [f"{base} {service}/GetStatus", f"{base} -d {body} {service}/CallTool"]
 
 
-def instructions(target: str, mcp_url: str | None, key: str) -> str:
-    """What the demo prints: where it serves, the key, and commands that work as printed."""
+def upstream_settings(kind: UpstreamKind, standin_url: str) -> dict[str, object]:
+    """The settings that point the service's `kind` of upstream at the stand-in at
+    `standin_url`: its Agenta completion runner, or its chat completions under `/v1`."""
+    if kind is UpstreamKind.OPENAI:
+        return {
+            "openai_base_url": f"{standin_url}/v1",
+            "openai_model": DEMO_MODEL,
+            "openai_api_key": DEMO_UPSTREAM_KEY,
+        }
+    return {
+        "api_key": DEMO_UPSTREAM_KEY,
+        "api_url": standin_url,
+        "environment_slug": "development",
+        "refine_prompt_key": "ai-services-refine-prompt",
+    }
+
+
+def upstream_line(kind: UpstreamKind, standin_url: str) -> str:
+    """The line saying which upstream the service calls, and where."""
+    if kind is UpstreamKind.OPENAI:
+        return (
+            f"upstream: openai, a stand-in's OpenAI-compatible chat completions at "
+            f"{standin_url}/v1, model {DEMO_MODEL}"
+        )
+    return f"upstream: agenta, a stand-in Agenta completion runner at {standin_url}"
+
+
+def instructions(
+    target: str, mcp_url: str | None, key: str, upstream: str = "a stand-in upstream"
+) -> str:
+    """What the demo prints: where it serves, which upstream, the key, and commands that work as
+    printed."""
     where = f"gRPC on {target}" + ("" if mcp_url is None else f", MCP at {mcp_url}")
-    lines = [f"aiservices demo: {where}, against a stand-in upstream", f"API key: {key}", ""]
+    lines = [f"aiservices demo: {where}", upstream, f"API key: {key}", ""]
     if mcp_url is not None:
         lines += ["MCP, with the MCP Inspector's CLI (in another terminal):"]
         lines += [f"  {command}" for command in inspector_commands(mcp_url, key)]
@@ -118,22 +152,21 @@ def instructions(target: str, mcp_url: str | None, key: str) -> str:
 
 
 async def run_demo() -> int:
-    upstream = StandinUpstream(api_key=DEMO_UPSTREAM_KEY, record=False)
-    await upstream.start()
     keys_file, key = ensure_dev_keys(Path(".dev"))
-    demo_settings: dict[str, object] = {
-        "api_key": DEMO_UPSTREAM_KEY,
-        "api_url": upstream.url,
-        "environment_slug": "development",
-        "refine_prompt_key": "ai-services-refine-prompt",
-        "api_keys_file": keys_file,
-    }
-    settings = load_settings(**demo_settings)
-    if settings.mcp_address is None:
-        settings = load_settings(**demo_settings, mcp_address=DEMO_MCP_ADDRESS)
-    configure_logging(settings.log_level.value)
-    server = AiServicesServer(settings)
+    # The environment's settings first: they say which upstream, and a bad one stops the demo
+    # before anything listens.
+    kind = load_settings(api_keys_file=keys_file).upstream
+    upstream = StandinUpstream(
+        api_key=DEMO_UPSTREAM_KEY, openai_api_key=DEMO_UPSTREAM_KEY, record=False
+    )
+    await upstream.start()
     try:
+        demo_settings = {"api_keys_file": keys_file, **upstream_settings(kind, upstream.url)}
+        settings = load_settings(**demo_settings)
+        if settings.mcp_address is None:
+            settings = load_settings(**demo_settings, mcp_address=DEMO_MCP_ADDRESS)
+        configure_logging(settings.log_level.value)
+        server = AiServicesServer(settings)
         port = await server.start()
         host = settings.grpc_address.rpartition(":")[0]
         mcp_url = None
@@ -141,7 +174,8 @@ async def run_demo() -> int:
             mcp_host = settings.mcp_host_port[0]
             scheme = "https" if settings.tls_cert_file is not None else "http"
             mcp_url = f"{scheme}://{_url_host(mcp_host)}:{server.mcp_port}/mcp"
-        print(instructions(f"{host}:{port}", mcp_url, key), file=sys.stderr, flush=True)
+        text = instructions(f"{host}:{port}", mcp_url, key, upstream_line(kind, upstream.url))
+        print(text, file=sys.stderr, flush=True)
         await server.serve_until_signalled()
     finally:
         await upstream.stop()
