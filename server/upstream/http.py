@@ -277,6 +277,7 @@ class JsonEndpoint:
                 status,
                 f"the upstream answered HTTP {status}",
                 retry_after=parse_retry_after(response.headers.get("retry-after")),
+                body=bytes(body),
             )
             error.attempt = attempt
             raise error
@@ -309,10 +310,12 @@ class JsonEndpoint:
             raise UpstreamUnavailable("the upstream connection failed", sent=True) from None
 
     async def _read(self, response: httpx.Response) -> bytes | bytearray:
-        """A 2xx body within the byte cap; an error reply's body drained and dropped."""
+        """A 2xx body within the byte cap; an error reply's body within MAX_ERROR_BODY_BYTES
+        (a longer one is dropped: the connection is closed instead of drained)."""
         if not response.is_success:
-            with contextlib.suppress(UpstreamReplyTooLarge):
-                await read_capped(response, min(MAX_ERROR_BODY_BYTES, self.max_reply_bytes))
+            with contextlib.suppress(UpstreamReplyTooLarge, UpstreamBadReply):
+                _check_encoding(response)
+                return await read_capped(response, min(MAX_ERROR_BODY_BYTES, self.max_reply_bytes))
             return b""
         _check_encoding(response)
         return await read_capped(response, self.max_reply_bytes)

@@ -104,7 +104,7 @@ class OpenAIRefiner:
                 traceparent=traceparent,
             )
         except UpstreamStatusError as error:
-            if error.status != 400 or not asked_for_schema:
+            if not (asked_for_schema and _refuses_json_schema(error)):
                 raise
             self.json_schema_accepted = False
             left = None if deadline is None else deadline - time.monotonic()
@@ -139,6 +139,16 @@ class OpenAIRefiner:
         return _JSON.encode(body).encode()
 
 
+def _refuses_json_schema(error: UpstreamStatusError) -> bool:
+    """A 400 about the response format: servers name `response_format` or `json_schema` in
+    their error (OpenAI in `error.param`, others in the message). Any other 400 (a context too
+    long, an option the model does not take) is no reason to stop asking for the schema."""
+    if error.status != 400:
+        return False
+    text = error.body.lower()
+    return b"response_format" in text or b"json_schema" in text
+
+
 def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) -> RefineReply:
     """The first choice's content as the model's answer, the response id as the trace id;
     raises only UpstreamBadReply (or a subclass). The values a parse would build are bounded
@@ -155,8 +165,8 @@ def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) 
     choice = choices[0]
     if choice.get("finish_reason") == "length":
         raise ModelOutputCut(
-            "the model ran out of tokens before it finished its answer (finish_reason length): "
-            "raise the upstream's max tokens"
+            "the model ran out of tokens before it finished its answer (finish_reason length); "
+            "a shorter template may fit, or the service's OPENAI_MAX_TOKENS is too low"
         )
     message = choice.get("message")
     content = message.get("content") if isinstance(message, dict) else None

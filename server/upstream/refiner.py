@@ -58,11 +58,15 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamStatusError(UpstreamError):
-    """A non-2xx reply."""
+    """A non-2xx reply. `body` holds its first bytes (at most 64 KiB), for an adapter to tell
+    one refusal from another; it is never shown to callers or logged."""
 
-    def __init__(self, status: int, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, retry_after: float | None = None, body: bytes = b""
+    ) -> None:
         super().__init__(message, retry_after=retry_after)
         self.status = status
+        self.body = body
         self.retryable = status in (408, 425, 429, 500, 502, 503, 504)
 
 
