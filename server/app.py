@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.auth import KeysFileError, KeyStore
+from server.auth.reload import KeysReloader, file_state
 from server.config import (
     AuthMode,
     EventLoop,
@@ -257,6 +258,7 @@ class AiServicesServer:
         self.port = 0
         self.metrics_port: int | None = None
         self.mcp_port: int | None = None
+        self._keys_reloader: KeysReloader | None = None
 
     def _build_service(self, settings: Settings, limiter: RateLimiter) -> ToolService:
         metrics = self.metrics
@@ -288,6 +290,8 @@ class AiServicesServer:
         ensure_bindable(settings.grpc_address, "GRPC_ADDRESS")
         if settings.metrics_address is not None:
             ensure_bindable(settings.metrics_address, "METRICS_ADDRESS")
+        # Taken before the file is read, so a change made while it loads is not missed.
+        keys_state = file_state(settings.api_keys_file) if settings.api_keys_file else None
         keys = load_keys(settings)
         credentials = server_credentials(settings)
         metrics = self.metrics
@@ -312,6 +316,10 @@ class AiServicesServer:
             ],
         )
         authenticator = Authenticator(keys, metrics)
+        if keys is not None and settings.api_keys_file is not None:
+            self._keys_reloader = KeysReloader(
+                settings.api_keys_file, authenticator.use_keys, keys=keys, state=keys_state
+            )
         authentication = AuthenticationInterceptor(authenticator)
         server.add_generic_rpc_handlers(
             [generic_handler(SERVICE_NAME, servicer.methods(), self._outermost, [authentication])]
@@ -348,6 +356,8 @@ class AiServicesServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await self._start_rate_limit_store()
+        if self._keys_reloader is not None:
+            self._keys_reloader.start()
         log.info(
             "serving",
             extra={
@@ -428,12 +438,21 @@ class AiServicesServer:
         status = health_pb2.HealthCheckResponse
         await self.health.set(RATE_LIMIT_HEALTH, status.SERVING if up else status.NOT_SERVING)
 
+    def reload_keys(self) -> None:
+        """Reload the keys file soon (SIGHUP); with authentication disabled there is none."""
+        if self._keys_reloader is None:
+            log.info("nothing to reload: authentication is disabled")
+            return
+        self._keys_reloader.request("sighup")
+
     async def serve_until_signalled(self) -> None:
-        """Run until SIGINT or SIGTERM, then drain and stop; a second signal stops at once."""
+        """Run until SIGINT or SIGTERM, then drain and stop; a second signal stops at once.
+        SIGHUP reloads the keys file meanwhile."""
         signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, signalled.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
         await signalled.wait()
         signalled.clear()
         log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace})
@@ -451,6 +470,8 @@ class AiServicesServer:
         grace = self.settings.shutdown_grace if grace is None else grace
         deadline = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
+        if self._keys_reloader is not None:
+            await self._keys_reloader.stop()
         if self._server is not None:
             drain = self._drain
             in_flight = drain.in_flight

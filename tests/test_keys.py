@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import stat
 import tomllib
 from datetime import timedelta
 from pathlib import Path
+from subprocess import CompletedProcess
 from tempfile import TemporaryDirectory
 
 import pytest
@@ -26,6 +28,7 @@ from server.auth import (
 )
 from server.auth.keys import MAX_KEY_LENGTH, is_valid_key_text
 from server.ratelimit import RateLimit, gcra
+from tests.support.processes import run_to_exit
 
 KEY_A = "ais_first-key-for-tests_0123456789abcdefghijklmn"
 KEY_B = "ais_second-key-for-tests_0123456789abcdefghijklm"
@@ -586,3 +589,119 @@ def test_keys_hash_bad_input(
     assert captured.out == ""
     assert captured.err.count("\n") == 1
     assert fragment in captured.err
+
+
+# --- keys list / keys revoke, through the real command line ------------------------------------
+
+KEY_C = "ais_third-key-for-tests_0123456789abcdefghijklmno"
+
+COMMENTED_FILE = f"""# aiservices keys: one table per caller
+
+# billing, owned by team A
+[[keys]]
+id = "svc-a"
+hash = "{HASH_A}"
+permissions = ["tools.x"]
+
+# reporting, owned by team B
+[[keys]]
+id = "svc.b_2"
+hash = "{HASH_B}"
+permissions = ["*", "edit_workflows"]
+organization = "acme"
+rate_limit = {{ burst = 30, per_minute = 90 }}
+
+[[keys]]
+id = "svc-c"
+hash = "{hash_key(KEY_C)}"
+permissions = ["tools.y"]
+"""
+
+
+def run_keys(cwd: Path, *args: str, keys_file: Path | None = None) -> CompletedProcess[str]:
+    """`python -m server keys ARGS`, with API_KEYS_FILE set to `keys_file` when given."""
+    settings = {} if keys_file is None else {"API_KEYS_FILE": str(keys_file)}
+    return run_to_exit(cwd, settings, "keys", *args)
+
+
+def test_keys_list_prints_each_entry_without_its_hash(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD_FILE)
+    path.chmod(0o600)
+    done = run_keys(tmp_path, "list", "--file", str(path))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "sha256" not in done.stdout
+    assert HASH_A.removeprefix("sha256:") not in done.stdout
+    assert tomllib.loads(done.stdout)["keys"] == [
+        {"id": "svc-a", "permissions": ["tools.agenta.api.refine_prompt"]},
+        {
+            "id": "svc.b_2",
+            "permissions": ["*"],
+            "organization": "acme",
+            "rate_limit": {"burst": 30, "per_minute": 90},
+        },
+    ]
+
+
+def test_keys_list_reads_the_file_the_server_is_set_to(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD_FILE)
+    path.chmod(0o600)
+    done = run_keys(tmp_path, "list", keys_file=path)
+    assert done.returncode == 0
+    assert [k["id"] for k in tomllib.loads(done.stdout)["keys"]] == ["svc-a", "svc.b_2"]
+
+
+@pytest.mark.parametrize("command", [["list"], ["revoke", "svc-a"]])
+def test_keys_list_and_revoke_need_a_file(tmp_path: Path, command: list[str]) -> None:
+    done = run_keys(tmp_path, *command)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert "pass --file or set AGENTA_AI_SERVICES_API_KEYS_FILE" in done.stderr
+
+
+def test_keys_revoke_replaces_the_file_without_the_entry(tmp_path: Path) -> None:
+    path = write(tmp_path, COMMENTED_FILE)
+    path.chmod(0o400)
+    inode = path.stat().st_ino
+
+    done = run_keys(tmp_path, "revoke", "svc.b_2", keys_file=path)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.count("\n") == 1
+    assert '"svc.b_2"' in done.stdout
+
+    # Renamed over the old file (a reader never sees half of it), with the same permissions.
+    assert path.stat().st_ino != inode
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
+    assert [p.name for p in tmp_path.iterdir()] == ["keys.toml"]
+
+    text = path.read_text()
+    assert "# billing, owned by team A" in text
+    assert "# aiservices keys" in text
+    assert "team B" not in text
+    store = KeyStore.from_file(path)
+    assert store.ids() == ("svc-a", "svc-c")
+    assert store.authenticate(KEY_B) is None
+    assert store.authenticate(KEY_C) is not None
+
+
+@pytest.mark.parametrize(
+    ("keys_text", "key_id", "fragment"),
+    [
+        (COMMENTED_FILE, "svc-zz", 'no key "svc-zz"'),
+        (entry(), "svc-a", "only key"),
+        ("[[keys]]\nid = 1\n", "svc-a", "keys[0].id: must be a string"),
+    ],
+)
+def test_keys_revoke_refuses_and_leaves_the_file_alone(
+    tmp_path: Path, keys_text: str, key_id: str, fragment: str
+) -> None:
+    path = write(tmp_path, keys_text)
+    path.chmod(0o600)
+    before = (path.read_bytes(), path.stat().st_ino)
+    done = run_keys(tmp_path, "revoke", key_id, "--file", str(path))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("python -m server keys revoke: ")
+    assert fragment in done.stderr
+    assert (path.read_bytes(), path.stat().st_ino) == before

@@ -1,26 +1,40 @@
-"""`python -m server keys ...`: mint keys and hash existing ones for the keys file.
+"""`python -m server keys ...`: mint keys, hash existing ones, list and revoke the file's keys.
 
 `keys new` prints the clear key exactly once, then the `[[keys]]` entry (with the hash only)
 that an operator pastes into the keys file: the server itself never sees or stores the key.
 `keys hash` reads a key on stdin (not argv, which lands in shell history and `ps`).
+`keys list` prints the file's entries in the same TOML, without their hashes; `keys revoke ID`
+rewrites the file without one entry, atomically, so a running server (which reloads the file
+when it changes) never reads half a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import os
+import re
+import stat
 import sys
+import tempfile
+from pathlib import Path
 from typing import NoReturn
 
 from server.auth.keys import (
     KEY_ID_RULE,
+    MAX_KEYS_FILE_BYTES,
     NAME_RULE,
+    ApiKey,
+    KeysFileError,
     generate_key,
     hash_key,
     is_valid_key_id,
     is_valid_key_text,
     is_valid_name,
+    load_keys_file,
 )
+from server.config import SettingsError, load_settings
+from server.files import read_small_file
 from server.ratelimit.gcra import RateLimitError, check_rate_limit
 
 __all__ = ["keys_main"]
@@ -43,7 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> _Parser:
     parser = _Parser(prog=_PROG, description="Manage API keys for the aiservices keys file.")
-    commands = parser.add_subparsers(dest="command", metavar="{new,hash}")
+    commands = parser.add_subparsers(dest="command", metavar="{new,hash,list,revoke}")
     commands.required = True
 
     new = commands.add_parser("new", help="generate a key and print its [[keys]] entry")
@@ -61,6 +75,16 @@ def _build_parser() -> _Parser:
     new.add_argument("--per-minute", type=float, help="rate-limit rate (with --burst)")
 
     commands.add_parser("hash", help="read a key on stdin and print its sha256: hash")
+
+    listing = commands.add_parser("list", help="print the keys file's entries, without hashes")
+    revoke = commands.add_parser("revoke", help="remove one key from the keys file")
+    revoke.add_argument("id", help="id of the key to remove")
+    for command in (listing, revoke):
+        command.add_argument(
+            "--file",
+            type=Path,
+            help="the keys file (default: AGENTA_AI_SERVICES_API_KEYS_FILE)",
+        )
     return parser
 
 
@@ -80,6 +104,26 @@ def _toml_string(value: str) -> str:
 
 def _toml_number(value: float) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _entry_lines(
+    key_id: str,
+    permissions: list[str],
+    organization: str | None,
+    rate_limit: tuple[int, float] | None,
+    key_hash: str | None = None,
+) -> list[str]:
+    """One `[[keys]]` table, as `keys new` prints it (`keys list` leaves the hash out)."""
+    lines = ["[[keys]]", f"id = {_toml_string(key_id)}"]
+    if key_hash is not None:
+        lines.append(f"hash = {_toml_string(key_hash)}")
+    lines.append(f"permissions = [{', '.join(_toml_string(p) for p in permissions)}]")
+    if organization is not None:
+        lines.append(f"organization = {_toml_string(organization)}")
+    if rate_limit is not None:
+        burst, per_minute = rate_limit
+        lines.append(f"rate_limit = {{ burst = {burst}, per_minute = {_toml_number(per_minute)} }}")
+    return lines
 
 
 def _check_name(what: str, value: str) -> None:
@@ -106,23 +150,19 @@ def _new(args: argparse.Namespace) -> int:
             raise _UsageError(f"{_PROG} new: {option} {exc.problem}") from None
 
     key = generate_key()
-    permissions = ", ".join(_toml_string(p) for p in dict.fromkeys(args.permissions))
     lines = [
         f"key: {key}",
         "(shown only once: hand it to the caller now; the server keeps only its hash)",
         "",
         "# Add this entry to the API keys file:",
-        "[[keys]]",
-        f"id = {_toml_string(args.id)}",
-        f"hash = {_toml_string(hash_key(key))}",
-        f"permissions = [{permissions}]",
+        *_entry_lines(
+            args.id,
+            list(dict.fromkeys(args.permissions)),
+            args.organization,
+            None if args.burst is None else (args.burst, args.per_minute),
+            hash_key(key),
+        ),
     ]
-    if args.organization is not None:
-        lines.append(f"organization = {_toml_string(args.organization)}")
-    if args.burst is not None:
-        lines.append(
-            f"rate_limit = {{ burst = {args.burst}, per_minute = {_toml_number(args.per_minute)} }}"
-        )
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
@@ -144,12 +184,138 @@ def _hash() -> int:
     return 0
 
 
+def _keys_file(command: str, given: Path | None) -> Path:
+    """`--file`, else the server's own setting (environment or `.env`)."""
+    if given is not None:
+        return given
+    try:
+        path = load_settings().api_keys_file
+    except SettingsError as exc:
+        raise _UsageError(f"{_PROG} {command}: {exc}") from None
+    if path is None:
+        raise _UsageError(
+            f"{_PROG} {command}: no keys file: pass --file or set AGENTA_AI_SERVICES_API_KEYS_FILE"
+        )
+    return path
+
+
+def _load(command: str, path: Path) -> list[ApiKey]:
+    try:
+        return load_keys_file(path)
+    except KeysFileError as exc:
+        raise _UsageError(f"{_PROG} {command}: {exc}") from None
+
+
+def _count(keys: int) -> str:
+    return f"{keys} key" if keys == 1 else f"{keys} keys"
+
+
+def _list(args: argparse.Namespace) -> int:
+    path = _keys_file("list", args.file)
+    blocks = []
+    for key in _load("list", path):
+        limit = key.rate_limit
+        blocks.append(
+            _entry_lines(
+                key.id,
+                sorted(key.permissions),
+                key.organization,
+                None if limit is None else (limit.burst, limit.per_minute),
+            )
+        )
+    sys.stdout.write(f"# {_count(len(blocks))} in {path}\n\n")
+    sys.stdout.write("\n\n".join("\n".join(block) for block in blocks) + "\n")
+    return 0
+
+
+_KEYS_HEADER = re.compile(r"\s*\[\[\s*keys\s*\]\]\s*(#.*)?")
+
+
+def _without_entry(text: str, index: int) -> str | None:
+    """`text` without its `index`-th `[[keys]]` table and the comment lines right above it; None
+    when the tables cannot be told apart line by line (the caller checks the result anyway)."""
+    lines = text.splitlines(keepends=True)
+    headers = [n for n, line in enumerate(lines) if _KEYS_HEADER.fullmatch(line.rstrip("\r\n"))]
+    if index >= len(headers):
+        return None
+
+    def start(header: int) -> int:
+        while header > 0 and lines[header - 1].lstrip().startswith("#"):
+            header -= 1
+        return header
+
+    end = start(headers[index + 1]) if index + 1 < len(headers) else len(lines)
+    return "".join(lines[: start(headers[index])] + lines[end:])
+
+
+def _write_atomically(path: Path, text: str, mode: int) -> None:
+    """Replace `path` with `text`: a temp file in the same directory, written, synced and given
+    `mode`, then renamed over it, so a reader sees the old file or the new one, never a part."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+            file.flush()
+            os.fchmod(file.fileno(), mode)
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    # The real file behind a symlink is replaced, not the link.
+    path = Path(os.path.realpath(_keys_file("revoke", args.file)))
+    keys = _load("revoke", path)
+    index = next((n for n, key in enumerate(keys) if key.id == args.id), None)
+    if index is None:
+        raise _UsageError(f'{_PROG} revoke: no key "{args.id}" in {path}')
+    if len(keys) == 1:
+        raise _UsageError(
+            f'{_PROG} revoke: "{args.id}" is the only key in {path}, and the server refuses a '
+            "file without keys: add its successor first"
+        )
+    text = read_small_file(path, MAX_KEYS_FILE_BYTES).decode("utf-8")
+    rewritten = _without_entry(text, index)
+    expected = keys[:index] + keys[index + 1 :]
+    if rewritten is None or _loads_as(path, rewritten) != expected:
+        raise _UsageError(
+            f'{_PROG} revoke: cannot remove "{args.id}" from {path} without changing other '
+            "entries (its layout is unusual): remove its [[keys]] table by hand"
+        )
+    _write_atomically(path, rewritten, stat.S_IMODE(os.stat(path).st_mode))
+    sys.stdout.write(f'revoked "{args.id}": {_count(len(expected))} left in {path}\n')
+    return 0
+
+
+def _loads_as(path: Path, text: str) -> list[ApiKey] | None:
+    """The keys `text` holds, checked as the server would check it; None if it fails."""
+    with tempfile.TemporaryDirectory(prefix="aiservices-keys-") as directory:
+        candidate = Path(directory) / path.name
+        candidate.write_text(text, encoding="utf-8")
+        candidate.chmod(0o600)
+        try:
+            return load_keys_file(candidate)
+        except KeysFileError:
+            return None
+
+
 def keys_main(argv: list[str]) -> int:
     """Run `keys <argv...>`; returns the exit status (2 with one line on stderr on bad usage)."""
     try:
         args = _build_parser().parse_args(argv)
         if args.command == "new":
             return _new(args)
+        if args.command == "list":
+            return _list(args)
+        if args.command == "revoke":
+            return _revoke(args)
         return _hash()
     except _UsageError as exc:
         sys.stderr.write(f"{exc}\n")

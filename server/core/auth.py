@@ -42,10 +42,18 @@ class Authenticator:
         # line per key, not per call.
         self._ignored_delegation: set[str] = set()
 
-    def principal(self, headers: Headers) -> Principal:
+    def use_keys(self, keys: KeyStore) -> None:
+        """Authenticate the next calls against `keys` (a reloaded keys file). A call already
+        authenticated keeps the key it found: each call looks the store up once."""
         if self._keys is None:
+            raise ValueError("authentication is disabled: there are no keys to replace")
+        self._keys = keys
+
+    def principal(self, headers: Headers) -> Principal:
+        keys = self._keys
+        if keys is None:
             return ANONYMOUS
-        key = self._key(headers)
+        key = self._key(keys, headers)
         if ACT_FOR_USERS not in key.permissions:
             self._note_ignored_delegation(key, headers)
             return key.principal()
@@ -56,8 +64,7 @@ class Authenticator:
             principal = replace(principal, organization=organization)
         return principal
 
-    def _key(self, headers: Headers) -> ApiKey:
-        assert self._keys is not None
+    def _key(self, keys: KeyStore, headers: Headers) -> ApiKey:
         if AUTHORIZATION_HEADER in headers.repeated:
             raise self._refused("malformed", "more than one authorization header: send exactly one")
         header = headers.get(AUTHORIZATION_HEADER)
@@ -67,7 +74,7 @@ class Authenticator:
                 "malformed" if header else "missing",
                 "missing or malformed credentials: send 'authorization: Bearer <key>'",
             )
-        key = self._keys.authenticate(presented)
+        key = keys.authenticate(presented)
         if key is None:
             raise self._refused("unknown_key", "unknown API key")
         return key
