@@ -28,6 +28,7 @@ from server.config import UpstreamKind
 from server.standin import CHAT_PATH, RUN_PATH, StandinUpstream
 from server.tools.refine_prompt import DEFINITION
 from tests.support.keys import TestKeys
+from tests.support.processes import run_printed
 from tests.support.servers import ServerThread, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,20 +122,6 @@ def _printed_commands(lines: list[str]) -> list[str]:
     return commands
 
 
-def _run(command: str, cwd: Path, env: dict[str, str]) -> str:
-    ran = subprocess.run(
-        ["bash", "-c", command],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert ran.returncode == 0, (command, ran.stderr)
-    return ran.stdout
-
-
 def test_demo_with_upstream_openai_answers_every_printed_command_through_chat_completions(
     openai_demo: RunningDemo, tmp_path: Path
 ) -> None:
@@ -147,7 +134,7 @@ def test_demo_with_upstream_openai_answers_every_printed_command_through_chat_co
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     listed, called, python, status, call_tool = (
-        _run(command, workdir, _environment(tmp_path)) for command in commands
+        run_printed(command, workdir, _environment(tmp_path)) for command in commands
     )
 
     assert [tool["name"] for tool in json.loads(listed)["tools"]] == [TOOL]

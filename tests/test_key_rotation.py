@@ -20,8 +20,7 @@ from aiservices import AsyncToolClient, ToolClient, ToolServiceError
 from server.auth import generate_key, hash_key
 from server.auth.reload import WATCH_INTERVAL
 from server.standin import Slow, StandinUpstream
-from tests.support.processes import ServerProcess, run_to_exit
-from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY
+from tests.support.processes import ServerProcess, run_to_exit, upstream_settings
 
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {
@@ -78,12 +77,7 @@ def is_msg(msg: str, **fields: Any) -> Callable[[dict[str, Any]], bool]:
 def start_server(keys_file: Path, upstream: StandinUpstream | None = None) -> ServerProcess:
     env = {"API_KEYS_FILE": str(keys_file), "RATE_LIMIT_BURST": "100000"}
     if upstream is not None:
-        env |= {
-            "API_KEY": UPSTREAM_KEY,
-            "API_URL": upstream.url,
-            "ENVIRONMENT_SLUG": ENVIRONMENT,
-            "REFINE_PROMPT_KEY": APP,
-        }
+        env |= upstream_settings(upstream.url)
     return ServerProcess(env, name="rotation").start()
 
 

@@ -24,6 +24,7 @@ from server import demo
 from server.standin import StandinUpstream
 from server.tools.refine_prompt import DEFINITION
 from tests.support.keys import TestKeys
+from tests.support.processes import run_printed
 from tests.support.servers import ServerThread, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,17 +179,7 @@ def test_the_commands_make_demo_prints_work_as_printed(
 
     outputs = []
     for command in commands:
-        ran = subprocess.run(
-            ["bash", "-c", command],
-            cwd=tmp_path,
-            env=inspector_env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert ran.returncode == 0, (command, ran.stderr)
-        outputs.append(ran.stdout)
+        outputs.append(run_printed(command, tmp_path, inspector_env))
 
     assert [tool["name"] for tool in json.loads(outputs[0])["tools"]] == [TOOL]
     refined = json.loads(outputs[1])

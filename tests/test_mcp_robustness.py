@@ -24,9 +24,9 @@ from mcp.client.streamable_http import streamable_http_client
 
 from server.standin import Hang, Slow, StandinUpstream
 from tests.support.keys import TestKeys
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, upstream_settings
 from tests.support.responsive import responsive_during
-from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
+from tests.support.servers import ServerThread, make_settings
 
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {
@@ -348,10 +348,7 @@ async def test_sigterm_lets_mcp_calls_in_flight_finish_and_refuses_new_ones(
     upstream.default = Slow(2.0)
     env = {
         "API_KEYS_FILE": str(keys.path),
-        "API_KEY": UPSTREAM_KEY,
-        "API_URL": upstream.url,
-        "ENVIRONMENT_SLUG": ENVIRONMENT,
-        "REFINE_PROMPT_KEY": APP,
+        **upstream_settings(upstream.url),
         "RATE_LIMIT_BURST": "100000",
         "SHUTDOWN_GRACE": "10",
         "MCP_ADDRESS": "127.0.0.1:0",

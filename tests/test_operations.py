@@ -28,8 +28,8 @@ from server.config import ENV_PREFIX
 from server.logs import JsonFormatter
 from server.standin import Refine, Slow, StandinUpstream, Status
 from tests.support.keys import TestKeys
-from tests.support.processes import ServerProcess, run_to_exit
-from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
+from tests.support.processes import ServerProcess, run_to_exit, upstream_settings
+from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
 
 TOOL = "tools.agenta.api.refine_prompt"
 SERVICE = "aiservices.v1.ToolService"
@@ -70,10 +70,7 @@ async def test_sigterm_drains_calls_in_flight_then_exits_cleanly(
     upstream.default = Slow(3.0)
     env = {
         "API_KEYS_FILE": str(keys.path),
-        "API_KEY": UPSTREAM_KEY,
-        "API_URL": upstream.url,
-        "ENVIRONMENT_SLUG": ENVIRONMENT,
-        "REFINE_PROMPT_KEY": APP,
+        **upstream_settings(upstream.url),
         "RATE_LIMIT_BURST": "100000",
         "SHUTDOWN_GRACE": "10",
     }

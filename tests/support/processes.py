@@ -24,9 +24,35 @@ from types import TracebackType
 from typing import Any, Self
 
 from server.config import ENV_PREFIX
+from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
+
+
+def upstream_settings(upstream_url: str) -> dict[str, str]:
+    """The four settings (names without the prefix) that point a server at the stand-in."""
+    return {
+        "API_KEY": UPSTREAM_KEY,
+        "API_URL": upstream_url,
+        "ENVIRONMENT_SLUG": ENVIRONMENT,
+        "REFINE_PROMPT_KEY": APP,
+    }
+
+
+def run_printed(command: str, cwd: Path, env: Mapping[str, str]) -> str:
+    """A shell command as a person would paste it: its stdout, once it has exited 0."""
+    ran = subprocess.run(
+        ["bash", "-c", command],
+        cwd=cwd,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0, (command, ran.stderr)
+    return ran.stdout
 
 
 def run_to_exit(
