@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml clients/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ./clients -e '.[dev]'
+	$(PY) -m pip install -q -e ./clients -e '.[dev,bench]'
 	touch $(STAMP)
 
 # buf (lint and `buf curl`) and the MCP Inspector come from npm, pinned, into .tools/.
@@ -63,9 +63,9 @@ lint: install tools
 	$(PY) -m mypy server clients/aiservices tests bench
 	cd protos && ../$(BUF) lint
 
-# The REST rows need the optional `bench` extra (FastAPI, uvicorn): see docs/performance.md.
+# The REST and MCP rows need the optional `bench` extra (FastAPI, uvicorn), which `install`
+# includes, so the tests can run the benchmark too: see docs/performance.md.
 bench: install
-	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:

@@ -223,4 +223,5 @@ def test_make_demo_passes_upstream_on(arguments: list[str], recipe: str) -> None
         check=False,
     )
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.splitlines()[-1] == recipe
+    # Run under `make test`, make also prints the directories it enters and leaves.
+    assert [line for line in ran.stdout.splitlines() if "server.demo" in line] == [recipe]
