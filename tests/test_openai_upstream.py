@@ -31,6 +31,7 @@ from server.standin import (
     Length,
     NoChoices,
     RateLimited,
+    RawBytes,
     Refine,
     RejectJsonSchema,
     Slow,
@@ -342,6 +343,40 @@ def test_finish_reason_length_says_the_model_ran_out_of_tokens(
     assert "finish_reason length" in error.message
     assert not error.retryable
     assert upstream.request_count == 1
+
+
+def http_reply(document: dict[str, Any]) -> RawBytes:
+    """A whole HTTP response carrying `document`, for answers the stand-in does not shape."""
+    body = json.dumps(document).encode()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    return RawBytes(head % len(body) + body)
+
+
+def test_a_refusal_or_a_content_filter_is_an_upstream_error_that_quotes_nothing(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
+    refusal = "I cannot help with SECRET-REFUSAL-TEXT."
+    upstream.push(
+        http_reply(
+            {
+                "id": "chatcmpl-refused",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": None, "refusal": refusal},
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+        ),
+        ContentReply("{}", finish_reason="content_filter"),
+    )
+    declined = tool_error(client.call_tool(TOOL, ARGUMENTS), "UPSTREAM_ERROR")
+    filtered = tool_error(client.call_tool(TOOL, ARGUMENTS), "UPSTREAM_ERROR")
+    assert declined.message == "the model declined to answer"
+    assert "SECRET-REFUSAL-TEXT" not in declined.message
+    assert filtered.message == "the upstream's content filter stopped the model's answer"
+    assert not declined.retryable and not filtered.retryable
 
 
 @pytest.mark.parametrize(

@@ -168,9 +168,14 @@ def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) 
             "the model ran out of tokens before it finished its answer (finish_reason length); "
             "a shorter template may fit, or the service's OPENAI_MAX_TOKENS is too low"
         )
+    if choice.get("finish_reason") == "content_filter":
+        raise UpstreamBadReply("the upstream's content filter stopped the model's answer")
     message = choice.get("message")
     content = message.get("content") if isinstance(message, dict) else None
     if not isinstance(content, str):
+        if isinstance(message, dict) and message.get("refusal"):
+            # The refusal's words are the model's: not passed on, like any other output.
+            raise UpstreamBadReply("the model declined to answer")
         raise UpstreamBadReply("the upstream reply's first choice has no text content")
     if holds_too_many_values(content):
         raise UpstreamReplyTooLarge(too_many_values())
