@@ -1,4 +1,5 @@
-"""`python -m server` runs the service; `python -m server keys ...` manages API keys.
+"""`python -m server` runs the service; `python -m server keys ...` manages API keys;
+`python -m server config` prints the effective settings.
 
 `--dev-keys` (used by `make run`) creates a local development key when no keys file is set.
 """
@@ -9,11 +10,19 @@ import gc
 import logging
 import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from server.app import AiServicesServer, StartupError, run_event_loop
 from server.auth.cli import keys_main
-from server.config import AuthMode, Settings, SettingsError, load_settings, unknown_settings
+from server.config import (
+    ENV_PREFIX,
+    AuthMode,
+    Settings,
+    SettingsError,
+    load_settings,
+    unknown_settings,
+)
 from server.devkeys import ensure_dev_keys
 from server.logs import configure_logging
 
@@ -42,16 +51,41 @@ async def serve(settings: Settings, *, dev_keys: bool = False) -> int:
     return 0
 
 
+USAGE = """usage: python -m server [--dev-keys]      serve (settings: AGENTA_AI_SERVICES_*)
+       python -m server config                 print the effective settings, secrets redacted
+       python -m server keys new|hash|list|revoke ...   manage API keys (keys --help)
+       python -m server --version | --help
+
+Settings and their defaults: docs/configuration.md."""
+
+
+def print_config() -> int:
+    """Every setting as it would be used, one `NAME=value` line each; secrets as asterisks."""
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"aiservices: {exc}", file=sys.stderr)
+        return 2
+    for name, value in settings.model_dump(mode="json").items():
+        shown = "" if value is None else value
+        print(f"{ENV_PREFIX}{name.upper()}={shown}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["keys"]:
         return keys_main(argv[1:])
+    if argv in (["--help"], ["-h"]):
+        print(USAGE)
+        return 0
+    if argv == ["--version"]:
+        print(f"aiservices {version('aiservices')}")
+        return 0
+    if argv == ["config"]:
+        return print_config()
     dev_keys = argv[:1] == ["--dev-keys"]
     if argv[dev_keys:]:
-        print(
-            "usage: python -m server [--dev-keys] | python -m server keys ...; "
-            f"unknown argument {argv[dev_keys]!r}",
-            file=sys.stderr,
-        )
+        print(f"{USAGE}\n\naiservices: unknown argument {argv[dev_keys]!r}", file=sys.stderr)
         return 2
     try:
         settings = load_settings()

@@ -538,3 +538,39 @@ def test_an_mcp_port_in_use_stops_start_up_with_one_line_naming_the_setting(
     assert len(lines) == 1, result.stderr
     assert ENV_PREFIX + "MCP_ADDRESS" in lines[0]
     assert address in lines[0]
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def test_help_and_version_answer_without_settings(tmp_path: Path) -> None:
+    helped = run_to_exit(tmp_path, {}, "--help")
+    assert helped.returncode == 0
+    assert "python -m server config" in helped.stdout and "keys" in helped.stdout
+    versioned = run_to_exit(tmp_path, {}, "--version")
+    assert (versioned.returncode, versioned.stdout.strip()) == (0, "aiservices 0.1.0")
+    unknown = run_to_exit(tmp_path, {}, "--nope")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().endswith("unknown argument '--nope'")
+
+
+def test_config_prints_every_setting_with_its_secrets_redacted(tmp_path: Path) -> None:
+    secrets = {
+        "API_KEY": "agenta-secret-4f1e",
+        "OPENAI_API_KEY": "openai-secret-77aa",
+        "REDIS_URL": "redis://:redis-secret-09bc@127.0.0.1:6379/0",
+    }
+    ran = run_to_exit(
+        tmp_path, {**secrets, "UPSTREAM": "openai", "GRPC_ADDRESS": "127.0.0.1:7"}, "config"
+    )
+    assert ran.returncode == 0, ran.stderr
+    lines = dict(line.split("=", 1) for line in ran.stdout.splitlines())
+    assert lines[f"{ENV_PREFIX}UPSTREAM"] == "openai"
+    assert lines[f"{ENV_PREFIX}GRPC_ADDRESS"] == "127.0.0.1:7"
+    assert lines[f"{ENV_PREFIX}RATE_LIMIT_BURST"] == "10"
+    for name in secrets:
+        assert lines[f"{ENV_PREFIX}{name}"] == "**********"
+    assert not any(value in ran.stdout for value in ("4f1e", "77aa", "09bc"))
+    broken = run_to_exit(tmp_path, {"UPSTREAM": "nope"}, "config")
+    assert broken.returncode == 2
+    assert broken.stderr.startswith("aiservices: invalid setting AGENTA_AI_SERVICES_UPSTREAM")
