@@ -85,7 +85,11 @@ def main(argv: list[str]) -> int:
         return print_config()
     dev_keys = argv[:1] == ["--dev-keys"]
     if argv[dev_keys:]:
-        print(f"{USAGE}\n\naiservices: unknown argument {argv[dev_keys]!r}", file=sys.stderr)
+        print(
+            "usage: python -m server [--dev-keys] | config | keys ... | --version | --help; "
+            f"unknown argument {argv[dev_keys]!r}",
+            file=sys.stderr,
+        )
         return 2
     try:
         settings = load_settings()

@@ -552,6 +552,7 @@ def test_help_and_version_answer_without_settings(tmp_path: Path) -> None:
     unknown = run_to_exit(tmp_path, {}, "--nope")
     assert unknown.returncode == 2
     assert unknown.stderr.strip().endswith("unknown argument '--nope'")
+    assert len(unknown.stderr.strip().splitlines()) == 1
 
 
 def test_config_prints_every_setting_with_its_secrets_redacted(tmp_path: Path) -> None:
