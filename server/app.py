@@ -45,7 +45,7 @@ from server.ratelimit import FailoverRateLimiter, RateLimit, RateLimiter, limite
 from server.tools.base import Tool
 from server.tools.refine_prompt import OUTPUT_SCHEMA, RefinePromptTool
 from server.upstream.agenta import AgentaCompletionClient, AgentaRefiner
-from server.upstream.http import build_http_transport
+from server.upstream.http import UpstreamLimits, build_http_transport
 from server.upstream.openai import OpenAIRefiner
 from server.upstream.refiner import Refiner
 
@@ -185,32 +185,32 @@ def build_refiner(
     settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
 ) -> Refiner:
     """The adapter of the upstream the settings choose (complete: see `upstream_enabled`)."""
-    limits: dict[str, Any] = {
-        "timeout": settings.upstream_timeout,
-        "max_retries": settings.upstream_retries,
-        "max_reply_bytes": settings.upstream_max_reply_bytes,
-        "observer": metrics.upstream_request,
-    }
+    limits = UpstreamLimits(
+        timeout=settings.upstream_timeout,
+        max_retries=settings.upstream_retries,
+        max_reply_bytes=settings.upstream_max_reply_bytes,
+        observer=metrics.upstream_request,
+    )
     if settings.upstream is UpstreamKind.OPENAI:
         assert settings.openai_base_url and settings.openai_model
         key = settings.openai_api_key
         return OpenAIRefiner(
             transport,
+            limits,
             base_url=settings.openai_base_url,
             model=settings.openai_model.strip(),
             output_schema=OUTPUT_SCHEMA,
             api_key=key.get_secret_value() if key else None,
             temperature=settings.openai_temperature,
             max_tokens=settings.openai_max_tokens,
-            **limits,
         )
     assert settings.api_key and settings.api_url
     client = AgentaCompletionClient(
         transport,
+        limits,
         base_url=settings.api_url,
         api_key=settings.api_key.get_secret_value(),
         environment=str(settings.environment_slug).strip(),
-        **limits,
     )
     return AgentaRefiner(client, app=str(settings.refine_prompt_key).strip())
 

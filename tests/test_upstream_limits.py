@@ -34,7 +34,12 @@ from server.upstream.agenta import (
     CompletionReply,
     parse_completion,
 )
-from server.upstream.http import DEFAULT_MAX_REPLY_BYTES, MAX_REPLY_VALUES, build_http_transport
+from server.upstream.http import (
+    DEFAULT_MAX_REPLY_BYTES,
+    MAX_REPLY_VALUES,
+    UpstreamLimits,
+    build_http_transport,
+)
 from server.upstream.refiner import (
     UpstreamAttempt,
     UpstreamBadReply,
@@ -426,12 +431,14 @@ async def completion_client(
         yield (
             AgentaCompletionClient(
                 transport,
+                UpstreamLimits(
+                    timeout=upstream_timeout,
+                    max_retries=1,
+                    observer=lambda status, seconds: heard.append((status, seconds)),
+                ),
                 base_url=base_url,
                 api_key=UPSTREAM_KEY,
                 environment=ENVIRONMENT,
-                timeout=upstream_timeout,
-                max_retries=1,
-                observer=lambda status, seconds: heard.append((status, seconds)),
             ),
             heard,
         )

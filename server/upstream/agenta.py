@@ -16,9 +16,8 @@ import httpx
 import orjson
 
 from server.upstream.http import (
-    DEFAULT_MAX_REPLY_BYTES,
     JsonEndpoint,
-    ResponseObserver,
+    UpstreamLimits,
     holds_too_many_values,
     too_many_values,
     trace_token,
@@ -76,23 +75,17 @@ class AgentaCompletionClient:
     def __init__(
         self,
         transport: httpx.AsyncBaseTransport,
+        limits: UpstreamLimits,
         *,
         base_url: str,
         api_key: str,
         environment: str,
-        timeout: float,
-        max_retries: int = 1,
-        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
-        observer: ResponseObserver | None = None,
     ) -> None:
         self._endpoint = JsonEndpoint(
             transport,
             base_url.rstrip("/") + RUN_PATH,
+            limits,
             headers={"Authorization": f"ApiKey {api_key}"},
-            timeout=timeout,
-            max_retries=max_retries,
-            max_reply_bytes=max_reply_bytes,
-            observer=observer,
         )
         self._environment = environment
 

@@ -168,6 +168,18 @@ def _check_encoding(response: httpx.Response) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamLimits:
+    """What bounds every request to an upstream: `timeout` seconds at most (less when the
+    caller has less time left), `max_retries` retries where safe, `max_reply_bytes` read of a
+    reply; `observer` hears of every attempt (status or failure kind, seconds), for metrics."""
+
+    timeout: float
+    max_retries: int = 1
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
+    observer: ResponseObserver | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """A 2xx reply: its body as it came over the wire (within the byte cap), and the attempt."""
 
@@ -194,12 +206,9 @@ class JsonEndpoint:
         self,
         transport: httpx.AsyncBaseTransport,
         url: str,
+        limits: UpstreamLimits,
         *,
         headers: Mapping[str, str],
-        timeout: float,
-        max_retries: int = 1,
-        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
-        observer: ResponseObserver | None = None,
     ) -> None:
         self._transport = transport
         self._url = httpx.URL(url)  # parsed once, not per call
@@ -210,10 +219,10 @@ class JsonEndpoint:
             "User-Agent": USER_AGENT,
             **headers,
         }
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.max_reply_bytes = max_reply_bytes
-        self._observer = observer
+        self.timeout = limits.timeout
+        self.max_retries = limits.max_retries
+        self.max_reply_bytes = limits.max_reply_bytes
+        self._observer = limits.observer
 
     async def post(
         self, content: bytes, *, time_left: float | None = None, traceparent: str | None = None

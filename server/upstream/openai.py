@@ -21,9 +21,8 @@ import httpx
 import orjson
 
 from server.upstream.http import (
-    DEFAULT_MAX_REPLY_BYTES,
     JsonEndpoint,
-    ResponseObserver,
+    UpstreamLimits,
     holds_too_many_values,
     too_many_values,
     trace_token,
@@ -58,6 +57,7 @@ class OpenAIRefiner:
     def __init__(
         self,
         transport: httpx.AsyncBaseTransport,
+        limits: UpstreamLimits,
         *,
         base_url: str,
         model: str,
@@ -65,19 +65,12 @@ class OpenAIRefiner:
         api_key: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
-        timeout: float,
-        max_retries: int = 1,
-        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
-        observer: ResponseObserver | None = None,
     ) -> None:
         self._endpoint = JsonEndpoint(
             transport,
             base_url.rstrip("/") + CHAT_PATH,
+            limits,
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
-            timeout=timeout,
-            max_retries=max_retries,
-            max_reply_bytes=max_reply_bytes,
-            observer=observer,
         )
         self._model = model
         self._options: dict[str, Any] = {}
