@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from random import getrandbits
 
@@ -26,6 +26,18 @@ class Headers:
 
     values: Mapping[str, str] = field(default_factory=dict)
     repeated: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[str, str]]) -> Headers:
+        """Headers from (name, value) pairs as they arrived, names in lower case; a name sent
+        again keeps its last value and is listed in `repeated`."""
+        values: dict[str, str] = {}
+        repeated: set[str] = set()
+        for name, value in pairs:
+            if name in values:
+                repeated.add(name)
+            values[name] = value
+        return cls(values, frozenset(repeated))
 
     def get(self, name: str) -> str | None:
         return self.values.get(name)

@@ -40,14 +40,7 @@ def headers_of(context: grpc.aio.ServicerContext) -> Headers:
     """The call's text metadata (binary `-bin` values are no headers the core reads), with
     the names sent more than once."""
     pairs = context.invocation_metadata() or ()
-    values: dict[str, str] = {}
-    repeated: set[str] = set()
-    for name, value in pairs:
-        if isinstance(value, str):
-            if name in values:
-                repeated.add(name)
-            values[name] = value
-    return Headers(values, frozenset(repeated))
+    return Headers.from_pairs((name, value) for name, value in pairs if isinstance(value, str))
 
 
 class OutermostInterceptor:

@@ -53,6 +53,17 @@ SERVER_NAME = "aiservices"
 RETRY_LATER = -32000
 DEADLINE_EXCEEDED = -32001
 _STATE_KEY = "aiservices.exchange"
+# HTTP answers given before or instead of MCP's, in the words of the access line.
+_HTTP_CODES = {
+    200: "OK",
+    202: "OK",
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+}
 
 
 @dataclass
@@ -74,14 +85,10 @@ class Exchange:
 
 
 def _headers(scope: Scope) -> Headers:
-    values: dict[str, str] = {}
-    repeated: set[str] = set()
-    for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin-1").lower()
-        if name in values:
-            repeated.add(name)
-        values[name] = raw_value.decode("latin-1")
-    return Headers(values, frozenset(repeated))
+    return Headers.from_pairs(
+        (name.decode("latin-1").lower(), value.decode("latin-1"))
+        for name, value in scope["headers"]
+    )
 
 
 async def _send_json(
@@ -358,16 +365,7 @@ def _code(status: int, exchange: Exchange | None) -> str:
     `data.reason` (over gRPC the access line names the status code instead)."""
     if exchange is not None and exchange.refusal:
         return exchange.refusal
-    return {
-        200: "OK",
-        202: "OK",
-        400: "INVALID_ARGUMENT",
-        401: "UNAUTHENTICATED",
-        404: "NOT_FOUND",
-        413: "RESOURCE_EXHAUSTED",
-        499: "CANCELLED",
-        503: "UNAVAILABLE",
-    }.get(status, f"HTTP_{status}")
+    return _HTTP_CODES.get(status, f"HTTP_{status}")
 
 
 def _exchange_of(ctx: Any) -> Exchange:
