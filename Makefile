@@ -32,12 +32,13 @@ $(INSPECTOR):
 	npm install --silent --no-audit --no-fund --save-exact --prefix .tools \
 	  @modelcontextprotocol/inspector@$(INSPECTOR_VERSION)
 
-# redis-server for the shared rate-limit tests; installed with apt when missing and we are root.
+# redis-server for the shared rate-limit tests and openssl for the documented TLS commands;
+# installed with apt when missing and we are root.
 redis:
-	@command -v redis-server >/dev/null || { \
+	@command -v redis-server >/dev/null && command -v openssl >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else echo "redis-server is missing: install it (e.g. apt-get install redis-server)"; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl >/dev/null; \
+	  else echo "redis-server or openssl is missing: install them (e.g. apt-get install redis-server openssl)"; exit 1; fi; }
 
 run: install
 	$(PY) -m server --dev-keys

@@ -370,22 +370,41 @@ def test_the_same_user_in_two_organizations_has_two_budgets(
     assert globex.budget() == 10
 
 
-def test_delegation_headers_from_a_key_without_act_for_users_are_ignored(
-    caller: Callable[..., Caller], keys: TestKeys
+@pytest.mark.parametrize(
+    "metadata",
+    [((USER, "alice"),), ((ORGANIZATION, "acme"),), ((USER, "not a user id " * 20),)],
+    ids=["user", "organization", "any-value"],
+)
+def test_a_key_without_act_for_users_may_not_name_a_user(
+    server: ServerThread,
+    caller: Callable[..., Caller],
+    keys: TestKeys,
+    upstream: StandinUpstream,
+    metadata: Metadata,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="aiservices.access")
     editor = caller(keys.editor)
-    every_call_a_new_user = editor.budget(
-        lambda n: ((USER, f"user-{n}"), (ORGANIZATION, f"org-{n}"))
-    )
-    assert every_call_a_new_user == 10
-    # One budget: the plain key is refused too.
-    assert editor.refusal().code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    refused = editor.refusal(metadata)
+    assert refused.code is grpc.StatusCode.PERMISSION_DENIED
+    assert refused.reason == "PERMISSION_DENIED"
+    assert refused.error_metadata == {"permission": "act_for_users"}
+    assert "may not act for users" in refused.message
+    assert metadata[0][0] in refused.message
+    assert metadata[0][1] not in refused.message
+    (record,) = access_records(caplog, 1)
+    assert getattr(record, "code", None) == "PERMISSION_DENIED"
+    assert getattr(record, "key_id", None) == "editor"
+    assert upstream.request_count == 0
+    # Refused before the rate limit: the key's own budget is untouched.
+    assert editor.budget() == 10
 
 
-def test_a_key_without_act_for_users_may_send_any_header_value(
+def test_user_ids_are_compared_exactly_as_sent(
     caller: Callable[..., Caller], keys: TestKeys
 ) -> None:
-    caller(keys.editor, ((USER, "not a user id " * 20),)).call()
+    assert caller(keys.gateway, ((USER, "alice"),)).budget() == 10
+    assert caller(keys.gateway, ((USER, "Alice"),)).budget() == 10
 
 
 @pytest.mark.parametrize(
@@ -443,7 +462,7 @@ def test_keys_never_reach_the_logs_but_key_ids_do(
     unknown = generate_key()
     wrong = one_char_changed(keys.editor)
     delegating = (("authorization", f"Bearer {keys.gateway}"), (USER, "alice"))
-    ignored = (("authorization", f"ApiKey {keys.full}"), (USER, "mallory"))
+    not_a_gateway = (("authorization", f"ApiKey {keys.full}"), (USER, "mallory"))
 
     with ToolClient(server.target, api_key=keys.editor, timeout=TIMEOUT) as editor:
         editor.status()
@@ -455,7 +474,7 @@ def test_keys_never_reach_the_logs_but_key_ids_do(
         ((("authorization", f"Basic {keys.other_org}"),), TOOL),
         (bearer(keys.viewer), TOOL),  # PERMISSION_DENIED
         (delegating, TOOL),
-        (ignored, TOOL),
+        (not_a_gateway, TOOL),  # PERMISSION_DENIED: no act_for_users
         (delegating, "tools.nope"),
     ]
     for metadata, tool in attempts:
@@ -482,10 +501,6 @@ def test_keys_never_reach_the_logs_but_key_ids_do(
     leaked = [name for name, secret in secrets.items() if secret in everything]
     assert leaked == []
 
-    # Debug records of the server were captured: the ignored delegation headers of "full".
-    assert any(
-        getattr(r, "key_id", None) == "full" for r in caplog.records if r.name == "aiservices.auth"
-    )
     assert len(access) == 10
     key_ids = Counter(getattr(r, "key_id", None) for r in access)
     # Refused before a key was recognised, the other three calls name no configured key.

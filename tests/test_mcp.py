@@ -384,6 +384,27 @@ async def test_a_malformed_delegation_header_is_http_400_logged_with_its_key(
     assert upstream.request_count == 0
 
 
+async def test_delegation_from_a_key_without_act_for_users_is_http_403(
+    server: ServerThread,
+    keys: TestKeys,
+    upstream: StandinUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiservices.access")
+    params = {"name": TOOL, "arguments": ARGUMENTS}
+    headers = {"Authorization": f"Bearer {keys.editor}", USER: "alice"}
+    response = await post_rpc(server, "tools/call", params, headers)
+
+    assert response.status_code == 403
+    error = response.json()["error"]
+    assert error["reason"] == "PERMISSION_DENIED"
+    assert "may not act for users" in error["message"]
+    (line,) = mcp_lines(caplog, 1)
+    assert getattr(line, "code", None) == "PERMISSION_DENIED"
+    assert getattr(line, "key_id", None) == "editor"
+    assert upstream.request_count == 0
+
+
 async def test_an_mcp_call_is_logged_and_counted_under_its_transport(
     server: ServerThread,
     keys: TestKeys,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from server.config import ENV_PREFIX, SettingsError, load_settings
 from server.standin import StandinUpstream
 from tests.support.certs import TestCertificates, make_certificates
 from tests.support.keys import TestKeys
+from tests.support.processes import REPO_ROOT
 from tests.support.servers import ServerThread, make_settings
 
 TOOL = "tools.agenta.api.refine_prompt"
@@ -337,3 +339,43 @@ def test_mcp_with_a_client_ca_refuses_a_client_without_a_certificate(
             pytest.raises(httpx.TransportError),
         ):
             http.post(url, json={}, headers={"Authorization": f"Bearer {keys.editor}"})
+
+
+# --- the documented certificates ---------------------------------------------------------------
+
+
+def documented_certificate_commands() -> str:
+    """The first `sh` block of the TLS section of docs/access-control.md, as printed there."""
+    text = (REPO_ROOT / "docs" / "access-control.md").read_text()
+    section = text[text.index("## TLS and mTLS") :]
+    block = section[section.index("```sh\n") + len("```sh\n") :]
+    return block[: block.index("```")]
+
+
+def test_the_documented_certificates_stay_in_a_git_ignored_directory_and_serve_mtls(
+    tmp_path: Path, upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", documented_certificate_commands()],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
+    # Nothing lands next to the checkout's files; .dev/ is what .gitignore leaves out.
+    assert [entry.name for entry in tmp_path.iterdir()] == [".dev"]
+    assert ".dev/" in (REPO_ROOT / ".gitignore").read_text().splitlines()
+    tls = tmp_path / ".dev" / "tls"
+    settings = make_settings(
+        upstream.url,
+        tls_cert_file=str(tls / "server.crt"),
+        tls_key_file=str(tls / "server.key"),
+        tls_client_ca_file=str(tls / "ca.crt"),
+    )
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(tls / "ca.crt").read_bytes(),
+        private_key=(tls / "client.key").read_bytes(),
+        certificate_chain=(tls / "client.crt").read_bytes(),
+    )
+    with ServerThread(settings) as server:
+        port = server.target.rsplit(":", 1)[1]
+        assert status_with(f"localhost:{port}", keys.editor, credentials).enabled

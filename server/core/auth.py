@@ -2,23 +2,22 @@
 
 Credentials are `authorization: Bearer <key>` (or `ApiKey <key>`). A key with the permission
 `act_for_users` may name the end user and organisation it acts for
-(`x-agenta-user-id`, `x-agenta-organization-id`); from any other key those headers are ignored,
-so they cannot be used to dodge rate limits.
+(`x-agenta-user-id`, `x-agenta-organization-id`); any other key sending either header is refused
+with PermissionDenied, so a caller that believes it delegates learns at once that it does not
+(instead of every user silently sharing the key's own budget). Identities are compared exactly
+as sent: `Alice` and `alice` are two users.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import replace
 
 from server.auth import ApiKey, KeyStore, parse_authorization
 from server.call import ANONYMOUS, Principal
 from server.core.headers import Headers
-from server.errors import FieldViolation, InvalidArgument, Unauthenticated
+from server.errors import FieldViolation, InvalidArgument, PermissionDenied, Unauthenticated
 from server.metrics import Metrics
-
-log = logging.getLogger("aiservices.auth")
 
 ACT_FOR_USERS = "act_for_users"
 AUTHORIZATION_HEADER = "authorization"
@@ -29,8 +28,9 @@ _IDENTIFIER = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")
 
 class Authenticator:
     """Says who calls, or refuses: Unauthenticated for missing, malformed or unknown
-    credentials (counted in the metrics by reason), InvalidArgument for a malformed delegation
-    header (naming the key, for the access log).
+    credentials (counted in the metrics by reason), PermissionDenied for delegation headers
+    from a key without `act_for_users`, InvalidArgument for a malformed delegation header (both
+    naming the key, for the access log).
 
     Without a key store (authentication disabled, loopback only) every caller is ANONYMOUS.
     """
@@ -38,9 +38,6 @@ class Authenticator:
     def __init__(self, keys: KeyStore | None, metrics: Metrics) -> None:
         self._keys = keys
         self._metrics = metrics
-        # Keys already reported for sending delegation headers they may not use: one debug
-        # line per key, not per call.
-        self._ignored_delegation: set[str] = set()
 
     def use_keys(self, keys: KeyStore) -> None:
         """Authenticate the next calls against `keys` (a reloaded keys file). A call already
@@ -55,7 +52,7 @@ class Authenticator:
             return ANONYMOUS
         key = self._key(keys, headers)
         if ACT_FOR_USERS not in key.permissions:
-            self._note_ignored_delegation(key, headers)
+            _refuse_delegation(key, headers)
             return key.principal()
         user = _delegated(key, headers, USER_HEADER)
         organization = _delegated(key, headers, ORGANIZATION_HEADER)
@@ -83,14 +80,16 @@ class Authenticator:
         self._metrics.unauthenticated_refusal(reason)
         return Unauthenticated(message)
 
-    def _note_ignored_delegation(self, key: ApiKey, headers: Headers) -> None:
-        delegating = USER_HEADER in headers.values or ORGANIZATION_HEADER in headers.values
-        if delegating and key.id not in self._ignored_delegation:
-            self._ignored_delegation.add(key.id)
-            log.debug(
-                "ignoring delegation headers from a key without act_for_users",
-                extra={"key_id": key.id},
-            )
+
+def _refuse_delegation(key: ApiKey, headers: Headers) -> None:
+    sent = [name for name in (USER_HEADER, ORGANIZATION_HEADER) if name in headers.values]
+    if sent:
+        raise PermissionDenied(
+            f"this key may not act for users: sending {' or '.join(sent)} needs the "
+            f"{ACT_FOR_USERS} permission",
+            metadata={"permission": ACT_FOR_USERS},
+            key_id=key.id,
+        )
 
 
 def _delegated(key: ApiKey, headers: Headers, header: str) -> str | None:

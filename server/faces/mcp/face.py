@@ -59,6 +59,7 @@ _HTTP_CODES = {
     202: "OK",
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     413: "RESOURCE_EXHAUSTED",
     499: "CANCELLED",
@@ -194,8 +195,8 @@ class McpFace:
         except Unauthenticated as refusal:
             status = 401
             await self._refuse_http(send, status, refusal, request_id)
-        except InvalidArgument as refusal:
-            status = 400
+        except (InvalidArgument, PermissionDenied) as refusal:
+            status = 400 if isinstance(refusal, InvalidArgument) else 403
             key_id = refusal.key_id or key_id
             await self._refuse_http(send, status, refusal, request_id)
         except Exception as exc:
