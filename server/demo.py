@@ -2,7 +2,8 @@
 first call.
 
 It prints commands that work as printed, from any directory: the MCP Inspector's CLI, a few
-lines of Python with the MCP SDK's client, and `buf curl` for gRPC. The stand-in speaks both
+lines of Python with the MCP SDK's client, the `aiservices` command line, and `buf curl` for
+gRPC. The stand-in speaks both
 upstream contracts, the Agenta completion runner and OpenAI-compatible chat completions, and
 "refines" deterministically, so a newcomer sees the whole path work without an Agenta
 deployment or an LLM. `AGENTA_AI_SERVICES_UPSTREAM` (`make demo UPSTREAM=openai`) picks which
@@ -107,6 +108,25 @@ def buf_commands(target: str, key: str) -> list[str]:
     return [f"{base} {service}/GetStatus", f"{base} -d {body} {service}/CallTool"]
 
 
+def cli_commands(target: str, key: str, template: Path) -> list[str]:
+    """`aiservices` commands (the client package's console script, beside this interpreter):
+    GetStatus, then refine the example template at `template`, printing a diff."""
+    aiservices = shlex.quote(str(Path(sys.executable).parent / "aiservices"))
+    env = f"AISERVICES_TARGET={shlex.quote(target)} AISERVICES_API_KEY={shlex.quote(key)}"
+    guidelines = shlex.quote(str(EXAMPLE_ARGUMENTS["guidelines"]))
+    return [
+        f"{env} {aiservices} status",
+        f"{env} {aiservices} refine {shlex.quote(str(template))} --guidelines {guidelines}",
+    ]
+
+
+def write_example_template(directory: Path) -> Path:
+    """The example template as a file (`prompt.json` in `directory`), for `aiservices refine`."""
+    path = directory / "prompt.json"
+    path.write_text(json.dumps(EXAMPLE_TEMPLATE, indent=2) + "\n")
+    return path.resolve()
+
+
 def upstream_settings(kind: UpstreamKind, standin_url: str) -> dict[str, object]:
     """The settings that point the service's `kind` of upstream at the stand-in at
     `standin_url`: its Agenta completion runner, or its chat completions under `/v1`."""
@@ -135,7 +155,11 @@ def upstream_line(kind: UpstreamKind, standin_url: str) -> str:
 
 
 def instructions(
-    target: str, mcp_url: str | None, key: str, upstream: str = "a stand-in upstream"
+    target: str,
+    mcp_url: str | None,
+    key: str,
+    upstream: str = "a stand-in upstream",
+    template: Path | None = None,
 ) -> str:
     """What the demo prints: where it serves, which upstream, the key, and commands that work as
     printed."""
@@ -145,6 +169,10 @@ def instructions(
         lines += ["MCP, with the MCP Inspector's CLI (in another terminal):"]
         lines += [f"  {command}" for command in inspector_commands(mcp_url, key)]
         lines += ["", "MCP, with the Python SDK's client:", python_command(mcp_url, key), ""]
+    if template is not None:
+        lines += ["gRPC, with the aiservices command line:"]
+        lines += [f"  {command}" for command in cli_commands(target, key, template)]
+        lines += [""]
     lines += ["gRPC, with buf curl:"]
     lines += [f"  {command}" for command in buf_commands(target, key)]
     lines += ["", "Stop with Ctrl-C."]
@@ -174,7 +202,10 @@ async def run_demo() -> int:
             mcp_host = settings.mcp_host_port[0]
             scheme = "https" if settings.tls_cert_file is not None else "http"
             mcp_url = f"{scheme}://{_url_host(mcp_host)}:{server.mcp_port}/mcp"
-        text = instructions(f"{host}:{port}", mcp_url, key, upstream_line(kind, upstream.url))
+        template = write_example_template(keys_file.parent)
+        text = instructions(
+            f"{host}:{port}", mcp_url, key, upstream_line(kind, upstream.url), template
+        )
         print(text, file=sys.stderr, flush=True)
         await server.serve_until_signalled()
     finally:

@@ -130,10 +130,10 @@ def test_demo_with_upstream_openai_answers_every_printed_command_through_chat_co
     assert lines[1].endswith(f"/v1, model {demo.DEMO_MODEL}")
 
     commands = _printed_commands(lines)
-    assert len(commands) == 5
+    assert len(commands) == 7
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    listed, called, python, status, call_tool = (
+    listed, called, python, cli_status, cli_refine, status, call_tool = (
         run_printed(command, workdir, _environment(tmp_path)) for command in commands
     )
 
@@ -148,6 +148,9 @@ def test_demo_with_upstream_openai_answers_every_printed_command_through_chat_co
     assert over_grpc["meta"]["traceId"].startswith("chatcmpl-")
     assert over_grpc["structuredContent"] == over_mcp["structuredContent"]
     assert "Be specific and concise." in over_grpc["structuredContent"]["messages"][0]["content"]
+    assert cli_status.splitlines()[:2] == ["enabled   yes", "upstream  openai"]
+    assert cli_refine.splitlines()[0] == "--- message 1 (system)"
+    assert cli_refine.splitlines()[-1].startswith("summary: ")
 
     assert openai_demo.stop() == 0
 

@@ -168,11 +168,13 @@ def test_the_commands_make_demo_prints_work_as_printed(
     mcp_server: ServerThread, keys: TestKeys, inspector_env: dict[str, str], tmp_path: Path
 ) -> None:
     """Each command, run by a shell in another directory, exactly as the demo prints it."""
-    text = demo.instructions(mcp_server.target, _url(mcp_server), keys.editor)
+    template = demo.write_example_template(tmp_path)
+    text = demo.instructions(mcp_server.target, _url(mcp_server), keys.editor, template=template)
     listing, calling = demo.inspector_commands(_url(mcp_server), keys.editor)
     get_status, call_tool = demo.buf_commands(mcp_server.target, keys.editor)
     python = demo.python_command(_url(mcp_server), keys.editor)
-    commands = [listing, calling, python, get_status, call_tool]
+    cli_status, cli_refine = demo.cli_commands(mcp_server.target, keys.editor, template)
+    commands = [listing, calling, python, get_status, call_tool, cli_status, cli_refine]
     for command in commands:
         assert command in text
     assert text.index(listing) < min(text.index(command) for command in commands[1:])
@@ -189,6 +191,12 @@ def test_the_commands_make_demo_prints_work_as_printed(
     assert outputs[2].splitlines()[1].startswith("False {'messages': [")
     assert json.loads(outputs[3])["enabled"] is True
     assert json.loads(outputs[4])["structuredContent"] == refined["structuredContent"]
+    assert outputs[5].splitlines()[0] == "enabled   yes"
+    diff = outputs[6].splitlines()
+    assert diff[0] == "--- message 1 (system)"
+    refined_system = refined["structuredContent"]["messages"][0]["content"]
+    assert f"+{refined_system}" in diff
+    assert diff[-1] == f"summary: {refined['structuredContent']['summary']}"
 
 
 def test_the_demo_pins_the_versions_make_tools_installs() -> None:

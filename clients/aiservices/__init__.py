@@ -1,7 +1,10 @@
 """Python client for aiservices.v1.ToolService; the generated stubs live in aiservices.v1."""
 
 from aiservices.client import (
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_TIMEOUT,
     AsyncToolClient,
+    CallOptions,
     ContentItem,
     Status,
     TextContent,
@@ -16,10 +19,38 @@ from aiservices.client import (
     dict_to_struct,
     struct_to_dict,
 )
+from aiservices.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    FeatureDisabled,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from aiservices.retry import NO_RETRY, RetryPolicy, service_config
 
 __all__ = [
+    "DEFAULT_CALL_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "NO_RETRY",
     "AsyncToolClient",
+    "CallOptions",
     "ContentItem",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "FeatureDisabled",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
+    "ResourceExhausted",
+    "RetryPolicy",
     "Status",
     "TextContent",
     "ToolAnnotations",
@@ -29,7 +60,10 @@ __all__ = [
     "ToolPage",
     "ToolResult",
     "ToolServiceError",
+    "Unauthenticated",
+    "Unavailable",
     "UnknownContent",
     "dict_to_struct",
+    "service_config",
     "struct_to_dict",
 ]

@@ -1,26 +1,46 @@
-"""A thin, typed client for aiservices.v1.ToolService.
+"""A typed client for aiservices.v1.ToolService, blocking (`ToolClient`) and asyncio
+(`AsyncToolClient`).
 
-The generated stubs speak protobuf; callers want plain Python. This module turns Structs into
-dicts (and back), responses into frozen dataclasses, and failed calls into one exception type
-that already holds the google.rpc details, so callers never parse trailing metadata themselves.
+Everything that is not I/O lives once, in `_ClientCore`: each public method is a plan, a
+generator that yields steps ("call this RPC", "wait this long") and gets back the response or
+the error. `ToolClient` runs the steps with blocking calls and `time.sleep`, `AsyncToolClient`
+with `await`; request building, conversion, pagination, retry decisions, error mapping and
+metadata merging are shared.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
+import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Literal, Self, TypedDict, TypeVar, Unpack, cast
 
 import grpc
 import grpc.aio
-from google.protobuf import struct_pb2
-from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
+from google.protobuf.message import Message
 
+from aiservices._convert import (
+    MAX_NESTING,
+    ContentItem,
+    Status,
+    TextContent,
+    ToolAnnotations,
+    ToolErrorInfo,
+    ToolInfo,
+    ToolPage,
+    ToolResult,
+    UnknownContent,
+    dict_to_struct,
+    page_of,
+    status_of,
+    struct_to_dict,
+    tool_result,
+)
+from aiservices.errors import ToolServiceError, error_for, error_from_rpc
+from aiservices.retry import RetryPolicy, delay_after_error, delay_after_result, service_config
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 
@@ -28,7 +48,11 @@ if TYPE_CHECKING:
     from aiservices.v1.tool_service_pb2_grpc import ToolServiceAsyncStub
 
 __all__ = [
+    "DEFAULT_CALL_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "MAX_NESTING",
     "AsyncToolClient",
+    "CallOptions",
     "ContentItem",
     "Status",
     "TextContent",
@@ -44,579 +68,357 @@ __all__ = [
     "struct_to_dict",
 ]
 
+T = TypeVar("T")
+
+# GetStatus and ListTools answer from memory: a few seconds is already a sick server.
+DEFAULT_TIMEOUT = 10.0
+# Longer than the server's default UPSTREAM_TIMEOUT (60 s), so a slow upstream reaches the
+# caller as the UPSTREAM_TIMEOUT tool error (retryable, explained) rather than a bare
+# DEADLINE_EXCEEDED from the caller's own gRPC library.
+DEFAULT_CALL_TIMEOUT = 75.0
 # A 100,000-character template can be 400 KB of UTF-8 before JSON escaping; gRPC's 4 MiB
 # default receive limit leaves too little room for a refined template plus structure.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The server keeps gRPC's ping enforcement (no pings more often than every 5 minutes, none
+# without calls in flight; more earns GOAWAY too_many_pings), so the client pings at that pace,
+# only while calls are open, and gives a silent peer 20 s before calling the connection dead.
+KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
 # A server that keeps handing out cursors would otherwise make list_tools spin forever.
 MAX_PAGES = 1000
-# Doubles hold every integer up to 2**53 exactly; past that an "integer" is already rounded.
-_MAX_SAFE_INT = 2**53
-_STATUS_DETAILS_KEY = "grpc-status-details-bin"
-_ERROR_CODE_PREFIX = "TOOL_ERROR_CODE_"
+# W3C trace context, as the server checks it before passing it to the upstream.
+_TRACEPARENT = re.compile(
+    r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
+
+Metadata = Sequence[tuple[str, str]]
+ChannelFactory = Callable[[str, list[tuple[str, Any]]], Any]
+"""Builds the channel from (target, options); the client closes what it returns."""
 
 
-# --------------------------------------------------------------------------------------------
-# Struct <-> plain Python
+class CallOptions(TypedDict, total=False):
+    """Keyword arguments every method takes.
 
-
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """Turn a Struct into plain Python; integral numbers come back as ints.
-
-    Struct stores every number as a double, so `3` arrives as `3.0`; callers and JSON Schemas
-    expect `3`. Values beyond 2**53 stay floats because they were never exact.
-    """
-    return {key: _from_value(value) for key, value in struct.fields.items()}
-
-
-def _from_value(value: struct_pb2.Value) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        if math.isfinite(number) and number.is_integer() and abs(number) <= _MAX_SAFE_INT:
-            return int(number)
-        return number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return struct_to_dict(value.struct_value)
-    if kind == "list_value":
-        return [_from_value(item) for item in value.list_value.values]
-    return None  # null_value, or no kind at all
-
-
-def dict_to_struct(mapping: Mapping[str, Any]) -> struct_pb2.Struct:
-    """Build a Struct from JSON-like Python, refusing anything JSON cannot carry.
-
-    Raises TypeError for values that are not JSON (bytes, sets, objects, non-str keys) and
-    ValueError for NaN/infinity, integers a double cannot hold exactly, and circular
-    references: Struct would otherwise corrupt them silently.
-    """
-    if not isinstance(mapping, Mapping):
-        raise TypeError(f"arguments must be a mapping, not {type(mapping).__name__}")
-    struct = struct_pb2.Struct()
-    _fill_struct(struct, mapping, "$", set())
-    return struct
-
-
-def _fill_struct(
-    struct: struct_pb2.Struct, mapping: Mapping[Any, Any], path: str, seen: set[int]
-) -> None:
-    _enter(mapping, path, seen)
-    for key, item in mapping.items():
-        if not isinstance(key, str):
-            raise TypeError(f"{path}: key {key!r} is {type(key).__name__}, JSON keys must be str")
-        _fill_value(struct.fields[key], item, f"{path}.{key}", seen)
-    seen.discard(id(mapping))
-
-
-def _fill_value(target: struct_pb2.Value, item: Any, path: str, seen: set[int]) -> None:
-    if item is None:
-        target.null_value = struct_pb2.NULL_VALUE
-    elif isinstance(item, bool):  # before int: bool is an int subclass
-        target.bool_value = item
-    elif isinstance(item, int):
-        if abs(item) > _MAX_SAFE_INT:
-            raise ValueError(f"{path}: integer {item} is too large to send exactly (max 2**53)")
-        target.number_value = item
-    elif isinstance(item, float):
-        if not math.isfinite(item):
-            raise ValueError(f"{path}: {item} is not a JSON number")
-        target.number_value = item
-    elif isinstance(item, str):
-        target.string_value = item
-    elif isinstance(item, Mapping):
-        target.struct_value.SetInParent()  # so an empty dict stays a dict, not null
-        _fill_struct(target.struct_value, item, path, seen)
-    elif isinstance(item, list | tuple):
-        target.list_value.SetInParent()
-        _enter(item, path, seen)
-        for index, element in enumerate(item):
-            _fill_value(target.list_value.values.add(), element, f"{path}[{index}]", seen)
-        seen.discard(id(item))
-    else:
-        raise TypeError(f"{path}: {type(item).__name__} is not a JSON value")
-
-
-# Protobuf refuses to decode messages nested deeper than 100; each level of a Struct is up to
-# three messages (Struct, map entry, Value).
-MAX_NESTING = 32
-
-
-def _enter(container: object, path: str, seen: set[int]) -> None:
-    # `seen` holds the containers on the current path, so its size is the depth.
-    if id(container) in seen:
-        raise ValueError(f"{path}: circular reference")
-    if len(seen) >= MAX_NESTING:
-        raise ValueError(f"{path}: nested deeper than {MAX_NESTING} levels")
-    seen.add(id(container))
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass(frozen=True)
-class TextContent:
-    """A block of plain text."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class UnknownContent:
-    """A content kind this client does not know yet; kept so newer servers do not break us.
-
-    `kind` is the oneof field name when known, else "unknown"; `raw` is the serialized
-    ContentBlock for callers with newer stubs.
+    `timeout`: this call's deadline in seconds (list_tools: the whole listing); `metadata`:
+    extra headers, replacing client headers of the same name; `retry`: this call's RetryPolicy
+    instead of the client's (`NO_RETRY` for none); `wait_for_ready`: queue the call until the
+    channel connects instead of failing fast; `traceparent`: a W3C traceparent the server passes
+    on to the upstream (ValueError when malformed).
     """
 
-    kind: str
-    raw: bytes = field(default=b"", repr=False)
-
-
-ContentItem: TypeAlias = TextContent | UnknownContent
-
-
-@dataclass(frozen=True)
-class ToolAnnotations:
-    """MCP behaviour hints; None means the server did not say (unknown), not False."""
-
-    read_only_hint: bool | None = None
-    destructive_hint: bool | None = None
-    idempotent_hint: bool | None = None
-    open_world_hint: bool | None = None
+    timeout: float | None
+    metadata: Metadata
+    retry: RetryPolicy | None
+    wait_for_ready: bool | None
+    traceparent: str | None
 
 
 @dataclass(frozen=True)
-class ToolInfo:
-    """One callable tool, as ListTools and GetStatus describe it."""
+class _Call:
+    """Step: send `request` to RPC `method` once."""
 
-    name: str
-    title: str
-    description: str
-    input_schema: dict[str, Any]
-    output_schema: dict[str, Any]
-    annotations: ToolAnnotations
-
-
-@dataclass(frozen=True)
-class Status:
-    """Whether the feature is on, the tools this caller may call, and which upstream refines
-    prompts ("agenta" or "openai"; empty when the feature is off)."""
-
-    enabled: bool
-    tools: list[ToolInfo]
-    upstream: str = ""
+    method: str
+    request: Message
+    timeout: float
+    metadata: tuple[tuple[str, str], ...]
+    wait_for_ready: bool | None
 
 
 @dataclass(frozen=True)
-class ToolPage:
-    """One page of ListTools; `next_cursor` is empty on the last page."""
+class _Wait:
+    """Step: wait `seconds` before the next attempt."""
 
-    tools: list[ToolInfo]
-    next_cursor: str
+    seconds: float
 
 
-@dataclass(frozen=True)
-class ToolErrorInfo:
-    """Why a tool ran but failed. `code` is e.g. "UPSTREAM_TIMEOUT"; `retry_after` is seconds."""
-
-    code: str
-    message: str
-    retryable: bool
-    retry_after: float | None
+_Step = _Call | _Wait
+_Plan = Generator[_Step, Any, T]
 
 
 @dataclass(frozen=True)
-class ToolResult:
-    """An MCP-shaped tool result; check `is_error` (and `error`) before using the content."""
+class _Resolved:
+    """A call's options with the client's defaults filled in."""
 
-    content: list[ContentItem]
-    structured_content: dict[str, Any] | None
-    is_error: bool
-    trace_id: str
-    request_id: str
-    error: ToolErrorInfo | None
-
-    @property
-    def text(self) -> str:
-        """The text blocks joined by newlines: the summary, or the error message."""
-        return "\n".join(item.text for item in self.content if isinstance(item, TextContent))
+    timeout: float  # each attempt's deadline, in seconds
+    overall: float | None  # time.monotonic() by which every attempt and wait ends (retry.deadline)
+    metadata: tuple[tuple[str, str], ...]
+    retry: RetryPolicy | None
+    wait_for_ready: bool | None
 
 
-def _tool_info(tool: pb.Tool) -> ToolInfo:
-    hints = tool.annotations
-    return ToolInfo(
-        name=tool.name,
-        title=tool.title,
-        description=tool.description,
-        input_schema=struct_to_dict(tool.input_schema),
-        output_schema=struct_to_dict(tool.output_schema),
-        annotations=ToolAnnotations(
-            read_only_hint=hints.read_only_hint if hints.HasField("read_only_hint") else None,
-            destructive_hint=hints.destructive_hint if hints.HasField("destructive_hint") else None,
-            idempotent_hint=hints.idempotent_hint if hints.HasField("idempotent_hint") else None,
-            open_world_hint=hints.open_world_hint if hints.HasField("open_world_hint") else None,
-        ),
-    )
-
-
-def _content_item(block: pb.ContentBlock) -> ContentItem:
-    kind = block.WhichOneof("block")
-    if kind == "text":
-        return TextContent(text=block.text.text)
-    return UnknownContent(kind=kind or "unknown", raw=block.SerializeToString())
-
-
-def _error_code_name(code: pb.ToolErrorCode.ValueType) -> str:
-    try:
-        name = pb.ToolErrorCode.Name(code)
-    except ValueError:  # a code added after this client was built
-        return f"UNKNOWN_{code}"
-    return name.removeprefix(_ERROR_CODE_PREFIX)
-
-
-def _tool_result(response: pb.CallToolResponse) -> ToolResult:
-    error: ToolErrorInfo | None = None
-    if response.HasField("error"):
-        err = response.error
-        error = ToolErrorInfo(
-            code=_error_code_name(err.code),
-            message=err.message,
-            retryable=err.retryable,
-            retry_after=err.retry_after.ToTimedelta().total_seconds()
-            if err.HasField("retry_after")
-            else None,
-        )
-    return ToolResult(
-        content=[_content_item(block) for block in response.content],
-        structured_content=struct_to_dict(response.structured_content)
-        if response.HasField("structured_content")
-        else None,
-        is_error=response.is_error,
-        trace_id=response.meta.trace_id,
-        request_id=response.meta.request_id,
-        error=error,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-
-
-class ToolServiceError(Exception):
-    """A call that failed with a non-OK gRPC status, with the service's rich details unpacked.
-
-    `reason`/`domain`/`error_metadata` come from google.rpc.ErrorInfo (None/empty when the
-    status has none, e.g. a deadline that passed on the client), `field_violations` from
-    google.rpc.BadRequest, `retry_after` (seconds) from google.rpc.RetryInfo or else the
-    `retry-after` trailer. The original grpc.RpcError is `__cause__`.
-    """
+class _ClientCore:
+    """Settings, channel options and the plans of every method, shared by both clients."""
 
     def __init__(
         self,
-        code: grpc.StatusCode,
-        message: str,
+        target: str | None,
+        api_key: str | None,
         *,
-        reason: str | None = None,
-        domain: str | None = None,
-        error_metadata: Mapping[str, str] | None = None,
-        field_violations: Iterable[tuple[str, str]] = (),
-        retry_after: float | None = None,
-        trailing_metadata: Mapping[str, str] | None = None,
-    ) -> None:
-        self.code = code
-        self.message = message
-        self.reason = reason
-        self.domain = domain
-        self.error_metadata: dict[str, str] = dict(error_metadata or {})
-        self.field_violations: list[tuple[str, str]] = list(field_violations)
-        self.retry_after = retry_after
-        self.trailing_metadata: dict[str, str] = dict(trailing_metadata or {})
-        super().__init__(code, message)
-
-    def __str__(self) -> str:
-        text = f"{self.code.name}: {self.message}"
-        if self.reason:
-            text += f" [{self.reason}]"
-        if self.field_violations:
-            text += " (" + "; ".join(f"{f}: {d}" for f, d in self.field_violations) + ")"
-        return text
-
-
-def _metadata_dict(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
-    """Text trailers only; binary (-bin) ones are decoded into the error's fields instead."""
-    result: dict[str, str] = {}
-    for key, value in pairs or ():
-        if isinstance(value, bytes):
-            continue
-        result[key] = f"{result[key]}, {value}" if key in result else value
-    return result
-
-
-def _parse_retry_after(header: str | None) -> float | None:
-    if header is None:
-        return None
-    try:
-        seconds = float(header)
-    except ValueError:
-        return None  # an HTTP date, or junk: not worth guessing
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
-def _build_error(
-    code: grpc.StatusCode,
-    details: str,
-    trailers: Iterable[tuple[str, str | bytes]] | None,
-    rich: status_pb2.Status | None,
-) -> ToolServiceError:
-    text_trailers = _metadata_dict(trailers)
-    reason: str | None = None
-    domain: str | None = None
-    error_metadata: dict[str, str] = {}
-    violations: list[tuple[str, str]] = []
-    retry_after: float | None = None
-    for detail in rich.details if rich is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason, domain, error_metadata = info.reason, info.domain, dict(info.metadata)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations.extend((v.field, v.description) for v in bad.field_violations)
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
-    if retry_after is None:
-        retry_after = _parse_retry_after(text_trailers.get("retry-after"))
-    return ToolServiceError(
-        code,
-        details,
-        reason=reason,
-        domain=domain,
-        error_metadata=error_metadata,
-        field_violations=violations,
-        retry_after=retry_after,
-        trailing_metadata=text_trailers,
-    )
-
-
-def _code_of(err: grpc.RpcError) -> grpc.StatusCode:
-    code = err.code() if callable(getattr(err, "code", None)) else None
-    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-
-
-def _sync_error(err: grpc.RpcError) -> ToolServiceError:
-    rich: status_pb2.Status | None = None
-    trailers = None
-    if isinstance(err, grpc.Call):
-        trailers = err.trailing_metadata()
-        try:
-            rich = rpc_status.from_call(err)
-        except (ValueError, DecodeError):
-            rich = None  # details that contradict the status are not to be trusted
-    details = err.details() if isinstance(err, grpc.Call) else str(err)
-    return _build_error(_code_of(err), details or "", trailers, rich)
-
-
-def _aio_error(err: grpc.aio.AioRpcError) -> ToolServiceError:
-    code = _code_of(err)
-    details = err.details() or ""
-    trailers = err.trailing_metadata()
-    rich: status_pb2.Status | None = None
-    for key, value in trailers or ():
-        if key == _STATUS_DETAILS_KEY and isinstance(value, bytes):
-            try:
-                rich = status_pb2.Status.FromString(value)
-            except DecodeError:
-                rich = None
-            # The rule of grpc_status.from_call, so both clients trust the same details.
-            if rich is not None and (rich.code != code.value[0] or rich.message != details):
-                rich = None
-            break
-    return _build_error(code, details, trailers, rich)
-
-
-# --------------------------------------------------------------------------------------------
-# Clients
-
-
-class _ClientBase:
-    """Channel settings and per-call metadata/deadline shared by both clients."""
-
-    def __init__(
-        self,
-        target: str,
-        api_key: str | None = None,
-        *,
-        timeout: float = 30.0,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        options: Sequence[tuple[str, Any]] = (),
+        timeout: float | None,
+        call_timeout: float | None,
+        credentials: grpc.ChannelCredentials | None,
+        metadata: Metadata,
+        options: Sequence[tuple[str, Any]],
+        retry: RetryPolicy | None,
+        wait_for_ready: bool | None,
+        load_balancing: Literal["round_robin", "pick_first"] | None,
+        grpc_retry_attempts: int,
+        channel: object | None,
+        channel_factory: ChannelFactory | None,
     ) -> None:
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key is empty; pass None to call without credentials")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
-        self._target = target
-        self._timeout = float(timeout)
+        for name, value in (("timeout", timeout), ("call_timeout", call_timeout)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if channel is not None and (channel_factory is not None or credentials is not None):
+            raise ValueError("pass a channel, or credentials/channel_factory to build one")
+        if channel is None and target is None:
+            raise ValueError("a target is needed unless a channel is given")
+        if retry is not None and retry.max_attempts > 1 and grpc_retry_attempts > 1:
+            raise ValueError("choose one retry layer: retry= or grpc_retry_attempts=, not both")
+        self._target = target or ""
+        self._timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        # An explicit `timeout` keeps bounding every call, as callers who set it expect.
+        given = call_timeout if call_timeout is not None else timeout
+        self._call_timeout = DEFAULT_CALL_TIMEOUT if given is None else float(given)
         self._credentials = credentials
+        self._retry = retry
+        self._wait_for_ready = wait_for_ready
         base: list[tuple[str, str]] = []
         if api_key is not None:
             base.append(("authorization", f"Bearer {api_key.strip()}"))
-        base.extend(_lower_keys(metadata))
-        self._metadata: tuple[tuple[str, str], ...] = tuple(base)
+        self._metadata = tuple(_merge(base, metadata))
         merged: dict[str, Any] = {
             "grpc.max_send_message_length": DEFAULT_MAX_MESSAGE_BYTES,
             "grpc.max_receive_message_length": DEFAULT_MAX_MESSAGE_BYTES,
+            **dict(KEEPALIVE_OPTIONS),
         }
+        if load_balancing is not None or grpc_retry_attempts > 1:
+            merged["grpc.service_config"] = service_config(
+                load_balancing=load_balancing, retry_attempts=grpc_retry_attempts
+            )
         merged.update(options)
         self._options: list[tuple[str, Any]] = list(merged.items())
+        self._given_channel = channel
+        self._channel_factory = channel_factory
         self._closed = False
 
-    def _call_kwargs(
-        self, timeout: float | None, metadata: Sequence[tuple[str, str]]
-    ) -> dict[str, Any]:
-        """Per-call metadata replaces client metadata with the same key instead of doubling it."""
-        extra = _lower_keys(metadata)
-        replaced = {key for key, _ in extra}
-        merged = [(k, v) for k, v in self._metadata if k not in replaced] + extra
-        return {"timeout": self._timeout if timeout is None else timeout, "metadata": merged}
+    # -- plans: what each method does, as steps ----------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("the client is closed")
+    def _status_plan(self, options: CallOptions) -> _Plan[Status]:
+        call = self._resolve(options, self._timeout)
+        response = yield from self._rpc("GetStatus", pb.GetStatusRequest(), call)
+        return status_of(response)
 
+    def _page_plan(self, cursor: str, page_size: int, options: CallOptions) -> _Plan[ToolPage]:
+        call = self._resolve(options, self._timeout)
+        request = pb.ListToolsRequest(cursor=cursor, page_size=page_size)
+        return page_of((yield from self._rpc("ListTools", request, call)))
 
-def _lower_keys(metadata: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    # gRPC refuses upper-case keys; header names are case-insensitive anyway.
-    return [(key.lower(), value) for key, value in metadata]
-
-
-def _page_request(cursor: str, page_size: int) -> pb.ListToolsRequest:
-    return pb.ListToolsRequest(cursor=cursor, page_size=page_size)
-
-
-def _page(response: pb.ListToolsResponse) -> ToolPage:
-    return ToolPage(tools=[_tool_info(t) for t in response.tools], next_cursor=response.next_cursor)
-
-
-def _check_cursor(cursor: str, seen: set[str], pages: int) -> None:
-    if cursor in seen:
-        raise ToolServiceError(
-            grpc.StatusCode.INTERNAL, f"ListTools returned cursor {cursor!r} twice; stopping"
-        )
-    if pages >= MAX_PAGES:
-        raise ToolServiceError(
-            grpc.StatusCode.INTERNAL, f"ListTools still had more pages after {MAX_PAGES}; stopping"
-        )
-    seen.add(cursor)
-
-
-def _remaining(deadline: float) -> float:
-    return max(deadline - time.monotonic(), 0.0)
-
-
-class ToolClient(_ClientBase):
-    """Blocking client; safe to share between threads. Use as a context manager or close()."""
-
-    def __init__(
-        self,
-        target: str,
-        api_key: str | None = None,
-        *,
-        timeout: float = 30.0,
-        credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        super().__init__(
-            target,
-            api_key,
-            timeout=timeout,
-            credentials=credentials,
-            metadata=metadata,
-            options=options,
-        )
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=self._options)
-        self._stub = pb_grpc.ToolServiceStub(self._channel)
-
-    def status(
-        self, *, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()
-    ) -> Status:
-        """Whether the feature is enabled, and which tools this caller may call."""
-        response: pb.GetStatusResponse = self._invoke(
-            self._stub.GetStatus, pb.GetStatusRequest(), timeout, metadata
-        )
-        return Status(
-            enabled=response.enabled,
-            tools=[_tool_info(t) for t in response.tools],
-            upstream=response.upstream,
-        )
-
-    def list_tools_page(
-        self,
-        cursor: str = "",
-        page_size: int = 0,
-        *,
-        timeout: float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> ToolPage:
-        """One page of tools; pass the previous page's `next_cursor` to get the next."""
-        response: pb.ListToolsResponse = self._invoke(
-            self._stub.ListTools, _page_request(cursor, page_size), timeout, metadata
-        )
-        return _page(response)
-
-    def list_tools(
-        self,
-        page_size: int = 0,
-        *,
-        timeout: float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> list[ToolInfo]:
-        """Every tool, following cursors; `timeout` bounds the whole listing, not each page."""
-        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+    def _list_plan(self, page_size: int, options: CallOptions) -> _Plan[list[ToolInfo]]:
+        call = self._resolve(options, self._timeout)
+        listing_ends = time.monotonic() + call.timeout
         tools: list[ToolInfo] = []
         seen: set[str] = set()
         cursor = ""
         for pages in range(MAX_PAGES + 1):
             _check_cursor(cursor, seen, pages)
-            page = self.list_tools_page(
-                cursor, page_size, timeout=_remaining(deadline), metadata=metadata
-            )
+            request = pb.ListToolsRequest(cursor=cursor, page_size=page_size)
+            page_call = replace(call, timeout=max(listing_ends - time.monotonic(), 0.0))
+            page = page_of((yield from self._rpc("ListTools", request, page_call)))
             tools.extend(page.tools)
             if not page.next_cursor:
                 break
             cursor = page.next_cursor
         return tools
 
-    def call_tool(
+    def _call_plan(
+        self, name: str, arguments: Mapping[str, Any], options: CallOptions
+    ) -> _Plan[ToolResult]:
+        call = self._resolve(options, self._call_timeout)
+        request = pb.CallToolRequest(name=name, arguments=dict_to_struct(arguments))
+        return tool_result((yield from self._rpc("CallTool", request, call)))
+
+    def _rpc(self, method: str, request: Message, call: _Resolved) -> _Plan[Any]:
+        """One RPC, sent again as `call.retry` allows. An attempt gets its timeout or what is
+        left of the overall deadline, whichever is shorter; a wait is made only if it ends
+        before that deadline."""
+        policy = call.retry
+        attempt, previous = 1, 0.0
+        while True:
+            timeout = call.timeout
+            if call.overall is not None:
+                timeout = max(min(timeout, call.overall - time.monotonic()), 0.0)
+            try:
+                response = yield _Call(method, request, timeout, call.metadata, call.wait_for_ready)
+            except ToolServiceError as error:
+                delay = None
+                if policy is not None:
+                    delay = delay_after_error(policy, error, attempt, previous, _left(call))
+                if delay is None:
+                    raise
+            else:
+                if policy is None or method != "CallTool":
+                    return response
+                delay = delay_after_result(policy, response, attempt, previous, _left(call))
+                if delay is None:
+                    return response
+            yield _Wait(delay)
+            attempt, previous = attempt + 1, delay
+
+    def _resolve(self, options: CallOptions, default_timeout: float) -> _Resolved:
+        unknown = sorted(options.keys() - CallOptions.__optional_keys__)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+        now = time.monotonic()
+        timeout = options.get("timeout")
+        timeout = default_timeout if timeout is None else timeout
+        retry = options.get("retry")
+        retry = self._retry if retry is None else retry
+        extra = list(options.get("metadata", ()))
+        traceparent = options.get("traceparent")
+        if traceparent is not None:
+            if not _TRACEPARENT.fullmatch(traceparent):
+                raise ValueError(
+                    "traceparent is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
+                )
+            extra.append(("traceparent", traceparent))
+        wait_for_ready = options.get("wait_for_ready")
+        return _Resolved(
+            timeout=timeout,
+            overall=None if retry is None or retry.deadline is None else now + retry.deadline,
+            metadata=tuple(_merge(self._metadata, extra)),
+            retry=retry,
+            wait_for_ready=self._wait_for_ready if wait_for_ready is None else wait_for_ready,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the client is closed")
+
+
+def _left(call: _Resolved) -> float | None:
+    return None if call.overall is None else call.overall - time.monotonic()
+
+
+def _merge(base: Metadata, extra: Metadata) -> list[tuple[str, str]]:
+    """`base` then `extra`, keys in lower case (gRPC refuses upper case; names are
+    case-insensitive); a key in `extra` replaces it in `base` instead of doubling it."""
+    lowered = [(key.lower(), value) for key, value in extra]
+    replaced = {key for key, _ in lowered}
+    return [(k.lower(), v) for k, v in base if k.lower() not in replaced] + lowered
+
+
+def _check_cursor(cursor: str, seen: set[str], pages: int) -> None:
+    if cursor in seen:
+        raise error_for(
+            grpc.StatusCode.INTERNAL, f"ListTools returned cursor {cursor!r} twice; stopping"
+        )
+    if pages >= MAX_PAGES:
+        raise error_for(
+            grpc.StatusCode.INTERNAL, f"ListTools still had more pages after {MAX_PAGES}; stopping"
+        )
+    seen.add(cursor)
+
+
+def _call_kwargs(step: _Call) -> dict[str, Any]:
+    return {
+        "timeout": step.timeout,
+        "metadata": step.metadata,
+        "wait_for_ready": step.wait_for_ready,
+    }
+
+
+class ToolClient(_ClientCore):
+    """Blocking client; safe to share between threads. Use as a context manager or close().
+
+    `timeout` is the default deadline of GetStatus/ListTools (10 s) and, when given, of
+    CallTool too; `call_timeout` is CallTool's (75 s: longer than the server's upstream
+    timeout). `retry` is the default RetryPolicy (None: every call is sent once).
+    `channel` is used as is and never closed by the client; `channel_factory(target, options)`
+    builds one the client owns. `interceptors` wrap the channel (grpc.intercept_channel).
+    `sleep` waits between retries; replace it to observe or shorten the waits.
+    """
+
+    def __init__(
         self,
-        name: str,
-        arguments: Mapping[str, Any],
+        target: str | None = None,
+        api_key: str | None = None,
         *,
         timeout: float | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> ToolResult:
-        """Run a tool. A tool failure is a result with `is_error`; a refusal raises."""
-        request = pb.CallToolRequest(name=name, arguments=dict_to_struct(arguments))
-        response: pb.CallToolResponse = self._invoke(
-            self._stub.CallTool, request, timeout, metadata
+        call_timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Metadata = (),
+        options: Sequence[tuple[str, Any]] = (),
+        retry: RetryPolicy | None = None,
+        wait_for_ready: bool | None = None,
+        load_balancing: Literal["round_robin", "pick_first"] | None = None,
+        grpc_retry_attempts: int = 0,
+        channel: grpc.Channel | None = None,
+        channel_factory: ChannelFactory | None = None,
+        interceptors: Sequence[Any] = (),
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(
+            target,
+            api_key,
+            timeout=timeout,
+            call_timeout=call_timeout,
+            credentials=credentials,
+            metadata=metadata,
+            options=options,
+            retry=retry,
+            wait_for_ready=wait_for_ready,
+            load_balancing=load_balancing,
+            grpc_retry_attempts=grpc_retry_attempts,
+            channel=channel,
+            channel_factory=channel_factory,
         )
-        return _tool_result(response)
+        self._sleep = sleep
+        self._owned: grpc.Channel | None = None
+        if channel is None:
+            if channel_factory is not None:
+                channel = cast("grpc.Channel", channel_factory(self._target, self._options))
+            elif credentials is None:
+                channel = grpc.insecure_channel(self._target, options=self._options)
+            else:
+                channel = grpc.secure_channel(self._target, credentials, options=self._options)
+            self._owned = channel
+        if interceptors:
+            channel = grpc.intercept_channel(channel, *interceptors)
+        self._stub = pb_grpc.ToolServiceStub(channel)
+
+    def status(self, **options: Unpack[CallOptions]) -> Status:
+        """Whether the feature is enabled, and which tools this caller may call."""
+        return self._drive(self._status_plan(options))
+
+    def list_tools_page(
+        self, cursor: str = "", page_size: int = 0, **options: Unpack[CallOptions]
+    ) -> ToolPage:
+        """One page of tools; pass the previous page's `next_cursor` to get the next."""
+        return self._drive(self._page_plan(cursor, page_size, options))
+
+    def list_tools(self, page_size: int = 0, **options: Unpack[CallOptions]) -> list[ToolInfo]:
+        """Every tool, following cursors; `timeout` bounds the whole listing, not each page."""
+        return self._drive(self._list_plan(page_size, options))
+
+    def call_tool(
+        self, name: str, arguments: Mapping[str, Any], **options: Unpack[CallOptions]
+    ) -> ToolResult:
+        """Run a tool. A tool failure is a result with `is_error`; a refusal raises a
+        ToolServiceError subclass."""
+        return self._drive(self._call_plan(name, arguments, options))
 
     def close(self) -> None:
-        """Close the channel; calls after this raise RuntimeError."""
+        """Close the channel the client made (not one it was given); later calls raise
+        RuntimeError."""
         self._closed = True
-        self._channel.close()
+        if self._owned is not None:
+            self._owned.close()
 
     def __enter__(self) -> Self:
         return self
@@ -629,117 +431,106 @@ class ToolClient(_ClientBase):
     ) -> None:
         self.close()
 
-    def _invoke(
-        self,
-        method: Any,
-        request: Any,
-        timeout: float | None,
-        metadata: Sequence[tuple[str, str]],
-    ) -> Any:
+    def _drive(self, plan: _Plan[T]) -> T:
         self._check_open()
-        try:
-            return method(request, **self._call_kwargs(timeout, metadata))
-        except grpc.RpcError as err:
-            raise _sync_error(err) from err
+        answer: Any = None
+        failure: ToolServiceError | None = None
+        while True:
+            try:
+                step = plan.throw(failure) if failure is not None else plan.send(answer)
+            except StopIteration as done:
+                return cast("T", done.value)
+            answer, failure = None, None
+            if isinstance(step, _Wait):
+                self._sleep(step.seconds)
+                continue
+            try:
+                answer = getattr(self._stub, step.method)(step.request, **_call_kwargs(step))
+            except grpc.RpcError as err:
+                failure = error_from_rpc(err)
 
 
-class AsyncToolClient(_ClientBase):
-    """asyncio client over grpc.aio. The channel opens on first use, so the client may be
-    built outside a running event loop; use `async with` or `await close()`."""
+class AsyncToolClient(_ClientCore):
+    """asyncio client over grpc.aio, with ToolClient's arguments. The channel opens on first
+    use, so the client may be built outside a running event loop; use `async with` or
+    `await close()`.
+
+    `interceptors` are grpc.aio client interceptors, given to the channel the client builds
+    (with a `channel` or `channel_factory`, put them on that channel yourself).
+    """
 
     def __init__(
         self,
-        target: str,
+        target: str | None = None,
         api_key: str | None = None,
         *,
-        timeout: float = 30.0,
+        timeout: float | None = None,
+        call_timeout: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
+        metadata: Metadata = (),
         options: Sequence[tuple[str, Any]] = (),
+        retry: RetryPolicy | None = None,
+        wait_for_ready: bool | None = None,
+        load_balancing: Literal["round_robin", "pick_first"] | None = None,
+        grpc_retry_attempts: int = 0,
+        channel: grpc.aio.Channel | None = None,
+        channel_factory: ChannelFactory | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        if interceptors and (channel is not None or channel_factory is not None):
+            raise ValueError("with channel or channel_factory, add interceptors to that channel")
         super().__init__(
             target,
             api_key,
             timeout=timeout,
+            call_timeout=call_timeout,
             credentials=credentials,
             metadata=metadata,
             options=options,
+            retry=retry,
+            wait_for_ready=wait_for_ready,
+            load_balancing=load_balancing,
+            grpc_retry_attempts=grpc_retry_attempts,
+            channel=channel,
+            channel_factory=channel_factory,
         )
-        self._channel: grpc.aio.Channel | None = None
+        self._sleep = sleep
+        self._interceptors = list(interceptors)
+        self._channel: grpc.aio.Channel | None = channel
+        self._owned: grpc.aio.Channel | None = None
         self._stub: ToolServiceAsyncStub | None = None
 
-    async def status(
-        self,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 (becomes the gRPC deadline)
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> Status:
+    async def status(self, **options: Unpack[CallOptions]) -> Status:
         """Whether the feature is enabled, and which tools this caller may call."""
-        response: pb.GetStatusResponse = await self._invoke(
-            "GetStatus", pb.GetStatusRequest(), timeout, metadata
-        )
-        return Status(
-            enabled=response.enabled,
-            tools=[_tool_info(t) for t in response.tools],
-            upstream=response.upstream,
-        )
+        return await self._drive(self._status_plan(options))
 
     async def list_tools_page(
-        self,
-        cursor: str = "",
-        page_size: int = 0,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 (becomes the gRPC deadline)
-        metadata: Sequence[tuple[str, str]] = (),
+        self, cursor: str = "", page_size: int = 0, **options: Unpack[CallOptions]
     ) -> ToolPage:
         """One page of tools; pass the previous page's `next_cursor` to get the next."""
-        response: pb.ListToolsResponse = await self._invoke(
-            "ListTools", _page_request(cursor, page_size), timeout, metadata
-        )
-        return _page(response)
+        return await self._drive(self._page_plan(cursor, page_size, options))
 
     async def list_tools(
-        self,
-        page_size: int = 0,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 (becomes the gRPC deadline)
-        metadata: Sequence[tuple[str, str]] = (),
+        self, page_size: int = 0, **options: Unpack[CallOptions]
     ) -> list[ToolInfo]:
         """Every tool, following cursors; `timeout` bounds the whole listing, not each page."""
-        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
-        tools: list[ToolInfo] = []
-        seen: set[str] = set()
-        cursor = ""
-        for pages in range(MAX_PAGES + 1):
-            _check_cursor(cursor, seen, pages)
-            page = await self.list_tools_page(
-                cursor, page_size, timeout=_remaining(deadline), metadata=metadata
-            )
-            tools.extend(page.tools)
-            if not page.next_cursor:
-                break
-            cursor = page.next_cursor
-        return tools
+        return await self._drive(self._list_plan(page_size, options))
 
     async def call_tool(
-        self,
-        name: str,
-        arguments: Mapping[str, Any],
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 (becomes the gRPC deadline)
-        metadata: Sequence[tuple[str, str]] = (),
+        self, name: str, arguments: Mapping[str, Any], **options: Unpack[CallOptions]
     ) -> ToolResult:
-        """Run a tool. A tool failure is a result with `is_error`; a refusal raises."""
-        request = pb.CallToolRequest(name=name, arguments=dict_to_struct(arguments))
-        response: pb.CallToolResponse = await self._invoke("CallTool", request, timeout, metadata)
-        return _tool_result(response)
+        """Run a tool. A tool failure is a result with `is_error`; a refusal raises a
+        ToolServiceError subclass."""
+        return await self._drive(self._call_plan(name, arguments, options))
 
     async def close(self) -> None:
-        """Close the channel, cancelling calls in flight; calls after this raise RuntimeError."""
+        """Close the channel the client made (not one it was given), cancelling its calls in
+        flight; later calls raise RuntimeError."""
         self._closed = True
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            await channel.close()
+        owned, self._owned, self._stub = self._owned, None, None
+        if owned is not None:
+            await owned.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -756,27 +547,43 @@ class AsyncToolClient(_ClientBase):
         self._check_open()
         if self._stub is not None:
             return self._stub
-        if self._credentials is None:
-            channel = grpc.aio.insecure_channel(self._target, options=self._options)
-        else:
-            channel = grpc.aio.secure_channel(
-                self._target, self._credentials, options=self._options
-            )
-        stub = cast("ToolServiceAsyncStub", pb_grpc.ToolServiceStub(channel))
-        self._channel, self._stub = channel, stub
-        return stub
+        channel = self._channel
+        if channel is None:
+            if self._channel_factory is not None:
+                made = self._channel_factory(self._target, self._options)
+                channel = cast("grpc.aio.Channel", made)
+            elif self._credentials is None:
+                channel = grpc.aio.insecure_channel(
+                    self._target, options=self._options, interceptors=self._interceptors
+                )
+            else:
+                channel = grpc.aio.secure_channel(
+                    self._target,
+                    self._credentials,
+                    options=self._options,
+                    interceptors=self._interceptors,
+                )
+            self._owned = channel
+        # The generated overloads pick the async stub only when grpc's own stubs
+        # (types-grpcio) are installed; typed as Any here, this checks either way.
+        make_stub: Any = pb_grpc.ToolServiceStub
+        self._stub = make_stub(channel)
+        return self._stub
 
-    async def _invoke(
-        self,
-        method: str,
-        request: Any,
-        timeout: float | None,  # noqa: ASYNC109
-        metadata: Sequence[tuple[str, str]],
-    ) -> Any:
-        callable_ = getattr(self._get_stub(), method)
-        try:
-            return await callable_(request, **self._call_kwargs(timeout, metadata))
-        except grpc.aio.AioRpcError as err:
-            raise _aio_error(err) from err
-        except grpc.RpcError as err:  # not expected from grpc.aio, but never leak raw errors
-            raise _sync_error(err) from err
+    async def _drive(self, plan: _Plan[T]) -> T:
+        stub = self._get_stub()
+        answer: Any = None
+        failure: ToolServiceError | None = None
+        while True:
+            try:
+                step = plan.throw(failure) if failure is not None else plan.send(answer)
+            except StopIteration as done:
+                return cast("T", done.value)
+            answer, failure = None, None
+            if isinstance(step, _Wait):
+                await self._sleep(step.seconds)
+                continue
+            try:
+                answer = await getattr(stub, step.method)(step.request, **_call_kwargs(step))
+            except grpc.RpcError as err:
+                failure = error_from_rpc(err)

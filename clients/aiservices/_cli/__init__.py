@@ -1,0 +1,1 @@
+"""The pieces of the `aiservices` command line (entry point: aiservices.cli:main)."""

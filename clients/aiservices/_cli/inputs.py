@@ -1,0 +1,81 @@
+"""What the command reads and writes locally: argument and template files, stdin, the key
+file, and the refined template. Every read is bounded; every problem is a UsageError."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiservices.client import dict_to_struct
+
+# Inputs are bounded like everything read from outside: the client sends at most 16 MiB.
+MAX_INPUT_BYTES = 16 * 1024 * 1024
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
+class UsageError(Exception):
+    """Something on the command line or in a local file is wrong; exit 2."""
+
+
+def read_bytes(path: str, what: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(path, "rb") as file:
+                data = file.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise UsageError(f"{what} {path} is larger than {limit:,} bytes")
+    return data
+
+
+def read_text(path: str, what: str) -> str:
+    try:
+        return read_bytes(path, what).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what} {path} is not UTF-8 text") from None
+
+
+def parse_object(text: str, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{where} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a JSON object, not {type(value).__name__}")
+    try:
+        dict_to_struct(value)  # numbers JSON allows but a Struct cannot carry exactly
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: {exc}") from None
+    return value
+
+
+def call_arguments(spec: str) -> dict[str, Any]:
+    if spec.startswith("@"):
+        path = spec[1:]
+        return parse_object(read_text(path, "--args file"), f"--args file {path}")
+    return parse_object(spec, "--args")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: readers see
+    the old file or the new one, never half of it."""
+    directory = path.parent if str(path.parent) else Path(".")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,136 @@
+"""What the command prints: error lines, tables, JSON results and message diffs."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Sequence
+from itertools import zip_longest
+from typing import Any
+
+import grpc
+
+from aiservices.client import TextContent, ToolInfo, ToolResult, ToolServiceError
+
+PROG = "aiservices"
+ENV_API_KEY = "AISERVICES_API_KEY"
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """`text` on one line of at most `limit` characters, without control characters: a message
+    from the server must not move the cursor or recolour the caller's terminal."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text[: limit * 4]).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def seconds(value: float) -> str:
+    # Whole seconds, rounded up: waiting a little longer is always safe.
+    return str(math.ceil(value))
+
+
+def refusal_line(err: ToolServiceError, target: str) -> str:
+    """One line: the status, the reason when it adds something, the message and the hints."""
+    head = err.code.name
+    if err.reason and err.reason != head:
+        head += f" ({err.reason})"
+    hints: list[str] = []
+    hints.extend(f"{field}: {description}" for field, description in err.field_violations)
+    if err.retry_after is not None:
+        hints.append(f"retry after {seconds(err.retry_after)} s")
+    support_id = err.error_metadata.get("support_id")
+    if support_id:
+        hints.append(f"support id {support_id}")
+    permission = err.error_metadata.get("permission")
+    if err.code is grpc.StatusCode.PERMISSION_DENIED and permission:
+        hints.append(f"the key lacks the permission {permission}")
+    if err.code is grpc.StatusCode.UNAUTHENTICATED:
+        hints.append(f"check --api-key, --api-key-file or {ENV_API_KEY}")
+    if err.reason is None and err.code is grpc.StatusCode.UNAVAILABLE:
+        head = f"cannot reach {target}: {head}"
+    if err.reason is None and err.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        hints.append("no answer in time; a longer --timeout may help")
+    line = f"{PROG}: {head}: {one_line(err.message) or 'no message'}"
+    return "; ".join([line, *hints])
+
+
+def tool_error_line(result: ToolResult) -> str:
+    error = result.error
+    if error is None:
+        return f"{PROG}: tool error: {one_line(result.text) or 'no message'}"
+    line = f"{PROG}: tool error {error.code}: {one_line(error.message or result.text)}"
+    if error.retryable:
+        line += "; retryable"
+        if error.retry_after is not None:
+            line += f", retry after {seconds(error.retry_after)} s"
+    return line
+
+
+def result_json(result: ToolResult) -> dict[str, Any]:
+    return {
+        "is_error": result.is_error,
+        "content": [
+            {"type": "text", "text": item.text}
+            if isinstance(item, TextContent)
+            else {"type": item.kind}
+            for item in result.content
+        ],
+        "structured_content": result.structured_content,
+        "error": None if result.error is None else dataclasses.asdict(result.error),
+        "trace_id": result.trace_id,
+        "request_id": result.request_id,
+    }
+
+
+def _hints(tool: ToolInfo) -> str:
+    notes = tool.annotations
+    flags = [
+        ("read-only", notes.read_only_hint),
+        ("destructive", notes.destructive_hint),
+        ("idempotent", notes.idempotent_hint),
+        ("open-world", notes.open_world_hint),
+    ]
+    return ", ".join(name for name, on in flags if on)
+
+
+def tools_table(tools: Sequence[ToolInfo]) -> str:
+    rows = [("NAME", "TITLE", "HINTS")] + [(t.name, t.title, _hints(t)) for t in tools]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(
+        f"{name:<{widths[0]}}  {title:<{widths[1]}}  {hints}".rstrip()
+        for name, title, hints in rows
+    )
+
+
+def _message_text(message: Any) -> str:
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict)]
+        return "\n".join(p for p in parts if isinstance(p, str))
+    return ""
+
+
+def messages_diff(before: Sequence[Any], after: Sequence[Any]) -> list[str]:
+    """A unified diff per message, headed by its number and role; unchanged ones in one line."""
+    lines: list[str] = []
+    for number, (old, new) in enumerate(zip_longest(before, after), start=1):
+        role = next(
+            (
+                m["role"]
+                for m in (new, old)
+                if isinstance(m, dict) and isinstance(m.get("role"), str)
+            ),
+            "?",
+        )
+        label = f"message {number} ({role}"
+        diff = difflib.unified_diff(
+            _message_text(old).splitlines(),
+            _message_text(new).splitlines(),
+            fromfile=f"{label})",
+            tofile=f"{label}, refined)",
+            lineterm="",
+        )
+        lines.extend(list(diff) or [f"{label}): unchanged"])
+    return lines

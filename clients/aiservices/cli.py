@@ -1,0 +1,387 @@
+"""`aiservices`: the ToolService from a terminal, for people.
+
+Every outcome maps to one exit code and, on failure, one line on stderr, so the command works
+both by hand and in scripts. The API key is read from a flag, a file or the environment and is
+only ever sent to the server, never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from aiservices._cli.elapsed import Elapsed
+from aiservices._cli.inputs import (
+    MAX_SECRET_FILE_BYTES,
+    UsageError,
+    call_arguments,
+    parse_object,
+    read_bytes,
+    read_text,
+    write_atomically,
+)
+from aiservices._cli.output import (
+    ENV_API_KEY,
+    PROG,
+    messages_diff,
+    refusal_line,
+    result_json,
+    tool_error_line,
+    tools_table,
+)
+from aiservices.client import Status, ToolClient, ToolResult, ToolServiceError
+
+T = TypeVar("T")
+
+REFINE_TOOL = "tools.agenta.api.refine_prompt"
+DEFAULT_TARGET = "127.0.0.1:50051"
+ENV_TARGET = "AISERVICES_TARGET"
+
+EXIT_OK = 0
+EXIT_TOOL_ERROR = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_UNREACHABLE = 4
+EXIT_BUG = 70
+EXIT_INTERRUPTED = 130
+
+EPILOG = f"""\
+environment:
+  {ENV_TARGET}    the server address (default {DEFAULT_TARGET}); --target wins
+  {ENV_API_KEY}   the API key; --api-key and --api-key-file win
+
+exit codes:
+  0    ok
+  1    the tool ran but failed (a tool error; --json still prints the result)
+  2    usage error: bad flags, bad --args JSON, a file that cannot be read
+  3    the service refused the call (a non-OK status such as UNAUTHENTICATED,
+       PERMISSION_DENIED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, INTERNAL)
+  4    the service could not be reached or did not answer in time
+       (UNAVAILABLE, DEADLINE_EXCEEDED): worth retrying
+  70   a bug in aiservices itself
+  130  interrupted (Ctrl-C)
+
+Reference: docs/cli.md"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors on one line instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{PROG}: {message} (see '{self.prog} --help')\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds < 1e9:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return seconds
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The same flags before or after the command; after it, unset ones keep the top's value."""
+    default: Any = None if top else argparse.SUPPRESS
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default=default,
+        help=f"host:port (env {ENV_TARGET}; default {DEFAULT_TARGET})",
+    )
+    keys = group.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=default,
+        help=f"API key (prefer {ENV_API_KEY} or --api-key-file)",
+    )
+    keys.add_argument(
+        "--api-key-file", metavar="PATH", default=default, help="read the API key from this file"
+    )
+    group.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        default=default,
+        help="seconds to wait for each call (default: the client's)",
+    )
+    group.add_argument(
+        "--tls", action="store_true", default=default, help="use TLS with the system's CAs"
+    )
+    group.add_argument(
+        "--ca-file", metavar="PEM", default=default, help="TLS: trust this CA file; implies --tls"
+    )
+    group.add_argument(
+        "--cert-file", metavar="PEM", default=default, help="mTLS: the client certificate file"
+    )
+    group.add_argument(
+        "--key-file", metavar="PEM", default=default, help="mTLS: the client certificate's key file"
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default, help="print machine-readable JSON"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Call the aiservices ToolService from a terminal.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    _add_connection_flags(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, examples: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=f"examples:\n{examples}\n\n{EPILOG}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _add_connection_flags(sub, top=False)
+        return sub
+
+    command(
+        "status",
+        "whether the feature is enabled, which upstream, and the tools this key may call",
+        f"  {PROG} status\n  {ENV_TARGET}=svc.internal:50051 {PROG} status --ca-file ca.crt",
+    )
+    command(
+        "tools",
+        "list the tools this key may call (name, title, hints)",
+        f"  {PROG} tools\n  {PROG} tools --json",
+    )
+    call = command(
+        "call",
+        "call a tool with JSON arguments and print its result",
+        f"  {PROG} call {REFINE_TOOL} --args @args.json\n"
+        f'  echo \'{{"prompt_template_json": "..."}}\' | {PROG} call {REFINE_TOOL} --args @-',
+    )
+    call.add_argument("name", help="the tool's name")
+    call.add_argument(
+        "--args",
+        metavar="JSON",
+        default="{}",
+        help="a JSON object, @FILE to read it from a file, or @- for stdin (default {})",
+    )
+    refine = command(
+        "refine",
+        "refine a prompt template; prints a diff of its messages and the summary",
+        f"  {PROG} refine prompt.json --guidelines 'be concise'\n"
+        f"  {PROG} refine prompt.json -o prompt.refined.json\n"
+        f"  cat prompt.json | {PROG} refine - --json",
+    )
+    refine.add_argument("template", metavar="TEMPLATE.json", help="the template file, or - (stdin)")
+    refine.add_argument(
+        "--guidelines", metavar="TEXT", help="what to improve, e.g. 'make it shorter'"
+    )
+    refine.add_argument("--context", metavar="TEXT", help="background on how the prompt is used")
+    refine.add_argument(
+        "-o", "--output", metavar="FILE", help="write the refined template (other keys kept)"
+    )
+    return parser
+
+
+def _version() -> str:
+    try:
+        return version("aiservices-client")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# Connection
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    if args.api_key is not None:
+        if not str(args.api_key).strip():
+            raise UsageError("--api-key is empty")
+        return str(args.api_key).strip()
+    if args.api_key_file is not None:
+        key = read_bytes(str(args.api_key_file), "API key file", MAX_SECRET_FILE_BYTES)
+        text = key.decode("utf-8", errors="replace").strip()
+        if not text:
+            raise UsageError(f"API key file {args.api_key_file} is empty")
+        return text
+    return os.environ.get(ENV_API_KEY, "").strip() or None
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if (args.cert_file is None) != (args.key_file is None):
+        raise UsageError("--cert-file and --key-file go together")
+    if not (args.tls or args.ca_file or args.cert_file):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=read_bytes(args.ca_file, "CA file") if args.ca_file else None,
+        private_key=read_bytes(args.key_file, "key file") if args.key_file else None,
+        certificate_chain=read_bytes(args.cert_file, "certificate file")
+        if args.cert_file
+        else None,
+    )
+
+
+def _target(args: argparse.Namespace) -> str:
+    target = args.target or os.environ.get(ENV_TARGET, "").strip() or DEFAULT_TARGET
+    return str(target)
+
+
+def _connect(args: argparse.Namespace) -> ToolClient:
+    options: dict[str, Any] = {} if args.timeout is None else {"timeout": args.timeout}
+    return ToolClient(
+        _target(args), api_key=_api_key(args), credentials=_credentials(args), **options
+    )
+
+
+def _waiting(label: str, run: Callable[[], T]) -> T:
+    with Elapsed(sys.stderr, label):
+        return run()
+
+
+def _exit_code(err: ToolServiceError) -> int:
+    unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return EXIT_UNREACHABLE if err.code in unreachable else EXIT_REFUSED
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+
+
+def _status(client: ToolClient, args: argparse.Namespace) -> int:
+    status: Status = _waiting("status", client.status)
+    if args.json:
+        _print_json(dataclasses.asdict(status))
+        return EXIT_OK
+    print(f"enabled   {'yes' if status.enabled else 'no'}")
+    print(f"upstream  {status.upstream or '-'}")
+    print(f"tools     {', '.join(t.name for t in status.tools) or '-'}")
+    return EXIT_OK
+
+
+def _tools(client: ToolClient, args: argparse.Namespace) -> int:
+    tools = _waiting("tools", client.list_tools)
+    if args.json:
+        _print_json([dataclasses.asdict(tool) for tool in tools])
+    elif tools:
+        print(tools_table(tools))
+    else:
+        print("no tools this key may call")
+    return EXIT_OK
+
+
+def _finish(result: ToolResult, args: argparse.Namespace, show: Callable[[], None]) -> int:
+    if args.json:
+        _print_json(result_json(result))
+    elif not result.is_error:
+        show()
+    if result.is_error:
+        print(tool_error_line(result), file=sys.stderr)
+        return EXIT_TOOL_ERROR
+    return EXIT_OK
+
+
+def _call(client: ToolClient, args: argparse.Namespace) -> int:
+    arguments = call_arguments(str(args.args))
+    result = _waiting(args.name, lambda: client.call_tool(args.name, arguments))
+
+    def show() -> None:
+        if result.text:
+            print(result.text)
+        if result.structured_content is not None:
+            _print_json(result.structured_content)
+
+    return _finish(result, args, show)
+
+
+def _refine(client: ToolClient, args: argparse.Namespace) -> int:
+    source = str(args.template)
+    text = read_text(source, "template")
+    template = parse_object(text, "stdin" if source == "-" else source)
+    arguments = {"prompt_template_json": text}
+    if args.guidelines is not None:
+        arguments["guidelines"] = args.guidelines
+    if args.context is not None:
+        arguments["context"] = args.context
+    result = _waiting("refining", lambda: client.call_tool(REFINE_TOOL, arguments))
+    refined = (result.structured_content or {}).get("messages")
+    if not result.is_error and args.output is not None:
+        output = Path(args.output)
+        try:
+            write_atomically(output, json.dumps({**template, "messages": refined}, indent=2) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+    def show() -> None:
+        before = template.get("messages")
+        for line in messages_diff(before if isinstance(before, list) else [], refined or []):
+            print(line)
+        summary = (result.structured_content or {}).get("summary") or result.text
+        print(f"\nsummary: {summary}")
+
+    return _finish(result, args, show)
+
+
+COMMANDS: dict[str, Callable[[ToolClient, argparse.Namespace], int]] = {
+    "status": _status,
+    "tools": _tools,
+    "call": _call,
+    "refine": _refine,
+}
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, run the command, and return its exit code; errors are printed here."""
+    args = build_parser().parse_args(argv)
+    try:
+        with _connect(args) as client:
+            return COMMANDS[str(args.command)](client, args)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ToolServiceError as err:
+        print(refusal_line(err, _target(args)), file=sys.stderr)
+        return _exit_code(err)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: `run`, plus Ctrl-C and anything unforeseen, each as one line."""
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`aiservices tools | head`): not an error of ours. Point stdout at
+        # /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as exc:
+        print(f"{PROG}: unexpected error ({type(exc).__name__}); please report it", file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,488 @@
+"""The installed `aiservices` command against the real server, run as a person or a script would.
+
+Every run goes through the console script next to this interpreter; a module-scoped server and
+stand-in upstream serve the tests that do not need their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from importlib.metadata import version
+from pathlib import Path
+
+import grpc
+import pytest
+from aiservices import ToolClient, ToolServiceError
+from aiservices._cli.output import refusal_line
+
+from server.standin import Hang, Slow, StandinUpstream
+from server.standin import Status as UpstreamStatus
+from server.standin.app import refine_template
+from tests.support.certs import TestCertificates, make_certificates
+from tests.support.keys import TestKeys, load_test_keys
+from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
+
+AISERVICES = Path(sys.executable).parent / "aiservices"
+TOOL = "tools.agenta.api.refine_prompt"
+TEMPLATE = {
+    "template_format": "curly",
+    "llm_config": {"model": "gpt-4o-mini"},
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant for {{company}}."},
+        {"role": "user", "content": "{{question}}"},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def standin() -> Iterator[StandinUpstream]:
+    upstream = StandinUpstream(api_key=UPSTREAM_KEY)
+    upstream.start_in_thread()
+    yield upstream
+    upstream.stop_thread()
+
+
+@pytest.fixture(scope="module")
+def service(standin: StandinUpstream) -> Iterator[ServerThread]:
+    # One retry would turn a single queued upstream failure into a success.
+    with ServerThread(make_settings(standin.url, upstream_retries=0)) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _fresh_upstream(request: pytest.FixtureRequest) -> None:
+    if "standin" in request.fixturenames:
+        request.getfixturevalue("standin").clear()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+def command_env(**values: str) -> dict[str, str]:
+    """This environment without any AISERVICES_* setting, plus `values`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AISERVICES_")}
+    env.update(values)
+    return env
+
+
+def aiservices(
+    *args: str, env: Mapping[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed command; no run may print a traceback or any test key."""
+    ran = subprocess.run(
+        [str(AISERVICES), *args],
+        env=dict(env) if env is not None else command_env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    keys = load_test_keys()
+    secrets = [keys.full, keys.editor, keys.viewer, keys.gateway, keys.tiered, keys.other_org]
+    for output in (ran.stdout, ran.stderr):
+        assert "Traceback" not in output
+        assert not any(secret in output for secret in secrets)
+    return ran
+
+
+def as_caller(
+    service: ServerThread, key: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`aiservices ARGS` with the target and key from the environment, as a script sets them."""
+    env = command_env(AISERVICES_TARGET=service.target, AISERVICES_API_KEY=key)
+    return aiservices(*args, env=env, stdin=stdin)
+
+
+def one_line(text: str) -> str:
+    lines = text.splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def write_template(directory: Path) -> Path:
+    path = directory / "prompt.json"
+    path.write_text(json.dumps(TEMPLATE, indent=2))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def test_version_and_help_with_examples_and_exit_codes() -> None:
+    shown = aiservices("--version")
+    assert shown.returncode == 0
+    assert shown.stdout.strip() == f"aiservices {version('aiservices-client')}"
+    helped = aiservices("refine", "--help")
+    assert helped.returncode == 0
+    assert "aiservices refine prompt.json -o prompt.refined.json" in helped.stdout
+    assert "130  interrupted" in helped.stdout
+
+
+def test_status_and_tools_for_people_and_as_json(service: ServerThread, keys: TestKeys) -> None:
+    status = as_caller(service, keys.editor, "status")
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines() == ["enabled   yes", "upstream  agenta", f"tools     {TOOL}"]
+
+    as_json = json.loads(as_caller(service, keys.editor, "status", "--json").stdout)
+    assert as_json["enabled"] is True
+    assert [tool["name"] for tool in as_json["tools"]] == [TOOL]
+
+    table = as_caller(service, keys.editor, "tools").stdout.splitlines()
+    assert table[0].split() == ["NAME", "TITLE", "HINTS"]
+    assert table[1].startswith(f"{TOOL}  Refine prompt  read-only, open-world")
+
+    tools = json.loads(as_caller(service, keys.editor, "--json", "tools").stdout)
+    assert [(tool["name"], tool["title"]) for tool in tools] == [(TOOL, "Refine prompt")]
+    assert tools[0]["input_schema"]["required"] == ["prompt_template_json"]
+
+
+def test_flags_win_over_the_environment(
+    service: ServerThread, keys: TestKeys, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(keys.editor + "\n")
+    # Both the environment's target (nothing listens) and key (no tool permission) are wrong.
+    env = command_env(AISERVICES_TARGET=f"127.0.0.1:{free_port()}", AISERVICES_API_KEY=keys.viewer)
+    ran = aiservices("status", "--target", service.target, "--api-key-file", str(key_file), env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert f"tools     {TOOL}" in ran.stdout
+
+    on_argv = aiservices("--target", service.target, "--api-key", keys.editor, "tools", env=env)
+    assert on_argv.returncode == 0, on_argv.stderr
+    assert TOOL in on_argv.stdout
+
+
+# --- call and refine --------------------------------------------------------------------------
+
+
+def test_call_reads_arguments_from_a_file_or_stdin(
+    service: ServerThread, keys: TestKeys, tmp_path: Path
+) -> None:
+    arguments = {"prompt_template_json": json.dumps(TEMPLATE)}
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps(arguments))
+    refined = refine_template(json.dumps(TEMPLATE))
+
+    ran = as_caller(service, keys.editor, "call", TOOL, "--args", f"@{args_file}")
+    assert ran.returncode == 0, ran.stderr
+    summary, _, structured = ran.stdout.partition("\n")
+    assert summary == "Tightened the wording."
+    assert json.loads(structured) == {"messages": refined, "summary": summary}
+
+    piped = as_caller(
+        service, keys.editor, "call", TOOL, "--args", "@-", "--json", stdin=json.dumps(arguments)
+    )
+    assert piped.returncode == 0, piped.stderr
+    result = json.loads(piped.stdout)
+    assert result["is_error"] is False
+    assert result["structured_content"]["messages"] == refined
+    assert result["content"] == [{"type": "text", "text": "Tightened the wording."}]
+    assert result["trace_id"] and result["request_id"]
+
+
+def test_refine_prints_a_diff_per_message_and_the_summary(
+    service: ServerThread, standin: StandinUpstream, keys: TestKeys, tmp_path: Path
+) -> None:
+    template = write_template(tmp_path)
+    ran = as_caller(service, keys.editor, "refine", str(template), "--guidelines", "be brief")
+    assert ran.returncode == 0, ran.stderr
+    [system, user] = refine_template(json.dumps(TEMPLATE))
+    lines = ran.stdout.splitlines()
+    assert lines[:2] == ["--- message 1 (system)", "+++ message 1 (system, refined)"]
+    assert f"-{TEMPLATE['messages'][0]['content']}" in lines  # type: ignore[index]
+    assert f"+{system['content']}" in lines
+    assert "+++ message 2 (user, refined)" in lines
+    assert f"+{user['content']}" in lines
+    assert lines[-1] == "summary: Tightened the wording."
+    [sent] = standin.requests
+    assert sent.body["inputs"]["__ag_guidelines"] == "be brief"
+    assert json.loads(sent.body["inputs"]["__ag_prompt_template_json"]) == TEMPLATE
+
+
+def test_refine_writes_the_refined_template_and_prints_the_raw_result(
+    service: ServerThread, keys: TestKeys, tmp_path: Path
+) -> None:
+    template = write_template(tmp_path)
+    output = tmp_path / "refined.json"
+    ran = as_caller(service, keys.editor, "refine", str(template), "-o", str(output), "--json")
+    assert ran.returncode == 0, ran.stderr
+    refined = refine_template(json.dumps(TEMPLATE))
+    assert json.loads(ran.stdout)["structured_content"]["messages"] == refined
+    assert json.loads(output.read_text()) == {**TEMPLATE, "messages": refined}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompt.json", "refined.json"]
+
+
+def test_a_tool_error_exits_1_with_one_line(
+    service: ServerThread, standin: StandinUpstream, keys: TestKeys, tmp_path: Path
+) -> None:
+    template = write_template(tmp_path)
+    output = tmp_path / "refined.json"
+    standin.push(UpstreamStatus(503, headers={"Retry-After": "7"}))
+    ran = as_caller(service, keys.editor, "refine", str(template), "-o", str(output))
+    assert ran.returncode == 1
+    assert ran.stdout == ""
+    line = one_line(ran.stderr)
+    assert line.startswith("aiservices: tool error UPSTREAM_ERROR: ")
+    assert line.endswith("; retryable, retry after 7 s")
+    assert not output.exists()
+
+    standin.push(UpstreamStatus(400))
+    as_json = as_caller(service, keys.editor, "refine", str(template), "--json")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["error"]["code"] == "UPSTREAM_ERROR"
+    assert one_line(as_json.stderr).startswith("aiservices: tool error UPSTREAM_ERROR: ")
+
+
+# --- refusals, unreachable, usage -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "args", "expected", "hint"),
+    [
+        (
+            None,
+            ["status"],
+            "aiservices: UNAUTHENTICATED: ",
+            "; check --api-key, --api-key-file or AISERVICES_API_KEY",
+        ),
+        (
+            "viewer",
+            ["call", TOOL, "--args", '{"prompt_template_json": "{}"}'],
+            "aiservices: PERMISSION_DENIED: ",
+            "; the key lacks the permission edit_workflows",
+        ),
+        (
+            "editor",
+            ["call", TOOL, "--args", '{"prompt_template_json": "not json"}'],
+            "aiservices: INVALID_ARGUMENT: ",
+            "; arguments.prompt_template_json: ",
+        ),
+        (
+            "editor",
+            ["call", "tools.nope"],
+            "aiservices: NOT_FOUND (TOOL_NOT_FOUND): ",
+            "tools.nope",
+        ),
+    ],
+)
+def test_a_refused_call_exits_3_with_one_line(
+    service: ServerThread,
+    keys: TestKeys,
+    key: str | None,
+    args: list[str],
+    expected: str,
+    hint: str,
+) -> None:
+    api_key = "ais_not-a-key-anyone-issued" if key is None else getattr(keys, key)
+    ran = as_caller(service, api_key, *args)
+    assert ran.returncode == 3
+    line = one_line(ran.stderr)
+    assert line.startswith(expected)
+    assert hint in line
+
+
+def test_a_rate_limited_call_says_when_to_retry(service: ServerThread, keys: TestKeys) -> None:
+    arguments = {"prompt_template_json": json.dumps(TEMPLATE)}
+    with ToolClient(service.target, api_key=keys.tiered, timeout=10) as client:
+        for _ in range(3):  # the tiered key's burst
+            assert not client.call_tool(TOOL, arguments).is_error
+    ran = as_caller(service, keys.tiered, "call", TOOL, "--args", json.dumps(arguments))
+    assert ran.returncode == 3
+    line = one_line(ran.stderr)
+    assert line.startswith("aiservices: RESOURCE_EXHAUSTED (RATE_LIMIT_EXCEEDED): ")
+    assert line.endswith("; retry after 1 s")
+
+
+def test_an_internal_error_shows_its_support_id() -> None:
+    err = ToolServiceError(
+        grpc.StatusCode.INTERNAL,
+        "unexpected error (support id 4f2a)",
+        reason="INTERNAL",
+        error_metadata={"support_id": "4f2a"},
+    )
+    assert refusal_line(err, "x:1") == (
+        "aiservices: INTERNAL: unexpected error (support id 4f2a); support id 4f2a"
+    )
+
+
+def test_an_unreachable_or_silent_service_exits_4(
+    service: ServerThread, standin: StandinUpstream, keys: TestKeys
+) -> None:
+    down = aiservices("--target", f"127.0.0.1:{free_port()}", "--timeout", "5", "status")
+    assert down.returncode == 4
+    assert one_line(down.stderr).startswith("aiservices: cannot reach 127.0.0.1:")
+
+    standin.push(Hang())
+    arguments = json.dumps({"prompt_template_json": json.dumps(TEMPLATE)})
+    late = as_caller(service, keys.editor, "--timeout", "0.5", "call", TOOL, "--args", arguments)
+    assert late.returncode == 4
+    assert one_line(late.stderr).startswith("aiservices: DEADLINE_EXCEEDED")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["call", TOOL, "--args", "{not json"], "aiservices: --args is not valid JSON: "),
+        (["call", TOOL, "--args", "[1]"], "aiservices: --args must be a JSON object, not list"),
+        (["call", TOOL, "--args", "@missing.json"], "aiservices: cannot read --args file "),
+        (["refine", "missing.json"], "aiservices: cannot read template missing.json: "),
+        (["refine", "-"], "aiservices: stdin is not valid JSON: "),
+        (["--cert-file", "c.pem", "status"], "aiservices: --cert-file and --key-file go together"),
+        (["--timeout", "0", "status"], "aiservices: argument --timeout: must be a positive"),
+        (["frobnicate"], "aiservices: argument COMMAND: invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    # Nothing listens on the target: a usage error is found before any call is made.
+    env = command_env(AISERVICES_TARGET=f"127.0.0.1:{free_port()}")
+    ran = aiservices(*args, env=env, stdin="{'not': 'json'}")
+    assert ran.returncode == 2
+    assert one_line(ran.stderr).startswith(message)
+    assert ran.stdout == ""
+
+
+# --- TLS --------------------------------------------------------------------------------------
+
+
+def test_tls_and_mtls_flags(
+    certs: TestCertificates, standin: StandinUpstream, keys: TestKeys
+) -> None:
+    tls = make_settings(
+        standin.url, tls_cert_file=certs.server.cert_file, tls_key_file=certs.server.key_file
+    )
+    with ServerThread(tls) as server:
+        trusted = as_caller(server, keys.editor, "--ca-file", str(certs.ca.cert_file), "status")
+        assert trusted.returncode == 0, trusted.stderr
+        assert "enabled   yes" in trusted.stdout
+        plaintext = as_caller(server, keys.editor, "--timeout", "5", "status")
+        assert plaintext.returncode == 4
+        assert one_line(plaintext.stderr).startswith("aiservices: cannot reach ")
+
+    mtls = tls.model_copy(update={"tls_client_ca_file": certs.ca.cert_file})
+    with ServerThread(mtls) as server:
+        ran = as_caller(
+            server,
+            keys.editor,
+            "--ca-file",
+            str(certs.ca.cert_file),
+            "--cert-file",
+            str(certs.client.cert_file),
+            "--key-file",
+            str(certs.client.key_file),
+            "tools",
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert TOOL in ran.stdout
+
+
+# --- while a call runs ------------------------------------------------------------------------
+
+
+def read_until_exit(process: subprocess.Popen[bytes], master: int) -> str:
+    """Everything written to the pseudo-terminal until the process exits and closes it."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: every copy of the slave side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(timeout=30)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_the_elapsed_line_shows_on_a_terminal_only(
+    service: ServerThread, standin: StandinUpstream, keys: TestKeys, tmp_path: Path
+) -> None:
+    template = write_template(tmp_path)
+    env = command_env(AISERVICES_TARGET=service.target, AISERVICES_API_KEY=keys.editor)
+    standin.push(Slow(2.0))
+    master, slave = os.openpty()
+    with subprocess.Popen(
+        [str(AISERVICES), "refine", str(template)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    ) as process:
+        os.close(slave)
+        terminal = read_until_exit(process, master)
+        assert process.stdout is not None
+        stdout = process.stdout.read().decode()
+    os.close(master)
+    assert process.returncode == 0
+    assert "refining: 1." in terminal and " s elapsed" in terminal
+    assert terminal.endswith("\r\x1b[2K")  # cleared when the call ended
+    assert "summary: Tightened the wording." in stdout
+    assert "elapsed" not in stdout
+
+    standin.push(Slow(2.0))
+    piped = aiservices("refine", str(template), env=env)
+    assert piped.returncode == 0
+    assert piped.stderr == ""
+
+
+def test_ctrl_c_exits_130_with_one_line(
+    service: ServerThread, standin: StandinUpstream, keys: TestKeys, tmp_path: Path
+) -> None:
+    template = write_template(tmp_path)
+    env = command_env(AISERVICES_TARGET=service.target, AISERVICES_API_KEY=keys.editor)
+    standin.push(Hang())
+    with subprocess.Popen(
+        [str(AISERVICES), "refine", str(template)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert standin.wait_for_requests(1, timeout=30)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert stderr == "aiservices: interrupted\n"
+    assert stdout == ""
+
+
+def test_a_reader_that_goes_away_is_not_an_error(service: ServerThread, keys: TestKeys) -> None:
+    # `aiservices tools | head -0`: the read end is closed before the command writes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        ran = subprocess.run(
+            [str(AISERVICES), "tools"],
+            env=command_env(AISERVICES_TARGET=service.target, AISERVICES_API_KEY=keys.editor),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (ran.returncode, ran.stderr) == (0, "")
+
+
+def test_a_hostile_message_cannot_reach_the_terminal_as_control_characters() -> None:
+    error = ToolServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, "bad\x1b[2J\x1b]0;pwned\x07 input\r\nsecond line"
+    )
+    line = refusal_line(error, "127.0.0.1:50051")
+    assert line.isprintable()
+    assert line.endswith("bad [2J ]0;pwned input second line")
