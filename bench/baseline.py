@@ -38,17 +38,23 @@ class BaselineServicer(pb_grpc.ToolServiceServicer):
         self._session = session
 
     async def GetStatus(
-        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GetStatusRequest,
+        context: grpc.aio.ServicerContext[pb.GetStatusRequest, pb.GetStatusResponse],
     ) -> pb.GetStatusResponse:
         return self._status
 
     async def ListTools(
-        self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListToolsRequest,
+        context: grpc.aio.ServicerContext[pb.ListToolsRequest, pb.ListToolsResponse],
     ) -> pb.ListToolsResponse:
         return pb.ListToolsResponse(tools=self._status.tools)
 
     async def CallTool(
-        self, request: pb.CallToolRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.CallToolRequest,
+        context: grpc.aio.ServicerContext[pb.CallToolRequest, pb.CallToolResponse],
     ) -> pb.CallToolResponse:
         body = upstream_body(request.arguments.fields["prompt_template_json"].string_value)
         async with self._session.post(self._url, json=body) as response:

@@ -195,7 +195,7 @@ def test_two_authorization_headers_are_unauthenticated(
     if order == "valid first":
         headers.reverse()
     with pytest.raises(grpc.RpcError) as caught:
-        stub.GetStatus(pb.GetStatusRequest(), metadata=headers, timeout=TIMEOUT)
+        stub.GetStatus(pb.GetStatusRequest(), metadata=tuple(headers), timeout=TIMEOUT)
     assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -570,7 +570,7 @@ def test_an_unauthenticated_flood_is_refused_counted_and_logged_in_samples(
             stub = pb_grpc.ToolServiceStub(channel)
             for first in range(0, FLOOD, IN_FLIGHT):
                 calls = [
-                    stub.CallTool.future(call_request(), metadata=kinds[n % 3], timeout=30)
+                    stub.CallTool.future(call_request(), metadata=tuple(kinds[n % 3]), timeout=30)
                     for n in range(first, min(first + IN_FLIGHT, FLOOD))
                 ]
                 for call in calls:

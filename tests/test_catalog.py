@@ -201,17 +201,18 @@ def test_an_undecodable_request_is_invalid_argument_with_details(
     echo_server: ServerThread,
 ) -> None:
     with grpc.insecure_channel(echo_server.target) as channel:
-        call_tool = channel.unary_unary("/aiservices.v1.ToolService/CallTool")
-        with pytest.raises(grpc.RpcError) as caught:
-            call_tool(
-                _nested_struct_bytes(200),
-                metadata=[("authorization", f"Bearer {load_test_keys().full}")],
-                timeout=5,
-            )
-        error = caught.value
-        assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert "could not be decoded" in error.details()
-        trailers = dict(error.trailing_metadata())
+        call_tool: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/aiservices.v1.ToolService/CallTool"
+        )
+        # As a future, the refused call is a grpc.Call: code, details and trailers, typed.
+        refused = call_tool.future(
+            _nested_struct_bytes(200),
+            metadata=(("authorization", f"Bearer {load_test_keys().full}"),),
+            timeout=5,
+        )
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "could not be decoded" in refused.details()
+        trailers = dict(refused.trailing_metadata())
         assert "x-request-id" in trailers
         assert "grpc-status-details-bin" in trailers
         with pytest.raises(grpc.RpcError) as anonymous:

@@ -78,7 +78,9 @@ class FakeToolService(pb_grpc.ToolServiceServicer):
     def __init__(self) -> None:
         self.seen: list[tuple[str, list[tuple[str, str]], float | None, Any]] = []
 
-    def _record(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+    def _record(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         metadata = [
             (key, value)
             for key, value in context.invocation_metadata() or ()
@@ -87,13 +89,17 @@ class FakeToolService(pb_grpc.ToolServiceServicer):
         self.seen.append((method, metadata, context.time_remaining(), request))
 
     async def GetStatus(
-        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GetStatusRequest,
+        context: grpc.aio.ServicerContext[pb.GetStatusRequest, pb.GetStatusResponse],
     ) -> pb.GetStatusResponse:
         self._record("GetStatus", request, context)
         return pb.GetStatusResponse(enabled=True, tools=TOOLS[:2])
 
     async def ListTools(
-        self, request: pb.ListToolsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListToolsRequest,
+        context: grpc.aio.ServicerContext[pb.ListToolsRequest, pb.ListToolsResponse],
     ) -> pb.ListToolsResponse:
         self._record("ListTools", request, context)
         mode = dict(context.invocation_metadata() or ()).get("x-test-paging", "")
@@ -108,7 +114,9 @@ class FakeToolService(pb_grpc.ToolServiceServicer):
         )
 
     async def CallTool(
-        self, request: pb.CallToolRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.CallToolRequest,
+        context: grpc.aio.ServicerContext[pb.CallToolRequest, pb.CallToolResponse],
     ) -> pb.CallToolResponse:
         self._record("CallTool", request, context)
         if request.name == "echo":

@@ -77,7 +77,7 @@ class Recorder:
         return {"sleep": self.sync if kind == "sync" else self.aio}
 
 
-class SeenCalls(grpc.UnaryUnaryClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class SeenCalls(grpc.UnaryUnaryClientInterceptor, grpc.aio.UnaryUnaryClientInterceptor):
     """A client interceptor of either kind that notes each call's method, deadline, metadata."""
 
     def __init__(self) -> None:
@@ -453,7 +453,10 @@ def test_a_channel_factory_gets_the_clients_options_and_its_channel_is_closed(
     assert target == server.target
     assert options.items() >= dict(KEEPALIVE_OPTIONS).items()
     with pytest.raises(ValueError, match="closed"):
-        channel.unary_unary("/aiservices.v1.ToolService/GetStatus")(b"")
+        get_status: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            "/aiservices.v1.ToolService/GetStatus"
+        )
+        get_status(b"")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -14,9 +14,8 @@ import base64
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
-from typing import Any
 
 import grpc
 import pytest
@@ -95,19 +94,23 @@ def tool_server() -> Iterator[ServerThread]:
 
 def raw_call(
     server: ServerThread, key: str, request: pb.CallToolRequest | pb.ListToolsRequest
-) -> grpc.RpcError:
-    """Send `request` with the generated stub; return the refusal (the test expects one)."""
+) -> grpc.Call:
+    """Send `request` with the generated stub; return the refused call (the test expects a
+    refusal), whose code, details and trailers are what the caller got."""
+    metadata = (("authorization", f"Bearer {key}"),)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.ToolServiceStub(channel)
-        method = stub.CallTool if isinstance(request, pb.CallToolRequest) else stub.ListTools
-        try:
-            method(request, metadata=(("authorization", f"Bearer {key}"),), timeout=60)
-        except grpc.RpcError as error:
-            return error
-    raise AssertionError("the call was not refused")
+        call: grpc.Call
+        if isinstance(request, pb.CallToolRequest):
+            call = stub.CallTool.future(request, metadata=metadata, timeout=60)
+        else:
+            call = stub.ListTools.future(request, metadata=metadata, timeout=60)
+        if call.code() is grpc.StatusCode.OK:
+            raise AssertionError("the call was not refused")
+    return call
 
 
-def wire_bytes(pairs: Any, message: str) -> int:
+def wire_bytes(pairs: Iterable[tuple[str, str | bytes]], message: str) -> int:
     """The size of a status's trailers as HTTP/2 counts them: name + value + 32 each, -bin
     values in base64 and grpc-message percent-encoded."""
     total = len("grpc-status") + 1 + 32
@@ -120,7 +123,7 @@ def wire_bytes(pairs: Any, message: str) -> int:
 
 
 def refusal_details(
-    error: grpc.RpcError,
+    error: grpc.Call,
 ) -> tuple[error_details_pb2.ErrorInfo, list[tuple[str, str]]]:
     status = rpc_status.from_call(error)
     assert status is not None
@@ -157,12 +160,12 @@ def logged(record: logging.LogRecord, name: str) -> str:
     return str(getattr(record, name))
 
 
-def request_id(error: grpc.RpcError) -> str:
+def request_id(error: grpc.Call) -> str:
     return str(dict(error.trailing_metadata())["x-request-id"])
 
 
 def assert_refused_truthfully(
-    error: grpc.RpcError, code: grpc.StatusCode, caplog: pytest.LogCaptureFixture
+    error: grpc.Call, code: grpc.StatusCode, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The caller got `code` with trailers far under 8 KB, and the access log says `code`."""
     assert error.code() is code, error.details()
@@ -403,6 +406,7 @@ def test_a_status_with_long_violations_and_metadata_is_cut_to_fit() -> None:
 
     status = to_grpc_status(error, {"x-request-id": "r1"})
     [details] = [value for name, value in status.trailing_metadata if name.endswith("-bin")]
+    assert isinstance(details, bytes)
     assert len(details) <= MAX_DETAILS_BYTES
     assert wire_bytes(status.trailing_metadata, status.details) < TRAILER_BUDGET
     assert status.details.startswith("\U0001f600")
@@ -417,7 +421,9 @@ def test_a_plain_error_with_a_huge_message_and_metadata_fits() -> None:
     huge = "%\n" * 1_000_000
     status = to_grpc_status(ServiceError(huge, metadata={"a": huge, "b": huge}))
     assert wire_bytes(status.trailing_metadata, status.details) < TRAILER_BUDGET
-    assert rpc_status_info(dict(status.trailing_metadata)["grpc-status-details-bin"]).reason
+    details = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    assert isinstance(details, bytes)
+    assert rpc_status_info(details).reason
 
 
 def _status(details: bytes) -> status_pb2.Status:

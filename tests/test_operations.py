@@ -271,7 +271,7 @@ def call_with_trailers(
         stub = pb_grpc.ToolServiceStub(channel)
         request = pb.CallToolRequest(name=TOOL, arguments=dict_to_struct(arguments))
         response, call = stub.CallTool.with_call(
-            request, metadata=[("authorization", f"Bearer {api_key}"), *metadata], timeout=10
+            request, metadata=(("authorization", f"Bearer {api_key}"), *metadata), timeout=10
         )
     return response, {
         key: value for key, value in call.trailing_metadata() if isinstance(value, str)

@@ -360,7 +360,7 @@ class ToolClient(_ClientCore):
         grpc_retry_attempts: int = 0,
         channel: grpc.Channel | None = None,
         channel_factory: ChannelFactory | None = None,
-        interceptors: Sequence[Any] = (),
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(

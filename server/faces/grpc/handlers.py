@@ -70,7 +70,7 @@ def generic_handler(
     interceptors: Sequence[Interceptor],
 ) -> grpc.GenericRpcHandler:
     """`service`'s methods for `grpc.aio.Server.add_generic_rpc_handlers`."""
-    handlers = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, bytes]] = {}
     for name, method in methods.items():
         path = f"/{service}/{name}"
         handler = _parsed_only(method.handle)

@@ -14,19 +14,18 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
 from aiservices.v1 import tool_service_pb2 as pb
 
 from server.core.drain import Drain
 from server.core.headers import REQUEST_ID_HEADER, Headers, request_id_for
 from server.errors import ServiceError, report_unexpected
 from server.faces.access import access_log, log_access
-from server.faces.grpc.rpc import Handler, Reply, Rpc
+from server.faces.grpc.rpc import GrpcContext, Handler, Reply, Rpc
 from server.faces.grpc.status import status_code_for, to_grpc_status
 from server.logs import LineSampler
 from server.metrics import Metrics
 
-GrpcHandler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[bytes]]
+GrpcHandler = Callable[[Any, GrpcContext], Awaitable[bytes]]
 """What grpc.aio runs for a unary method: the request and grpc's context in, response bytes
 out (serialized here, so a response that does not serialize is an error seen here too)."""
 
@@ -36,7 +35,7 @@ def log_suppressed_unauthenticated(count: int) -> None:
     access_log.info("suppressed unauthenticated calls", extra={"suppressed": count})
 
 
-def headers_of(context: grpc.aio.ServicerContext) -> Headers:
+def headers_of(context: GrpcContext) -> Headers:
     """The call's text metadata (binary `-bin` values are no headers the core reads), with
     the names sent more than once."""
     pairs = context.invocation_metadata() or ()
@@ -61,7 +60,7 @@ class OutermostInterceptor:
         drain = self.drain
         sampler = self.unauthenticated_lines
 
-        async def run(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        async def run(request: Any, context: GrpcContext) -> bytes:
             started = time.perf_counter()
             labels = metrics.rpc_started(method)
             headers = headers_of(context)

@@ -13,6 +13,11 @@ from server.call import Call, Principal
 from server.core.headers import Headers
 from server.upstream.refiner import UpstreamAttempt
 
+GrpcContext = grpc.aio.ServicerContext[Any, bytes]
+"""grpc.aio's context for one of the face's methods: the request is whatever the method's
+parser made of the bytes, and the response goes out as bytes the outermost interceptor
+serialized."""
+
 
 class Rpc:
     """One RPC as the face's steps see it, made by the outermost interceptor.
@@ -24,7 +29,7 @@ class Rpc:
     __slots__ = ("_call", "context", "headers", "method", "request_id")
 
     def __init__(
-        self, method: str, request_id: str, headers: Headers, context: grpc.aio.ServicerContext
+        self, method: str, request_id: str, headers: Headers, context: GrpcContext
     ) -> None:
         self.method = method
         self.request_id = request_id

@@ -144,9 +144,12 @@ def to_grpc_status(
     return _Status(converted.code, converted.details, metadata)
 
 
-class _Status(grpc.Status):  # type: ignore[misc]
+class _Status(grpc.Status):
     def __init__(
-        self, code: grpc.StatusCode, details: str, trailing_metadata: tuple[tuple[str, object], ...]
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str | bytes], ...],
     ) -> None:
         self.code = code
         self.details = details
