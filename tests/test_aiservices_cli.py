@@ -21,7 +21,7 @@ import pytest
 from aiservices import ToolClient, ToolServiceError
 from aiservices._cli.output import refusal_line
 
-from server.standin import Hang, Slow, StandinUpstream
+from server.standin import Hang, Refine, Slow, StandinUpstream
 from server.standin import Status as UpstreamStatus
 from server.standin.app import refine_template
 from tests.support.certs import TestCertificates, make_certificates
@@ -486,3 +486,22 @@ def test_a_hostile_message_cannot_reach_the_terminal_as_control_characters() -> 
     line = refusal_line(error, "127.0.0.1:50051")
     assert line.isprintable()
     assert line.endswith("bad [2J ]0;pwned input second line")
+
+
+def test_model_output_cannot_drive_the_terminal(
+    service: ServerThread, standin: StandinUpstream, keys: TestKeys, tmp_path: Path
+) -> None:
+    hostile = "Done.\x1b]0;owned\x07\x1b[2J\x9b31m\u202eevil"
+    template = write_template(tmp_path)
+    standin.push(Refine(summary=hostile), Refine(summary=hostile))
+
+    shown = as_caller(service, keys.editor, "refine", str(template))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.isascii()
+    assert shown.stdout.splitlines()[-1] == (
+        "summary: Done.\\u001b]0;owned\\u0007\\u001b[2J\\u009b31m\\u202eevil"
+    )
+    # Machine output keeps the text exactly, as valid JSON.
+    raw = as_caller(service, keys.editor, "refine", str(template), "--json")
+    assert raw.stdout.isascii()
+    assert json.loads(raw.stdout)["structured_content"]["summary"] == hostile

@@ -32,6 +32,7 @@ from aiservices._cli.inputs import (
 from aiservices._cli.output import (
     ENV_API_KEY,
     PROG,
+    for_terminal,
     messages_diff,
     refusal_line,
     result_json,
@@ -262,8 +263,13 @@ def _exit_code(err: ToolServiceError) -> int:
     return EXIT_UNREACHABLE if err.code in unreachable else EXIT_REFUSED
 
 
+def _show(text: str) -> None:
+    """One line (or block) on stdout, with nothing in it that could drive the terminal."""
+    print(for_terminal(text))
+
+
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False))
+    _show(json.dumps(value, indent=2, ensure_ascii=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,9 +281,9 @@ def _status(client: ToolClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(dataclasses.asdict(status))
         return EXIT_OK
-    print(f"enabled   {'yes' if status.enabled else 'no'}")
-    print(f"upstream  {status.upstream or '-'}")
-    print(f"tools     {', '.join(t.name for t in status.tools) or '-'}")
+    _show(f"enabled   {'yes' if status.enabled else 'no'}")
+    _show(f"upstream  {status.upstream or '-'}")
+    _show(f"tools     {', '.join(t.name for t in status.tools) or '-'}")
     return EXIT_OK
 
 
@@ -286,9 +292,9 @@ def _tools(client: ToolClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json([dataclasses.asdict(tool) for tool in tools])
     elif tools:
-        print(tools_table(tools))
+        _show(tools_table(tools))
     else:
-        print("no tools this key may call")
+        _show("no tools this key may call")
     return EXIT_OK
 
 
@@ -309,7 +315,7 @@ def _call(client: ToolClient, args: argparse.Namespace) -> int:
 
     def show() -> None:
         if result.text:
-            print(result.text)
+            _show(result.text)
         if result.structured_content is not None:
             _print_json(result.structured_content)
 
@@ -337,9 +343,9 @@ def _refine(client: ToolClient, args: argparse.Namespace) -> int:
     def show() -> None:
         before = template.get("messages")
         for line in messages_diff(before if isinstance(before, list) else [], refined or []):
-            print(line)
+            _show(line)
         summary = (result.structured_content or {}).get("summary") or result.text
-        print(f"\nsummary: {summary}")
+        _show(f"\nsummary: {summary}")
 
     return _finish(result, args, show)
 

@@ -17,6 +17,21 @@ PROG = "aiservices"
 ENV_API_KEY = "AISERVICES_API_KEY"
 
 
+# Control characters (but tab and newline) and the bidirectional overrides that reorder how a
+# line reads, as JSON-style escapes: model output and server text must not drive the terminal.
+_UNSAFE = {
+    code: f"\\u{code:04x}"
+    for code in (*range(0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F))
+    if code not in (0x09, 0x0A)
+} | {code: f"\\u{code:04x}" for code in range(0x2066, 0x206A)}
+
+
+def for_terminal(text: str) -> str:
+    """`text` with every character that could move the cursor, recolour or reorder the
+    terminal shown as an escape (`\\u001b`); valid inside JSON strings too."""
+    return text.translate(_UNSAFE)
+
+
 def one_line(text: str, limit: int = 500) -> str:
     """`text` on one line of at most `limit` characters, without control characters: a message
     from the server must not move the cursor or recolour the caller's terminal."""
@@ -94,7 +109,8 @@ def _hints(tool: ToolInfo) -> str:
 
 
 def tools_table(tools: Sequence[ToolInfo]) -> str:
-    rows = [("NAME", "TITLE", "HINTS")] + [(t.name, t.title, _hints(t)) for t in tools]
+    rows = [("NAME", "TITLE", "HINTS")]
+    rows += [(for_terminal(t.name), for_terminal(t.title), _hints(t)) for t in tools]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     return "\n".join(
         f"{name:<{widths[0]}}  {title:<{widths[1]}}  {hints}".rstrip()
