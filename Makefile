@@ -17,7 +17,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml clients/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ./clients -e '.[dev,bench]'
+	# -qq: setuptools' editable builds warn about folders named like their packages (that is
+	# the layout here); errors still print.
+	$(PY) -m pip install -qq -e ./clients -e '.[dev,bench]'
 	touch $(STAMP)
 
 # buf (lint and `buf curl`) and the MCP Inspector come from npm, pinned, into .tools/.

@@ -548,7 +548,7 @@ def test_help_and_version_answer_without_settings(tmp_path: Path) -> None:
     assert helped.returncode == 0
     assert "python -m server config" in helped.stdout and "keys" in helped.stdout
     versioned = run_to_exit(tmp_path, {}, "--version")
-    assert (versioned.returncode, versioned.stdout.strip()) == (0, "aiservices 0.1.0")
+    assert (versioned.returncode, versioned.stdout.strip()) == (0, "aiservices 0.2.0")
     unknown = run_to_exit(tmp_path, {}, "--nope")
     assert unknown.returncode == 2
     assert unknown.stderr.strip().endswith("unknown argument '--nope'")

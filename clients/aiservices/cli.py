@@ -71,7 +71,7 @@ exit codes:
   70   a bug in aiservices itself
   130  interrupted (Ctrl-C)
 
-Reference: docs/cli.md"""
+Reference: docs/cli.md in the aiservices repository."""
 
 
 class _Parser(argparse.ArgumentParser):
