@@ -10,13 +10,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from aiservices.v1 import tool_service_pb2 as pb
 
 # Doubles hold every integer up to 2**53 exactly; past that an "integer" is already rounded.
 _MAX_SAFE_INT = 2**53
 _ERROR_CODE_PREFIX = "TOOL_ERROR_CODE_"
+# The longest wait a server may ask for and be believed; a longer one is junk, not advice.
+MAX_DELAY_SECONDS = 86_400.0
+
+
+def delay_seconds(seconds: float) -> float | None:
+    """`seconds` as a wait a caller can make: finite, not negative, at most a day; else None.
+    A server's retry hint is outside input, and must not stall or crash whoever reads it."""
+    return seconds if 0 <= seconds <= MAX_DELAY_SECONDS else None  # NaN fails both
+
+
+def duration_delay(duration: duration_pb2.Duration) -> float | None:
+    """A google.protobuf.Duration as a wait (see `delay_seconds`), read without datetime,
+    which overflows on durations protobuf allows."""
+    return delay_seconds(duration.seconds + duration.nanos / 1e9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,9 +264,7 @@ def tool_result(response: pb.CallToolResponse) -> ToolResult:
             code=_error_code_name(err.code),
             message=err.message,
             retryable=err.retryable,
-            retry_after=err.retry_after.ToTimedelta().total_seconds()
-            if err.HasField("retry_after")
-            else None,
+            retry_after=duration_delay(err.retry_after) if err.HasField("retry_after") else None,
         )
     return ToolResult(
         content=[_content_item(block) for block in response.content],

@@ -8,13 +8,14 @@ so `except RateLimited as err: wait(err.retry_after)` needs no look at codes or 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 
 import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+
+from aiservices._convert import delay_seconds, duration_delay
 
 __all__ = [
     "DeadlineExceeded",
@@ -202,7 +203,7 @@ def error_from_rpc(err: grpc.RpcError) -> ToolServiceError:
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
-            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
+            retry_after = duration_delay(retry.retry_delay)
     if retry_after is None:
         retry_after = _parse_retry_after(text_trailers.get("retry-after"))
     error = error_for(
@@ -256,4 +257,4 @@ def _parse_retry_after(header: str | None) -> float | None:
         seconds = float(header)
     except ValueError:
         return None  # an HTTP date, or junk: not worth guessing
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return delay_seconds(seconds)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import grpc
 
+from aiservices._convert import duration_delay
 from aiservices.errors import ToolServiceError
 from aiservices.v1 import tool_service_pb2 as pb
 
@@ -39,7 +40,8 @@ class RetryPolicy:
     [initial_backoff, 3 * previous wait], capped at max_backoff), and never shorter than the
     delay the server asked for. `deadline` (seconds) bounds the whole call, every attempt and
     every wait: an attempt gets at most what is left of it, and a wait that would reach past it
-    is not started; the last error is raised (or the last tool error returned) instead.
+    is not started; the last error is raised (or the last tool error returned) instead. So is a
+    server's delay over `max_server_delay`: the caller decides whether to wait that long.
     `random` returns floats in [0, 1); replace it to make the jitter predictable.
     """
 
@@ -49,6 +51,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: Literal["full", "decorrelated"] = "full"
     deadline: float | None = None
+    max_server_delay: float = 30.0
     retry_tool_errors: bool = False
     random: Callable[[], float] = field(default=random.random, compare=False, repr=False)
 
@@ -65,6 +68,10 @@ class RetryPolicy:
             raise ValueError(f"multiplier must be 1 to {_MAX_MULTIPLIER}, got {self.multiplier}")
         if self.jitter not in ("full", "decorrelated"):
             raise ValueError(f"jitter must be 'full' or 'decorrelated', got {self.jitter!r}")
+        if not (math.isfinite(self.max_server_delay) and self.max_server_delay >= 0):
+            raise ValueError(
+                f"max_server_delay must be a number >= 0, got {self.max_server_delay!r}"
+            )
         if self.deadline is not None and not (math.isfinite(self.deadline) and self.deadline > 0):
             raise ValueError(f"deadline must be a positive number, got {self.deadline!r}")
 
@@ -110,14 +117,14 @@ def delay_after_result(
         return None
     server_delay = 0.0
     if response.error.HasField("retry_after"):
-        server_delay = response.error.retry_after.ToTimedelta().total_seconds()
+        server_delay = duration_delay(response.error.retry_after) or 0.0
     return _delay(policy, attempt, previous, server_delay, left)
 
 
 def _delay(
     policy: RetryPolicy, attempt: int, previous: float, server_delay: float, left: float | None
 ) -> float | None:
-    if attempt >= policy.max_attempts:
+    if attempt >= policy.max_attempts or server_delay > policy.max_server_delay:
         return None
     wait = max(policy.backoff(attempt, previous), server_delay)
     if left is not None and wait >= left:
