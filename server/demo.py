@@ -2,12 +2,12 @@
 first call.
 
 It prints commands that work as printed, from any directory: the MCP Inspector's CLI, a few
-lines of Python with the MCP SDK's client, the `aiservices` command line, and `buf curl` for
-gRPC. The stand-in speaks both
-upstream contracts, the Agenta completion runner and OpenAI-compatible chat completions, and
-"refines" deterministically, so a newcomer sees the whole path work without an Agenta
-deployment or an LLM. `AGENTA_AI_SERVICES_UPSTREAM` (`make demo UPSTREAM=openai`) picks which
-of the two the service calls, as it does for the server.
+lines of Python with the MCP SDK's client, the `aiservices` command line (on an example template
+it writes to `.dev/prompt.json`), and `buf curl` for gRPC. The stand-in speaks both upstream
+contracts, the Agenta completion runner and OpenAI-compatible chat completions, and "refines"
+deterministically, so a newcomer sees the whole path work without an Agenta deployment or an
+LLM. `AGENTA_AI_SERVICES_UPSTREAM` (`make demo UPSTREAM=openai`) picks which of the two the
+service calls, as it does for the server.
 """
 
 from __future__ import annotations
