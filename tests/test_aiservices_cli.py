@@ -228,6 +228,26 @@ def test_refine_writes_the_refined_template_and_prints_the_raw_result(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompt.json", "refined.json"]
 
 
+def test_refine_output_gets_the_permissions_of_a_file_written_in_place(
+    service: ServerThread, keys: TestKeys, tmp_path: Path
+) -> None:
+    template = write_template(tmp_path)
+    fresh, existing = tmp_path / "fresh.json", tmp_path / "existing.json"
+    existing.write_text("{}")
+    existing.chmod(0o640)
+    umask = os.umask(0o022)  # what the command inherits
+    try:
+        for output in (fresh, existing):
+            # The key no other test here uses, so the module's rate budgets stay as they were.
+            ran = as_caller(service, keys.full, "refine", str(template), "-o", str(output))
+            assert ran.returncode == 0, ran.stderr
+    finally:
+        os.umask(umask)
+    # Readable by others as any new file is (umask 022), and an existing file keeps its mode.
+    assert fresh.stat().st_mode & 0o777 == 0o644
+    assert existing.stat().st_mode & 0o777 == 0o640
+
+
 def test_a_tool_error_exits_1_with_one_line(
     service: ServerThread, standin: StandinUpstream, keys: TestKeys, tmp_path: Path
 ) -> None:
@@ -297,6 +317,20 @@ def test_a_refused_call_exits_3_with_one_line(
     assert hint in line
 
 
+def test_a_key_a_header_cannot_carry_is_a_usage_error(
+    service: ServerThread, tmp_path: Path
+) -> None:
+    # Two keys pasted into one file: sent as is, every call would fail as INTERNAL.
+    key_file = tmp_path / "key"
+    key_file.write_text("ais_first-key-of-two\nais_second-key-of-two\n")
+    env = command_env(AISERVICES_TARGET=service.target)
+    ran = aiservices("--api-key-file", str(key_file), "status", env=env)
+    assert ran.returncode == 2
+    line = one_line(ran.stderr)
+    assert line.startswith("aiservices: api_key has characters a gRPC header cannot carry")
+    assert "first-key" not in line
+
+
 def test_a_rate_limited_call_says_when_to_retry(service: ServerThread, keys: TestKeys) -> None:
     arguments = {"prompt_template_json": json.dumps(TEMPLATE)}
     with ToolClient(service.target, api_key=keys.tiered, timeout=10) as client:
@@ -344,6 +378,10 @@ def test_an_unreachable_or_silent_service_exits_4(
         (["refine", "missing.json"], "aiservices: cannot read template missing.json: "),
         (["refine", "-"], "aiservices: stdin is not valid JSON: "),
         (["--cert-file", "c.pem", "status"], "aiservices: --cert-file and --key-file go together"),
+        (
+            ["--api-key", "k", "status", "--api-key-file", "k.txt"],
+            "aiservices: argument --api-key: not allowed with argument --api-key-file",
+        ),
         (["--timeout", "0", "status"], "aiservices: argument --timeout: must be a positive"),
         (["frobnicate"], "aiservices: argument COMMAND: invalid choice: 'frobnicate'"),
     ],
@@ -486,6 +524,17 @@ def test_a_hostile_message_cannot_reach_the_terminal_as_control_characters() -> 
     line = refusal_line(error, "127.0.0.1:50051")
     assert line.isprintable()
     assert line.endswith("bad [2J ]0;pwned input second line")
+
+
+def test_a_field_name_echoed_in_an_error_cannot_break_its_line(
+    service: ServerThread, keys: TestKeys
+) -> None:
+    arguments = {"prompt_template_json": "{}", "bad\nkey\x1b[31m": 1}
+    ran = as_caller(service, keys.full, "call", TOOL, "--args", json.dumps(arguments))
+    assert ran.returncode == 3
+    line = one_line(ran.stderr)
+    assert line.isprintable()
+    assert "arguments.bad key [31m: unknown argument" in line
 
 
 def test_model_output_cannot_drive_the_terminal(

@@ -526,6 +526,9 @@ def test_constructor_rejects_bad_settings() -> None:
         ToolClient("127.0.0.1:1", api_key=" ")
     with pytest.raises(ValueError, match="timeout"):
         AsyncToolClient("127.0.0.1:1", timeout=0)
+    # gRPC would take it, and fail every call as if the server refused it (INVALID_ARGUMENT).
+    with pytest.raises(ValueError, match="load_balancing"):
+        ToolClient("127.0.0.1:1", load_balancing="round-robin")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ class SeenCalls(grpc.UnaryUnaryClientInterceptor, grpc.aio.UnaryUnaryClientInter
     def __init__(self) -> None:
         self.calls: list[tuple[str, float | None, dict[str, str]]] = []
         self.started = threading.Event()
+        self.answered = threading.Event()  # set once an attempt has its outcome
 
     def _note(self, details: Any) -> None:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
@@ -95,10 +96,14 @@ class SeenCalls(grpc.UnaryUnaryClientInterceptor, grpc.aio.UnaryUnaryClientInter
         outcome = continuation(details, request)
         if isinstance(outcome, Awaitable):
             return self._await(outcome)
+        self.answered.set()
         return outcome
 
     async def _await(self, outcome: Awaitable[Any]) -> Any:
-        return await outcome
+        try:
+            return await outcome
+        finally:
+            self.answered.set()
 
     def methods(self) -> list[str]:
         return [method for method, _, _ in self.calls]
@@ -597,3 +602,100 @@ def test_a_slow_upstream_reaches_a_default_client_as_the_upstream_timeout_tool_e
         result = client.call_tool(TOOL, ARGUMENTS)
     assert result.is_error
     assert result.error is not None and result.error.code == "UPSTREAM_TIMEOUT"
+
+
+# --- closing a client, and what a call may be given ------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_close_during_a_retry_wait_ends_the_call_as_cancelled(
+    kind: str, keys: TestKeys
+) -> None:
+    # Nothing listens: each attempt is UNAVAILABLE at once, then the client waits 60 s.
+    seen = SeenCalls()
+    policy = RetryPolicy(max_attempts=3, initial_backoff=60.0, max_backoff=60.0, random=lambda: 1)
+    client = _client(kind, f"127.0.0.1:{closed_port()}", seen, api_key=keys.editor, retry=policy)
+    call = asyncio.ensure_future(client.call("status"))
+    assert await asyncio.to_thread(seen.answered.wait, 10)
+
+    await client.close()
+
+    done, _ = await asyncio.wait([call], timeout=20)
+    assert done, "close() did not end the call waiting to retry"
+    error = call.exception()
+    assert type(error) is ToolServiceError, error
+    assert error.code is grpc.StatusCode.CANCELLED
+    assert seen.methods() == ["GetStatus"]  # no attempt was sent on the closed channel
+    with pytest.raises(RuntimeError, match="closed"):
+        await client.call("status")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_close_ends_calls_in_flight_as_cancelled(
+    kind: str, server: ServerThread, upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    upstream.push(Hang())
+    client = _client(kind, server.target, api_key=keys.editor)
+    call = asyncio.ensure_future(client.call("call_tool", TOOL, ARGUMENTS))
+    assert await upstream.until_requests(1)
+
+    await client.close()
+
+    # The caller's task was not cancelled, so it must not see a bare CancelledError.
+    refused = await _refused(call)
+    assert refused.code is grpc.StatusCode.CANCELLED
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("inf"), float("nan")])
+def test_a_timeout_that_is_not_a_positive_number_is_refused_before_sending(
+    timeout: float, server: ServerThread, keys: TestKeys
+) -> None:
+    seen = SeenCalls()
+    with ToolClient(server.target, api_key=keys.editor, interceptors=[seen]) as client:
+        with pytest.raises(ValueError, match="timeout"):
+            client.status(timeout=timeout)
+        with pytest.raises(ValueError, match="timeout"):
+            client.list_tools(timeout=timeout)
+    with pytest.raises(ValueError, match="timeout"):
+        ToolClient(server.target, timeout=timeout)
+    with pytest.raises(ValueError, match="call_timeout"):
+        ToolClient(server.target, call_timeout=timeout)
+    assert seen.calls == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_list_tools_retries_within_its_timeout_for_the_whole_listing(
+    kind: str, keys: TestKeys, harnesses: list[Harness]
+) -> None:
+    sleep, seen = Recorder(), SeenCalls()
+    policy = RetryPolicy(max_attempts=3, initial_backoff=5.0, max_backoff=5.0, random=lambda: 1)
+    target = f"127.0.0.1:{closed_port()}"
+    client = _client(kind, target, seen, api_key=keys.editor, retry=policy, **sleep.sleep_for(kind))
+    harnesses.append(client)
+
+    refused = await _refused(client.call("list_tools", timeout=1.0))
+
+    # A 5 s wait cannot fit in a 1 s listing: the error is raised instead of waiting past it.
+    assert type(refused) is Unavailable
+    assert sleep.waits == []
+    assert seen.methods() == ["ListTools"]
+
+
+def test_metadata_may_be_a_mapping(server: ServerThread, keys: TestKeys) -> None:
+    with ToolClient(
+        server.target, api_key=keys.editor, metadata={"X-Request-Id": "from-the-client"}
+    ) as client:
+        by_client = client.call_tool(TOOL, ARGUMENTS)
+        by_call = client.call_tool(TOOL, ARGUMENTS, metadata={"X-Request-Id": "from-the-call"})
+    # The server echoes the caller's request id: the header arrived, under its own name.
+    assert by_client.request_id == "from-the-client"
+    assert by_call.request_id == "from-the-call"
+
+
+def test_an_api_key_a_header_cannot_carry_is_refused_without_showing_it(
+    server: ServerThread,
+) -> None:
+    for key in ("sekrit\nline", "sekrit\x00", "sekrité"):
+        with pytest.raises(ValueError, match="api_key") as caught:
+            ToolClient(server.target, api_key=key)
+        assert "sekrit" not in str(caught.value)

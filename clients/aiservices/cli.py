@@ -214,6 +214,9 @@ def _version() -> str:
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
+    # argparse sees the two only within one side of the command; one on each side is caught here.
+    if args.api_key is not None and args.api_key_file is not None:
+        raise UsageError("argument --api-key: not allowed with argument --api-key-file")
     if args.api_key is not None:
         if not str(args.api_key).strip():
             raise UsageError("--api-key is empty")
@@ -248,9 +251,12 @@ def _target(args: argparse.Namespace) -> str:
 
 def _connect(args: argparse.Namespace) -> ToolClient:
     options: dict[str, Any] = {} if args.timeout is None else {"timeout": args.timeout}
-    return ToolClient(
-        _target(args), api_key=_api_key(args), credentials=_credentials(args), **options
-    )
+    try:
+        return ToolClient(
+            _target(args), api_key=_api_key(args), credentials=_credentials(args), **options
+        )
+    except ValueError as exc:  # settings the client refuses; its messages never hold the key
+        raise UsageError(str(exc)) from None
 
 
 def _waiting(label: str, run: Callable[[], T]) -> T:

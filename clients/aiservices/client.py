@@ -3,7 +3,7 @@
 
 Everything that is not I/O lives once, in `_ClientCore`: each public method is a plan, a
 generator that yields steps ("call this RPC", "wait this long") and gets back the response or
-the error. `ToolClient` runs the steps with blocking calls and `time.sleep`, `AsyncToolClient`
+the error. `ToolClient` runs the steps with blocking calls and a blocking wait, `AsyncToolClient`
 with `await`; request building, conversion, pagination, retry decisions, error mapping and
 metadata merging are shared.
 """
@@ -11,7 +11,9 @@ metadata merging are shared.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -89,12 +91,15 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 # A server that keeps handing out cursors would otherwise make list_tools spin forever.
 MAX_PAGES = 1000
+# What a gRPC header value may hold: printable ASCII (anything else fails every call).
+_HEADER_VALUE = re.compile(r"[ -~]+")
 # W3C trace context, as the server checks it before passing it to the upstream.
 _TRACEPARENT = re.compile(
     r"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
 )
 
-Metadata = Sequence[tuple[str, str]]
+Metadata = Sequence[tuple[str, str]] | Mapping[str, str]
+"""Headers as (name, value) pairs, or as a mapping of name to value."""
 ChannelFactory = Callable[[str, list[tuple[str, Any]]], Any]
 """Builds the channel from (target, options); the client closes what it returns."""
 
@@ -171,13 +176,19 @@ class _ClientCore:
     ) -> None:
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key is empty; pass None to call without credentials")
+        if api_key is not None and not _HEADER_VALUE.fullmatch(api_key.strip()):
+            raise ValueError("api_key has characters a gRPC header cannot carry (printable ASCII)")
         for name, value in (("timeout", timeout), ("call_timeout", call_timeout)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+            if value is not None:
+                _check_seconds(name, value)
         if channel is not None and (channel_factory is not None or credentials is not None):
             raise ValueError("pass a channel, or credentials/channel_factory to build one")
         if channel is None and target is None:
             raise ValueError("a target is needed unless a channel is given")
+        if load_balancing not in (None, "round_robin", "pick_first"):
+            raise ValueError(
+                f"load_balancing must be 'round_robin' or 'pick_first', got {load_balancing!r}"
+            )
         if retry is not None and retry.max_attempts > 1 and grpc_retry_attempts > 1:
             raise ValueError("choose one retry layer: retry= or grpc_retry_attempts=, not both")
         self._target = target or ""
@@ -222,6 +233,8 @@ class _ClientCore:
     def _list_plan(self, page_size: int, options: CallOptions) -> _Plan[list[ToolInfo]]:
         call = self._resolve(options, self._timeout)
         listing_ends = time.monotonic() + call.timeout
+        # Retries of a page (attempts and waits) stay within the listing's timeout too.
+        call = replace(call, overall=min(call.overall or listing_ends, listing_ends))
         tools: list[ToolInfo] = []
         seen: set[str] = set()
         cursor = ""
@@ -276,10 +289,12 @@ class _ClientCore:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
         now = time.monotonic()
         timeout = options.get("timeout")
+        if timeout is not None:
+            _check_seconds("timeout", timeout)
         timeout = default_timeout if timeout is None else timeout
         retry = options.get("retry")
         retry = self._retry if retry is None else retry
-        extra = list(options.get("metadata", ()))
+        extra = _pairs(options.get("metadata", ()))
         traceparent = options.get("traceparent")
         if traceparent is not None:
             if not _TRACEPARENT.fullmatch(traceparent):
@@ -301,6 +316,18 @@ class _ClientCore:
             raise RuntimeError("the client is closed")
 
 
+def _check_seconds(name: str, value: float) -> None:
+    """A deadline must be a finite number of seconds above 0: gRPC turns 0, negative, infinite
+    and NaN timeouts into a failed call without saying why."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _closed_during_call() -> ToolServiceError:
+    """What a call in flight (an attempt or a wait before the next) ends with on close()."""
+    return error_for(grpc.StatusCode.CANCELLED, "the client was closed during the call")
+
+
 def _left(call: _Resolved) -> float | None:
     return None if call.overall is None else call.overall - time.monotonic()
 
@@ -308,9 +335,13 @@ def _left(call: _Resolved) -> float | None:
 def _merge(base: Metadata, extra: Metadata) -> list[tuple[str, str]]:
     """`base` then `extra`, keys in lower case (gRPC refuses upper case; names are
     case-insensitive); a key in `extra` replaces it in `base` instead of doubling it."""
-    lowered = [(key.lower(), value) for key, value in extra]
+    lowered = [(key.lower(), value) for key, value in _pairs(extra)]
     replaced = {key for key, _ in lowered}
-    return [(k.lower(), v) for k, v in base if k.lower() not in replaced] + lowered
+    return [(k.lower(), v) for k, v in _pairs(base) if k.lower() not in replaced] + lowered
+
+
+def _pairs(metadata: Metadata) -> list[tuple[str, str]]:
+    return list(metadata.items()) if isinstance(metadata, Mapping) else list(metadata)
 
 
 def _check_cursor(cursor: str, seen: set[str], pages: int) -> None:
@@ -341,7 +372,9 @@ class ToolClient(_ClientCore):
     timeout). `retry` is the default RetryPolicy (None: every call is sent once).
     `channel` is used as is and never closed by the client; `channel_factory(target, options)`
     builds one the client owns. `interceptors` wrap the channel (grpc.intercept_channel).
-    `sleep` waits between retries; replace it to observe or shorten the waits.
+    `sleep` waits between retries (by default a wait that close() cuts short); replace it to
+    observe or shorten the waits. close() ends calls waiting to retry, and calls in flight on
+    a channel the client made, with a CANCELLED ToolServiceError.
     """
 
     def __init__(
@@ -361,7 +394,7 @@ class ToolClient(_ClientCore):
         channel: grpc.Channel | None = None,
         channel_factory: ChannelFactory | None = None,
         interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         super().__init__(
             target,
@@ -378,7 +411,8 @@ class ToolClient(_ClientCore):
             channel=channel,
             channel_factory=channel_factory,
         )
-        self._sleep = sleep
+        self._closing = threading.Event()
+        self._sleep = sleep or self._wait
         self._owned: grpc.Channel | None = None
         if channel is None:
             if channel_factory is not None:
@@ -417,8 +451,12 @@ class ToolClient(_ClientCore):
         """Close the channel the client made (not one it was given); later calls raise
         RuntimeError."""
         self._closed = True
+        self._closing.set()
         if self._owned is not None:
             self._owned.close()
+
+    def _wait(self, seconds: float) -> None:
+        self._closing.wait(seconds)
 
     def __enter__(self) -> Self:
         return self
@@ -444,10 +482,17 @@ class ToolClient(_ClientCore):
             if isinstance(step, _Wait):
                 self._sleep(step.seconds)
                 continue
+            if self._closed:
+                failure = _closed_during_call()
+                continue
             try:
                 answer = getattr(self._stub, step.method)(step.request, **_call_kwargs(step))
             except grpc.RpcError as err:
                 failure = error_from_rpc(err)
+            except ValueError:
+                if not self._closed:
+                    raise
+                failure = _closed_during_call()  # closed by another thread just now
 
 
 class AsyncToolClient(_ClientCore):
@@ -456,7 +501,9 @@ class AsyncToolClient(_ClientCore):
     `await close()`.
 
     `interceptors` are grpc.aio client interceptors, given to the channel the client builds
-    (with a `channel` or `channel_factory`, put them on that channel yourself).
+    (with a `channel` or `channel_factory`, put them on that channel yourself). close() ends
+    calls waiting to retry, and calls in flight on a channel the client made, with a CANCELLED
+    ToolServiceError; a caller whose own task was cancelled still gets CancelledError.
     """
 
     def __init__(
@@ -476,7 +523,7 @@ class AsyncToolClient(_ClientCore):
         channel: grpc.aio.Channel | None = None,
         channel_factory: ChannelFactory | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         if interceptors and (channel is not None or channel_factory is not None):
             raise ValueError("with channel or channel_factory, add interceptors to that channel")
@@ -495,7 +542,8 @@ class AsyncToolClient(_ClientCore):
             channel=channel,
             channel_factory=channel_factory,
         )
-        self._sleep = sleep
+        self._sleep = sleep or self._wait
+        self._waits: set[asyncio.Future[None]] = set()
         self._interceptors = list(interceptors)
         self._channel: grpc.aio.Channel | None = channel
         self._owned: grpc.aio.Channel | None = None
@@ -528,9 +576,21 @@ class AsyncToolClient(_ClientCore):
         """Close the channel the client made (not one it was given), cancelling its calls in
         flight; later calls raise RuntimeError."""
         self._closed = True
+        for waiting in self._waits:
+            _settle(waiting)
         owned, self._owned, self._stub = self._owned, None, None
         if owned is not None:
             await owned.close()
+
+    async def _wait(self, seconds: float) -> None:
+        waiting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        timer = asyncio.get_running_loop().call_later(seconds, _settle, waiting)
+        self._waits.add(waiting)
+        try:
+            await waiting
+        finally:
+            timer.cancel()
+            self._waits.discard(waiting)
 
     async def __aenter__(self) -> Self:
         return self
@@ -583,7 +643,22 @@ class AsyncToolClient(_ClientCore):
             if isinstance(step, _Wait):
                 await self._sleep(step.seconds)
                 continue
+            if self._closed:
+                failure = _closed_during_call()
+                continue
             try:
                 answer = await getattr(stub, step.method)(step.request, **_call_kwargs(step))
             except grpc.RpcError as err:
                 failure = error_from_rpc(err)
+            except asyncio.CancelledError:
+                # grpc.aio ends the calls of a closed channel with CancelledError; only a
+                # caller that was itself cancelled should see that.
+                task = asyncio.current_task()
+                if not self._closed or (task is not None and task.cancelling()):
+                    raise
+                failure = _closed_during_call()
+
+
+def _settle(waiting: asyncio.Future[None]) -> None:
+    if not waiting.done():
+        waiting.set_result(None)

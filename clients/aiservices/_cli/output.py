@@ -65,8 +65,9 @@ def refusal_line(err: ToolServiceError, target: str) -> str:
         head = f"cannot reach {target}: {head}"
     if err.reason is None and err.code is grpc.StatusCode.DEADLINE_EXCEEDED:
         hints.append("no answer in time; a longer --timeout may help")
-    line = f"{PROG}: {head}: {one_line(err.message) or 'no message'}"
-    return "; ".join([line, *hints])
+    line = f"{PROG}: {one_line(head)}: {one_line(err.message) or 'no message'}"
+    # Hints carry server text too (field names echo the caller's keys): one line each, no escapes.
+    return "; ".join([line, *(one_line(hint) for hint in hints)])
 
 
 def tool_error_line(result: ToolResult) -> str:
