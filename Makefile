@@ -63,7 +63,7 @@ proto: install
 lint: install tools
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy server clients/aiservices tests bench
+	$(PY) -m mypy server clients/aiservices clients/aiservices_cli.py tests bench
 	cd protos && ../$(BUF) lint
 
 # The REST and MCP rows need the optional `bench` extra (FastAPI, uvicorn), which `install`

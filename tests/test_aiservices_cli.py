@@ -554,3 +554,11 @@ def test_model_output_cannot_drive_the_terminal(
     raw = as_caller(service, keys.editor, "refine", str(template), "--json")
     assert raw.stdout.isascii()
     assert json.loads(raw.stdout)["structured_content"]["summary"] == hostile
+
+
+def test_tls_against_a_plaintext_server_is_one_line_without_grpc_logs(
+    service: ServerThread, keys: TestKeys
+) -> None:
+    ran = as_caller(service, keys.full, "--tls", "--timeout", "5", "status")
+    assert ran.returncode == 4
+    assert one_line(ran.stderr).startswith(f"aiservices: cannot reach {service.target}: ")

@@ -82,6 +82,7 @@ class SeenCalls(grpc.UnaryUnaryClientInterceptor, grpc.aio.UnaryUnaryClientInter
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, float | None, dict[str, str]]] = []
+        self.headers: list[list[tuple[str, str]]] = []  # each call's text metadata, in order
         self.started = threading.Event()
         self.answered = threading.Event()  # set once an attempt has its outcome
 
@@ -89,6 +90,7 @@ class SeenCalls(grpc.UnaryUnaryClientInterceptor, grpc.aio.UnaryUnaryClientInter
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         metadata = {key: value for key, value in details.metadata or () if isinstance(value, str)}
         self.calls.append((method.rsplit("/", 1)[-1], details.timeout, metadata))
+        self.headers.append([(k, v) for k, v in details.metadata or () if isinstance(v, str)])
         self.started.set()
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -512,6 +514,18 @@ async def test_interceptors_see_every_call_with_its_deadline_and_traceparent(
     assert call_timeout == pytest.approx(DEFAULT_CALL_TIMEOUT, abs=1.0)
     assert status_timeout == pytest.approx(DEFAULT_TIMEOUT, abs=1.0)
     assert call_metadata["traceparent"] == TRACEPARENT
+    (request,) = upstream.requests
+    assert request.headers["traceparent"] == TRACEPARENT
+
+
+def test_the_traceparent_argument_replaces_one_given_in_metadata(
+    server: ServerThread, upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    seen = SeenCalls()
+    stale = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    with ToolClient(server.target, api_key=keys.editor, interceptors=[seen]) as client:
+        client.call_tool(TOOL, ARGUMENTS, metadata={"TraceParent": stale}, traceparent=TRACEPARENT)
+    assert [v for k, v in seen.headers[0] if k == "traceparent"] == [TRACEPARENT]
     (request,) = upstream.requests
     assert request.headers["traceparent"] == TRACEPARENT
 

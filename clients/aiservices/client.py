@@ -301,6 +301,8 @@ class _ClientCore:
                 raise ValueError(
                     "traceparent is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
                 )
+            # The argument wins over a `traceparent` in `metadata`: one header, not two.
+            extra = [(k, v) for k, v in extra if k.lower() != "traceparent"]
             extra.append(("traceparent", traceparent))
         wait_for_ready = options.get("wait_for_ready")
         return _Resolved(
