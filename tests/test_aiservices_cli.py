@@ -248,6 +248,21 @@ def test_refine_output_gets_the_permissions_of_a_file_written_in_place(
     assert existing.stat().st_mode & 0o777 == 0o640
 
 
+def test_refine_output_through_a_symbolic_link_replaces_the_file_it_points_to(
+    service: ServerThread, keys: TestKeys, tmp_path: Path
+) -> None:
+    template = write_template(tmp_path)
+    target = tmp_path / "prompts" / "refined.json"
+    target.parent.mkdir()
+    target.write_text("{}")
+    link = tmp_path / "current.json"
+    link.symlink_to(target)
+    ran = as_caller(service, keys.full, "refine", str(template), "-o", str(link))
+    assert ran.returncode == 0, ran.stderr
+    assert link.is_symlink()
+    assert json.loads(target.read_text())["messages"] == refine_template(json.dumps(TEMPLATE))
+
+
 def test_a_tool_error_exits_1_with_one_line(
     service: ServerThread, standin: StandinUpstream, keys: TestKeys, tmp_path: Path
 ) -> None:

@@ -69,8 +69,10 @@ def call_arguments(spec: str) -> dict[str, Any]:
 def write_atomically(path: Path, text: str) -> None:
     """Write `text` to a temporary file beside `path`, then rename it over `path`: readers see
     the old file or the new one, never half of it. The file gets the mode it had, or a new
-    file's (0666 less the umask), not the temporary file's private 0600."""
-    directory = path.parent if str(path.parent) else Path(".")
+    file's (0666 less the umask), not the temporary file's private 0600. A symbolic link stays
+    one: the file it points to is the one replaced."""
+    path = Path(os.path.realpath(path))
+    directory = path.parent
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
