@@ -264,11 +264,22 @@ async def test_rate_limited_call_is_retried_after_the_servers_delay(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_a_server_delay_past_the_overall_deadline_is_raised_at_once(
-    kind: str, slow_limit_server: ServerThread, keys: TestKeys, harnesses: list[Harness]
+@pytest.mark.parametrize(
+    "policy",
+    [
+        RetryPolicy(max_attempts=5, deadline=1.0),  # the wait would pass the deadline
+        RetryPolicy(max_attempts=5, max_server_delay=1.0),  # a longer wait than it allows
+    ],
+    ids=["past-the-deadline", "over-max-server-delay"],
+)
+async def test_a_server_delay_the_policy_cannot_wait_out_is_raised_at_once(
+    kind: str,
+    policy: RetryPolicy,
+    slow_limit_server: ServerThread,
+    keys: TestKeys,
+    harnesses: list[Harness],
 ) -> None:
     sleep, seen = Recorder(), SeenCalls()
-    policy = RetryPolicy(max_attempts=5, deadline=1.0)
     client = _client(
         kind,
         slow_limit_server.target,
@@ -283,32 +294,7 @@ async def test_a_server_delay_past_the_overall_deadline_is_raised_at_once(
     refused = await _refused(client.call("call_tool", TOOL, ARGUMENTS))
 
     assert type(refused) is RateLimited
-    assert refused.retry_after is not None and refused.retry_after > 1.0
-    assert sleep.waits == []
-    assert seen.methods() == ["CallTool", "CallTool"]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-async def test_a_server_delay_longer_than_the_policy_allows_is_raised_at_once(
-    kind: str, slow_limit_server: ServerThread, keys: TestKeys, harnesses: list[Harness]
-) -> None:
-    sleep, seen = Recorder(), SeenCalls()
-    policy = RetryPolicy(max_attempts=5, max_server_delay=1.0)  # the server asks for 2 s
-    client = _client(
-        kind,
-        slow_limit_server.target,
-        seen,
-        api_key=keys.editor,
-        retry=policy,
-        **sleep.sleep_for(kind),
-    )
-    harnesses.append(client)
-    await client.call("call_tool", TOOL, ARGUMENTS)
-
-    refused = await _refused(client.call("call_tool", TOOL, ARGUMENTS))
-
-    assert type(refused) is RateLimited
-    assert refused.retry_after is not None and refused.retry_after > 1.0
+    assert refused.retry_after is not None and refused.retry_after > 1.0  # the server's 2 s
     assert sleep.waits == []
     assert seen.methods() == ["CallTool", "CallTool"]
 
