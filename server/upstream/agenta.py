@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import orjson
 
 from server.upstream.http import (
     JsonEndpoint,
     UpstreamLimits,
-    holds_too_many_values,
-    too_many_values,
+    check_value_count,
+    load_reply,
     trace_token,
 )
 from server.upstream.refiner import (
@@ -28,7 +27,6 @@ from server.upstream.refiner import (
     UpstreamAttempt,
     UpstreamBadReply,
     UpstreamError,
-    UpstreamReplyTooLarge,
 )
 
 RUN_PATH = "/services/completion/run"
@@ -53,17 +51,12 @@ def parse_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) -> Co
     is a string (the tool parses that string again), so no body within the byte cap holds the
     event loop for long.
     """
-    if holds_too_many_values(body):
-        raise UpstreamReplyTooLarge(too_many_values())
-    try:
-        reply = orjson.loads(body)
-    except (ValueError, RecursionError):
-        raise UpstreamBadReply("the upstream reply is not JSON") from None
+    reply = load_reply(body)
     if not isinstance(reply, dict) or "data" not in reply:
         raise UpstreamBadReply("the upstream reply has no data field")
     data = reply["data"]
-    if isinstance(data, str) and holds_too_many_values(data):
-        raise UpstreamReplyTooLarge(too_many_values())
+    if isinstance(data, str):
+        check_value_count(data)
     return CompletionReply(
         data, trace_token(reply.get("trace_id") or reply.get("traceId")), attempt
     )

@@ -18,9 +18,11 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import httpx
+import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from server.upstream.refiner import (
@@ -113,24 +115,34 @@ def classify(exc: httpx.TransportError) -> UpstreamError:
     return UpstreamUnavailable("the upstream closed the connection", sent=True)
 
 
-def holds_too_many_values(text: str | bytes | bytearray) -> bool:
-    """Whether a JSON parse of `text` might build more than MAX_REPLY_VALUES values.
+def check_value_count(text: str | bytes | bytearray) -> None:
+    """UpstreamReplyTooLarge when a JSON parse of `text` might build more than
+    MAX_REPLY_VALUES values, so no reply within the byte cap holds the event loop for long.
 
     Every array element follows `[` or `,`, every object member (a key and a value) `{` or `,`,
     so the values number at most twice the count of those characters, plus one. Counting runs at
     memchr speed and is skipped for text too short to hold that many.
     """
     if 2 * len(text) + 1 <= MAX_REPLY_VALUES:
-        return False
+        return
     if isinstance(text, str):
         openers = text.count("[") + text.count("{") + text.count(",")
     else:
         openers = text.count(b"[") + text.count(b"{") + text.count(b",")
-    return 2 * openers + 1 > MAX_REPLY_VALUES
+    if 2 * openers + 1 > MAX_REPLY_VALUES:
+        raise UpstreamReplyTooLarge(
+            f"the upstream reply is too large: more than {MAX_REPLY_VALUES:,} JSON values"
+        )
 
 
-def too_many_values() -> str:
-    return f"the upstream reply is too large: more than {MAX_REPLY_VALUES:,} JSON values"
+def load_reply(body: bytes | bytearray) -> Any:
+    """The upstream's JSON reply, its values counted first (`check_value_count`); raises only
+    UpstreamBadReply (or its subclass)."""
+    check_value_count(body)
+    try:
+        return orjson.loads(body)
+    except (ValueError, RecursionError):
+        raise UpstreamBadReply("the upstream reply is not JSON") from None
 
 
 def _too_many_bytes(limit: int) -> str:

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 import httpx
-import orjson
 
 from server.upstream.http import (
     JsonEndpoint,
     UpstreamLimits,
-    holds_too_many_values,
-    too_many_values,
+    check_value_count,
+    load_reply,
     trace_token,
 )
 from server.upstream.refiner import (
@@ -33,7 +32,6 @@ from server.upstream.refiner import (
     UpstreamAttempt,
     UpstreamBadReply,
     UpstreamError,
-    UpstreamReplyTooLarge,
     UpstreamStatusError,
     UpstreamTimeout,
 )
@@ -146,12 +144,7 @@ def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) 
     """The first choice's content as the model's answer, the response id as the trace id;
     raises only UpstreamBadReply (or a subclass). The values a parse would build are bounded
     first, for the envelope and for the content (the tool parses it again)."""
-    if holds_too_many_values(body):
-        raise UpstreamReplyTooLarge(too_many_values())
-    try:
-        reply = orjson.loads(body)
-    except (ValueError, RecursionError):
-        raise UpstreamBadReply("the upstream reply is not JSON") from None
+    reply = load_reply(body)
     choices = reply.get("choices") if isinstance(reply, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise UpstreamBadReply("the upstream reply has no choices")
@@ -170,8 +163,7 @@ def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) 
             # The refusal's words are the model's: not passed on, like any other output.
             raise UpstreamBadReply("the model declined to answer")
         raise UpstreamBadReply("the upstream reply's first choice has no text content")
-    if holds_too_many_values(content):
-        raise UpstreamReplyTooLarge(too_many_values())
+    check_value_count(content)
     tokens = _tokens(reply.get("usage"))
     if tokens is not None:
         attempt = replace(attempt, tokens=tokens)
