@@ -35,9 +35,9 @@ from bench.common import (
 )
 from bench.loadgen import LoadConfig, LoadResult
 from server.auth import generate_key, hash_key
+from server.config import ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV_PREFIX = "AGENTA_AI_SERVICES_"
 SLOW_DELAY_S = 1.0
 READY_TIMEOUT_S = 30.0
 

@@ -45,6 +45,7 @@ from bench.common import (
     upstream_body,
 )
 from server.auth import KeyStore, parse_authorization
+from server.errors import retry_after_seconds
 from server.ratelimit import InMemoryRateLimiter, RateLimit
 from server.tools.refine_prompt import INPUT_SCHEMA, NAME, PERMISSION, check_output
 from server.tools.templates import TemplateError, parse_template
@@ -98,11 +99,11 @@ class RefinePrompt:
             raise Refused(401, "missing or unknown API key", {"WWW-Authenticate": "Bearer"})
         if name != NAME:
             raise Refused(404, "unknown tool")
-        if "*" not in key.permissions and PERMISSION not in key.permissions:
+        if not key.principal().may(PERMISSION):
             raise Refused(403, "this key may not call the tool")
         decision = await self._limiter.acquire(f"{key.organization}:{key.id}:{NAME}", self._limit)
         if not decision.allowed:
-            retry_after = str(max(1, round(decision.retry_after)))
+            retry_after = str(retry_after_seconds(decision.retry_after))
             raise Refused(429, "rate limited", {"Retry-After": retry_after})
         problems = [error.message for error in self._validator.iter_errors(arguments)]
         if problems:

@@ -193,13 +193,20 @@ class Exchange:
         return _json_response(200, self.completion(content, trace_id, finish_reason))
 
     def completion(
-        self, content: str | None, trace_id: TraceId = AUTO, finish_reason: str = "stop"
+        self,
+        content: str | None,
+        trace_id: TraceId = AUTO,
+        finish_reason: str = "stop",
+        *,
+        prompt_tokens: int | None = None,
     ) -> dict[str, Any]:
-        """A ``chat.completion`` answering this request (its model, its prompt's tokens)."""
-        try:
-            prompt_tokens = openai.parse_chat_request(self.body).prompt_tokens
-        except openai.ChatRequestError:
-            prompt_tokens = 0
+        """A ``chat.completion`` answering this request (its model, its prompt's tokens: counted
+        here unless the caller, who parsed the request already, gives them)."""
+        if prompt_tokens is None:
+            try:
+                prompt_tokens = openai.parse_chat_request(self.body).prompt_tokens
+            except openai.ChatRequestError:
+                prompt_tokens = 0
         cid = openai.response_id() if isinstance(trace_id, _Auto) else trace_id
         return openai.completion(
             openai.request_model(self.body),
@@ -308,7 +315,9 @@ def refined_body(
         content = json.dumps({"messages": messages, "summary": summary})
         if finish_reason == "length":
             content = content[: len(content) // 2]
-        return exchange.completion(content, trace_id, finish_reason)
+        return exchange.completion(
+            content, trace_id, finish_reason, prompt_tokens=request.prompt_tokens
+        )
     body = exchange.body
     try:
         inputs = body["inputs"]

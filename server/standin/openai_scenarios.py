@@ -56,13 +56,10 @@ class ContentReply(Scenario):
 
 
 @dataclass(frozen=True, slots=True)
-class ContentNotJson(Scenario):
+class ContentNotJson(ContentReply):
     """The model chatted instead of answering JSON (Agenta: the same text as its data)."""
 
-    content: str = "Sure! Here is a refined version of your prompt."
-
-    async def respond(self, exchange: Exchange) -> web.StreamResponse:
-        return exchange.answer(self.content)
+    content: Any = "Sure! Here is a refined version of your prompt."
 
 
 @dataclass(frozen=True, slots=True)
