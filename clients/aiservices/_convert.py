@@ -17,14 +17,15 @@ from aiservices.v1 import tool_service_pb2 as pb
 # Doubles hold every integer up to 2**53 exactly; past that an "integer" is already rounded.
 _MAX_SAFE_INT = 2**53
 _ERROR_CODE_PREFIX = "TOOL_ERROR_CODE_"
-# The longest wait a server may ask for and be believed; a longer one is junk, not advice.
+# The longest wait reported; a server asking for more still means "a long time".
 MAX_DELAY_SECONDS = 86_400.0
 
 
 def delay_seconds(seconds: float) -> float | None:
-    """`seconds` as a wait a caller can make: finite, not negative, at most a day; else None.
-    A server's retry hint is outside input, and must not stall or crash whoever reads it."""
-    return seconds if 0 <= seconds <= MAX_DELAY_SECONDS else None  # NaN fails both
+    """`seconds` as a wait a caller can make: at most a day (a longer one, infinity included,
+    is cut to a day, which still reads as long), None when negative or not a number. A server's
+    retry hint is outside input, and must not stall or crash whoever reads it."""
+    return min(seconds, MAX_DELAY_SECONDS) if seconds >= 0 else None  # NaN fails the test
 
 
 def duration_delay(duration: duration_pb2.Duration) -> float | None:

@@ -250,10 +250,12 @@ def _target(args: argparse.Namespace) -> str:
 
 
 def _connect(args: argparse.Namespace) -> ToolClient:
-    options: dict[str, Any] = {} if args.timeout is None else {"timeout": args.timeout}
     try:
         return ToolClient(
-            _target(args), api_key=_api_key(args), credentials=_credentials(args), **options
+            _target(args),
+            api_key=_api_key(args),
+            credentials=_credentials(args),
+            timeout=args.timeout,
         )
     except ValueError as exc:  # settings the client refuses; its messages never hold the key
         raise UsageError(str(exc)) from None

@@ -241,8 +241,7 @@ class _ClientCore:
         for pages in range(MAX_PAGES + 1):
             _check_cursor(cursor, seen, pages)
             request = pb.ListToolsRequest(cursor=cursor, page_size=page_size)
-            page_call = replace(call, timeout=max(listing_ends - time.monotonic(), 0.0))
-            page = page_of((yield from self._rpc("ListTools", request, page_call)))
+            page = page_of((yield from self._rpc("ListTools", request, call)))
             tools.extend(page.tools)
             if not page.next_cursor:
                 break

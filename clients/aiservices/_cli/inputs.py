@@ -52,18 +52,22 @@ def parse_object(text: str, where: str) -> dict[str, Any]:
         ) from None
     if not isinstance(value, dict):
         raise UsageError(f"{where} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def call_arguments(spec: str) -> dict[str, Any]:
+    """`--args`: the JSON object itself or `@FILE`, checked to fit the Struct it is sent as."""
+    if spec.startswith("@"):
+        path = spec[1:]
+        text, where = read_text(path, "--args file"), f"--args file {path}"
+    else:
+        text, where = spec, "--args"
+    value = parse_object(text, where)
     try:
         dict_to_struct(value)  # numbers JSON allows but a Struct cannot carry exactly
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{where}: {exc}") from None
     return value
-
-
-def call_arguments(spec: str) -> dict[str, Any]:
-    if spec.startswith("@"):
-        path = spec[1:]
-        return parse_object(read_text(path, "--args file"), f"--args file {path}")
-    return parse_object(spec, "--args")
 
 
 def write_atomically(path: Path, text: str) -> None:
