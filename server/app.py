@@ -290,6 +290,8 @@ class AiServicesServer:
         ensure_bindable(settings.grpc_address, "GRPC_ADDRESS")
         if settings.metrics_address is not None:
             ensure_bindable(settings.metrics_address, "METRICS_ADDRESS")
+        if settings.mcp_address is not None:
+            ensure_bindable(settings.mcp_address, "MCP_ADDRESS")
         # Taken before the file is read, so a change made while it loads is not missed.
         keys_state = file_state(settings.api_keys_file) if settings.api_keys_file else None
         keys = load_keys(settings)
@@ -349,7 +351,6 @@ class AiServicesServer:
                     f"{settings.metrics_address}: {exc.strerror}"
                 ) from None
         if settings.mcp_address is not None:
-            ensure_bindable(settings.mcp_address, "MCP_ADDRESS")
             await self._start_mcp(settings, service, authenticator)
         await server.start()
         self._server = server

@@ -137,7 +137,11 @@ class ArgumentValidator:
 
 
 def restore_integers(value: Any, schema: dict[str, Any]) -> Any:
-    """Struct carries every number as a double: give back ints where the schema says integer."""
+    """Struct carries every number as a double: give back ints where the schema says integer.
+    Only paths the schema describes are followed, so the recursion is as deep as the schema,
+    whatever the caller nests."""
+    if not schema:
+        return value
     kind = schema.get("type")
     kinds = {kind} if isinstance(kind, str) else set(kind or ())
     if isinstance(value, float) and "integer" in kinds and value.is_integer():

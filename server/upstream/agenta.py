@@ -107,8 +107,6 @@ class AgentaRefiner:
     guidelines and context go in as the deployed prompt's inputs, and its `data` is the model's
     answer."""
 
-    name = "agenta"
-
     def __init__(self, client: AgentaCompletionClient, *, app: str) -> None:
         self._client = client
         self._app = app

@@ -33,7 +33,6 @@ from server.upstream.refiner import (
     UpstreamBadReply,
     UpstreamError,
     UpstreamStatusError,
-    UpstreamTimeout,
 )
 
 CHAT_PATH = "/chat/completions"
@@ -42,15 +41,9 @@ SYSTEM_PROMPT = (Path(__file__).parent / "prompts" / f"{PROMPT_VERSION}.txt").re
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
-class ModelOutputCut(UpstreamBadReply):
-    """The model ran out of tokens before it finished its answer (`finish_reason: length`)."""
-
-
 class OpenAIRefiner:
     """Refines through `model` at `base_url`; `api_key`, when given, is sent as a Bearer token
     (local servers need none). `output_schema` is what the answer must match."""
-
-    name = "openai"
 
     def __init__(
         self,
@@ -86,7 +79,9 @@ class OpenAIRefiner:
     async def refine(
         self, request: RefineRequest, *, time_left: float | None, traceparent: str | None
     ) -> RefineReply:
-        deadline = None if time_left is None else time.monotonic() + time_left
+        # One budget for the first request and, should it fall back, the second.
+        timeout = self._endpoint.timeout
+        deadline = time.monotonic() + (timeout if time_left is None else min(timeout, time_left))
         asked_for_schema = self.json_schema_accepted
         try:
             answer = await self._endpoint.post(
@@ -98,11 +93,10 @@ class OpenAIRefiner:
             if not (asked_for_schema and _refuses_json_schema(error)):
                 raise
             self.json_schema_accepted = False
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise UpstreamTimeout("no time left for the upstream call") from None
             answer = await self._endpoint.post(
-                self._body(request, json_schema=False), time_left=left, traceparent=traceparent
+                self._body(request, json_schema=False),
+                time_left=deadline - time.monotonic(),
+                traceparent=traceparent,
             )
         try:
             return parse_chat_completion(answer.body, attempt=answer.attempt)
@@ -150,7 +144,7 @@ def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) 
         raise UpstreamBadReply("the upstream reply has no choices")
     choice = choices[0]
     if choice.get("finish_reason") == "length":
-        raise ModelOutputCut(
+        raise UpstreamBadReply(
             "the model ran out of tokens before it finished its answer (finish_reason length); "
             "a shorter template may fit, or the service's OPENAI_MAX_TOKENS is too low"
         )

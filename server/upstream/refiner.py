@@ -3,7 +3,7 @@ context in; the model's raw answer, a trace id and the HTTP attempt out; or an U
 saying what went wrong, in words safe to show callers.
 
 Adapters: `server.upstream.agenta.AgentaRefiner` (a prompt deployed on an Agenta completion
-runner).
+runner) and `server.upstream.openai.OpenAIRefiner` (OpenAI-compatible chat completions).
 """
 
 from __future__ import annotations
@@ -101,8 +101,6 @@ class RefineReply:
 class Refiner(Protocol):
     """Refines a prompt template within `time_left` seconds (None: the adapter's own timeout),
     passing `traceparent` on; raises UpstreamError."""
-
-    name: str
 
     async def refine(
         self, request: RefineRequest, *, time_left: float | None, traceparent: str | None

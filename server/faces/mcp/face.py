@@ -286,11 +286,12 @@ class McpFace:
         exchange.method = "tools/call"
         exchange.tool = params.name[:MAX_NAME_SHOWN]
         arguments = dict(params.arguments or {})
-        if self._log_payloads:
-            exchange.payload = {"arguments": arguments}
+        # Logged for calls that ran, as over gRPC; a refused call's arguments are not.
+        payload = {"arguments": arguments} if self._log_payloads else None
         try:
             result = await self._service.call(exchange.call, params.name, arguments)
         except ToolFailure as failure:
+            exchange.payload = payload
             return _failed(exchange, failure)
         except InvalidArgument as error:
             # A refusal, not a tool outcome: logged and counted as gRPC's INVALID_ARGUMENT is,
@@ -300,12 +301,11 @@ class McpFace:
             return _invalid_arguments(error, exchange.call.request_id)
         except ServiceError as error:
             raise self._refusal(exchange, error) from None
-        except (asyncio.CancelledError, MCPError):
-            raise
         except Exception as exc:
             raise self._refusal(
                 exchange, report_unexpected(exc, exchange.call.request_id)
             ) from None
+        exchange.payload = payload
         return _succeeded(exchange, result)
 
     @staticmethod
