@@ -22,7 +22,6 @@ from typing import NoReturn
 
 from server.auth.keys import (
     KEY_ID_RULE,
-    MAX_KEYS_FILE_BYTES,
     NAME_RULE,
     ApiKey,
     KeysFileError,
@@ -32,9 +31,10 @@ from server.auth.keys import (
     is_valid_key_text,
     is_valid_name,
     load_keys_file,
+    load_keys_text,
+    read_keys_text,
 )
 from server.config import SettingsError, load_settings
-from server.files import read_small_file
 from server.ratelimit.gcra import RateLimitError, check_rate_limit
 
 __all__ = ["keys_main"]
@@ -272,7 +272,11 @@ def _write_atomically(path: Path, text: str, mode: int) -> None:
 def _revoke(args: argparse.Namespace) -> int:
     # The real file behind a symlink is replaced, not the link.
     path = Path(os.path.realpath(_keys_file("revoke", args.file)))
-    keys = _load("revoke", path)
+    try:
+        text = read_keys_text(path)
+        keys = load_keys_text(text, path)
+    except KeysFileError as exc:
+        raise _UsageError(f"{_PROG} revoke: {exc}") from None
     index = next((n for n, key in enumerate(keys) if key.id == args.id), None)
     if index is None:
         raise _UsageError(f'{_PROG} revoke: no key "{args.id}" in {path}')
@@ -281,7 +285,6 @@ def _revoke(args: argparse.Namespace) -> int:
             f'{_PROG} revoke: "{args.id}" is the only key in {path}, and the server refuses a '
             "file without keys: add its successor first"
         )
-    text = read_small_file(path, MAX_KEYS_FILE_BYTES).decode("utf-8")
     rewritten = _without_entry(text, index)
     expected = keys[:index] + keys[index + 1 :]
     if rewritten is None or _loads_as(path, rewritten) != expected:
@@ -296,14 +299,10 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _loads_as(path: Path, text: str) -> list[ApiKey] | None:
     """The keys `text` holds, checked as the server would check it; None if it fails."""
-    with tempfile.TemporaryDirectory(prefix="aiservices-keys-") as directory:
-        candidate = Path(directory) / path.name
-        candidate.write_text(text, encoding="utf-8")
-        candidate.chmod(0o600)
-        try:
-            return load_keys_file(candidate)
-        except KeysFileError:
-            return None
+    try:
+        return load_keys_text(text, path)
+    except KeysFileError:
+        return None
 
 
 def keys_main(argv: list[str]) -> int:

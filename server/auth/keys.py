@@ -49,7 +49,9 @@ __all__ = [
     "is_valid_key_text",
     "is_valid_name",
     "load_keys_file",
+    "load_keys_text",
     "parse_authorization",
+    "read_keys_text",
 ]
 
 KEY_PREFIX = "ais_"
@@ -369,32 +371,42 @@ def _check_mode(path: str | os.PathLike[str], mode: int) -> None:
         )
 
 
-def _read(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_keys_text(path: str | os.PathLike[str]) -> str:
+    """The keys file's text: at most MAX_KEYS_FILE_BYTES of UTF-8, from a file others cannot
+    write; KeysFileError (one line) otherwise."""
     try:
         data = read_small_file(
             path, MAX_KEYS_FILE_BYTES, check_mode=lambda mode: _check_mode(path, mode)
         )
-        return tomllib.loads(data.decode("utf-8"))
+        return data.decode("utf-8")
     except NotRegularFile as exc:
         raise KeysFileError(path, f"cannot read it ({exc})") from None
     except FileTooLarge as exc:
         raise KeysFileError(path, str(exc)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise KeysFileError(path, _format_toml_error(exc)) from None
     except UnicodeDecodeError:
         raise KeysFileError(path, "not valid TOML (not UTF-8 text)") from None
-    except RecursionError:
-        raise KeysFileError(path, "not valid TOML (nested too deeply)") from None
     except OSError as exc:
         raise KeysFileError(path, f"cannot read it ({exc.strerror or exc})") from None
 
 
 def load_keys_file(path: str | os.PathLike[str]) -> list[ApiKey]:
-    """Parse and check a keys file, raising KeysFileError (one line) on the first problem.
+    """Read, parse and check a keys file, raising KeysFileError (one line) on the first
+    problem."""
+    return load_keys_text(read_keys_text(path), path)
+
+
+def load_keys_text(text: str, path: str | os.PathLike[str]) -> list[ApiKey]:
+    """Parse and check the text of the keys file at `path` (named in messages), raising
+    KeysFileError (one line) on the first problem.
 
     Indexes in messages count `[[keys]]` tables from 0, in file order.
     """
-    data = _read(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise KeysFileError(path, _format_toml_error(exc)) from None
+    except RecursionError:
+        raise KeysFileError(path, "not valid TOML (nested too deeply)") from None
     if not data.get("keys"):
         if set(data) - {"keys"}:
             unknown = sorted(set(data) - {"keys"})[0]
