@@ -34,7 +34,8 @@ _TYPE_WORDS = {
 }
 
 
-def _path(base: str, parts: Iterable[Any]) -> str:
+def field_path(base: str, parts: Iterable[Any]) -> str:
+    """`base` followed by `.key` and `[index]` parts: the field name callers see."""
     path = base
     for part in parts:
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
@@ -52,7 +53,7 @@ def _describe(error: ValidationError, room: int) -> tuple[list[FieldViolation], 
         unknown = [key for key in error.instance if key not in known]
         # The first in sorted order, without sorting them all: a caller may send thousands.
         shown = heapq.nsmallest(room, unknown)
-        violations = [FieldViolation(_path(field, [key]), "unknown argument") for key in shown]
+        violations = [FieldViolation(field_path(field, [key]), "unknown argument") for key in shown]
         return violations, len(unknown) - len(shown)
     if rule == "required" and isinstance(error.instance, dict):
         missing = [key for key in expected if key not in error.instance]
@@ -80,7 +81,7 @@ def _describe(error: ValidationError, room: int) -> tuple[list[FieldViolation], 
 
 
 def _string_path(error: ValidationError) -> str:
-    return _path("arguments", error.absolute_path)
+    return field_path("arguments", error.absolute_path)
 
 
 def _mentions_integer(schema: Any) -> bool:
@@ -195,7 +196,5 @@ def _too_large(path: Any, message: str, description: str) -> InvalidArgument:
     while path is not None:
         part, path = path
         parts.append(part)
-    field = "arguments" + "".join(
-        f"[{part}]" if isinstance(part, int) else f".{part}" for part in reversed(parts)
-    )
+    field = field_path("arguments", reversed(parts))
     return InvalidArgument(message, [FieldViolation(field, description)])

@@ -7,7 +7,7 @@ from typing import Any
 from aiservices.v1 import tool_service_pb2 as pb
 from google.protobuf import struct_pb2
 
-from server.core.arguments import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS
+from server.core.arguments import MAX_ARGUMENT_VALUES, field_path
 from server.errors import FieldViolation, InvalidArgument
 from server.tools.base import ToolDefinition, ToolFailure, ToolResult
 
@@ -75,11 +75,6 @@ def _dict(struct: struct_pb2.Struct, budget: _Budget) -> dict[str, Any]:
     converted = {}
     for key, value in fields.items():
         try:
-            if len(key) > MAX_KEY_CHARS:
-                raise _TooLarge(
-                    f"an argument name is longer than {MAX_KEY_CHARS} characters",
-                    f"is a name longer than {MAX_KEY_CHARS} characters",
-                )
             converted[key] = _python_value(value, budget)
         except _TooLarge as exc:
             exc.path.append(key)
@@ -91,14 +86,13 @@ def dict_from(struct: struct_pb2.Struct, max_values: int = MAX_ARGUMENT_VALUES) 
     """Plain Python from a Struct (numbers stay floats; the schema check restores ints).
 
     InvalidArgument naming the field when the Struct holds more than `max_values` values (the
-    object or list where the count ran out) or a key longer than MAX_KEY_CHARS. Direct, rather
-    than json_format.MessageToDict: it runs on every CallTool."""
+    object or list where the count ran out), so a huge Struct is never converted; the core's
+    `check_bounds` checks the rest for every face. Direct, rather than
+    json_format.MessageToDict: it runs on every CallTool."""
     try:
         return _dict(struct, _Budget(max_values))
     except _TooLarge as exc:
-        field = "arguments"
-        for part in reversed(exc.path):
-            field += f"[{part}]" if isinstance(part, int) else f".{part}"
+        field = field_path("arguments", reversed(exc.path))
         raise InvalidArgument(exc.message, [FieldViolation(field, exc.description)]) from None
 
 
