@@ -7,6 +7,7 @@ import pytest
 from aiservices import ToolClient
 
 from server.standin import StandinUpstream
+from tests.support.certs import TestCertificates, make_certificates
 from tests.support.keys import TestKeys, load_test_keys
 from tests.support.redis_server import RedisServer
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
@@ -24,6 +25,19 @@ def upstream() -> Iterator[StandinUpstream]:
 @pytest.fixture
 def server(upstream: StandinUpstream) -> Iterator[ServerThread]:
     with ServerThread(make_settings(upstream.url)) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
+    """A CA, server and client certificates (and untrusted ones), made once for the run."""
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def mcp_server(upstream: StandinUpstream) -> Iterator[ServerThread]:
+    """The real server with MCP on a free loopback port beside gRPC."""
+    with ServerThread(make_settings(upstream.url, mcp_address="127.0.0.1:0")) as running:
         yield running
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -24,9 +23,10 @@ from aiservices._cli.output import refusal_line
 from server.standin import Hang, Refine, Slow, StandinUpstream
 from server.standin import Status as UpstreamStatus
 from server.standin.app import refine_template
-from tests.support.certs import TestCertificates, make_certificates
+from tests.support.certs import TestCertificates
 from tests.support.keys import TestKeys, load_test_keys
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
+from tests.support.waiting import closed_port
 
 AISERVICES = Path(sys.executable).parent / "aiservices"
 TOOL = "tools.agenta.api.refine_prompt"
@@ -61,11 +61,6 @@ def _fresh_upstream(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("standin").clear()
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
-
-
 def command_env(**values: str) -> dict[str, str]:
     """This environment without any AISERVICES_* setting, plus `values`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AISERVICES_")}
@@ -87,7 +82,7 @@ def aiservices(
         check=False,
     )
     keys = load_test_keys()
-    secrets = [keys.full, keys.editor, keys.viewer, keys.gateway, keys.tiered, keys.other_org]
+    secrets = [getattr(keys, name) for name in TestKeys.__dataclass_fields__ if name != "path"]
     for output in (ran.stdout, ran.stderr):
         assert "Traceback" not in output
         assert not any(secret in output for secret in secrets)
@@ -112,13 +107,6 @@ def write_template(directory: Path) -> Path:
     path = directory / "prompt.json"
     path.write_text(json.dumps(TEMPLATE, indent=2))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -158,7 +146,9 @@ def test_flags_win_over_the_environment(
     key_file = tmp_path / "key"
     key_file.write_text(keys.editor + "\n")
     # Both the environment's target (nothing listens) and key (no tool permission) are wrong.
-    env = command_env(AISERVICES_TARGET=f"127.0.0.1:{free_port()}", AISERVICES_API_KEY=keys.viewer)
+    env = command_env(
+        AISERVICES_TARGET=f"127.0.0.1:{closed_port()}", AISERVICES_API_KEY=keys.viewer
+    )
     ran = aiservices("status", "--target", service.target, "--api-key-file", str(key_file), env=env)
     assert ran.returncode == 0, ran.stderr
     assert f"tools     {TOOL}" in ran.stdout
@@ -373,7 +363,7 @@ def test_an_internal_error_shows_its_support_id() -> None:
 def test_an_unreachable_or_silent_service_exits_4(
     service: ServerThread, standin: StandinUpstream, keys: TestKeys
 ) -> None:
-    down = aiservices("--target", f"127.0.0.1:{free_port()}", "--timeout", "5", "status")
+    down = aiservices("--target", f"127.0.0.1:{closed_port()}", "--timeout", "5", "status")
     assert down.returncode == 4
     assert one_line(down.stderr).startswith("aiservices: cannot reach 127.0.0.1:")
 
@@ -403,7 +393,7 @@ def test_an_unreachable_or_silent_service_exits_4(
 )
 def test_usage_errors_exit_2_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     # Nothing listens on the target: a usage error is found before any call is made.
-    env = command_env(AISERVICES_TARGET=f"127.0.0.1:{free_port()}")
+    env = command_env(AISERVICES_TARGET=f"127.0.0.1:{closed_port()}")
     ran = aiservices(*args, env=env, stdin="{'not': 'json'}")
     assert ran.returncode == 2
     assert one_line(ran.stderr).startswith(message)

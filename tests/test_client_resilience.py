@@ -45,9 +45,11 @@ from server.standin import Hang, Refine, Slow, StandinUpstream
 from server.standin import Status as HttpStatus
 from tests.support.keys import TestKeys
 from tests.support.servers import ServerThread, make_settings
+from tests.support.waiting import closed_port
 from tests.test_client import Harness
+from tests.test_client import _expect_error as _refused
 from tests.test_interceptor_errors import BrokenStore
-from tests.test_resilience import ARGUMENTS, TOOL, TRACEPARENT, closed_port
+from tests.test_resilience import ARGUMENTS, TOOL, TRACEPARENT
 
 KINDS = ["sync", "aio"]
 
@@ -81,16 +83,15 @@ class SeenCalls(grpc.UnaryUnaryClientInterceptor, grpc.aio.UnaryUnaryClientInter
     """A client interceptor of either kind that notes each call's method, deadline, metadata."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, float | None, dict[str, str]]] = []
-        self.headers: list[list[tuple[str, str]]] = []  # each call's text metadata, in order
+        # (method, timeout, text metadata as sent: every pair, in order, duplicates kept)
+        self.calls: list[tuple[str, float | None, list[tuple[str, str]]]] = []
         self.started = threading.Event()
         self.answered = threading.Event()  # set once an attempt has its outcome
 
     def _note(self, details: Any) -> None:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        metadata = {key: value for key, value in details.metadata or () if isinstance(value, str)}
+        metadata = [(k, v) for k, v in details.metadata or () if isinstance(v, str)]
         self.calls.append((method.rsplit("/", 1)[-1], details.timeout, metadata))
-        self.headers.append([(k, v) for k, v in details.metadata or () if isinstance(v, str)])
         self.started.set()
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -115,12 +116,6 @@ def _client(kind: str, target: str, seen: SeenCalls | None = None, **kwargs: Any
     if seen is not None:
         kwargs["interceptors"] = [seen]
     return Harness(kind, target, **kwargs)
-
-
-async def _refused(call: Awaitable[Any]) -> ToolServiceError:
-    with pytest.raises(ToolServiceError) as caught:
-        await call
-    return caught.value
 
 
 @pytest.fixture
@@ -499,7 +494,7 @@ async def test_interceptors_see_every_call_with_its_deadline_and_traceparent(
     assert call_timeout is not None and call_timeout > server_default
     assert call_timeout == pytest.approx(DEFAULT_CALL_TIMEOUT, abs=1.0)
     assert status_timeout == pytest.approx(DEFAULT_TIMEOUT, abs=1.0)
-    assert call_metadata["traceparent"] == TRACEPARENT
+    assert dict(call_metadata)["traceparent"] == TRACEPARENT
     (request,) = upstream.requests
     assert request.headers["traceparent"] == TRACEPARENT
 
@@ -511,7 +506,8 @@ def test_the_traceparent_argument_replaces_one_given_in_metadata(
     stale = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
     with ToolClient(server.target, api_key=keys.editor, interceptors=[seen]) as client:
         client.call_tool(TOOL, ARGUMENTS, metadata={"TraceParent": stale}, traceparent=TRACEPARENT)
-    assert [v for k, v in seen.headers[0] if k == "traceparent"] == [TRACEPARENT]
+    _, _, metadata = seen.calls[0]
+    assert [v for k, v in metadata if k == "traceparent"] == [TRACEPARENT]
     (request,) = upstream.requests
     assert request.headers["traceparent"] == TRACEPARENT
 

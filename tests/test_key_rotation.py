@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from server.auth import generate_key, hash_key
 from server.auth.reload import WATCH_INTERVAL
 from server.standin import Slow, StandinUpstream
 from tests.support.processes import ServerProcess, run_to_exit, upstream_settings
+from tests.support.waiting import wait_until
 
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {
@@ -55,15 +55,6 @@ def authenticates(target: str, key: str) -> bool:
             if exc.code is not grpc.StatusCode.UNAUTHENTICATED:
                 raise
             return False
-    return True
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
     return True
 
 
@@ -118,7 +109,9 @@ def test_a_changed_file_is_picked_up_without_a_signal(keys_file: Path) -> None:
     with start_server(keys_file) as server:
         replace_file(keys_file, keys_text({"new": NEW_KEY, "stays": STAYING_KEY}))
 
-        assert wait_until(lambda: authenticates(server.target, NEW_KEY), 10 * WATCH_INTERVAL)
+        assert wait_until(
+            lambda: authenticates(server.target, NEW_KEY), 10 * WATCH_INTERVAL, interval=0.05
+        )
         assert not authenticates(server.target, OLD_KEY)
         assert authenticates(server.target, STAYING_KEY)
 
@@ -135,7 +128,9 @@ def test_a_changed_file_is_picked_up_without_a_signal(keys_file: Path) -> None:
 def test_a_file_edited_in_place_is_picked_up_too(keys_file: Path) -> None:
     with start_server(keys_file) as server:
         keys_file.write_text(keys_text({"new": NEW_KEY, "stays": STAYING_KEY, "more": OLD_KEY}))
-        assert wait_until(lambda: authenticates(server.target, NEW_KEY), 10 * WATCH_INTERVAL)
+        assert wait_until(
+            lambda: authenticates(server.target, NEW_KEY), 10 * WATCH_INTERVAL, interval=0.05
+        )
 
 
 BROKEN = '[[keys]]\nid = "old"\nhash = "not a hash"\npermissions = ["edit_workflows"]\n'

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -20,7 +20,7 @@ from server.auth import generate_key
 from server.standin import Garbage, Refine, Reply, Scenario, StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.mcp import McpCaller, mcp_caller, post_rpc
-from tests.support.servers import ServerThread, make_settings
+from tests.support.servers import ServerThread
 
 TOOL = "tools.agenta.api.refine_prompt"
 TEMPLATE = '{"messages": [{"role": "system", "content": "You greet {{name}}."}]}'
@@ -32,10 +32,9 @@ RETRY_LATER = -32000
 
 
 @pytest.fixture
-def server(upstream: StandinUpstream) -> Iterator[ServerThread]:
-    """The real server with MCP on a free loopback port beside gRPC."""
-    with ServerThread(make_settings(upstream.url, mcp_address="127.0.0.1:0")) as running:
-        yield running
+def server(mcp_server: ServerThread) -> ServerThread:
+    """Every test here runs against the server with MCP beside gRPC (the shared `mcp_server`)."""
+    return mcp_server
 
 
 def grpc_client(

@@ -13,7 +13,6 @@ import os
 import re
 import shlex
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,12 @@ from server.standin import StandinUpstream
 from server.tools.refine_prompt import DEFINITION
 from tests.support.keys import TestKeys
 from tests.support.processes import run_printed
-from tests.support.servers import ServerThread, make_settings
+from tests.support.servers import ServerThread
 
 ROOT = Path(__file__).resolve().parents[1]
 INSPECTOR = ROOT / ".tools" / "node_modules" / ".bin" / "mcp-inspector"
 TOOL = DEFINITION.name
 TEMPLATE = json.dumps({"messages": [{"role": "user", "content": "Summarise {{text}}"}]})
-
-
-@pytest.fixture
-def mcp_server(upstream: StandinUpstream) -> Iterator[ServerThread]:
-    with ServerThread(make_settings(upstream.url, mcp_address="127.0.0.1:0")) as running:
-        yield running
 
 
 @pytest.fixture

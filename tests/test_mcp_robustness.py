@@ -13,20 +13,18 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import httpx2
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
 from server.standin import Hang, Slow, StandinUpstream
 from tests.support.keys import TestKeys
+from tests.support.mcp import mcp_client
 from tests.support.processes import ServerProcess, upstream_settings
 from tests.support.responsive import responsive_during
-from tests.support.servers import ServerThread, make_settings
+from tests.support.servers import ServerThread
 
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {
@@ -38,12 +36,6 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
-
-
-@pytest.fixture
-def mcp_server(upstream: StandinUpstream) -> Iterator[ServerThread]:
-    with ServerThread(make_settings(upstream.url, mcp_address="127.0.0.1:0")) as running:
-        yield running
 
 
 def mcp_url(server: ServerThread, path: str = "/mcp") -> str:
@@ -90,11 +82,6 @@ def post(url: str, content: bytes, sent: dict[str, str], method: str = "POST") -
 def list_tools_raw(server: ServerThread, key: str) -> httpx.Response:
     body = request("tools/list")
     return post(mcp_url(server), json.dumps(body).encode(), headers(key, body))
-
-
-def sdk_client(url: str, key: str, **options: Any) -> Client:
-    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, **options)
-    return Client(streamable_http_client(url, http_client=http))
 
 
 # --- bad input ---------------------------------------------------------------------------
@@ -185,8 +172,7 @@ def _bad_inputs() -> list[tuple[str, bytes, dict[str, str | None], str, int, int
 
 @pytest.mark.parametrize(
     ("body", "changes", "method", "status", "code"),
-    [case[1:] for case in _bad_inputs()],
-    ids=[case[0] for case in _bad_inputs()],
+    [pytest.param(*case, id=name) for name, *case in _bad_inputs()],
 )
 def test_bad_requests_get_the_protocol_error_and_the_server_stays_responsive(
     mcp_server: ServerThread,
@@ -358,7 +344,7 @@ async def test_sigterm_lets_mcp_calls_in_flight_finish_and_refuses_new_ones(
         await asyncio.to_thread(process.start)
         port = next(r["mcp_port"] for r in process.records if r.get("msg") == "serving")
         url = f"http://127.0.0.1:{port}/mcp"
-        async with sdk_client(url, keys.editor) as client:
+        async with mcp_client(url, keys.editor) as client:
             # Listed first, as MCP hosts do: the SDK's client checks each result against the
             # tool's output schema, and lists the tools for it when it has not yet.
             assert [tool.name for tool in (await client.list_tools()).tools] == [TOOL]

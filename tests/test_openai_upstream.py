@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import grpc
 import mcp_types as types
 import pytest
-from aiservices import AsyncToolClient, ToolClient, ToolResult, ToolServiceError
+from aiservices import AsyncToolClient, ToolClient, ToolServiceError
 
 from server.config import ENV_PREFIX, Settings
 from server.standin import (
@@ -45,6 +44,8 @@ from tests.support.mcp import auth_headers, mcp_caller, post_rpc
 from tests.support.processes import ServerProcess, run_to_exit
 from tests.support.responsive import responsive_during
 from tests.support.servers import ServerThread, make_settings
+from tests.support.waiting import closed_port
+from tests.test_resilience import PATIENT, tool_error, upstream_attempts
 
 TOOL = "tools.agenta.api.refine_prompt"
 MODEL = "gpt-standin-mini"
@@ -59,8 +60,6 @@ TEMPLATE = json.dumps(
 ARGUMENTS = {"prompt_template_json": TEMPLATE}
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 OPENAI_KEY = "sk-standin-0123456789abcdef"
-# Far from any deadline a test sets: only the behaviour under test ends a call.
-PATIENT = 60.0
 # The refine instructions as the package ships them, read here independently of the adapter.
 SYSTEM_PROMPT = (Path(upstream_http.__file__).parent / "prompts" / "refine-v1.txt").read_text(
     "utf-8"
@@ -91,30 +90,8 @@ def client(server: ServerThread, keys: TestKeys) -> Iterator[ToolClient]:
         yield tool_client
 
 
-def tool_error(result: ToolResult, code: str) -> Any:
-    assert result.is_error, result.structured_content
-    assert result.error is not None
-    assert result.error.code == code, result.error
-    return result.error
-
-
 def response_formats(upstream: StandinUpstream) -> list[str]:
     return [request.body["response_format"]["type"] for request in upstream.requests]
-
-
-def upstream_attempts(server: ServerThread, status: str) -> float:
-    value = server.server.metrics.registry.get_sample_value(
-        "aiservices_upstream_request_seconds_count", {"status": status}
-    )
-    return value or 0.0
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --- the request ---------------------------------------------------------------------------

@@ -10,8 +10,7 @@ import os
 import re
 import signal
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from server.standin import Refine, Slow, StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.processes import ServerProcess, run_to_exit, upstream_settings
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
+from tests.support.waiting import wait_until
 
 TOOL = "tools.agenta.api.refine_prompt"
 SERVICE = "aiservices.v1.ToolService"
@@ -37,16 +37,6 @@ CALL_TOOL = f"/{SERVICE}/CallTool"
 ARGUMENTS = {
     "prompt_template_json": json.dumps({"messages": [{"role": "user", "content": "Hi {{name}}"}]})
 }
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Bounded polling for state that has no notification."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # --- graceful drain on SIGTERM ----------------------------------------------------------
@@ -187,7 +177,9 @@ def test_metrics_count_calls_by_method_code_tool_and_outcome(
 
         calls = {"grpc_service": SERVICE, "grpc_method": "CallTool"}
         assert wait_until(
-            lambda: value(scrape(port)[1], "grpc_server_handled_total", **calls) == 6, 5.0
+            lambda: value(scrape(port)[1], "grpc_server_handled_total", **calls) == 6,
+            5.0,
+            interval=0.02,
         )
         text, samples = scrape(port)
         assert running.server.metrics_port == port
@@ -288,7 +280,9 @@ def access_entry(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str,
             if r.name == "aiservices.access" and getattr(r, "request_id", None) == request_id
         ]
 
-    assert wait_until(lambda: bool(matching()), 5.0), f"no access record for {request_id}"
+    assert wait_until(lambda: bool(matching()), 5.0, interval=0.02), (
+        f"no access record for {request_id}"
+    )
     (record,) = matching()
     entry: dict[str, Any] = json.loads(JsonFormatter().format(record))
     assert entry["logger"] == "aiservices.access"
@@ -447,7 +441,7 @@ def test_bad_configuration_stops_start_up_with_one_line_naming_the_setting(
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("setting", ["GRPC_ADDRESS", "METRICS_ADDRESS"])
+@pytest.mark.parametrize("setting", ["GRPC_ADDRESS", "METRICS_ADDRESS", "MCP_ADDRESS"])
 def test_an_address_in_use_stops_start_up_with_one_line_naming_the_setting(
     tmp_path: Path, keys: TestKeys, setting: str
 ) -> None:

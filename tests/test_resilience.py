@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -34,6 +33,7 @@ from server.standin import (
 )
 from tests.support.keys import TestKeys
 from tests.support.servers import ServerThread, make_settings
+from tests.support.waiting import closed_port, wait_until
 
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {
@@ -62,24 +62,6 @@ def tool_error(result: ToolResult, code: str) -> Any:
     assert result.error is not None
     assert result.error.code == code, result.error
     return result.error
-
-
-def wait_until(predicate: Any, timeout: float) -> bool:
-    """Bounded polling for state that has no notification (gauges, counters)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.fixture

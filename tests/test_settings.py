@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +32,7 @@ from server.config import (
     unknown_settings,
 )
 from server.ratelimit import redis_url_problem
-from tests.support.certs import TestCertificates, make_certificates
+from tests.support.certs import TestCertificates
 from tests.support.keys import load_test_keys
 from tests.support.processes import ServerProcess, run_to_exit
 from tests.support.servers import make_settings
@@ -257,11 +256,6 @@ def test_a_fifo_in_place_of_the_keys_file_is_refused_without_blocking(tmp_path: 
 
 
 # --- TLS files -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 def tls_error(
@@ -508,36 +502,15 @@ def test_an_mcp_address_that_cannot_be_served_stops_start_up_with_one_line(
 
 
 def test_a_non_loopback_mcp_address_is_accepted_with_tls_or_allow_plaintext(
-    environment: pytest.MonkeyPatch, tmp_path: Path
+    environment: pytest.MonkeyPatch, certs: TestCertificates
 ) -> None:
     environment.setenv(ENV_PREFIX + "MCP_ADDRESS", "0.0.0.0:8931")
     environment.setenv(ENV_PREFIX + "MCP_ALLOW_PLAINTEXT", "true")
     assert load_settings().mcp_host_port == ("0.0.0.0", 8931)
     environment.delenv(ENV_PREFIX + "MCP_ALLOW_PLAINTEXT")
-    certs = make_certificates(tmp_path)
     environment.setenv(ENV_PREFIX + "TLS_CERT_FILE", str(certs.server.cert_file))
     environment.setenv(ENV_PREFIX + "TLS_KEY_FILE", str(certs.server.key_file))
     assert load_settings().mcp_host_port == ("0.0.0.0", 8931)
-
-
-def test_an_mcp_port_in_use_stops_start_up_with_one_line_naming_the_setting(
-    tmp_path: Path,
-) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        address = f"127.0.0.1:{taken.getsockname()[1]}"
-        settings = {
-            "API_KEYS_FILE": str(load_test_keys().path),
-            "GRPC_ADDRESS": "127.0.0.1:0",
-            "MCP_ADDRESS": address,
-        }
-        result = run_to_exit(tmp_path, settings)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert ENV_PREFIX + "MCP_ADDRESS" in lines[0]
-    assert address in lines[0]
 
 
 # --- the command line ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ HTTP: other suites trust them, so pin them down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -398,9 +399,12 @@ def test_only_loopback_hosts(host: str) -> None:
         standin_main(["--host", host])
 
 
-def test_command_line_serves_until_sigterm() -> None:
+@contextlib.contextmanager
+def standin_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`python -m server.standin --port 0 ARGS` run from the checkout, with the first line it
+    prints (ending with the URL it serves); killed on leaving if it is still running."""
     with subprocess.Popen(
-        [sys.executable, "-m", "server.standin", "--port", "0", "--api-key", "k"],
+        [sys.executable, "-m", "server.standin", "--port", "0", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -408,17 +412,21 @@ def test_command_line_serves_until_sigterm() -> None:
     ) as proc:
         try:
             assert proc.stdout is not None
-            line = proc.stdout.readline()
-            url = line.split()[-1]
-            assert re.match(r"^http://127\.0\.0\.1:\d+$", url), line
-            auth = {"Authorization": "ApiKey k"}
-            response = httpx.post(url + RUN_PATH, json=run_body(), headers=auth)
-            assert response.status_code == 200
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=5) == 0
+            yield proc, proc.stdout.readline()
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_command_line_serves_until_sigterm() -> None:
+    with standin_process("--api-key", "k") as (proc, line):
+        url = line.split()[-1]
+        assert re.match(r"^http://127\.0\.0\.1:\d+$", url), line
+        auth = {"Authorization": "ApiKey k"}
+        response = httpx.post(url + RUN_PATH, json=run_body(), headers=auth)
+        assert response.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
 
 
 # -- the OpenAI-compatible chat completions endpoint -------------------------------------------
@@ -760,29 +768,15 @@ def test_command_line_serves_chat_completions_and_says_so(
     with pytest.raises(SystemExit):
         standin_main(["--help"])
     assert CHAT_PATH in capsys.readouterr().out
-    with subprocess.Popen(
-        [
-            *(sys.executable, "-m", "server.standin", "--port", "0"),
-            *("--openai-api-key", "sk-1", "--reject-json-schema"),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            url = proc.stdout.readline().split()[-1]
-            auth = {"Authorization": "Bearer sk-1"}
-            json_object = chat_body(response_format={"type": "json_object"})
-            response = httpx.post(url + CHAT_PATH, json=json_object, headers=auth)
-            assert chat_content(response)["messages"] == refine_template(json.dumps(TEMPLATE))
-            refused = httpx.post(url + CHAT_PATH, json=chat_body(), headers=auth)
-            assert refused.json()["error"]["message"] == JSON_SCHEMA_REFUSAL
-            assert httpx.post(url + CHAT_PATH, json=chat_body()).status_code == 401
-            assert httpx.post(url + RUN_PATH, json=run_body()).status_code == 200
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=5) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with standin_process("--openai-api-key", "sk-1", "--reject-json-schema") as (proc, line):
+        url = line.split()[-1]
+        auth = {"Authorization": "Bearer sk-1"}
+        json_object = chat_body(response_format={"type": "json_object"})
+        response = httpx.post(url + CHAT_PATH, json=json_object, headers=auth)
+        assert chat_content(response)["messages"] == refine_template(json.dumps(TEMPLATE))
+        refused = httpx.post(url + CHAT_PATH, json=chat_body(), headers=auth)
+        assert refused.json()["error"]["message"] == JSON_SCHEMA_REFUSAL
+        assert httpx.post(url + CHAT_PATH, json=chat_body()).status_code == 401
+        assert httpx.post(url + RUN_PATH, json=run_body()).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0

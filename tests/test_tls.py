@@ -12,18 +12,16 @@ from typing import Any
 
 import grpc
 import httpx
-import httpx2
 import pytest
 from aiservices import ToolClient, ToolServiceError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
 from server.app import AiServicesServer, StartupError
 from server.config import ENV_PREFIX, SettingsError, load_settings
 from server.standin import StandinUpstream
-from tests.support.certs import TestCertificates, make_certificates
+from tests.support.certs import TestCertificates
 from tests.support.keys import TestKeys
+from tests.support.mcp import mcp_client
 from tests.support.processes import REPO_ROOT
 from tests.support.servers import ServerThread, make_settings
 
@@ -31,11 +29,6 @@ TOOL = "tools.agenta.api.refine_prompt"
 # Refusals at the TLS handshake must come back quickly, not after the default 30 s.
 TIMEOUT = 5.0
 TEMPLATE = '{"messages": [{"role": "user", "content": "Say hi to {{name}}"}]}'
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> TestCertificates:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture
@@ -304,8 +297,7 @@ def mcp_tools_over(url: str, api_key: str, context: ssl.SSLContext) -> list[str]
     """The tool names an MCP client gets from `url` with the SDK's own client."""
 
     async def listing() -> list[str]:
-        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {api_key}"}, verify=context)
-        async with Client(streamable_http_client(url, http_client=http)) as client:
+        async with mcp_client(url, api_key, verify=context) as client:
             return [tool.name for tool in (await client.list_tools()).tools]
 
     return asyncio.run(listing())

@@ -49,6 +49,7 @@ from server.upstream.refiner import (
 from tests.support.keys import TestKeys
 from tests.support.responsive import responsive_during
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
+from tests.test_resilience import upstream_attempts
 
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {
@@ -122,13 +123,6 @@ def assert_too_large(result: ToolResult) -> None:
     assert result.error.code == "UPSTREAM_ERROR"
     assert not result.error.retryable
     assert result.text == result.error.message == TOO_LARGE
-
-
-def upstream_attempts(server: ServerThread, status: str) -> float:
-    value = server.server.metrics.registry.get_sample_value(
-        "aiservices_upstream_request_seconds_count", {"status": status}
-    )
-    return value or 0.0
 
 
 # --- the byte cap ---------------------------------------------------------------------------

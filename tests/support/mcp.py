@@ -33,6 +33,24 @@ def auth_headers(key: str | None, scheme: str = "Bearer") -> dict[str, str]:
     return {} if key is None else {"Authorization": f"{scheme} {key}"}
 
 
+@asynccontextmanager
+async def mcp_client(
+    url: str,
+    key: str | None,
+    *,
+    scheme: str = "Bearer",
+    headers: Mapping[str, str] | None = None,
+    **http_options: Any,
+) -> AsyncIterator[Client]:
+    """The SDK's Streamable HTTP client for `url`, sending `key` (and `headers`) with every
+    request over an HTTP client made with `http_options`; both are closed on leaving."""
+    http = httpx2.AsyncClient(
+        headers={**auth_headers(key, scheme), **(headers or {})}, **http_options
+    )
+    async with http, Client(streamable_http_client(url, http_client=http)) as client:
+        yield client
+
+
 @dataclass
 class McpCaller:
     """An SDK client connected to the server, and the HTTP responses it has received so far."""
@@ -63,12 +81,14 @@ async def mcp_caller(
     async def record(response: httpx2.Response) -> None:
         seen.append(response)
 
-    http = httpx2.AsyncClient(
-        headers={**auth_headers(key, scheme), **(headers or {})},
+    async with mcp_client(
+        mcp_url(server),
+        key,
+        scheme=scheme,
+        headers=headers,
         timeout=TIMEOUT,
         event_hooks={"response": [record]},
-    )
-    async with http, Client(streamable_http_client(mcp_url(server), http_client=http)) as client:
+    ) as client:
         yield McpCaller(client, seen)
 
 
