@@ -1,38 +1,40 @@
-# Every target is self-sufficient: it creates .venv and installs what it needs.
+# Every target is self-sufficient: it installs what it needs, from committed locks only:
+# uv.lock for Python (uv itself pinned below), .tools/package-lock.json for npm.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-BUF_VERSION := 1.75.0
+UV_VERSION := 0.13.9
+UV := .tools/uv/bin/uv
+NPM_STAMP := .tools/node_modules/.package-lock.json
 BUF := .tools/node_modules/.bin/buf
-# The MCP Inspector's CLI, a client nobody here wrote (tests/test_mcp_inspector.py, make demo).
-INSPECTOR_VERSION := 2.12.0
-INSPECTOR := .tools/node_modules/.bin/mcp-inspector
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install tools redis run demo test proto lint bench clean
+.PHONY: install lock tools redis run demo test proto lint bench dist clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml clients/pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# -qq: setuptools' editable builds warn about folders named like their packages (that is
-	# the layout here); errors still print.
-	$(PY) -m pip install -qq -e ./clients -e '.[dev,bench]'
+# --locked: refuses to install when uv.lock and a pyproject.toml disagree (run `make lock`).
+$(STAMP): $(UV) uv.lock pyproject.toml clients/pyproject.toml
+	$(UV) sync --locked --quiet --python $(PYTHON)
 	touch $(STAMP)
 
-# buf (lint and `buf curl`) and the MCP Inspector come from npm, pinned, into .tools/.
-tools: $(BUF) $(INSPECTOR)
+$(UV):
+	$(PYTHON) -m venv .tools/uv
+	.tools/uv/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-$(BUF):
-	mkdir -p .tools
-	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+# Rewrites uv.lock after a pyproject.toml change, moving nothing else; UPGRADE=1 moves every
+# package to the newest release its range allows. Commit the result with the change.
+lock: $(UV)
+	$(UV) lock --python $(PYTHON) $(if $(UPGRADE),--upgrade)
 
-$(INSPECTOR):
-	mkdir -p .tools
-	npm install --silent --no-audit --no-fund --save-exact --prefix .tools \
-	  @modelcontextprotocol/inspector@$(INSPECTOR_VERSION)
+# buf (lint and `buf curl`) and the MCP Inspector's CLI (tests/test_mcp_inspector.py, make demo),
+# clients nobody here wrote, exactly as .tools/package-lock.json records them.
+tools: $(NPM_STAMP)
+
+$(NPM_STAMP): .tools/package.json .tools/package-lock.json
+	npm ci --prefix .tools --silent --no-audit --no-fund
 
 # redis-server for the shared rate-limit tests and openssl for the documented TLS commands;
 # installed with apt when missing and we are root.
@@ -43,13 +45,13 @@ redis:
 	  else echo "redis-server or openssl is missing: install them (e.g. apt-get install redis-server openssl)"; exit 1; fi; }
 
 run: install
-	$(PY) -m server --dev-keys
+	$(VENV)/bin/aiservices-server --dev-keys
 
 # The service (gRPC and MCP) against the local stand-in upstream: see docs/development.md,
 # "Try it locally". It prints commands that use buf and the MCP Inspector, hence `tools`.
 # UPSTREAM=openai calls the stand-in's chat completions instead of its Agenta runner.
 demo: install tools
-	$(if $(UPSTREAM),AGENTA_AI_SERVICES_UPSTREAM=$(UPSTREAM) )$(PY) -m server.demo
+	$(if $(UPSTREAM),AGENTA_AI_SERVICES_UPSTREAM=$(UPSTREAM) )$(PY) -m tests.demo
 
 test: install tools redis
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -61,15 +63,26 @@ proto: install
 	  protos/aiservices/v1/tool_service.proto
 
 lint: install tools
+	$(UV) lock --check --python $(PYTHON)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy server clients/aiservices clients/aiservices_cli.py tests bench
 	cd protos && ../$(BUF) lint
 
-# The REST and MCP rows need the optional `bench` extra (FastAPI, uvicorn), which `install`
+# The REST and MCP rows need the `bench` dependency group (FastAPI, uvicorn), which `install`
 # includes, so the tests can run the benchmark too: see docs/performance.md.
 bench: install
 	$(PY) -m bench $(BENCH_ARGS)
 
+# What a deployment installs, into $(DIST): the server's and the client's wheels (built from
+# their sdists, which land there too, so nothing is built inside the checkout), and
+# constraints.txt, the versions uv.lock holds for what they depend on (docs/operations.md).
+DIST ?= dist
+dist: $(UV)
+	rm -f $(DIST)/*.whl $(DIST)/*.tar.gz $(DIST)/constraints.txt
+	$(UV) build --quiet --python $(PYTHON) --all-packages --out-dir $(DIST)
+	$(UV) export --frozen --quiet --no-default-groups --no-emit-workspace --no-hashes \
+	  --output-file $(DIST)/constraints.txt
+
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tools/uv .tools/node_modules dist build .pytest_cache .mypy_cache .ruff_cache

@@ -24,10 +24,10 @@ from pathlib import Path
 import aiohttp
 import grpc
 import uvloop
-from aiservices.v1 import tool_service_pb2 as pb
-from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from bench.common import RUN_PATH, UPSTREAM_API_KEY, upstream_body
 
 

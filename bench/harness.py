@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
-
+from aiservices_server.auth import generate_key, hash_key
+from aiservices_server.config import ENV_PREFIX
 from bench.common import (
     ENVIRONMENT_SLUG,
     RATE_LIMIT_BURST,
@@ -34,8 +36,6 @@ from bench.common import (
     UPSTREAM_API_KEY,
 )
 from bench.loadgen import LoadConfig, LoadResult
-from server.auth import generate_key, hash_key
-from server.config import ENV_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_DELAY_S = 1.0
@@ -157,11 +157,11 @@ class Harness(contextlib.ExitStack):
         return server
 
     def _upstream(self, delay: float) -> Server:
-        args = ("-m", "server.standin", "--api-key", UPSTREAM_API_KEY, "--delay", str(delay))
+        args = ("-m", "tests.standin", "--api-key", UPSTREAM_API_KEY, "--delay", str(delay))
         return self._start(f"upstream-{delay:g}s", self.pinning.load_cpu, *args)
 
     def service(self, upstream: Server, mcp: bool = False, openai: bool = False) -> Server:
-        """``python -m server`` with production settings, the rate limit raised out of the way,
+        """``aiservices-server`` with production settings, the rate limit raised out of the way,
         serving MCP too when ``mcp`` is set, refining through the stand-in's OpenAI-compatible
         endpoint instead of its Agenta one when ``openai`` is set.
 
@@ -193,7 +193,9 @@ class Harness(contextlib.ExitStack):
             settings["MCP_ADDRESS"] = f"127.0.0.1:{mcp_port}"
         env = {**{ENV_PREFIX + name: value for name, value in settings.items()}, **os.environ}
         cpu = self.pinning.server_cpu
-        server = self._start("service", cpu, "-m", "server", port=port, env=env, cwd=self._tmp)
+        server = self._start(
+            "service", cpu, "-m", "aiservices_server", port=port, env=env, cwd=self._tmp
+        )
         if mcp:
             server.wait_listening(mcp_port)
             server.mcp_target = f"127.0.0.1:{mcp_port}"

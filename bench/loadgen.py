@@ -23,10 +23,10 @@ from typing import Any, Final
 
 import aiohttp
 import grpc
-from aiservices.v1 import tool_service_pb2 as pb
-from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from bench.common import ARGUMENTS, REST_PATH, TOOL_NAME
 
 SAMPLE_EVERY_S = 0.1

@@ -36,6 +36,11 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
 from starlette.applications import Starlette
 
+from aiservices_server.auth import KeyStore, parse_authorization
+from aiservices_server.errors import retry_after_seconds
+from aiservices_server.ratelimit import InMemoryRateLimiter, RateLimit
+from aiservices_server.tools.refine_prompt import INPUT_SCHEMA, NAME, PERMISSION, check_output
+from aiservices_server.tools.templates import TemplateError, parse_template
 from bench.common import (
     RATE_LIMIT_BURST,
     RATE_LIMIT_PER_MINUTE,
@@ -44,11 +49,6 @@ from bench.common import (
     UPSTREAM_API_KEY,
     upstream_body,
 )
-from server.auth import KeyStore, parse_authorization
-from server.errors import retry_after_seconds
-from server.ratelimit import InMemoryRateLimiter, RateLimit
-from server.tools.refine_prompt import INPUT_SCHEMA, NAME, PERMISSION, check_output
-from server.tools.templates import TemplateError, parse_template
 
 TIMEOUT_S = 60.0
 

@@ -4,9 +4,9 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-from aiservices import ToolClient
 
-from server.standin import StandinUpstream
+from aiservices import ToolClient
+from tests.standin import StandinUpstream
 from tests.support.certs import TestCertificates, make_certificates
 from tests.support.keys import TestKeys, load_test_keys
 from tests.support.redis_server import RedisServer

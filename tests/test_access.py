@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import queue
-import re
 import signal
 import subprocess
 import sys
@@ -21,21 +20,21 @@ from typing import Any
 
 import grpc
 import pytest
-from aiservices import ToolClient, ToolServiceError
-from aiservices.v1 import tool_service_pb2 as pb
-from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from server.app import AiServicesServer
-from server.auth import generate_key, hash_key
-from server.config import ENV_PREFIX
-from server.faces.grpc.outermost import log_suppressed_unauthenticated
-from server.logs import JsonFormatter, LineSampler
-from server.standin import StandinUpstream
+from aiservices import ToolClient, ToolServiceError
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
+from aiservices_server.app import AiServicesServer
+from aiservices_server.auth import generate_key, hash_key
+from aiservices_server.config import ENV_PREFIX
+from aiservices_server.faces.grpc.outermost import log_suppressed_unauthenticated
+from aiservices_server.logs import JsonFormatter, LineSampler
+from tests.standin import StandinUpstream
 from tests.support.keys import TestKeys
 from tests.support.processes import run_to_exit
 from tests.support.responsive import responsive_during
@@ -616,7 +615,7 @@ def test_an_unauthenticated_flood_is_refused_counted_and_logged_in_samples(
 # --- start-up ------------------------------------------------------------------------------------
 
 
-SERVER = [sys.executable, "-m", "server"]
+SERVER = [sys.executable, "-m", "aiservices_server"]
 
 
 def server_env(**settings: str) -> dict[str, str]:
@@ -628,7 +627,7 @@ def server_env(**settings: str) -> dict[str, str]:
 
 
 def run_server(cwd: Path, **settings: str) -> subprocess.CompletedProcess[str]:
-    """`python -m server` that is expected to exit by itself."""
+    """`aiservices-server` that is expected to exit by itself."""
     return run_to_exit(cwd, settings)
 
 
@@ -809,8 +808,10 @@ def test_disabled_auth_serves_loopback_with_a_loud_warning_and_stops_cleanly(
 def test_a_key_made_by_the_cli_authenticates_against_a_real_server(
     upstream: StandinUpstream, tmp_path: Path
 ) -> None:
+    keys_file = tmp_path / "keys.toml"
+    new_key = ("keys", "new", "--id", "svc", "--permission", "edit_workflows")
     made = subprocess.run(
-        [*SERVER, "keys", "new", "--id", "svc", "--permission", "edit_workflows"],
+        [*SERVER, *new_key, "--append", str(keys_file)],
         cwd=tmp_path,
         env=server_env(),
         capture_output=True,
@@ -818,12 +819,8 @@ def test_a_key_made_by_the_cli_authenticates_against_a_real_server(
         timeout=30,
         check=True,
     )
-    match = re.search(r"^key: (\S+)$", made.stdout, re.MULTILINE)
-    assert match, made.stdout
-    key = match[1]
-    entry = made.stdout[made.stdout.index("[[keys]]") :]
-    keys_file = tmp_path / "keys.toml"
-    keys_file.write_text(entry)
+    key = made.stdout.strip()
+    assert made.stdout == f"{key}\n"
     assert key not in keys_file.read_text()
 
     with ServerThread(make_settings(upstream.url, api_keys_file=keys_file)) as running:

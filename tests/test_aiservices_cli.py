@@ -17,12 +17,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from aiservices import ToolClient, ToolServiceError
 from aiservices._cli.output import refusal_line
-
-from server.standin import Hang, Refine, Slow, StandinUpstream
-from server.standin import Status as UpstreamStatus
-from server.standin.app import refine_template
+from tests.standin import Hang, Refine, Slow, StandinUpstream
+from tests.standin import Status as UpstreamStatus
+from tests.standin.app import refine_template
 from tests.support.certs import TestCertificates
 from tests.support.keys import TestKeys, load_test_keys
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings

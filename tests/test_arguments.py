@@ -11,10 +11,15 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from server.core.arguments import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS, ArgumentValidator
-from server.errors import MAX_DESCRIPTION_CHARS, MAX_FIELD_CHARS, MAX_VIOLATIONS, InvalidArgument
-from server.faces.grpc.convert import dict_from, struct_from
-from server.tools.refine_prompt import DEFINITION, INPUT_SCHEMA
+from aiservices_server.core.arguments import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS, ArgumentValidator
+from aiservices_server.errors import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_FIELD_CHARS,
+    MAX_VIOLATIONS,
+    InvalidArgument,
+)
+from aiservices_server.faces.grpc.convert import dict_from, struct_from
+from aiservices_server.tools.refine_prompt import DEFINITION, INPUT_SCHEMA
 
 
 def _violations(validator: ArgumentValidator, arguments: dict[str, Any]) -> list[tuple[str, str]]:

@@ -7,13 +7,13 @@ from typing import Any
 
 import grpc
 import pytest
-from aiservices import AsyncToolClient, ToolClient, ToolServiceError
-from aiservices.client import MAX_NESTING
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.call import Call
-from server.tools.base import JsonObject, ToolDefinition, ToolResult
+from aiservices import AsyncToolClient, ToolClient, ToolServiceError
+from aiservices.client import MAX_NESTING
+from aiservices_server.call import Call
+from aiservices_server.tools.base import JsonObject, ToolDefinition, ToolResult
 from tests.support.keys import load_test_keys
 from tests.support.servers import ServerThread, make_settings
 

@@ -1,4 +1,4 @@
-"""The command line a newcomer meets first: `make run` (`python -m server --dev-keys`)."""
+"""The command line a newcomer meets first: `make run` (`aiservices-server --dev-keys`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from aiservices import ToolClient, ToolServiceError
 
-from server.standin import Hang, StandinUpstream
+from aiservices import ToolClient, ToolServiceError
+from tests.standin import Hang, StandinUpstream
 from tests.support.processes import REPO_ROOT, ServerProcess
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY
 
@@ -46,7 +46,7 @@ def test_the_configured_event_loop_serves_and_drains(setting: str | None, loop: 
 
 def test_unknown_arguments_are_refused_with_usage() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--bogus"],
+        [sys.executable, "-m", "aiservices_server", "--bogus"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -54,7 +54,7 @@ def test_unknown_arguments_are_refused_with_usage() -> None:
         check=False,
     )
     assert result.returncode == 2
-    assert "usage: python -m server" in result.stderr
+    assert "usage: aiservices-server" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 

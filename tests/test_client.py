@@ -12,10 +12,14 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aiservices
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import any_pb2, duration_pb2, struct_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+import aiservices
 from aiservices import (
     AsyncToolClient,
     TextContent,
@@ -29,9 +33,6 @@ from aiservices import (
 from aiservices import client as client_module
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
-from google.protobuf import any_pb2, duration_pb2, struct_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 MiB = 1024 * 1024
 

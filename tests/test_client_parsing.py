@@ -13,16 +13,17 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from aiservices import RetryPolicy, ToolServiceError, dict_to_struct, struct_to_dict
-from aiservices._convert import tool_result
-from aiservices.errors import error_from_rpc
-from aiservices.retry import delay_after_error, delay_after_result
-from aiservices.v1 import tool_service_pb2 as pb
 from google.protobuf import any_pb2, duration_pb2, struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+
+from aiservices import RetryPolicy, ToolServiceError, dict_to_struct, struct_to_dict
+from aiservices._convert import tool_result
+from aiservices.errors import error_from_rpc
+from aiservices.retry import delay_after_error, delay_after_result
+from aiservices.v1 import tool_service_pb2 as pb
 
 CODES = [code for code in grpc.StatusCode if code is not grpc.StatusCode.OK]
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)

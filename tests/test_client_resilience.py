@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+
 from aiservices import (
     DEFAULT_CALL_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -38,11 +39,10 @@ from aiservices import (
     service_config,
 )
 from aiservices.client import KEEPALIVE_OPTIONS
-
-from server.app import AiServicesServer
-from server.config import Settings
-from server.standin import Hang, Refine, Slow, StandinUpstream
-from server.standin import Status as HttpStatus
+from aiservices_server.app import AiServicesServer
+from aiservices_server.config import Settings
+from tests.standin import Hang, Refine, Slow, StandinUpstream
+from tests.standin import Status as HttpStatus
 from tests.support.keys import TestKeys
 from tests.support.servers import ServerThread, make_settings
 from tests.support.waiting import closed_port

@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiservices import ToolClient
 
-from server import demo
-from server.config import UpstreamKind
-from server.standin import CHAT_PATH, RUN_PATH, StandinUpstream
-from server.tools.refine_prompt import DEFINITION
+from aiservices import ToolClient
+from aiservices_server.config import UpstreamKind
+from aiservices_server.tools.refine_prompt import DEFINITION
+from tests import demo
+from tests.standin import CHAT_PATH, RUN_PATH, StandinUpstream
 from tests.support.keys import TestKeys
-from tests.support.processes import run_printed
+from tests.support.processes import IMPORT_PATH, run_printed
 from tests.support.servers import ServerThread, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ LAST_LINE = "Stop with Ctrl-C."
 
 
 class RunningDemo:
-    """`python -m server.demo` in its own process; stderr read by a thread, line by line."""
+    """`python -m tests.demo` in its own process; stderr read by a thread, line by line."""
 
     def __init__(self, process: subprocess.Popen[str]) -> None:
         self.process = process
@@ -77,7 +77,12 @@ def _environment(tmp_path: Path, **settings: str) -> dict[str, str]:
     Inspector keeps a catalog there) and its secrets in memory."""
     home = tmp_path / "home"
     home.mkdir(exist_ok=True)
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), "MCP_INSPECTOR_SECRET_STORE": "memory"}
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": IMPORT_PATH,  # `python -m tests.demo` from outside the checkout
+        "HOME": str(home),
+        "MCP_INSPECTOR_SECRET_STORE": "memory",
+    }
     env.update({f"AGENTA_AI_SERVICES_{name.upper()}": value for name, value in settings.items()})
     return env
 
@@ -88,7 +93,7 @@ def openai_demo(tmp_path: Path) -> Iterator[RunningDemo]:
     if not INSPECTOR.exists():
         pytest.fail("the MCP Inspector is not installed: `make tools` installs it")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.demo"],
+        [sys.executable, "-m", "tests.demo"],
         cwd=tmp_path,
         env=_environment(
             tmp_path, upstream="openai", grpc_address="127.0.0.1:0", mcp_address="127.0.0.1:0"
@@ -193,7 +198,7 @@ def test_demo_settings_send_the_stand_in_the_chosen_upstream_request(
 
 def test_a_bad_upstream_setting_stops_the_demo_with_one_line(tmp_path: Path) -> None:
     ran = subprocess.run(
-        [sys.executable, "-m", "server.demo"],
+        [sys.executable, "-m", "tests.demo"],
         cwd=tmp_path,
         env=_environment(tmp_path, upstream="opneai", grpc_address="127.0.0.1:0"),
         capture_output=True,
@@ -210,8 +215,8 @@ def test_a_bad_upstream_setting_stops_the_demo_with_one_line(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("arguments", "recipe"),
     [
-        (["UPSTREAM=openai"], "AGENTA_AI_SERVICES_UPSTREAM=openai .venv/bin/python -m server.demo"),
-        ([], ".venv/bin/python -m server.demo"),
+        (["UPSTREAM=openai"], "AGENTA_AI_SERVICES_UPSTREAM=openai .venv/bin/python -m tests.demo"),
+        ([], ".venv/bin/python -m tests.demo"),
     ],
 )
 def test_make_demo_passes_upstream_on(arguments: list[str], recipe: str) -> None:
@@ -227,4 +232,4 @@ def test_make_demo_passes_upstream_on(arguments: list[str], recipe: str) -> None
     )
     assert ran.returncode == 0, ran.stderr
     # Run under `make test`, make also prints the directories it enters and leaves.
-    assert [line for line in ran.stdout.splitlines() if "server.demo" in line] == [recipe]
+    assert [line for line in ran.stdout.splitlines() if "tests.demo" in line] == [recipe]

@@ -19,27 +19,27 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from aiservices import ToolClient, ToolServiceError
-from aiservices.v1 import tool_service_pb2 as pb
-from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from server.call import Call
-from server.config import Settings
-from server.core.arguments import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS
-from server.core.service import _decode_cursor, _encode_cursor
-from server.errors import (
+from aiservices import ToolClient, ToolServiceError
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
+from aiservices_server.call import Call
+from aiservices_server.config import Settings
+from aiservices_server.core.arguments import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS
+from aiservices_server.core.service import _decode_cursor, _encode_cursor
+from aiservices_server.errors import (
     MAX_DESCRIPTION_CHARS,
     MAX_FIELD_CHARS,
     FieldViolation,
     InvalidArgument,
     ServiceError,
 )
-from server.faces.grpc.status import MAX_DETAILS_BYTES, to_grpc_status
-from server.tools.base import JsonObject, ToolDefinition, ToolResult
+from aiservices_server.faces.grpc.status import MAX_DETAILS_BYTES, to_grpc_status
+from aiservices_server.tools.base import JsonObject, ToolDefinition, ToolResult
 from tests.support.keys import TestKeys, load_test_keys
 from tests.support.responsive import responsive_during
 from tests.support.servers import ServerThread, make_settings

@@ -15,11 +15,11 @@ from typing import Any
 
 import grpc
 import pytest
-from aiservices import ToolClient, ToolResult, ToolServiceError
 
-from server.standin import REFINE_SUFFIX, Reply, StandinUpstream
-from server.tools.refine_prompt import MAX_TEMPLATE_CHARS
-from server.tools.templates import JINJA2_MAX_TOKENS, TemplateFormat, template_variables
+from aiservices import ToolClient, ToolResult, ToolServiceError
+from aiservices_server.tools.refine_prompt import MAX_TEMPLATE_CHARS
+from aiservices_server.tools.templates import JINJA2_MAX_TOKENS, TemplateFormat, template_variables
+from tests.standin import REFINE_SUFFIX, Reply, StandinUpstream
 from tests.support.responsive import responsive_during
 from tests.support.servers import ServerThread
 

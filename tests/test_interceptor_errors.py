@@ -13,26 +13,26 @@ from typing import Any, cast
 
 import grpc
 import pytest
-from aiservices import ToolClient, ToolServiceError
-from aiservices.v1 import tool_service_pb2 as pb
-from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from mcp.shared.exceptions import MCPError
 from mcp_types import INTERNAL_ERROR
 
-from server.app import AiServicesServer
-from server.core.auth import Authenticator
-from server.core.drain import Drain
-from server.faces.grpc.auth import AuthenticationInterceptor
-from server.faces.grpc.handlers import Method, generic_handler
-from server.faces.grpc.outermost import OutermostInterceptor
-from server.faces.grpc.rpc import Reply, Rpc
-from server.logs import JsonFormatter
-from server.metrics import Metrics
-from server.ratelimit import Decision, RateLimit
-from server.standin import StandinUpstream
+from aiservices import ToolClient, ToolServiceError
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
+from aiservices_server.app import AiServicesServer
+from aiservices_server.core.auth import Authenticator
+from aiservices_server.core.drain import Drain
+from aiservices_server.faces.grpc.auth import AuthenticationInterceptor
+from aiservices_server.faces.grpc.handlers import Method, generic_handler
+from aiservices_server.faces.grpc.outermost import OutermostInterceptor
+from aiservices_server.faces.grpc.rpc import Reply, Rpc
+from aiservices_server.logs import JsonFormatter
+from aiservices_server.metrics import Metrics
+from aiservices_server.ratelimit import Decision, RateLimit
+from tests.standin import StandinUpstream
 from tests.support.keys import TestKeys
 from tests.support.mcp import mcp_caller
 from tests.support.responsive import responsive_during

@@ -1,4 +1,4 @@
-"""Key rotation without restart: a running server (a real `python -m server` process) reloads its
+"""Key rotation without restart: a running server (a real `aiservices-server` process) reloads its
 keys file on SIGHUP and when the file changes; a broken file keeps the keys in use; calls in
 flight finish with the key they started with."""
 
@@ -14,11 +14,11 @@ from typing import Any
 
 import grpc
 import pytest
-from aiservices import AsyncToolClient, ToolClient, ToolServiceError
 
-from server.auth import generate_key, hash_key
-from server.auth.reload import WATCH_INTERVAL
-from server.standin import Slow, StandinUpstream
+from aiservices import AsyncToolClient, ToolClient, ToolServiceError
+from aiservices_server.auth import generate_key, hash_key
+from aiservices_server.auth.reload import WATCH_INTERVAL
+from tests.standin import Slow, StandinUpstream
 from tests.support.processes import ServerProcess, run_to_exit, upstream_settings
 from tests.support.waiting import wait_until
 

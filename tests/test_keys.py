@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import io
 import stat
+import subprocess
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -16,19 +17,19 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from server.auth import (
+from aiservices_server.auth import (
     ApiKey,
     KeysFileError,
     KeyStore,
     generate_key,
     hash_key,
-    keys_main,
     load_keys_file,
     parse_authorization,
 )
-from server.auth.keys import MAX_KEY_LENGTH, is_valid_key_text
-from server.ratelimit import RateLimit, gcra
-from tests.support.processes import run_to_exit
+from aiservices_server.auth.keys import MAX_KEY_LENGTH, is_valid_key_text
+from aiservices_server.keys_cli import keys_main
+from aiservices_server.ratelimit import RateLimit, gcra
+from tests.support.processes import SERVER_COMMAND, clean_env, run_to_exit
 
 KEY_A = "ais_first-key-for-tests_0123456789abcdefghijklmn"
 KEY_B = "ais_second-key-for-tests_0123456789abcdefghijklm"
@@ -54,6 +55,13 @@ def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "keys.toml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def key_shown(stderr: str) -> str:
+    """The clear key `keys new` showed on stderr (its first line, `key: ...`)."""
+    first = stderr.splitlines()[0]
+    assert first.startswith("key: ais_"), stderr
+    return first.removeprefix("key: ")
 
 
 def entry(**fields: str) -> str:
@@ -494,17 +502,17 @@ def test_keys_new_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             "12.5",
         ]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     assert code == 0
 
-    lines = out.splitlines()
-    assert lines[0].startswith("key: ais_")
-    key = lines[0].removeprefix("key: ")
-    assert "only once" in lines[1]
-    entry_text = out[out.index("[[keys]]") :]
-    assert key not in entry_text
+    # stdout is the entry alone, so `keys new ... >> keys.toml` leaves a valid file; the key is
+    # shown on stderr, once.
+    key = key_shown(captured.err)
+    assert "only once" in captured.err
+    assert captured.out.startswith("[[keys]]\n")
+    assert key not in captured.out
 
-    store = KeyStore.from_file(write(tmp_path, entry_text))
+    store = KeyStore.from_file(write(tmp_path, captured.out))
     found = store.authenticate(key)
     assert found is not None
     assert found.id == "svc-new"
@@ -515,12 +523,11 @@ def test_keys_new_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_keys_new_minimal_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert keys_main(["new", "--id", "svc-min", "--permission", "tools.x"]) == 0
-    out = capsys.readouterr().out
-    key = out.splitlines()[0].removeprefix("key: ")
-    entry_text = out[out.index("[[keys]]") :]
-    assert tomllib.loads(entry_text)["keys"][0].keys() == {"id", "hash", "permissions"}
-    found = KeyStore.from_file(write(tmp_path, entry_text)).authenticate(key)
+    assert keys_main(["new", "--id", "svc-min", "--permission", "edit_workflows"]) == 0
+    captured = capsys.readouterr()
+    key = key_shown(captured.err)
+    assert tomllib.loads(captured.out)["keys"][0].keys() == {"id", "hash", "permissions"}
+    found = KeyStore.from_file(write(tmp_path, captured.out)).authenticate(key)
     assert found is not None
     assert (found.organization, found.rate_limit) == (None, None)
 
@@ -561,7 +568,7 @@ def test_keys_bad_usage(argv: list[str], fragment: str, capsys: pytest.CaptureFi
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1
-    assert captured.err.startswith("python -m server keys")
+    assert captured.err.startswith("aiservices-server keys")
     assert fragment in captured.err
 
 
@@ -619,7 +626,7 @@ permissions = ["tools.y"]
 
 
 def run_keys(cwd: Path, *args: str, keys_file: Path | None = None) -> CompletedProcess[str]:
-    """`python -m server keys ARGS`, with API_KEYS_FILE set to `keys_file` when given."""
+    """`aiservices-server keys ARGS`, with API_KEYS_FILE set to `keys_file` when given."""
     settings = {} if keys_file is None else {"API_KEYS_FILE": str(keys_file)}
     return run_to_exit(cwd, settings, "keys", *args)
 
@@ -702,6 +709,88 @@ def test_keys_revoke_refuses_and_leaves_the_file_alone(
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1
-    assert done.stderr.startswith("python -m server keys revoke: ")
+    assert done.stderr.startswith("aiservices-server keys revoke: ")
     assert fragment in done.stderr
     assert (path.read_bytes(), path.stat().st_ino) == before
+
+
+# --- keys new --append, and editors that run at the same time ----------------------------------
+
+
+def test_keys_new_append_creates_the_file_and_prints_only_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    first = run_keys(tmp_path, "new", "--id", "svc-a", "--permission", "*", "--append", str(path))
+    assert first.returncode == 0, first.stderr
+    key = first.stdout.strip()
+    assert first.stdout == key + "\n"  # `KEY=$(aiservices-server keys new ... --append F)`
+    assert first.stderr == f'added "svc-a" to {path}: 1 key in it\n'
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # as the server requires
+    assert key not in path.read_text()
+
+    second = run_keys(
+        tmp_path, "new", "--id", "svc-b", "--permission", "edit_workflows", "--append", str(path)
+    )
+    assert second.returncode == 0, second.stderr
+    store = KeyStore.from_file(path)
+    assert store.ids() == ("svc-a", "svc-b")
+    assert (store.authenticate(key) or pytest.fail("first key lost")).id == "svc-a"
+    assert (store.authenticate(second.stdout.strip()) or pytest.fail("no key")).id == "svc-b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys.toml"]  # no temp or lock file
+
+
+def test_keys_new_append_keeps_comments_and_mode_and_refuses_a_taken_id(tmp_path: Path) -> None:
+    path = write(tmp_path, COMMENTED_FILE.rstrip("\n"))  # no final newline either
+    path.chmod(0o400)
+    added = run_keys(tmp_path, "new", "--id", "svc-d", "--permission", "*", "--append", str(path))
+    assert added.returncode == 0, added.stderr
+    assert path.read_text().startswith(COMMENTED_FILE.rstrip("\n") + "\n\n[[keys]]")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
+    assert KeyStore.from_file(path).ids() == ("svc-a", "svc.b_2", "svc-c", "svc-d")
+
+    before = path.read_bytes()
+    taken = run_keys(tmp_path, "new", "--id", "svc-c", "--permission", "*", "--append", str(path))
+    assert (taken.returncode, taken.stdout) == (2, "")
+    assert taken.stderr == (f'aiservices-server keys new: {path} already has a key "svc-c"\n')
+    assert path.read_bytes() == before
+
+
+def test_keys_new_warns_of_a_permission_no_tool_needs(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    typo = run_keys(
+        tmp_path, "new", "--id", "svc", "--permission", "edit_workflow", "--append", str(path)
+    )
+    assert typo.returncode == 0  # it may name a tool this server does not serve yet
+    warning = typo.stderr.splitlines()[-1]
+    assert warning.startswith("aiservices-server keys new: warning: no tool this server serves")
+    assert '"edit_workflow"' in warning and "edit_workflows" in warning
+    known = ("edit_workflows", "*", "act_for_users")
+    for permission in known:
+        done = run_keys(tmp_path, "new", "--id", "x", "--permission", permission)
+        assert (done.returncode, "warning" in done.stderr) == (0, False), done.stderr
+
+
+def test_concurrent_editors_never_lose_an_edit(tmp_path: Path) -> None:
+    """Real `keys` processes started together: six appends and two revokes of one file."""
+    path = write(tmp_path, COMMENTED_FILE)
+    path.chmod(0o600)
+    prefix = [*SERVER_COMMAND, "keys"]
+    commands = [
+        [*prefix, "new", "--id", f"svc-new-{n}", "--permission", "*", "--append", str(path)]
+        for n in range(6)
+    ]
+    commands += [[*prefix, "revoke", key_id, "--file", str(path)] for key_id in ("svc-a", "svc-c")]
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in commands
+    ]
+    errors = [process.communicate(timeout=60)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0] * len(commands), errors
+    ids = KeyStore.from_file(path).ids()
+    assert sorted(ids) == sorted(["svc.b_2", *(f"svc-new-{n}" for n in range(6))])

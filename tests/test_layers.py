@@ -1,6 +1,6 @@
 """The layers import one way: faces -> core -> tools -> upstream adapters and stores, with the
-shared vocabulary (`server.call`, `server.errors`) below them all. Only faces know a transport,
-so a second face can reuse everything else as it is."""
+shared vocabulary (`call`, `errors`) below them all. Only faces know a transport, so a second
+face can reuse everything else as it is."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
-SERVER = Path(__file__).resolve().parent.parent / "server"
+SERVER = Path(__file__).resolve().parent.parent / "server" / "aiservices_server"
 
 TRANSPORTS = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "aiservices", "mcp")
+PACKAGE = "aiservices_server"
+FACES, CORE, TOOLS, APP = (f"{PACKAGE}.{part}" for part in ("faces", "core", "tools", "app"))
 # What each layer must not import: any transport, and any layer above it.
 FORBIDDEN = {
-    "core": (*TRANSPORTS, "server.faces", "server.app"),
-    "tools": (*TRANSPORTS, "server.faces", "server.core", "server.app"),
-    "upstream": (*TRANSPORTS, "server.faces", "server.core", "server.tools", "server.app"),
-    "ratelimit": (*TRANSPORTS, "server.faces", "server.core", "server.tools", "server.app"),
-    "auth": (*TRANSPORTS, "server.faces", "server.core", "server.tools", "server.app"),
+    "core": (*TRANSPORTS, FACES, APP),
+    "tools": (*TRANSPORTS, FACES, CORE, APP),
+    "upstream": (*TRANSPORTS, FACES, CORE, TOOLS, APP),
+    "ratelimit": (*TRANSPORTS, FACES, CORE, TOOLS, APP),
+    "auth": (*TRANSPORTS, FACES, CORE, TOOLS, APP),
 }
 VOCABULARY = ("call.py", "errors.py")
 
@@ -51,14 +53,16 @@ def test_a_layer_imports_no_transport_and_nothing_above_it(layer: str) -> None:
 
 
 def test_the_shared_vocabulary_imports_no_layer() -> None:
-    forbidden = (*TRANSPORTS, "server.faces", "server.core", "server.tools", "server.app")
+    forbidden = (*TRANSPORTS, FACES, CORE, TOOLS, APP)
     assert violations([SERVER / name for name in VOCABULARY], forbidden) == []
 
 
 def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
     module = tmp_path / "bad.py"
-    module.write_text("import grpc.aio\nfrom server.faces.grpc import status\nimport json\n")
+    module.write_text(
+        "import grpc.aio\nfrom aiservices_server.faces.grpc import status\nimport json\n"
+    )
     assert violations([module], FORBIDDEN["core"]) == [
+        "bad.py imports aiservices_server.faces.grpc",
         "bad.py imports grpc.aio",
-        "bad.py imports server.faces.grpc",
     ]

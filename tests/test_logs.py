@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from server import logs
-from server.faces.grpc.outermost import log_suppressed_unauthenticated
+from aiservices_server import logs
+from aiservices_server.faces.grpc.outermost import log_suppressed_unauthenticated
 
 
 class Output:
@@ -165,7 +165,7 @@ async def test_a_blocked_stream_does_not_block_logging_on_the_event_loop(
 
 def test_every_line_is_written_when_the_process_exits() -> None:
     script = (
-        "import logging; from server.logs import configure_logging; "
+        "import logging; from aiservices_server.logs import configure_logging; "
         "configure_logging('INFO'); log = logging.getLogger('aiservices.access')\n"
         "for i in range(5000): log.info('rpc', extra={'request_id': i})"
     )

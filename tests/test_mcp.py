@@ -5,7 +5,6 @@ real stand-in upstream on loopback. The same keys, the same tools, the same rate
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,14 +12,15 @@ import grpc
 import httpx2
 import mcp_types as types
 import pytest
-from aiservices import AsyncToolClient, ToolInfo, ToolServiceError
 from mcp.shared.exceptions import MCPError
 
-from server.auth import generate_key
-from server.standin import Garbage, Refine, Reply, Scenario, StandinUpstream, Status
+from aiservices import AsyncToolClient, ToolInfo, ToolServiceError
+from aiservices_server.auth import generate_key
+from tests.standin import Garbage, Refine, Reply, Scenario, StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.mcp import McpCaller, mcp_caller, post_rpc
 from tests.support.servers import ServerThread
+from tests.support.waiting import wait_until
 
 TOOL = "tools.agenta.api.refine_prompt"
 TEMPLATE = '{"messages": [{"role": "system", "content": "You greet {{name}}."}]}'
@@ -44,20 +44,31 @@ def grpc_client(
     return AsyncToolClient(server.target, api_key=key, timeout=TIMEOUT, metadata=metadata)
 
 
-def access_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[logging.LogRecord]:
-    """The access lines, once `count` have arrived: the server writes each as the request ends,
-    which may be just after the caller got its answer."""
-    deadline = time.monotonic() + 5.0
-    while True:
-        lines = [r for r in caplog.records if r.name == "aiservices.access"]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.005)  # polling a condition, with a deadline
+def access_lines(
+    caplog: pytest.LogCaptureFixture, count: int, **fields: str
+) -> list[logging.LogRecord]:
+    """The access lines whose attributes match `fields`, once `count` of them have arrived: the
+    server writes each as its request ends, which may be just after the caller got its answer,
+    and a caller's exchange holds more requests than its calls (initialize, tools/list)."""
+
+    def matching() -> list[logging.LogRecord]:
+        return [
+            record
+            for record in list(caplog.records)
+            if record.name == "aiservices.access"
+            and all(getattr(record, name, None) == value for name, value in fields.items())
+        ]
+
+    wait_until(lambda: len(matching()) >= count, 5.0)
+    return matching()
 
 
-def mcp_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[logging.LogRecord]:
-    access_lines(caplog, count)  # waits for all of them, gRPC lines included
-    return [r for r in caplog.records if getattr(r, "transport", None) == "mcp"]
+def mcp_lines(
+    caplog: pytest.LogCaptureFixture, count: int, method: str | None = None
+) -> list[logging.LogRecord]:
+    """The MCP access lines (of `method` only, when given), once `count` of them arrived."""
+    fields = {"transport": "mcp"} if method is None else {"transport": "mcp", "method": method}
+    return access_lines(caplog, count, **fields)
 
 
 def sample(server: ServerThread, name: str, **labels: str) -> float:
@@ -352,7 +363,7 @@ async def test_the_access_line_of_a_delegated_call_names_the_user(
     async with mcp_caller(server, keys.gateway, headers=headers) as caller:
         result = await caller.client.call_tool(TOOL, ARGUMENTS)
     assert result.is_error is False
-    (line,) = [r for r in mcp_lines(caplog, 2) if getattr(r, "method", "") == "tools/call"]
+    (line,) = mcp_lines(caplog, 1, method="tools/call")
     assert getattr(line, "key_id", None) == "gateway"
     assert getattr(line, "user_id", None) == "alice-7f3a"
     assert getattr(line, "organization", None) == "globex-eu"
@@ -419,7 +430,7 @@ async def test_an_mcp_call_is_logged_and_counted_under_its_transport(
     assert ok.is_error is False
     assert failed.is_error is True
 
-    calls = [r for r in mcp_lines(caplog, 3) if getattr(r, "method", "") == "tools/call"]
+    calls = mcp_lines(caplog, 2, method="tools/call")
     assert [vars(line).get("outcome") for line in calls] == ["OK", "UPSTREAM_ERROR"]
     line = calls[0]
     expected = {
@@ -454,7 +465,7 @@ async def test_refused_calls_are_logged_with_their_reason_and_not_counted_as_too
         with pytest.raises(ToolServiceError):
             await grpc_caller.call_tool(TOOL, {"nope": 1})
 
-    lines = access_lines(caplog, 4)
+    lines = [*mcp_lines(caplog, 2, method="tools/call"), *access_lines(caplog, 1, transport="grpc")]
     codes = {(vars(r)["transport"], vars(r)["code"]) for r in lines if vars(r).get("tool")}
     assert codes == {
         ("mcp", "INVALID_ARGUMENT"),

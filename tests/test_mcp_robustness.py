@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.standin import Hang, Slow, StandinUpstream
+from tests.standin import Hang, Slow, StandinUpstream
 from tests.support.keys import TestKeys
 from tests.support.mcp import mcp_client
 from tests.support.processes import ServerProcess, upstream_settings

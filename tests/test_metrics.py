@@ -9,7 +9,7 @@ import threading
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import LATENCY_BUCKETS, Metrics
+from aiservices_server.metrics import LATENCY_BUCKETS, Metrics
 
 METHOD = "/aiservices.v1.ToolService/GetStatus"
 LABELS = {

@@ -19,10 +19,11 @@ from typing import Any
 import grpc
 import mcp_types as types
 import pytest
-from aiservices import AsyncToolClient, ToolClient, ToolServiceError
 
-from server.config import ENV_PREFIX, Settings
-from server.standin import (
+from aiservices import AsyncToolClient, ToolClient, ToolServiceError
+from aiservices_server.config import ENV_PREFIX, Settings
+from aiservices_server.upstream import http as upstream_http
+from tests.standin import (
     ContentNotJson,
     ContentReply,
     Hang,
@@ -38,7 +39,6 @@ from server.standin import (
     Status,
     Unauthorized,
 )
-from server.upstream import http as upstream_http
 from tests.support.keys import TestKeys, load_test_keys
 from tests.support.mcp import auth_headers, mcp_caller, post_rpc
 from tests.support.processes import ServerProcess, run_to_exit

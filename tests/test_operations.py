@@ -17,15 +17,15 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from aiservices import AsyncToolClient, ToolClient, ToolServiceError, dict_to_struct
-from aiservices.v1 import tool_service_pb2 as pb
-from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.config import ENV_PREFIX
-from server.logs import JsonFormatter
-from server.standin import Refine, Slow, StandinUpstream, Status
+from aiservices import AsyncToolClient, ToolClient, ToolServiceError, dict_to_struct
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
+from aiservices_server.config import ENV_PREFIX
+from aiservices_server.logs import JsonFormatter
+from tests.standin import Refine, Slow, StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.processes import ServerProcess, run_to_exit, upstream_settings
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio
 
-from server.ratelimit import (
+from aiservices_server.ratelimit import (
     Decision,
     FailoverRateLimiter,
     InMemoryRateLimiter,
@@ -22,7 +22,11 @@ from server.ratelimit import (
     gcra,
     limiter_from_url,
 )
-from server.ratelimit.redis_store import DEFAULT_PREFIX, RedisRateLimiter, redis_client_from_url
+from aiservices_server.ratelimit.redis_store import (
+    DEFAULT_PREFIX,
+    RedisRateLimiter,
+    redis_client_from_url,
+)
 from tests.support.redis_server import RedisServer
 
 DEFAULT = RateLimit(burst=10, per_minute=30)

@@ -19,12 +19,12 @@ from urllib.parse import quote
 
 import grpc
 import pytest
-from aiservices import ToolClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.app import RATE_LIMIT_HEALTH, SERVICE_NAME
-from server.ratelimit import FailoverRateLimiter, RateLimit, limiter_from_url
-from server.standin import StandinUpstream
+from aiservices import ToolClient
+from aiservices_server.app import RATE_LIMIT_HEALTH, SERVICE_NAME
+from aiservices_server.ratelimit import FailoverRateLimiter, RateLimit, limiter_from_url
+from tests.standin import StandinUpstream
 from tests.support.keys import TestKeys
 from tests.support.redis_server import RedisServer
 from tests.support.replicas import ReplicaCaller, redis_key

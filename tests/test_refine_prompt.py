@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 import pytest
-from aiservices import ToolClient, ToolServiceError
 
-from server.standin import (
+from aiservices import ToolClient, ToolServiceError
+from tests.standin import (
     Garbage,
     Hang,
     RawBytes,

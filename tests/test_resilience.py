@@ -17,10 +17,10 @@ from typing import Any
 import grpc
 import pytest
 from aiohttp import web
-from aiservices import AsyncToolClient, ToolClient, ToolResult, ToolServiceError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.standin import (
+from aiservices import AsyncToolClient, ToolClient, ToolResult, ToolServiceError
+from tests.standin import (
     Exchange,
     Garbage,
     Hang,

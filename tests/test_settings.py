@@ -3,7 +3,7 @@ traceback, a secret, or a server that starts and then fails every call; misspell
 a keys file others may read or write do not go unnoticed.
 
 Most cases call the start-up functions in-process (`load_settings`, the keys file loader,
-`server_credentials`); a few run the real `python -m server` to prove the exit code and the
+`server_credentials`); a few run the real `aiservices-server` to prove the exit code and the
 single line on stderr.
 """
 
@@ -20,9 +20,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from server.app import StartupError, server_credentials
-from server.auth import KeysFileError, load_keys_file
-from server.config import (
+from aiservices_server.app import StartupError, server_credentials
+from aiservices_server.auth import KeysFileError, load_keys_file
+from aiservices_server.config import (
     ENV_PREFIX,
     Settings,
     SettingsError,
@@ -31,10 +31,10 @@ from server.config import (
     split_host_port,
     unknown_settings,
 )
-from server.ratelimit import redis_url_problem
+from aiservices_server.ratelimit import redis_url_problem
 from tests.support.certs import TestCertificates
 from tests.support.keys import load_test_keys
-from tests.support.processes import ServerProcess, run_to_exit
+from tests.support.processes import PROJECT_VERSION, ServerProcess, run_to_exit
 from tests.support.servers import make_settings
 
 SECRET = "s3cret-Pw"
@@ -519,9 +519,12 @@ def test_a_non_loopback_mcp_address_is_accepted_with_tls_or_allow_plaintext(
 def test_help_and_version_answer_without_settings(tmp_path: Path) -> None:
     helped = run_to_exit(tmp_path, {}, "--help")
     assert helped.returncode == 0
-    assert "python -m server config" in helped.stdout and "keys" in helped.stdout
+    assert "aiservices-server config" in helped.stdout and "keys" in helped.stdout
     versioned = run_to_exit(tmp_path, {}, "--version")
-    assert (versioned.returncode, versioned.stdout.strip()) == (0, "aiservices 0.2.0")
+    assert (versioned.returncode, versioned.stdout.strip()) == (
+        0,
+        f"aiservices-server {PROJECT_VERSION}",
+    )
     unknown = run_to_exit(tmp_path, {}, "--nope")
     assert unknown.returncode == 2
     assert unknown.stderr.strip().endswith("unknown argument '--nope'")

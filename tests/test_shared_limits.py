@@ -1,6 +1,6 @@
 """Two server processes, one real redis-server: one shared rate-limit budget, failing open.
 
-Everything is real: `python -m server` twice, redis-server with a password, the stand-in
+Everything is real: `aiservices-server` twice, redis-server with a password, the stand-in
 upstream. Each phase uses its own delegated user (gateway key + `x-agenta-user-id`), so budgets
 left over from one phase cannot decide another.
 """
@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
-from aiservices import ToolClient
 
-from server.standin import StandinUpstream
+from aiservices import ToolClient
+from tests.standin import StandinUpstream
 from tests.support.keys import TestKeys
 from tests.support.processes import ServerProcess
 from tests.support.redis_server import RedisServer

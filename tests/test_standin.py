@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.standin import (
+from tests.standin import (
     CHAT_PATH,
     JSON_SCHEMA_REFUSAL,
     REFINE_SUFFIX,
@@ -47,7 +47,7 @@ from server.standin import (
     refine_template,
     token_count,
 )
-from server.standin.__main__ import main as standin_main
+from tests.standin.__main__ import main as standin_main
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -401,10 +401,10 @@ def test_only_loopback_hosts(host: str) -> None:
 
 @contextlib.contextmanager
 def standin_process(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`python -m server.standin --port 0 ARGS` run from the checkout, with the first line it
+    """`python -m tests.standin --port 0 ARGS` run from the checkout, with the first line it
     prints (ending with the URL it serves); killed on leaving if it is still running."""
     with subprocess.Popen(
-        [sys.executable, "-m", "server.standin", "--port", "0", *args],
+        [sys.executable, "-m", "tests.standin", "--port", "0", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -445,7 +445,7 @@ def chat_body(
     response_format: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """The body the OpenAI adapter sends, following ``server.standin.openai``'s convention."""
+    """The body the OpenAI adapter sends, following ``tests.standin.openai``'s convention."""
     tpl = template if isinstance(template, str) else json.dumps(template or TEMPLATE)
     user = json.dumps({"prompt_template_json": tpl, "guidelines": "be brief", "context": ""})
     body: dict[str, Any] = {

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from server.tools.refine_prompt import MAX_TEMPLATE_CHARS
-from server.tools.templates import (
+from aiservices_server.tools.refine_prompt import MAX_TEMPLATE_CHARS
+from aiservices_server.tools.templates import (
     JINJA2_MAX_TOKENS,
     PromptTemplate,
     TemplateError,

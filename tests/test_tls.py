@@ -13,12 +13,12 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from aiservices import ToolClient, ToolServiceError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.app import AiServicesServer, StartupError
-from server.config import ENV_PREFIX, SettingsError, load_settings
-from server.standin import StandinUpstream
+from aiservices import ToolClient, ToolServiceError
+from aiservices_server.app import AiServicesServer, StartupError
+from aiservices_server.config import ENV_PREFIX, SettingsError, load_settings
+from tests.standin import StandinUpstream
 from tests.support.certs import TestCertificates
 from tests.support.keys import TestKeys
 from tests.support.mcp import mcp_client

@@ -23,29 +23,29 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from aiservices import ToolClient, ToolResult
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from server.logs import JsonFormatter
-from server.standin import Endless, GzipBomb, Hang, Large, Refine, StandinUpstream, Status
-from server.upstream.agenta import (
+from aiservices import ToolClient, ToolResult
+from aiservices_server.logs import JsonFormatter
+from aiservices_server.upstream.agenta import (
     AgentaCompletionClient,
     CompletionReply,
     parse_completion,
 )
-from server.upstream.http import (
+from aiservices_server.upstream.http import (
     DEFAULT_MAX_REPLY_BYTES,
     MAX_REPLY_VALUES,
     UpstreamLimits,
     build_http_transport,
 )
-from server.upstream.refiner import (
+from aiservices_server.upstream.refiner import (
     UpstreamAttempt,
     UpstreamBadReply,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from tests.standin import Endless, GzipBomb, Hang, Large, Refine, StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.responsive import responsive_during
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings

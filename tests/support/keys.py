@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from server.auth import generate_key, hash_key
+from aiservices_server.auth import generate_key, hash_key
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The real server as a separate process (`python -m server`), for tests that need several
+"""The real server as a separate process (`aiservices-server`), for tests that need several
 replicas, signals (SIGTERM drain) or the exact log lines an operator would see.
 
 The child runs in a temp dir (so no `.env` is picked up) with a clean environment: PATH, the
@@ -18,15 +18,22 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from server.config import ENV_PREFIX
+from aiservices_server.config import ENV_PREFIX
 from tests.support.servers import APP, ENVIRONMENT, UPSTREAM_KEY
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The version both distributions declare (the server's pyproject.toml; the client's must agree).
+PROJECT_VERSION: str = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+    "version"
+]
+# The checkout's packages, as a child process started with a clean environment imports them.
+IMPORT_PATH = os.pathsep.join(str(REPO_ROOT / part) for part in ("", "server", "clients"))
 HOST = "127.0.0.1"
 
 
@@ -55,22 +62,31 @@ def run_printed(command: str, cwd: Path, env: Mapping[str, str]) -> str:
     return ran.stdout
 
 
+# This checkout's server, as a child process runs it.
+SERVER_COMMAND = (sys.executable, "-m", "aiservices_server")
+
+
+def clean_env(settings: Mapping[str, str] | None = None) -> dict[str, str]:
+    """An environment with PATH, this checkout's import path and `settings` (named without
+    their prefix) only: nothing the test process inherited can change what a child does."""
+    env = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "PYTHONPATH": IMPORT_PATH,
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update({ENV_PREFIX + name.upper(): value for name, value in (settings or {}).items()})
+    return env
+
+
 def run_to_exit(
     cwd: Path, settings: Mapping[str, str], *args: str
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m server ARGS` with a clean environment (PATH, the import path and `settings`,
-    named without their prefix), for a run that is expected to end by itself: a refusal to
-    start, or a command."""
-    env = {
-        "PATH": os.environ.get("PATH", os.defpath),
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "clients")]),
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.update({ENV_PREFIX + name.upper(): value for name, value in settings.items()})
+    """`aiservices-server ARGS` with a clean environment, for a run that is expected to end by
+    itself: a refusal to start, or a command."""
     return subprocess.run(
-        [sys.executable, "-m", "server", *args],
+        [*SERVER_COMMAND, *args],
         cwd=cwd,
-        env=env,
+        env=clean_env(settings),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -98,7 +114,7 @@ def _is_serving(line: str) -> bool:
 
 
 class ServerProcess:
-    """One `python -m server` child process.
+    """One `aiservices-server` child process.
 
     `env` maps setting names to values; names without the `AGENTA_AI_SERVICES_` prefix get it
     (`{"REDIS_URL": ...}` and `{"AGENTA_AI_SERVICES_REDIS_URL": ...}` are the same). The gRPC
@@ -107,6 +123,9 @@ class ServerProcess:
     `start()` = `spawn()` + `wait_until_serving()`; spawn several first and then wait for each
     to start replicas in parallel. Any failure to start kills the child before raising, and so
     do `kill()`, `close()` and leaving the `with` block, so no process outlives a test.
+
+    By default the child is this checkout's server; `command` runs another installation of it
+    (an `aiservices-server` script), with nothing of the checkout on its import path.
     """
 
     def __init__(
@@ -116,11 +135,15 @@ class ServerProcess:
         args: Sequence[str] = (),
         startup_timeout: float = 15.0,
         name: str = "server",
+        command: Sequence[str] | None = None,
     ) -> None:
         self.name = name
         self.startup_timeout = startup_timeout
+        self._command = SERVER_COMMAND if command is None else tuple(command)
         self._args = list(args)
         self._env = self._child_env(env or {})
+        if command is not None:
+            del self._env["PYTHONPATH"]
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -131,10 +154,9 @@ class ServerProcess:
 
     @staticmethod
     def _child_env(overrides: Mapping[str, str]) -> dict[str, str]:
-        paths = [str(REPO_ROOT), str(REPO_ROOT / "clients")]
         env = {
             "PATH": os.environ.get("PATH", os.defpath),
-            "PYTHONPATH": os.pathsep.join(paths),
+            "PYTHONPATH": IMPORT_PATH,
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
             f"{ENV_PREFIX}GRPC_ADDRESS": f"{HOST}:0",
@@ -153,7 +175,7 @@ class ServerProcess:
             raise RuntimeError(f"{self.name} was already started")
         self._dir = Path(tempfile.mkdtemp(prefix="aiservices-server-"))
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "server", *self._args],
+            [*self._command, *self._args],
             cwd=self._dir,
             env=self._env,
             stdin=subprocess.DEVNULL,

@@ -10,9 +10,9 @@ import json
 
 import grpc
 import pytest
-from aiservices import ToolClient, ToolServiceError
 
-from server.ratelimit.redis_store import DEFAULT_PREFIX
+from aiservices import ToolClient, ToolServiceError
+from aiservices_server.ratelimit.redis_store import DEFAULT_PREFIX
 
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {

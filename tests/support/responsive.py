@@ -57,7 +57,7 @@ def responsive_during(
     the moment the call is sent until it is over, at least `probes` of them.
     """
     # The server shares this process: objects the test run has piled up so far are frozen, as
-    # `python -m server` freezes its start-up objects, so a full collection of them is not
+    # `aiservices-server` freezes its start-up objects, so a full collection of them is not
     # mistaken for the server stalling.
     gc.collect()
     gc.freeze()

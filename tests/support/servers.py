@@ -12,9 +12,9 @@ from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from server.app import AiServicesServer
-from server.config import Settings
-from server.tools.base import Tool
+from aiservices_server.app import AiServicesServer
+from aiservices_server.config import Settings
+from aiservices_server.tools.base import Tool
 from tests.support.keys import load_test_keys
 
 T = TypeVar("T")

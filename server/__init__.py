@@ -1,1 +1,0 @@
-"""aiservices server: a grpc.aio ToolService in front of AI-powered tools."""

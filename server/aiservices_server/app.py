@@ -1,0 +1,503 @@
+"""Assembles the server from settings and injected parts, and runs its lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import httpx
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices_server.auth import KeysFileError, KeyStore
+from aiservices_server.auth.reload import KeysReloader, file_state
+from aiservices_server.config import (
+    AuthMode,
+    EventLoop,
+    Settings,
+    UpstreamKind,
+    is_loopback,
+    split_host_port,
+)
+from aiservices_server.core.auth import Authenticator
+from aiservices_server.core.drain import Drain
+from aiservices_server.core.gate import CallGate
+from aiservices_server.core.limits import RateLimits
+from aiservices_server.core.service import ToolService
+from aiservices_server.faces.grpc.auth import AuthenticationInterceptor
+from aiservices_server.faces.grpc.handlers import generic_handler
+from aiservices_server.faces.grpc.outermost import OutermostInterceptor
+from aiservices_server.faces.grpc.servicer import ToolServicer
+from aiservices_server.files import FileTooLarge, NotRegularFile, read_small_file
+from aiservices_server.logs import LineSampler
+from aiservices_server.metrics import Metrics
+from aiservices_server.ratelimit import (
+    FailoverRateLimiter,
+    RateLimit,
+    RateLimiter,
+    limiter_from_url,
+)
+from aiservices_server.tools.base import Tool
+from aiservices_server.tools.refine_prompt import OUTPUT_SCHEMA, RefinePromptTool
+from aiservices_server.upstream.agenta import AgentaCompletionClient, AgentaRefiner
+from aiservices_server.upstream.http import UpstreamLimits, build_http_transport
+from aiservices_server.upstream.openai import OpenAIRefiner
+from aiservices_server.upstream.refiner import Refiner
+
+if TYPE_CHECKING:
+    from aiservices_server.faces.mcp.face import McpFace
+    from aiservices_server.faces.mcp.listener import McpListener
+
+log = logging.getLogger("aiservices.server")
+
+T = TypeVar("T")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ToolService"].full_name
+# The health of the rate limiter's store (see AiServicesServer.report_rate_limit_store).
+RATE_LIMIT_HEALTH = "aiservices.ratelimit"
+
+
+class StartupError(RuntimeError):
+    """The server cannot start; the message is the one line an operator needs."""
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], event_loop: EventLoop) -> T:
+    """Run `main` on the configured event loop implementation."""
+    if event_loop is EventLoop.UVLOOP:
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
+def load_keys(settings: Settings) -> KeyStore | None:
+    """The key store, or None when authentication is disabled (loopback only)."""
+    if settings.auth is AuthMode.DISABLED:
+        if not is_loopback(settings.grpc_address):
+            raise StartupError(
+                f"AGENTA_AI_SERVICES_AUTH=disabled serves only on loopback, not on "
+                f"{settings.grpc_address}: set AGENTA_AI_SERVICES_API_KEYS_FILE instead"
+            )
+        log.warning(
+            "AUTHENTICATION IS DISABLED: every local caller may call every tool",
+            extra={"address": settings.grpc_address},
+        )
+        return None
+    if settings.api_keys_file is None:
+        raise StartupError(
+            "AGENTA_AI_SERVICES_API_KEYS_FILE is not set: point it at a keys file "
+            "(`aiservices-server keys new --help`), or set AGENTA_AI_SERVICES_AUTH=disabled "
+            "for local development"
+        )
+    try:
+        return KeyStore.from_file(settings.api_keys_file)
+    except KeysFileError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def ensure_bindable(address: str, setting: str) -> None:
+    """Fail with one line naming the setting before grpc logs its own multi-line bind error."""
+    host, port = split_host_port(address)
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(
+                f"invalid setting AGENTA_AI_SERVICES_{setting}: cannot listen on {address}: "
+                f"{exc.strerror}"
+            ) from None
+
+
+MAX_TLS_FILE_BYTES = 1024 * 1024
+"""Certificates and keys take a few KB; a bigger file is the wrong one."""
+
+
+_PEM_CERTIFICATE = (b"-----BEGIN CERTIFICATE-----", "certificate")
+_PEM_PRIVATE_KEY = (b"PRIVATE KEY-----", "private key")
+
+
+def _read(path: Path, setting: str, *, holds: tuple[bytes, str]) -> bytes:
+    """The file's bytes, checked to be a regular file within MAX_TLS_FILE_BYTES that holds the
+    PEM block `holds` (marker, name); StartupError naming the setting otherwise (grpc would log
+    several lines of its own and then fail on the address)."""
+    where = f"AGENTA_AI_SERVICES_{setting} {path}"
+    try:
+        data = read_small_file(path, MAX_TLS_FILE_BYTES)
+    except OSError as exc:
+        raise StartupError(f"{where}: {exc.strerror}") from None
+    except (NotRegularFile, FileTooLarge) as exc:
+        raise StartupError(f"{where}: {exc}") from None
+    marker, name = holds
+    if marker not in data:
+        raise StartupError(f"{where}: no PEM {name} in it")
+    return data
+
+
+def _check_key_pair(cert_file: Path, key_file: Path) -> None:
+    """Refuse a key that does not belong to the certificate, or one grpc cannot use (encrypted,
+    damaged), with one line instead of grpc's own lines and a misleading address error."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # only the pair is judged here, not its strength
+    try:
+        context.load_cert_chain(cert_file, key_file, password=lambda: b"")
+    except (ssl.SSLError, OSError):
+        raise StartupError(
+            "AGENTA_AI_SERVICES_TLS_KEY_FILE is not the unencrypted private key of "
+            "AGENTA_AI_SERVICES_TLS_CERT_FILE's certificate (or one of them is damaged)"
+        ) from None
+
+
+def _check_client_ca(pem: bytes) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cadata=pem.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError):
+        raise StartupError(
+            "AGENTA_AI_SERVICES_TLS_CLIENT_CA_FILE: its PEM certificates cannot be read"
+        ) from None
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    chain = _read(settings.tls_cert_file, "TLS_CERT_FILE", holds=_PEM_CERTIFICATE)
+    key = _read(settings.tls_key_file, "TLS_KEY_FILE", holds=_PEM_PRIVATE_KEY)
+    _check_key_pair(settings.tls_cert_file, settings.tls_key_file)
+    client_ca = None
+    if settings.tls_client_ca_file is not None:
+        client_ca = _read(settings.tls_client_ca_file, "TLS_CLIENT_CA_FILE", holds=_PEM_CERTIFICATE)
+        _check_client_ca(client_ca)
+    return grpc.ssl_server_credentials(
+        [(key, chain)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def build_refiner(
+    settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
+) -> Refiner:
+    """The adapter of the upstream the settings choose (complete: see `upstream_enabled`)."""
+    limits = UpstreamLimits(
+        timeout=settings.upstream_timeout,
+        max_retries=settings.upstream_retries,
+        max_reply_bytes=settings.upstream_max_reply_bytes,
+        observer=metrics.upstream_request,
+    )
+    if settings.upstream is UpstreamKind.OPENAI:
+        assert settings.openai_base_url and settings.openai_model
+        key = settings.openai_api_key
+        return OpenAIRefiner(
+            transport,
+            limits,
+            base_url=settings.openai_base_url,
+            model=settings.openai_model.strip(),
+            output_schema=OUTPUT_SCHEMA,
+            api_key=key.get_secret_value() if key else None,
+            temperature=settings.openai_temperature,
+            max_tokens=settings.openai_max_tokens,
+        )
+    assert settings.api_key and settings.api_url
+    client = AgentaCompletionClient(
+        transport,
+        limits,
+        base_url=settings.api_url,
+        api_key=settings.api_key.get_secret_value(),
+        environment=str(settings.environment_slug).strip(),
+    )
+    return AgentaRefiner(client, app=str(settings.refine_prompt_key).strip())
+
+
+def build_tools(
+    settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
+) -> list[Tool]:
+    if not settings.upstream_enabled:
+        return []
+    return [RefinePromptTool(build_refiner(settings, transport, metrics))]
+
+
+class AiServicesServer:
+    """One grpc.aio server with the ToolService, health and reflection.
+
+    The parts a test or an embedding program may want to inject: `tools` (instead of those the
+    settings enable), `limiter` (instead of the one REDIS_URL selects; the server then neither
+    starts nor closes it) and `unauthenticated_lines` (which access lines of UNAUTHENTICATED
+    calls are written; default 10 a second).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        tools: Sequence[Tool] | None = None,
+        limiter: RateLimiter | None = None,
+        unauthenticated_lines: LineSampler | None = None,
+    ) -> None:
+        self.settings = settings
+        self._http: httpx.AsyncBaseTransport | None = None
+        self._tools = tools
+        self._limiter = limiter
+        self._owns_limiter = limiter is None
+        self._server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.metrics = Metrics()
+        self._drain = Drain()
+        self._outermost = OutermostInterceptor(
+            self.metrics, self._drain, unauthenticated_lines=unauthenticated_lines
+        )
+        self._unauthenticated_lines = self._outermost.unauthenticated_lines
+        self._mcp: McpListener | None = None
+        self._mcp_face: McpFace | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.mcp_port: int | None = None
+        self._keys_reloader: KeysReloader | None = None
+
+    def _build_service(self, settings: Settings, limiter: RateLimiter) -> ToolService:
+        metrics = self.metrics
+        if self._tools is not None:
+            tools = list(self._tools)
+        else:
+            self._http = build_http_transport(max_connections=settings.upstream_max_connections)
+            tools = build_tools(settings, self._http, metrics)
+        gate = CallGate(
+            settings.max_concurrent_calls,
+            max_wait=settings.queue_timeout,
+            on_refusal=metrics.overloaded.inc,
+        )
+        metrics.in_flight.set_function(lambda: gate.in_flight)
+        metrics.in_flight_limit.set(settings.max_concurrent_calls)
+        default_limit = RateLimit(
+            burst=settings.rate_limit_burst, per_minute=settings.rate_limit_per_minute
+        )
+        return ToolService(
+            tools,
+            enabled=settings.upstream_enabled,
+            limits=RateLimits(limiter, default_limit, metrics),
+            gate=gate,
+            upstream=settings.upstream.value if self._tools is None else "",
+        )
+
+    async def start(self) -> int:
+        settings = self.settings
+        ensure_bindable(settings.grpc_address, "GRPC_ADDRESS")
+        if settings.metrics_address is not None:
+            ensure_bindable(settings.metrics_address, "METRICS_ADDRESS")
+        if settings.mcp_address is not None:
+            ensure_bindable(settings.mcp_address, "MCP_ADDRESS")
+        # Taken before the file is read, so a change made while it loads is not missed.
+        keys_state = file_state(settings.api_keys_file) if settings.api_keys_file else None
+        keys = load_keys(settings)
+        credentials = server_credentials(settings)
+        metrics = self.metrics
+        if self._limiter is None:
+            url = settings.redis_url.get_secret_value() if settings.redis_url else None
+            self._limiter = limiter_from_url(
+                url,
+                on_fallback=metrics.redis_fallbacks.inc,
+                on_state_change=self.report_rate_limit_store,
+                timeout=settings.redis_timeout,
+                connect_timeout=settings.redis_connect_timeout,
+            )
+        service = self._build_service(settings, self._limiter)
+        servicer = ToolServicer(
+            service, log_payloads=settings.log_payloads, max_reply_bytes=settings.max_message_bytes
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        authenticator = Authenticator(keys, metrics)
+        if keys is not None and settings.api_keys_file is not None:
+            self._keys_reloader = KeysReloader(
+                settings.api_keys_file, authenticator.use_keys, keys=keys, state=keys_state
+            )
+        authentication = AuthenticationInterceptor(authenticator)
+        server.add_generic_rpc_handlers(
+            [generic_handler(SERVICE_NAME, servicer.methods(), self._outermost, [authentication])]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        try:
+            if credentials is None:
+                self.port = server.add_insecure_port(settings.grpc_address)
+            else:
+                self.port = server.add_secure_port(settings.grpc_address, credentials)
+        except RuntimeError:
+            raise StartupError(
+                f"invalid setting AGENTA_AI_SERVICES_GRPC_ADDRESS: cannot listen on "
+                f"{settings.grpc_address}"
+            ) from None
+        metrics_address = settings.metrics_host_port
+        if metrics_address is not None:
+            try:
+                self.metrics_port = metrics.serve(*metrics_address)
+            except OSError as exc:
+                raise StartupError(
+                    f"invalid setting AGENTA_AI_SERVICES_METRICS_ADDRESS: cannot listen on "
+                    f"{settings.metrics_address}: {exc.strerror}"
+                ) from None
+        if settings.mcp_address is not None:
+            await self._start_mcp(settings, service, authenticator)
+        await server.start()
+        self._server = server
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._start_rate_limit_store()
+        if self._keys_reloader is not None:
+            self._keys_reloader.start()
+        log.info(
+            "serving",
+            extra={
+                "address": settings.grpc_address,
+                "port": self.port,
+                "enabled": settings.upstream_enabled,
+                "upstream": settings.upstream.value,
+                "reflection": settings.reflection,
+                "tls": credentials is not None,
+                "mtls": settings.tls_client_ca_file is not None,
+                "keys": len(keys) if keys is not None else 0,
+                "redis": settings.redis_url is not None,
+                "metrics_port": self.metrics_port,
+                "mcp_port": self.mcp_port,
+                "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
+            },
+        )
+        return self.port
+
+    async def _start_mcp(
+        self, settings: Settings, service: ToolService, authenticator: Authenticator
+    ) -> None:
+        """MCP on MCP_ADDRESS, over the same core, drained with gRPC; HTTPS with the server's
+        TLS settings when they are set."""
+        # Imported only when MCP is on: the SDK and uvicorn take about 30 MB in every replica.
+        from aiservices_server.faces.mcp.face import McpFace  # noqa: PLC0415
+        from aiservices_server.faces.mcp.listener import McpListener  # noqa: PLC0415
+
+        face = McpFace(
+            service,
+            authenticator,
+            self._drain,
+            self.metrics,
+            max_body_bytes=settings.max_message_bytes,
+            log_payloads=settings.log_payloads,
+            unauthenticated_lines=self._unauthenticated_lines,
+        )
+        host, port = settings.mcp_host_port or ("127.0.0.1", 0)
+        certificate = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            certificate = (settings.tls_cert_file, settings.tls_key_file)
+        listener = McpListener(
+            face, host, port, certificate=certificate, client_ca=settings.tls_client_ca_file
+        )
+        await face.start()
+        self._mcp_face = face
+        try:
+            self.mcp_port = await listener.start()
+        except (OSError, SystemExit):
+            raise StartupError(
+                f"invalid setting AGENTA_AI_SERVICES_MCP_ADDRESS: cannot listen on "
+                f"{settings.mcp_address}"
+            ) from None
+        self._mcp = listener
+
+    async def _start_rate_limit_store(self) -> None:
+        """Report the store's state and start watching it (only a limiter this server built
+        reports to it; the limiter's close() at stop ends the watcher)."""
+        limiter = self._limiter
+        if isinstance(limiter, FailoverRateLimiter) and self._owns_limiter:
+            await self.report_rate_limit_store(limiter.store_up)
+            limiter.start()
+        else:
+            await self.report_rate_limit_store(True)
+
+    async def report_rate_limit_store(self, up: bool) -> None:
+        """Publish whether rate-limit decisions come from the shared store (Redis): the gauge
+        `aiservices_rate_limit_store_up` and the health of `RATE_LIMIT_HEALTH`.
+
+        The store has a health name of its own, SERVING while Redis decides calls and
+        NOT_SERVING while they fail open to memory (and until the first check has passed).
+        "" and the ToolService stay SERVING meanwhile: failing open is by design, so a balancer
+        must not take a replica out of rotation for it. The name is not a gRPC service (no
+        `aiservices.v1.` prefix), so it cannot be mistaken for the readiness of one. Without
+        Redis the in-memory limiter is the store: SERVING.
+        """
+        self.metrics.rate_limit_store_up.set(1 if up else 0)
+        status = health_pb2.HealthCheckResponse
+        await self.health.set(RATE_LIMIT_HEALTH, status.SERVING if up else status.NOT_SERVING)
+
+    def reload_keys(self) -> None:
+        """Reload the keys file soon (SIGHUP); with authentication disabled there is none."""
+        if self._keys_reloader is None:
+            log.info("nothing to reload: authentication is disabled")
+            return
+        self._keys_reloader.request("sighup")
+
+    async def serve_until_signalled(self) -> None:
+        """Run until SIGINT or SIGTERM, then drain and stop; a second signal stops at once.
+        SIGHUP reloads the keys file meanwhile."""
+        signalled = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, signalled.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        await signalled.wait()
+        signalled.clear()
+        log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace})
+        stopping = asyncio.ensure_future(self.stop())
+        again = asyncio.ensure_future(signalled.wait())
+        await asyncio.wait({stopping, again}, return_when=asyncio.FIRST_COMPLETED)
+        if again.done() and not stopping.done():
+            log.warning("second signal: calls still in flight are cancelled now")
+            self._drain.hurry()
+        again.cancel()
+        await stopping
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, refuse new calls, let calls in flight finish, close."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        await self.health.enter_graceful_shutdown()
+        if self._keys_reloader is not None:
+            await self._keys_reloader.stop()
+        if self._server is not None:
+            drain = self._drain
+            in_flight = drain.in_flight
+            if not await drain.drain(grace):
+                log.warning(
+                    "calls still in flight after the grace period are cancelled",
+                    extra={"in_flight": drain.in_flight, "grace_seconds": grace},
+                )
+            elif in_flight:
+                log.info("drained", extra={"finished_calls": in_flight})
+            left = 0.0 if drain.hurried else max(0.0, deadline - time.monotonic())
+            if self._mcp is not None:
+                await self._mcp.stop(left)
+            await self._server.stop(left)
+        if self._http is not None:
+            await self._http.aclose()
+        if self._owns_limiter and self._limiter is not None:
+            await self._limiter.close()
+        if self._mcp_face is not None:
+            await self._mcp_face.stop()
+        self._unauthenticated_lines.flush()
+        self.metrics.close()
+        log.info("stopped")

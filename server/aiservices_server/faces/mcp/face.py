@@ -1,0 +1,496 @@
+"""MCP Streamable HTTP at `/mcp`: the SDK's session manager, stateless with JSON responses, in
+front of the core.
+
+An ASGI app. Each request is authenticated before any MCP processing (401 with
+`WWW-Authenticate: Bearer` otherwise), counted for draining, and written to the access log with
+`transport: mcp`. The SDK parses and answers JSON-RPC; its `tools/list` and `tools/call`
+handlers here call the core's ToolService, and `_refusal` is the one place where domain errors
+become MCP errors. Stateless: any replica can answer any request, and nothing is kept between
+requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mcp_types as types
+import orjson
+from mcp.server.lowlevel import Server
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.shared.exceptions import MCPError
+from starlette.types import Message, Receive, Scope, Send
+
+from aiservices_server import __version__
+from aiservices_server.call import Call
+from aiservices_server.core.auth import Authenticator
+from aiservices_server.core.drain import Drain
+from aiservices_server.core.headers import (
+    REQUEST_ID_HEADER,
+    Headers,
+    request_id_for,
+    traceparent_in,
+)
+from aiservices_server.core.service import MAX_NAME_SHOWN, ToolService
+from aiservices_server.errors import (
+    FeatureDisabled,
+    InvalidArgument,
+    PermissionDenied,
+    RetryLater,
+    ServiceError,
+    ToolNotFound,
+    Unauthenticated,
+    report_unexpected,
+    retry_after_seconds,
+)
+from aiservices_server.faces.access import log_access
+from aiservices_server.logs import LineSampler
+from aiservices_server.metrics import Metrics
+from aiservices_server.tools.base import ToolDefinition, ToolFailure, ToolResult
+from aiservices_server.upstream.refiner import UpstreamAttempt
+
+PATH = "/mcp"
+SERVER_NAME = "aiservices"
+# JSON-RPC error codes in the range the spec leaves to servers, for refusals that are no
+# malformed request: the caller may retry later, or never.
+RETRY_LATER = -32000
+DEADLINE_EXCEEDED = -32001
+_STATE_KEY = "aiservices.exchange"
+# HTTP answers given before or instead of MCP's, in the words of the access line.
+_HTTP_CODES = {
+    200: "OK",
+    202: "OK",
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    503: "UNAVAILABLE",
+}
+
+
+@dataclass
+class Exchange:
+    """One HTTP request to /mcp: the authenticated call, and what its handlers found out, for
+    the HTTP response's headers and the access line. Made by the ASGI app, handed to the SDK's
+    handlers in the ASGI scope (the request's own state), read back when the response is sent."""
+
+    call: Call
+    method: str = ""
+    tool: str = ""
+    outcome: str = ""
+    trace_id: str = ""
+    upstream: UpstreamAttempt | None = None
+    payload: dict[str, Any] | None = None
+    refusal: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    answered: bool = False
+
+
+def _headers(scope: Scope) -> Headers:
+    return Headers.from_pairs(
+        (name.decode("latin-1").lower(), value.decode("latin-1"))
+        for name, value in scope["headers"]
+    )
+
+
+async def _send_json(
+    send: Send, status: int, body: Mapping[str, Any], headers: Mapping[str, str]
+) -> None:
+    data = orjson.dumps(body)
+    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+    raw += [(name.encode(), value.encode("latin-1", "replace")) for name, value in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+class McpFace:
+    """The ASGI app serving MCP, between `start()` and `stop()`."""
+
+    def __init__(
+        self,
+        service: ToolService,
+        authenticator: Authenticator,
+        drain: Drain,
+        metrics: Metrics,
+        *,
+        max_body_bytes: int,
+        log_payloads: bool = False,
+        unauthenticated_lines: LineSampler | None = None,
+    ) -> None:
+        self._service = service
+        self._authenticator = authenticator
+        self._drain = drain
+        self._metrics = metrics
+        self._max_body_bytes = max_body_bytes
+        self._log_payloads = log_payloads
+        self._unauthenticated_lines = unauthenticated_lines
+        self._tools = {definition.name: _tool(definition) for definition in service.definitions}
+        schemas = {definition.name: definition.input_schema for definition in service.definitions}
+        mcp_server: Server[Any] = Server(
+            SERVER_NAME,
+            version=__version__,
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+            # The SDK checks a call's parameter headers against the tool's input schema; given
+            # here, it need not list the tools for every call to find it.
+            get_tool_input_schema=schemas.get,
+        )
+        self._holder: asyncio.Future[None] | None = None
+        self._stopping = asyncio.Event()
+        self._sessions = StreamableHTTPSessionManager(
+            mcp_server,
+            json_response=True,
+            stateless=True,
+            max_request_body_size=max_body_bytes,
+        )
+
+    async def start(self) -> None:
+        """Start the SDK's session manager. It runs in a task of its own, because anyio wants
+        it left in the task that entered it, and the server stops from another task."""
+        ready = asyncio.Event()
+
+        async def hold() -> None:
+            async with self._sessions.run():
+                ready.set()
+                await self._stopping.wait()
+
+        self._stopping = asyncio.Event()
+        self._holder = asyncio.ensure_future(hold())
+        waiting = asyncio.ensure_future(ready.wait())
+        await asyncio.wait({self._holder, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if self._holder.done():
+            self._holder.result()  # raises what failed
+
+    async def stop(self) -> None:
+        if self._holder is not None:
+            self._stopping.set()
+            await self._holder
+            self._holder = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != PATH:
+            await _send_json(send, 404, {"error": f"not found: MCP is served at {PATH}"}, {})
+            return
+        started = time.perf_counter()
+        headers = _headers(scope)
+        request_id = request_id_for(headers)
+        status = 500
+        exchange: Exchange | None = None
+        key_id = "anonymous"
+        try:
+            try:
+                self._drain.enter()
+            except ServiceError as refusal:
+                status = 503
+                await self._refuse_http(send, status, refusal, request_id)
+                return
+            try:
+                principal = self._authenticator.principal(headers)
+                key_id = principal.key_id
+                exchange = Exchange(Call(principal, request_id, None, traceparent_in(headers)))
+                status = await self._serve(scope, receive, send, exchange)
+            finally:
+                self._drain.leave()
+        except Unauthenticated as refusal:
+            status = 401
+            await self._refuse_http(send, status, refusal, request_id)
+        except (InvalidArgument, PermissionDenied) as refusal:
+            status = 400 if isinstance(refusal, InvalidArgument) else 403
+            key_id = refusal.key_id or key_id
+            await self._refuse_http(send, status, refusal, request_id)
+        except Exception as exc:
+            status = 500
+            internal = report_unexpected(exc, request_id)
+            if exchange is None or not exchange.answered:
+                await self._refuse_http(send, status, internal, request_id)
+        finally:
+            self._finish(exchange, status, request_id, key_id, time.perf_counter() - started)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> int:
+        """Hand the request to the SDK, with the exchange in its state; the response gets the
+        request id and the headers the handlers set. The call is cancelled when the client goes
+        away before the answer (the upstream request with it)."""
+        scope.setdefault("state", {})[_STATE_KEY] = exchange
+        status = 500
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                exchange.answered = True
+                extra = {REQUEST_ID_HEADER: exchange.call.request_id, **exchange.headers}
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        *((k.encode(), v.encode("latin-1", "replace")) for k, v in extra.items()),
+                    ],
+                }
+            await send(message)
+
+        body = await _read_body(receive, self._max_body_bytes + 1)
+        gone = asyncio.Event()
+        handling = asyncio.ensure_future(
+            self._sessions.handle_request(scope, _replay(body, gone), send_with_headers)
+        )
+        watching = asyncio.ensure_future(_until_disconnect(receive, gone))
+        try:
+            await asyncio.wait({handling, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if not handling.done():
+                handling.cancel()  # the client went away: so does the call, upstream included
+                exchange.refusal = "CANCELLED"
+                status = 499
+            await asyncio.gather(handling, return_exceptions=not handling.done())
+        finally:
+            watching.cancel()
+            if not handling.done():
+                handling.cancel()
+        return status
+
+    async def _refuse_http(
+        self, send: Send, status: int, refusal: ServiceError, request_id: str
+    ) -> None:
+        headers = {REQUEST_ID_HEADER: request_id}
+        if status == 401:
+            headers["www-authenticate"] = 'Bearer realm="aiservices"'
+        if isinstance(refusal, RetryLater):
+            headers["retry-after"] = str(retry_after_seconds(refusal.retry_after))
+        body = {"error": {"reason": refusal.reason, "message": refusal.message}}
+        await _send_json(send, status, body, headers)
+
+    # --- the SDK's handlers ----------------------------------------------------------------
+
+    async def _list_tools(
+        self, ctx: Any, params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        exchange = _exchange_of(ctx)
+        exchange.method = "tools/list"
+        cursor = (params.cursor if params is not None else None) or ""
+        try:
+            page = self._service.list_tools(exchange.call.principal, cursor, 0)
+        except ServiceError as error:
+            raise self._refusal(exchange, error) from None
+        except Exception as exc:
+            raise self._refusal(
+                exchange, report_unexpected(exc, exchange.call.request_id)
+            ) from None
+        return types.ListToolsResult(
+            tools=[self._tools[t.name] for t in page.tools], next_cursor=page.next_cursor or None
+        )
+
+    async def _call_tool(
+        self, ctx: Any, params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        exchange = _exchange_of(ctx)
+        exchange.method = "tools/call"
+        exchange.tool = params.name[:MAX_NAME_SHOWN]
+        arguments = dict(params.arguments or {})
+        # Logged for calls that ran, as over gRPC; a refused call's arguments are not.
+        payload = {"arguments": arguments} if self._log_payloads else None
+        try:
+            result = await self._service.call(exchange.call, params.name, arguments)
+        except ToolFailure as failure:
+            exchange.payload = payload
+            return _failed(exchange, failure)
+        except InvalidArgument as error:
+            # A refusal, not a tool outcome: logged and counted as gRPC's INVALID_ARGUMENT is,
+            # though MCP answers it as a result the model can read.
+            exchange.headers.update(error.headers)
+            exchange.refusal = error.reason
+            return _invalid_arguments(error, exchange.call.request_id)
+        except ServiceError as error:
+            raise self._refusal(exchange, error) from None
+        except Exception as exc:
+            raise self._refusal(
+                exchange, report_unexpected(exc, exchange.call.request_id)
+            ) from None
+        exchange.payload = payload
+        return _succeeded(exchange, result)
+
+    @staticmethod
+    def _refusal(exchange: Exchange, error: ServiceError) -> MCPError:
+        """The one mapping from a domain error to what an MCP client sees: a JSON-RPC error
+        whose `data` carries the reason (and, to come back later, `retryAfterSeconds`, also sent
+        as HTTP `Retry-After`)."""
+        exchange.refusal = error.reason
+        exchange.headers.update(error.headers)
+        data: dict[str, Any] = {"reason": error.reason, **error.metadata}
+        if isinstance(error, RetryLater):
+            seconds = retry_after_seconds(error.retry_after)
+            data["retryAfterSeconds"] = seconds
+            exchange.headers["retry-after"] = str(seconds)
+            return MCPError(RETRY_LATER, error.message, data)
+        if isinstance(error, ToolNotFound | PermissionDenied | FeatureDisabled | InvalidArgument):
+            return MCPError(types.INVALID_PARAMS, error.message, data)
+        if error.reason == "DEADLINE_EXCEEDED":
+            return MCPError(DEADLINE_EXCEEDED, error.message, data)
+        return MCPError(types.INTERNAL_ERROR, error.message, data)
+
+    def _finish(
+        self,
+        exchange: Exchange | None,
+        status: int,
+        request_id: str,
+        key_id: str,
+        duration: float,
+    ) -> None:
+        method = exchange.method if exchange is not None and exchange.method else "http"
+        code = _code(status, exchange)
+        self._metrics.mcp_request(method, code, duration)
+        if exchange is not None and exchange.tool and exchange.outcome:
+            self._metrics.tool_call(
+                exchange.tool, exchange.outcome, key_id, "mcp", exchange.upstream
+            )
+        sampler = self._unauthenticated_lines
+        if code == "UNAUTHENTICATED" and sampler is not None and not sampler.admit():
+            return
+        log_access(
+            transport="mcp",
+            request_id=request_id,
+            method=method,
+            code=code,
+            duration=duration,
+            key_id=key_id,
+            caller=exchange.call.principal if exchange is not None else None,
+            tool=exchange.tool if exchange is not None else None,
+            outcome=exchange.outcome if exchange is not None else "",
+            trace_id=exchange.trace_id if exchange is not None else "",
+            upstream=exchange.upstream if exchange is not None else None,
+            payload=exchange.payload if exchange is not None else None,
+        )
+
+
+def _code(status: int, exchange: Exchange | None) -> str:
+    """What the request came to: OK, or the refusal's reason as MCP callers read it in
+    `data.reason` (over gRPC the access line names the status code instead)."""
+    if exchange is not None and exchange.refusal:
+        return exchange.refusal
+    return _HTTP_CODES.get(status, f"HTTP_{status}")
+
+
+def _exchange_of(ctx: Any) -> Exchange:
+    request = getattr(ctx, "request", None)
+    exchange = None if request is None else request.scope.get("state", {}).get(_STATE_KEY)
+    if not isinstance(exchange, Exchange):
+        raise MCPError(types.INTERNAL_ERROR, "the request reached MCP without authentication")
+    return exchange
+
+
+def _tool(definition: ToolDefinition) -> types.Tool:
+    hints = definition.annotations
+    return types.Tool(
+        name=definition.name,
+        title=definition.title,
+        description=definition.description,
+        input_schema=definition.input_schema,
+        output_schema=definition.output_schema,
+        annotations=types.ToolAnnotations(
+            read_only_hint=hints.read_only_hint,
+            destructive_hint=hints.destructive_hint,
+            idempotent_hint=hints.idempotent_hint,
+            open_world_hint=hints.open_world_hint,
+        ),
+    )
+
+
+def _meta(exchange: Exchange, trace_id: str) -> dict[str, Any]:
+    return {"aiservices/request_id": exchange.call.request_id, "aiservices/trace_id": trace_id}
+
+
+def _succeeded(exchange: Exchange, result: ToolResult) -> types.CallToolResult:
+    exchange.headers.update(result.headers)
+    exchange.outcome, exchange.trace_id, exchange.upstream = "OK", result.trace_id, result.upstream
+    if exchange.payload is not None:
+        exchange.payload["result"] = result.structured
+    return types.CallToolResult(
+        content=[types.TextContent(text=result.text)],
+        structured_content=result.structured,
+        is_error=False,
+        _meta=_meta(exchange, result.trace_id),
+    )
+
+
+def _failed(exchange: Exchange, failure: ToolFailure) -> types.CallToolResult:
+    exchange.headers.update(failure.headers)
+    exchange.outcome, exchange.trace_id = failure.code.value, failure.trace_id
+    exchange.upstream = failure.upstream
+    if exchange.payload is not None:
+        exchange.payload["result"] = failure.message
+    meta = _meta(exchange, failure.trace_id)
+    meta["aiservices/error"] = {
+        "code": failure.code.value,
+        "retryable": failure.retryable,
+        **({} if failure.retry_after is None else {"retryAfterSeconds": failure.retry_after}),
+    }
+    return types.CallToolResult(
+        content=[types.TextContent(text=f"{failure.code.value}: {failure.message}")],
+        is_error=True,
+        _meta=meta,
+    )
+
+
+def _invalid_arguments(error: InvalidArgument, request_id: str) -> types.CallToolResult:
+    """Invalid arguments are a tool execution error the model can read and correct."""
+    lines = [error.message]
+    lines += [f"{v.field}: {v.description}" for v in error.violations]
+    if error.not_shown:
+        lines.append(f"... and {error.not_shown}{'' if error.not_shown_exact else '+'} more")
+    return types.CallToolResult(
+        content=[types.TextContent(text="\n".join(lines))],
+        is_error=True,
+        _meta={
+            "aiservices/request_id": request_id,
+            "aiservices/error": {
+                "code": error.reason,
+                "fieldViolations": [
+                    {"field": v.field, "description": v.description} for v in error.violations
+                ],
+            },
+        },
+    )
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, at most `limit` bytes read (a longer one is cut there, so the SDK's
+    own body limit refuses it with 413)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        chunks.append(chunk[: max(0, limit - size)])
+        size += len(chunk)
+        if size >= limit or not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, gone: asyncio.Event) -> Callable[[], Awaitable[Message]]:
+    """A `receive` that yields the body already read, then waits for the client to leave."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _until_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()

@@ -1,0 +1,189 @@
+"""Prometheus metrics: the standard gRPC server series, the process and platform series, and
+what operators need to see the upstream and the limits. Each server has its own registry, so
+several can share a process.
+
+Labels are bounded: method names, codes, tool names, outcomes, key ids; never user ids.
+"""
+
+from __future__ import annotations
+
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from aiservices_server.upstream.refiner import UpstreamAttempt
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+)  # fmt: skip
+
+
+RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+RpcLabels = tuple[str, str, str]
+"""Values of `RPC_LABELS` for one method."""
+
+# Why a call was UNAUTHENTICATED: no authorization header; one that does not parse (or more
+# than one); a well-formed key that is not configured.
+UNAUTHENTICATED_REASONS = ("missing", "malformed", "unknown_key")
+
+
+def rpc_labels(method: str) -> RpcLabels:
+    """`/package.Service/Method` as (`unary`, `package.Service`, `Method`)."""
+    if method.count("/") == 2:
+        _, service, name = method.split("/")
+        return "unary", service, name
+    return "unary", "", method
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        self.rpcs_started = Counter(
+            "grpc_server_started", "RPCs started on the server.", RPC_LABELS, registry=registry
+        )
+        self.rpcs_handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code.",
+            (*RPC_LABELS, "grpc_code"),
+            registry=registry,
+        )
+        self.rpc_handling = Histogram(
+            "grpc_server_handling_seconds",
+            "Time to handle an RPC on the server.",
+            RPC_LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tool_calls = Counter(
+            "aiservices_tool_calls",
+            "Tool calls that ran, by tool, outcome (OK or the tool error code), key id and "
+            "transport (grpc, mcp).",
+            ("tool", "outcome", "key_id", "transport"),
+            registry=registry,
+        )
+        self.mcp_requests = Counter(
+            "aiservices_mcp_requests",
+            "MCP requests by JSON-RPC method and code (OK or the refusal, as gRPC names it).",
+            ("method", "code"),
+            registry=registry,
+        )
+        self.mcp_handling = Histogram(
+            "aiservices_mcp_request_seconds",
+            "Time to handle an MCP request, by JSON-RPC method.",
+            ("method",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_requests = Histogram(
+            "aiservices_upstream_request_seconds",
+            "Upstream HTTP attempts by status (HTTP code, timeout, unavailable, cancelled, "
+            "too_large, invalid, error).",
+            ("status",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_tokens = Counter(
+            "aiservices_upstream_tokens",
+            "Model tokens the upstream reported for tool calls, by kind (prompt, completion).",
+            ("kind",),
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "aiservices_tool_calls_in_flight", "Tool calls running now.", registry=registry
+        )
+        self.in_flight_limit = Gauge(
+            "aiservices_tool_calls_in_flight_limit",
+            "The bound on tool calls in flight.",
+            registry=registry,
+        )
+        self.overloaded = Counter(
+            "aiservices_overloaded_refusals",
+            "Calls refused because the in-flight bound was full.",
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "aiservices_rate_limit_refusals",
+            "Calls refused by the rate limiter, by tool and key id.",
+            ("tool", "key_id"),
+            registry=registry,
+        )
+        self.redis_fallbacks = Counter(
+            "aiservices_rate_limit_redis_fallbacks",
+            "Rate-limit decisions served by the in-memory limiter because Redis failed.",
+            registry=registry,
+        )
+        self.rate_limit_store_up = Gauge(
+            "aiservices_rate_limit_store_up",
+            "1 while rate-limit decisions come from Redis (or no Redis is configured); "
+            "0 while they fail open to the in-memory limiter.",
+            registry=registry,
+        )
+        self.unauthenticated_refusals = Counter(
+            "aiservices_unauthenticated_refusals",
+            "Calls refused as UNAUTHENTICATED, by reason (missing, malformed, unknown_key); "
+            "counted even when their access-log lines are sampled away.",
+            ("reason",),
+            registry=registry,
+        )
+        for reason in UNAUTHENTICATED_REASONS:
+            self.unauthenticated_refusals.labels(reason)  # exported as 0 from the start
+        self._http: WSGIServer | None = None
+
+    def rpc_started(self, method: str) -> RpcLabels:
+        """Count the start; hand the labels back to `rpc_handled` at the end of the call."""
+        labels = rpc_labels(method)
+        self.rpcs_started.labels(*labels).inc()
+        return labels
+
+    def rpc_handled(self, labels: RpcLabels, code: str, seconds: float) -> None:
+        self.rpcs_handled.labels(*labels, code).inc()
+        self.rpc_handling.labels(*labels).observe(seconds)
+
+    def unauthenticated_refusal(self, reason: str) -> None:
+        self.unauthenticated_refusals.labels(reason).inc()
+
+    def tool_call(
+        self,
+        tool: str,
+        outcome: str,
+        key_id: str,
+        transport: str,
+        upstream: UpstreamAttempt | None = None,
+    ) -> None:
+        """A tool call that ran, and the model's tokens its last upstream attempt reported."""
+        self.tool_calls.labels(tool, outcome, key_id, transport).inc()
+        if upstream is not None and upstream.tokens is not None:
+            prompt, completion = upstream.tokens
+            self.upstream_tokens.labels("prompt").inc(prompt)
+            self.upstream_tokens.labels("completion").inc(completion)
+
+    def mcp_request(self, method: str, code: str, seconds: float) -> None:
+        self.mcp_requests.labels(method, code).inc()
+        self.mcp_handling.labels(method).observe(seconds)
+
+    def upstream_request(self, status: str, seconds: float) -> None:
+        self.upstream_requests.labels(status).observe(seconds)
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics on host:port in a daemon thread; returns the bound port."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

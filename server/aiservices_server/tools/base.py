@@ -1,0 +1,95 @@
+"""What a tool is: a definition the catalogue publishes and an async handler the core calls.
+
+A tool returns a `ToolResult` or raises `ToolFailure` (the tool ran but could not produce a
+result: the caller gets a result with `is_error`, not a refusal). It may also raise a domain
+error (`aiservices_server.errors`) for input only it can judge. Tools never import a transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from aiservices_server.call import Call
+from aiservices_server.upstream.refiner import UpstreamAttempt
+
+JsonObject = dict[str, Any]
+
+
+class ToolErrorCode(StrEnum):
+    UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
+    UPSTREAM_TIMEOUT = "UPSTREAM_TIMEOUT"
+    UPSTREAM_ERROR = "UPSTREAM_ERROR"
+    INVALID_MODEL_OUTPUT = "INVALID_MODEL_OUTPUT"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    """A successful call: the summary text shown to people and the structured object.
+
+    `upstream` is the last upstream attempt, for the access log. `headers` are sent with the
+    result (the core adds the rate limit left)."""
+
+    text: str
+    structured: JsonObject
+    trace_id: str = ""
+    upstream: UpstreamAttempt | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class ToolFailure(Exception):
+    """The tool ran but could not produce a result: a result with `is_error`, not a refusal.
+
+    `retry_after` (seconds) is the upstream's advice, when it gave one; `upstream` and `headers`
+    as in ToolResult."""
+
+    def __init__(
+        self,
+        code: ToolErrorCode,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        trace_id: str = "",
+        upstream: UpstreamAttempt | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.trace_id = trace_id
+        self.upstream = upstream
+        self.headers: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class ToolAnnotations:
+    """MCP behaviour hints; None means unknown."""
+
+    read_only_hint: bool | None = None
+    destructive_hint: bool | None = None
+    idempotent_hint: bool | None = None
+    open_world_hint: bool | None = None
+
+
+@dataclass(frozen=True)
+class ToolDefinition:
+    name: str
+    title: str
+    description: str
+    input_schema: JsonObject
+    output_schema: JsonObject
+    permission: str
+    annotations: ToolAnnotations = field(default_factory=ToolAnnotations)
+
+
+class Tool(Protocol):
+    @property
+    def definition(self) -> ToolDefinition: ...
+
+    async def call(self, arguments: JsonObject, call: Call) -> ToolResult:
+        """Run with arguments already validated against `definition.input_schema`."""
+        ...

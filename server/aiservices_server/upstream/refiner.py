@@ -1,0 +1,107 @@
+"""The port refine_prompt calls, whichever upstream answers it: a template, guidelines and
+context in; the model's raw answer, a trace id and the HTTP attempt out; or an UpstreamError
+saying what went wrong, in words safe to show callers.
+
+Adapters: `agenta.AgentaRefiner` (a prompt deployed on an Agenta completion runner) and
+`openai.OpenAIRefiner` (OpenAI-compatible chat completions), beside this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAttempt:
+    """What one HTTP attempt to an upstream came to, and how long it took.
+
+    `status` is the HTTP status code ("200", "503"...) or, when no status was read, one of
+    timeout, unavailable, cancelled, too_large, invalid or error. `tokens` is the model's usage
+    (prompt, completion) when the upstream reported it.
+    """
+
+    status: str
+    seconds: float
+    tokens: tuple[int, int] | None = None
+
+
+class UpstreamError(Exception):
+    """Base of upstream failures; messages are safe to show callers (no keys, no payloads).
+
+    `attempt` is the last HTTP attempt made for the call, or None when none was made (no time
+    was left for one).
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.attempt: UpstreamAttempt | None = None
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Could not connect, or the connection broke before a reply arrived."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, sent: bool) -> None:
+        super().__init__(message)
+        # False when the request never left: retrying cannot run the prompt twice.
+        self.sent = sent
+
+
+class UpstreamTimeout(UpstreamError):
+    retryable = True
+
+
+class UpstreamStatusError(UpstreamError):
+    """A non-2xx reply. `body` holds its first bytes (at most 64 KiB), for an adapter to tell
+    one refusal from another; it is never shown to callers or logged."""
+
+    def __init__(
+        self, status: int, message: str, *, retry_after: float | None = None, body: bytes = b""
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.status = status
+        self.body = body
+        self.retryable = status in (408, 425, 429, 500, 502, 503, 504)
+
+
+class UpstreamBadReply(UpstreamError):
+    """A 2xx reply that is not the completion-runner JSON shape."""
+
+
+class UpstreamReplyTooLarge(UpstreamBadReply):
+    """A reply over the byte cap, or holding more JSON values than a parse may build.
+
+    Not retryable: the same prompt would most likely answer the same way.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class RefineRequest:
+    template_json: str
+    guidelines: str = ""
+    context: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RefineReply:
+    """`output` is the model's answer as the upstream gave it: a JSON text (perhaps fenced like a
+    chat answer) or an already parsed object; the tool checks it."""
+
+    output: Any
+    trace_id: str
+    attempt: UpstreamAttempt
+
+
+class Refiner(Protocol):
+    """Refines a prompt template within `time_left` seconds (None: the adapter's own timeout),
+    passing `traceparent` on; raises UpstreamError."""
+
+    async def refine(
+        self, request: RefineRequest, *, time_left: float | None, traceparent: str | None
+    ) -> RefineReply: ...
