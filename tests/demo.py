@@ -199,6 +199,7 @@ async def run_demo() -> int:
             settings = load_settings(**demo_settings, mcp_address=DEMO_MCP_ADDRESS)
         configure_logging(settings.log_level.value)
         server = AiServicesServer(settings)
+        server.handle_signals()
         port = await server.start()
         host = settings.grpc_address.rpartition(":")[0]
         mcp_url = None

@@ -482,25 +482,34 @@ def test_the_elapsed_line_shows_on_a_terminal_only(
     assert piped.stderr == ""
 
 
+def spawn_in_the_foreground(command: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start `command` as a shell starts a foreground command, with SIGINT at its default.
+
+    A shell starts background jobs with SIGINT ignored (so Ctrl-C spares them), children inherit
+    that, and Python then installs no KeyboardInterrupt handler: under `make test &` the command
+    would never see the Ctrl-C this test sends. A handled signal is reset to its default by exec,
+    so the child starts with SIGINT as a foreground command has it, whatever this process has.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_exits_130_with_one_line(
     service: ServerThread, standin: StandinUpstream, keys: TestKeys, tmp_path: Path
 ) -> None:
     template = write_template(tmp_path)
     env = command_env(AISERVICES_TARGET=service.target, AISERVICES_API_KEY=keys.editor)
     standin.push(Hang())
-    with subprocess.Popen(
-        [str(AISERVICES), "refine", str(template)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
+    with spawn_in_the_foreground([str(AISERVICES), "refine", str(template)], env) as process:
         assert standin.wait_for_requests(1, timeout=30)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=30)
-    assert process.returncode == 130
-    assert stderr == "aiservices: interrupted\n"
-    assert stdout == ""
+    assert (process.returncode, stderr, stdout) == (130, "aiservices: interrupted\n", "")
 
 
 def test_a_reader_that_goes_away_is_not_an_error(service: ServerThread, keys: TestKeys) -> None:

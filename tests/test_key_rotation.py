@@ -18,7 +18,7 @@ import pytest
 from aiservices import AsyncToolClient, ToolClient, ToolServiceError
 from aiservices_server.auth import generate_key, hash_key
 from aiservices_server.auth.reload import WATCH_INTERVAL
-from tests.standin import Slow, StandinUpstream
+from tests.standin import Gate, Held, StandinUpstream
 from tests.support.processes import ServerProcess, run_to_exit, upstream_settings
 from tests.support.waiting import wait_until
 
@@ -175,7 +175,8 @@ def test_a_broken_file_keeps_the_old_keys_and_logs_one_error_line(
 async def test_a_call_in_flight_during_a_reload_completes(
     keys_file: Path, upstream: StandinUpstream
 ) -> None:
-    upstream.push(Slow(3.0))
+    gate = Gate()
+    upstream.push(Held(gate))
     server = await asyncio.to_thread(start_server, keys_file, upstream)
     try:
         async with AsyncToolClient(server.target, api_key=OLD_KEY, timeout=30) as client:
@@ -190,6 +191,7 @@ async def test_a_call_in_flight_during_a_reload_completes(
             assert reloaded
             assert not held.done(), "the call ended before the reload: nothing was tested"
 
+            gate.open()
             result = await held
             assert not result.is_error
             assert result.structured_content

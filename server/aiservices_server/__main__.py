@@ -45,6 +45,7 @@ async def serve(settings: Settings, *, dev_keys: bool = False) -> int:
             file=sys.stderr,
         )
     server = AiServicesServer(settings)
+    server.handle_signals()
     await server.start()
     # Rarer collections: the 1,000-in-flight target (900 req/s) holds by 4 req/s at defaults.
     gc.set_threshold(5_000, 20, 20)

@@ -254,6 +254,8 @@ class AiServicesServer:
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
         self._drain = Drain()
+        self._signalled = asyncio.Event()
+        self._handling_signals = False
         self._outermost = OutermostInterceptor(
             self.metrics, self._drain, unauthenticated_lines=unauthenticated_lines
         )
@@ -445,20 +447,30 @@ class AiServicesServer:
         await self.health.set(RATE_LIMIT_HEALTH, status.SERVING if up else status.NOT_SERVING)
 
     def reload_keys(self) -> None:
-        """Reload the keys file soon (SIGHUP); with authentication disabled there is none."""
-        if self._keys_reloader is None:
+        """Reload the keys file soon (SIGHUP); with authentication disabled there is none, and
+        during start-up there is nothing to do: start() reads the file as it is then."""
+        if self.settings.auth is AuthMode.DISABLED:
             log.info("nothing to reload: authentication is disabled")
-            return
-        self._keys_reloader.request("sighup")
+        elif self._keys_reloader is not None:
+            self._keys_reloader.request("sighup")
+
+    def handle_signals(self) -> None:
+        """From now on SIGINT and SIGTERM drain the server (see `serve_until_signalled`) and
+        SIGHUP reloads the keys file. Called before `start()`, so a signal sent during start-up,
+        or as soon as the "serving" line is out, is answered as documented instead of ending
+        the process with the signal's default action."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._signalled.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        self._handling_signals = True
 
     async def serve_until_signalled(self) -> None:
         """Run until SIGINT or SIGTERM, then drain and stop; a second signal stops at once.
         SIGHUP reloads the keys file meanwhile."""
-        signalled = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, signalled.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        if not self._handling_signals:
+            self.handle_signals()
+        signalled = self._signalled
         await signalled.wait()
         signalled.clear()
         log.info("draining", extra={"grace_seconds": self.settings.shutdown_grace})

@@ -216,14 +216,17 @@ class Exchange:
             finish_reason=finish_reason,
         )
 
-    async def pause(self, seconds: float | None) -> None:
-        """Wait (forever when None) in a way ``stop()`` can interrupt, so shutdown never blocks."""
+    async def pause(self, seconds: float | None, gate: Gate | None = None) -> None:
+        """Wait (forever when None, or until `gate` opens) in a way ``stop()`` can interrupt, so
+        shutdown never blocks."""
         task = asyncio.current_task()
         assert task is not None
         waiting = self.upstream._waiting
         waiting.add(task)
         try:
-            if seconds is None:
+            if gate is not None:
+                await gate.wait()
+            elif seconds is None:
                 await asyncio.get_running_loop().create_future()
             else:
                 await asyncio.sleep(seconds)
@@ -384,6 +387,45 @@ class Slow(Scenario):
 
     async def respond(self, exchange: Exchange) -> web.StreamResponse:
         await exchange.pause(self.seconds)
+        return await self.then.respond(exchange)
+
+
+class Gate:
+    """Holds the requests of `Held` scenarios until the test calls `open()`, from any thread: a
+    call kept in flight for exactly as long as the test needs, however slow the machine."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._opened = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def open(self) -> None:
+        with self._lock:
+            self._opened = True
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is already closed
+                loop.call_soon_threadsafe(_resolve, future)
+
+    async def wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._opened:
+                return
+            future: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, future))
+        await future
+
+
+@dataclass(frozen=True, slots=True)
+class Held(Scenario):
+    """Wait until ``gate`` opens, then behave as ``then``."""
+
+    gate: Gate
+    then: Scenario = Refine()
+
+    async def respond(self, exchange: Exchange) -> web.StreamResponse:
+        await exchange.pause(None, self.gate)
         return await self.then.respond(exchange)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -53,6 +54,12 @@ class ServerThread:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def loop_cpu_seconds(self) -> float:
+        """CPU time the server's event-loop thread has used so far: what it spent working, as
+        opposed to waiting for a core when the machine is busy."""
+        assert self._thread.ident is not None, "the server has not started"
+        return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
