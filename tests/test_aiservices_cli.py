@@ -271,7 +271,16 @@ def test_a_tool_error_exits_1_with_one_line(
     as_json = as_caller(service, keys.editor, "refine", str(template), "--json")
     assert as_json.returncode == 1
     assert json.loads(as_json.stdout)["error"]["code"] == "UPSTREAM_ERROR"
-    assert one_line(as_json.stderr).startswith("aiservices: tool error UPSTREAM_ERROR: ")
+    # With --json the error on stderr is one JSON object too.
+    assert json.loads(one_line(as_json.stderr)) == {
+        "error": {
+            "kind": "tool_error",
+            "code": "UPSTREAM_ERROR",
+            "message": "the upstream answered HTTP 400",
+            "retryable": False,
+            "exit_code": 1,
+        }
+    }
 
 
 # --- refusals, unreachable, usage -------------------------------------------------------------
@@ -363,7 +372,9 @@ def test_an_internal_error_shows_its_support_id() -> None:
 def test_an_unreachable_or_silent_service_exits_4(
     service: ServerThread, standin: StandinUpstream, keys: TestKeys
 ) -> None:
-    down = aiservices("--target", f"127.0.0.1:{closed_port()}", "--timeout", "5", "status")
+    down = aiservices(
+        "--target", f"127.0.0.1:{closed_port()}", "--api-key", "k", "--timeout", "5", "status"
+    )
     assert down.returncode == 4
     assert one_line(down.stderr).startswith("aiservices: cannot reach 127.0.0.1:")
 
@@ -393,11 +404,51 @@ def test_an_unreachable_or_silent_service_exits_4(
 )
 def test_usage_errors_exit_2_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     # Nothing listens on the target: a usage error is found before any call is made.
-    env = command_env(AISERVICES_TARGET=f"127.0.0.1:{closed_port()}")
+    env = command_env(AISERVICES_TARGET=f"127.0.0.1:{closed_port()}", AISERVICES_API_KEY="k")
     ran = aiservices(*args, env=env, stdin="{'not': 'json'}")
     assert ran.returncode == 2
     assert one_line(ran.stderr).startswith(message)
     assert ran.stdout == ""
+
+
+def test_no_api_key_is_refused_before_anything_is_sent() -> None:
+    env = command_env(AISERVICES_TARGET=f"127.0.0.1:{closed_port()}")
+    ran = aiservices("status", env=env)
+    assert (ran.returncode, ran.stdout) == (2, "")
+    assert one_line(ran.stderr) == (
+        "aiservices: no API key: pass --api-key or --api-key-file, or set AISERVICES_API_KEY "
+        "(a server with authentication disabled takes any key)"
+    )
+
+
+def test_with_json_every_error_is_one_json_object(service: ServerThread) -> None:
+    unreachable = f"127.0.0.1:{closed_port()}"
+    usage = aiservices(
+        "--json", "call", TOOL, "--args", "[1]", env=command_env(AISERVICES_API_KEY="k")
+    )
+    assert json.loads(usage.stderr) == {
+        "error": {
+            "kind": "usage",
+            "message": "--args must be a JSON object, not list",
+            "exit_code": 2,
+        }
+    }
+    assert usage.returncode == 2
+    bad_flag = aiservices("status", "--json", "--nope", env=command_env())
+    assert json.loads(bad_flag.stderr)["error"]["kind"] == "usage"
+
+    refused = as_caller(service, "ais_not-a-key-anyone-issued", "status", "--json")
+    assert refused.returncode == 3
+    error = json.loads(refused.stderr)["error"]
+    assert (error["kind"], error["status"], error["exit_code"]) == ("refused", "UNAUTHENTICATED", 3)
+    assert error["hints"] == ["check --api-key, --api-key-file or AISERVICES_API_KEY"]
+
+    down = aiservices(
+        "--target", unreachable, "--api-key", "k", "--timeout", "5", "--json", "status"
+    )
+    assert down.returncode == 4
+    error = json.loads(down.stderr)["error"]
+    assert (error["kind"], error["status"], error["exit_code"]) == ("unreachable", "UNAVAILABLE", 4)
 
 
 # --- TLS --------------------------------------------------------------------------------------
@@ -415,7 +466,14 @@ def test_tls_and_mtls_flags(
         assert "enabled   yes" in trusted.stdout
         plaintext = as_caller(server, keys.editor, "--timeout", "5", "status")
         assert plaintext.returncode == 4
-        assert one_line(plaintext.stderr).startswith("aiservices: cannot reach ")
+        line = one_line(plaintext.stderr)
+        assert line.startswith("aiservices: cannot reach ")
+        assert line.endswith("; the server may expect TLS: add --tls (and --ca-file for its CA)")
+        untrusted = as_caller(server, keys.editor, "--tls", "--timeout", "5", "status")
+        assert untrusted.returncode == 4
+        assert one_line(untrusted.stderr).endswith(
+            "; the server's certificate is not trusted: pass --ca-file with the CA that signed it"
+        )
 
     mtls = tls.model_copy(update={"tls_client_ca_file": certs.ca.cert_file})
     with ServerThread(mtls) as server:
@@ -575,4 +633,6 @@ def test_tls_against_a_plaintext_server_is_one_line_without_grpc_logs(
 ) -> None:
     ran = as_caller(service, keys.full, "--tls", "--timeout", "5", "status")
     assert ran.returncode == 4
-    assert one_line(ran.stderr).startswith(f"aiservices: cannot reach {service.target}: ")
+    line = one_line(ran.stderr)
+    assert line.startswith(f"aiservices: cannot reach {service.target}: ")
+    assert line.endswith("; the server does not speak TLS: leave out --tls and --ca-file")

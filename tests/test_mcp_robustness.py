@@ -371,7 +371,7 @@ async def test_sigterm_lets_mcp_calls_in_flight_finish_and_refuses_new_ones(
                 refused = await http.post(url, json=body, headers=headers(keys.editor, body))
             assert refused.status_code == 503, refused.text
             assert int(refused.headers["retry-after"]) >= 1
-            assert refused.json()["error"]["reason"] == "SHUTTING_DOWN"
+            assert refused.json()["error"]["data"]["reason"] == "SHUTTING_DOWN"
             assert not any(task.done() for task in held), "a held call ended before the drain"
 
             results = await asyncio.gather(*held)

@@ -31,11 +31,15 @@ from aiservices._cli.inputs import (
 )
 from aiservices._cli.output import (
     ENV_API_KEY,
+    EXIT_UNREACHABLE,
     PROG,
+    error_json,
     for_terminal,
     messages_diff,
+    refusal_json,
     refusal_line,
     result_json,
+    tool_error_json,
     tool_error_line,
     tools_table,
 )
@@ -51,7 +55,6 @@ EXIT_OK = 0
 EXIT_TOOL_ERROR = 1
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
-EXIT_UNREACHABLE = 4
 EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
 
@@ -75,10 +78,10 @@ Reference: docs/cli.md in the aiservices repository."""
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with errors on one line instead of a usage block."""
+    """argparse, with errors on one line instead of a usage block (printed by `run`)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{PROG}: {message} (see '{self.prog} --help')\n")
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ def _version() -> str:
 # Connection
 
 
-def _api_key(args: argparse.Namespace) -> str | None:
+def _api_key(args: argparse.Namespace) -> str:
     # argparse sees the two only within one side of the command; one on each side is caught here.
     if args.api_key is not None and args.api_key_file is not None:
         raise UsageError("argument --api-key: not allowed with argument --api-key-file")
@@ -227,13 +230,24 @@ def _api_key(args: argparse.Namespace) -> str | None:
         if not text:
             raise UsageError(f"API key file {args.api_key_file} is empty")
         return text
-    return os.environ.get(ENV_API_KEY, "").strip() or None
+    from_env = os.environ.get(ENV_API_KEY, "").strip()
+    if not from_env:
+        # Refused here: sent without a key, every call would come back UNAUTHENTICATED.
+        raise UsageError(
+            f"no API key: pass --api-key or --api-key-file, or set {ENV_API_KEY} (a server "
+            "with authentication disabled takes any key)"
+        )
+    return from_env
+
+
+def _uses_tls(args: argparse.Namespace) -> bool:
+    return bool(args.tls or args.ca_file or args.cert_file)
 
 
 def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     if (args.cert_file is None) != (args.key_file is None):
         raise UsageError("--cert-file and --key-file go together")
-    if not (args.tls or args.ca_file or args.cert_file):
+    if not _uses_tls(args):
         return None
     return grpc.ssl_channel_credentials(
         root_certificates=read_bytes(args.ca_file, "CA file") if args.ca_file else None,
@@ -312,7 +326,8 @@ def _finish(result: ToolResult, args: argparse.Namespace, show: Callable[[], Non
     elif not result.is_error:
         show()
     if result.is_error:
-        print(tool_error_line(result), file=sys.stderr)
+        failed = tool_error_json(result, EXIT_TOOL_ERROR) if args.json else tool_error_line(result)
+        print(failed, file=sys.stderr)
         return EXIT_TOOL_ERROR
     return EXIT_OK
 
@@ -367,17 +382,39 @@ COMMANDS: dict[str, Callable[[ToolClient, argparse.Namespace], int]] = {
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv`, run the command, and return its exit code; errors are printed here."""
-    args = build_parser().parse_args(argv)
+    """Parse `argv`, run the command, and return its exit code; errors are printed here, one
+    line each, or one JSON object each with `--json`."""
+    as_json = _wants_json(argv)
     try:
+        args = build_parser().parse_args(argv)
         with _connect(args) as client:
-            return COMMANDS[str(args.command)](client, args)
+            try:
+                return COMMANDS[str(args.command)](client, args)
+            except ToolServiceError as err:
+                code = _exit_code(err)
+                target, tls = _target(args), _uses_tls(args)
+                shown = (
+                    refusal_json(err, target, tls=tls, exit_code=code)
+                    if as_json
+                    else refusal_line(err, target, tls=tls)
+                )
+                print(shown, file=sys.stderr)
+                return code
     except UsageError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ToolServiceError as err:
-        print(refusal_line(err, _target(args)), file=sys.stderr)
-        return _exit_code(err)
+        return _failed(as_json, EXIT_USAGE, "usage", str(exc))
+
+
+def _wants_json(argv: Sequence[str] | None) -> bool:
+    """Whether `--json` was asked for, known before (and whatever) argparse makes of the rest,
+    so that even a usage error comes as JSON."""
+    return "--json" in (sys.argv[1:] if argv is None else argv)
+
+
+def _failed(as_json: bool, exit_code: int, kind: str, message: str) -> int:
+    """A failure of the command itself (not a call's): one line or one JSON object."""
+    shown = error_json({"kind": kind, "message": message, "exit_code": exit_code})
+    print(shown if as_json else f"{PROG}: {message}", file=sys.stderr)
+    return exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,16 +422,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(argv)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _failed(_wants_json(argv), EXIT_INTERRUPTED, "interrupted", "interrupted")
     except BrokenPipeError:
         # The reader went away (`aiservices tools | head`): not an error of ours. Point stdout at
         # /dev/null so the interpreter's final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except Exception as exc:
-        print(f"{PROG}: unexpected error ({type(exc).__name__}); please report it", file=sys.stderr)
-        return EXIT_BUG
+        message = f"unexpected error ({type(exc).__name__}); please report it"
+        return _failed(_wants_json(argv), EXIT_BUG, "bug", message)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 from collections.abc import Sequence
 from itertools import zip_longest
@@ -15,6 +16,7 @@ from aiservices.client import TextContent, ToolInfo, ToolResult, ToolServiceErro
 
 PROG = "aiservices"
 ENV_API_KEY = "AISERVICES_API_KEY"
+EXIT_UNREACHABLE = 4
 
 
 # Control characters (but tab and newline) and the bidirectional overrides that reorder how a
@@ -44,8 +46,30 @@ def seconds(value: float) -> str:
     return str(math.ceil(value))
 
 
-def refusal_line(err: ToolServiceError, target: str) -> str:
-    """One line: the status, the reason when it adds something, the message and the hints."""
+# What a failed connection's message says about TLS, and what to do about it. gRPC words them
+# in its own message only; `tls` says whether the command used TLS.
+_TLS_HINTS = (
+    ("WRONG_VERSION_NUMBER", True, "the server does not speak TLS: leave out --tls and --ca-file"),
+    ("Socket closed", False, "the server may expect TLS: add --tls (and --ca-file for its CA)"),
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        True,
+        "the server's certificate is not trusted: pass --ca-file with the CA that signed it",
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A non-OK status as the command reports it: a head (status and reason), the server's
+    message, and hints on what to do."""
+
+    head: str
+    message: str
+    hints: tuple[str, ...]
+
+
+def refusal(err: ToolServiceError, target: str, *, tls: bool) -> Refusal:
     head = err.code.name
     if err.reason and err.reason != head:
         head += f" ({err.reason})"
@@ -63,11 +87,43 @@ def refusal_line(err: ToolServiceError, target: str) -> str:
         hints.append(f"check --api-key, --api-key-file or {ENV_API_KEY}")
     if err.reason is None and err.code is grpc.StatusCode.UNAVAILABLE:
         head = f"cannot reach {target}: {head}"
+        hints.extend(
+            hint for words, when, hint in _TLS_HINTS if words in err.message and tls == when
+        )
     if err.reason is None and err.code is grpc.StatusCode.DEADLINE_EXCEEDED:
         hints.append("no answer in time; a longer --timeout may help")
-    line = f"{PROG}: {one_line(head)}: {one_line(err.message) or 'no message'}"
+    return Refusal(head, err.message, tuple(hints))
+
+
+def refusal_line(err: ToolServiceError, target: str, *, tls: bool = False) -> str:
+    """One line: the status, the reason when it adds something, the message and the hints."""
+    found = refusal(err, target, tls=tls)
+    line = f"{PROG}: {one_line(found.head)}: {one_line(found.message) or 'no message'}"
     # Hints carry server text too (field names echo the caller's keys): one line each, no escapes.
-    return "; ".join([line, *(one_line(hint) for hint in hints)])
+    return "; ".join([line, *(one_line(hint) for hint in found.hints)])
+
+
+def refusal_json(err: ToolServiceError, target: str, *, tls: bool, exit_code: int) -> str:
+    """The same as one JSON object, for `--json`: the status and reason apart, every detail."""
+    found = refusal(err, target, tls=tls)
+    error: dict[str, Any] = {
+        "kind": "unreachable" if exit_code == EXIT_UNREACHABLE else "refused",
+        "status": err.code.name,
+        "reason": err.reason,
+        "message": err.message,
+        "hints": list(found.hints),
+        "exit_code": exit_code,
+    }
+    if err.field_violations:
+        error["field_violations"] = [
+            {"field": field, "description": description}
+            for field, description in err.field_violations
+        ]
+    if err.retry_after is not None:
+        error["retry_after_seconds"] = math.ceil(err.retry_after)
+    if err.error_metadata:
+        error["metadata"] = dict(err.error_metadata)
+    return error_json(error)
 
 
 def tool_error_line(result: ToolResult) -> str:
@@ -80,6 +136,25 @@ def tool_error_line(result: ToolResult) -> str:
         if error.retry_after is not None:
             line += f", retry after {seconds(error.retry_after)} s"
     return line
+
+
+def tool_error_json(result: ToolResult, exit_code: int) -> str:
+    error = result.error
+    shown: dict[str, Any] = {
+        "kind": "tool_error",
+        "code": None if error is None else error.code,
+        "message": result.text if error is None else (error.message or result.text),
+        "retryable": error is not None and error.retryable,
+        "exit_code": exit_code,
+    }
+    if error is not None and error.retry_after is not None:
+        shown["retry_after_seconds"] = math.ceil(error.retry_after)
+    return error_json(shown)
+
+
+def error_json(error: dict[str, Any]) -> str:
+    """`{"error": {...}}` on one line, ASCII only: nothing in it can drive a terminal."""
+    return json.dumps({"error": error}, separators=(",", ":"))
 
 
 def result_json(result: ToolResult) -> dict[str, Any]:

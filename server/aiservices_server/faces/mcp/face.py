@@ -55,9 +55,10 @@ from aiservices_server.upstream.refiner import UpstreamAttempt
 PATH = "/mcp"
 SERVER_NAME = "aiservices"
 # JSON-RPC error codes in the range the spec leaves to servers, for refusals that are no
-# malformed request: the caller may retry later, or never.
+# malformed request: the caller may retry later, or never, or must bring a valid key.
 RETRY_LATER = -32000
 DEADLINE_EXCEEDED = -32001
+UNAUTHENTICATED = -32002
 _STATE_KEY = "aiservices.exchange"
 # HTTP answers given before or instead of MCP's, in the words of the access line.
 _HTTP_CODES = {
@@ -258,13 +259,17 @@ class McpFace:
     async def _refuse_http(
         self, send: Send, status: int, refusal: ServiceError, request_id: str
     ) -> None:
+        """A refusal before the SDK saw the request: an HTTP status, and as its body the same
+        JSON-RPC error a refusal inside MCP gets (id null: the body was not read), which MCP
+        clients pass on to their caller as they would that one."""
         headers = {REQUEST_ID_HEADER: request_id}
         if status == 401:
             headers["www-authenticate"] = 'Bearer realm="aiservices"'
-        if isinstance(refusal, RetryLater):
-            headers["retry-after"] = str(retry_after_seconds(refusal.retry_after))
-        body = {"error": {"reason": refusal.reason, "message": refusal.message}}
-        await _send_json(send, status, body, headers)
+        code, data = _jsonrpc_error(refusal)
+        if "retryAfterSeconds" in data:
+            headers["retry-after"] = str(data["retryAfterSeconds"])
+        error = {"code": code, "message": refusal.message, "data": data}
+        await _send_json(send, status, {"jsonrpc": "2.0", "id": None, "error": error}, headers)
 
     # --- the SDK's handlers ----------------------------------------------------------------
 
@@ -317,22 +322,14 @@ class McpFace:
 
     @staticmethod
     def _refusal(exchange: Exchange, error: ServiceError) -> MCPError:
-        """The one mapping from a domain error to what an MCP client sees: a JSON-RPC error
-        whose `data` carries the reason (and, to come back later, `retryAfterSeconds`, also sent
-        as HTTP `Retry-After`)."""
+        """A refusal inside MCP: the JSON-RPC error the SDK answers with, its `Retry-After`
+        header when it has a delay."""
         exchange.refusal = error.reason
         exchange.headers.update(error.headers)
-        data: dict[str, Any] = {"reason": error.reason, **error.metadata}
-        if isinstance(error, RetryLater):
-            seconds = retry_after_seconds(error.retry_after)
-            data["retryAfterSeconds"] = seconds
-            exchange.headers["retry-after"] = str(seconds)
-            return MCPError(RETRY_LATER, error.message, data)
-        if isinstance(error, ToolNotFound | PermissionDenied | FeatureDisabled | InvalidArgument):
-            return MCPError(types.INVALID_PARAMS, error.message, data)
-        if error.reason == "DEADLINE_EXCEEDED":
-            return MCPError(DEADLINE_EXCEEDED, error.message, data)
-        return MCPError(types.INTERNAL_ERROR, error.message, data)
+        code, data = _jsonrpc_error(error)
+        if "retryAfterSeconds" in data:
+            exchange.headers["retry-after"] = str(data["retryAfterSeconds"])
+        return MCPError(code, error.message, data)
 
     def _finish(
         self,
@@ -366,6 +363,22 @@ class McpFace:
             upstream=exchange.upstream if exchange is not None else None,
             payload=exchange.payload if exchange is not None else None,
         )
+
+
+def _jsonrpc_error(error: ServiceError) -> tuple[int, dict[str, Any]]:
+    """The one mapping from a domain error to what an MCP client sees: a JSON-RPC error code,
+    and `data` with the reason (and, to come back later, `retryAfterSeconds`)."""
+    data: dict[str, Any] = {"reason": error.reason, **error.metadata}
+    if isinstance(error, RetryLater):
+        data["retryAfterSeconds"] = retry_after_seconds(error.retry_after)
+        return RETRY_LATER, data
+    if isinstance(error, Unauthenticated):
+        return UNAUTHENTICATED, data
+    if isinstance(error, ToolNotFound | PermissionDenied | FeatureDisabled | InvalidArgument):
+        return types.INVALID_PARAMS, data
+    if error.reason == "DEADLINE_EXCEEDED":
+        return DEADLINE_EXCEEDED, data
+    return types.INTERNAL_ERROR, data
 
 
 def _code(status: int, exchange: Exchange | None) -> str:
