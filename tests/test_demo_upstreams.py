@@ -9,13 +9,8 @@ instead of its Agenta completion runner; a completion's trace id is its response
 from __future__ import annotations
 
 import json
-import os
-import queue
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,64 +22,14 @@ from aiservices_server.config import UpstreamKind
 from aiservices_server.tools.refine_prompt import DEFINITION
 from tests import demo
 from tests.standin import CHAT_PATH, RUN_PATH, StandinUpstream
+from tests.support.demo import RunningDemo, demo_environment
 from tests.support.keys import TestKeys
-from tests.support.processes import IMPORT_PATH, run_printed
+from tests.support.processes import run_printed
 from tests.support.servers import ServerThread, make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 INSPECTOR = ROOT / ".tools" / "node_modules" / ".bin" / "mcp-inspector"
 TOOL = DEFINITION.name
-LAST_LINE = "Stop with Ctrl-C."
-
-
-class RunningDemo:
-    """`python -m tests.demo` in its own process; stderr read by a thread, line by line."""
-
-    def __init__(self, process: subprocess.Popen[str]) -> None:
-        self.process = process
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.seen: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)
-
-    def instructions(self, timeout: float = 30.0) -> list[str]:
-        """The lines the demo prints for the user, from its first to `Stop with Ctrl-C.`"""
-        deadline = time.monotonic() + timeout
-        while LAST_LINE not in self.seen:
-            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            if line is None:
-                pytest.fail("the demo exited before it was ready:\n" + "\n".join(self.seen))
-            self.seen.append(line)
-        first = next(i for i, line in enumerate(self.seen) if line.startswith("aiservices demo:"))
-        return self.seen[first : self.seen.index(LAST_LINE) + 1]
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-        code = self.process.wait(timeout=30)
-        self._reader.join(timeout=5)
-        return code
-
-
-def _environment(tmp_path: Path, **settings: str) -> dict[str, str]:
-    """A clean environment: no AGENTA_AI_SERVICES_* but `settings`, a home of its own (the
-    Inspector keeps a catalog there) and its secrets in memory."""
-    home = tmp_path / "home"
-    home.mkdir(exist_ok=True)
-    env = {
-        "PATH": os.environ["PATH"],
-        "PYTHONPATH": IMPORT_PATH,  # `python -m tests.demo` from outside the checkout
-        "HOME": str(home),
-        "MCP_INSPECTOR_SECRET_STORE": "memory",
-    }
-    env.update({f"AGENTA_AI_SERVICES_{name.upper()}": value for name, value in settings.items()})
-    return env
 
 
 @pytest.fixture
@@ -92,18 +37,10 @@ def openai_demo(tmp_path: Path) -> Iterator[RunningDemo]:
     """The demo with UPSTREAM=openai, on free ports, working in an empty directory."""
     if not INSPECTOR.exists():
         pytest.fail("the MCP Inspector is not installed: `make tools` installs it")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.demo"],
-        cwd=tmp_path,
-        env=_environment(
-            tmp_path, upstream="openai", grpc_address="127.0.0.1:0", mcp_address="127.0.0.1:0"
-        ),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    env = demo_environment(
+        tmp_path / "home", upstream="openai", grpc_address="127.0.0.1:0", mcp_address="127.0.0.1:0"
     )
-    running = RunningDemo(process)
+    running = RunningDemo.start(tmp_path, env)
     try:
         yield running
     finally:
@@ -139,7 +76,7 @@ def test_demo_with_upstream_openai_answers_every_printed_command_through_chat_co
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     listed, called, python, cli_status, cli_refine, status, call_tool = (
-        run_printed(command, workdir, _environment(tmp_path)) for command in commands
+        run_printed(command, workdir, demo_environment(tmp_path / "home")) for command in commands
     )
 
     assert [tool["name"] for tool in json.loads(listed)["tools"]] == [TOOL]
@@ -200,7 +137,7 @@ def test_a_bad_upstream_setting_stops_the_demo_with_one_line(tmp_path: Path) -> 
     ran = subprocess.run(
         [sys.executable, "-m", "tests.demo"],
         cwd=tmp_path,
-        env=_environment(tmp_path, upstream="opneai", grpc_address="127.0.0.1:0"),
+        env=demo_environment(tmp_path / "home", upstream="opneai", grpc_address="127.0.0.1:0"),
         capture_output=True,
         text=True,
         timeout=30,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -191,6 +192,13 @@ def test_the_commands_make_demo_prints_work_as_printed(
     assert diff[-1] == f"summary: {refined['structuredContent']['summary']}"
 
 
+def code_in(markdown: str) -> list[str]:
+    """The code of a Markdown text: its fenced blocks and its inline `code` spans."""
+    fenced = re.findall(r"^```[^\n]*\n(.*?)^```", markdown, re.MULTILINE | re.DOTALL)
+    prose = re.sub(r"^```[^\n]*\n.*?^```", "", markdown, flags=re.MULTILINE | re.DOTALL)
+    return fenced + [span for _, span in re.findall(r"(`+)(.+?)\1", prose, re.DOTALL)]
+
+
 def test_every_npx_form_runs_the_versions_make_tools_installs() -> None:
     """An unpinned `npx` picks whatever it has cached (an old Inspector refuses the CLI's
     arguments): every `npx` line in the docs and the demo names the pinned version."""
@@ -198,11 +206,12 @@ def test_every_npx_form_runs_the_versions_make_tools_installs() -> None:
     texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     run_by_npx = set()
     for path in texts:
-        words = path.read_text().replace("`", " ").split()
-        for at, word in enumerate(words):
-            if word == "npx":
-                package = next(w for w in words[at + 1 :] if not w.startswith("-"))
-                run_by_npx.add((path.name, package))
+        for code in code_in(path.read_text()):
+            words = code.split()
+            for at, word in enumerate(words):
+                package = next((w for w in words[at + 1 :] if not w.startswith("-")), None)
+                if word == "npx" and package is not None:
+                    run_by_npx.add((path.name, package))
     assert run_by_npx, "no npx line found: the check reads nothing"
     assert {package for _, package in run_by_npx} <= pinned, run_by_npx
     assert shlex.split(demo.inspector_commands("http://h/mcp", "k")[0])[0] == str(INSPECTOR)

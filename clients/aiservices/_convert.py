@@ -42,9 +42,12 @@ def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
     """Turn a Struct into plain Python; integral numbers come back as ints.
 
     Struct stores every number as a double, so `3` arrives as `3.0`; callers and JSON Schemas
-    expect `3`. Values beyond 2**53 stay floats because they were never exact.
+    expect `3`. Values beyond 2**53 stay floats because they were never exact. Keys come in
+    sorted order: a Struct is a map, whose order would otherwise change from one process to the
+    next, and the same result should read the same every time.
     """
-    return {key: _from_value(value) for key, value in struct.fields.items()}
+    fields = struct.fields
+    return {key: _from_value(fields[key]) for key in sorted(fields)}
 
 
 def _from_value(value: struct_pb2.Value) -> Any:

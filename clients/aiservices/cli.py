@@ -291,7 +291,9 @@ def _show(text: str) -> None:
 
 
 def _print_json(value: Any) -> None:
-    _show(json.dumps(value, indent=2, ensure_ascii=False))
+    # Keys sorted: a Struct's keys come in no set order, and the same result should print the
+    # same every time (as buf and grpcurl print it).
+    _show(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------

@@ -180,10 +180,10 @@ def _new(args: argparse.Namespace) -> int:
     )
     if args.append is not None:
         path, count = _append(args.append, args.id, "\n".join(entry) + "\n")
-        sys.stdout.write(key + "\n")
+        _write_out(key + "\n")
         sys.stderr.write(f'added "{args.id}" to {path}: {_count(count)} in it\n')
     else:
-        sys.stdout.write("\n".join(entry) + "\n")
+        _write_out("\n".join(entry) + "\n")
         sys.stderr.write(
             f"key: {key}\n(shown only once: hand it to the caller now; the entry on stdout "
             "holds only its hash)\n"
@@ -195,6 +195,12 @@ def _new(args: argparse.Namespace) -> int:
                 f"(known: {', '.join(sorted(_known_permissions()))})\n"
             )
     return 0
+
+
+def _write_out(text: str) -> None:
+    """stdout, flushed: what follows on stderr comes after it, in a pipe as on a terminal."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def _known_permissions() -> frozenset[str]:
