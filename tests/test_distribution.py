@@ -9,6 +9,7 @@ calls through the generated client. Nothing of the checkout is on either import 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -47,13 +48,32 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     """Both wheels built by `make dist` and installed, with `pip install`, into a new venv."""
     root = tmp_path_factory.mktemp("installed")
     dist = root / "dist"
-    run("make", "--no-print-directory", "dist", f"DIST={dist}", cwd=REPO_ROOT)
+    run("make", "--no-print-directory", "dist", f"DIST={dist}", cwd=project_copy(root / "src"))
     venv = root / "venv"
     run(sys.executable, "-m", "venv", venv, cwd=root)
     # The command docs/operations.md gives, run from outside the checkout.
     pip = venv / "bin" / "pip"
     run(pip, "install", "--quiet", "-c", dist / "constraints.txt", *dist.glob("*.whl"), cwd=root)
     yield Installed(dist, venv)
+
+
+# What `make dist` reads: the projects, their lock, and the uv that `make` installed.
+PROJECT_FILES = ("Makefile", "pyproject.toml", "uv.lock", "README.md", "LICENSE")
+PROJECT_DIRS = ("server", "clients")
+
+
+def project_copy(where: Path) -> Path:
+    """The checkout's projects, copied: building an sdist writes `*.egg-info` into the source
+    tree, which another test run building at the same moment would be rewriting too."""
+    for name in PROJECT_FILES:
+        where.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / name, where / name)
+    leave_out = shutil.ignore_patterns("*.egg-info", "__pycache__", "build")
+    for name in PROJECT_DIRS:
+        shutil.copytree(REPO_ROOT / name, where / name, ignore=leave_out)
+    (where / ".tools").mkdir()
+    (where / ".tools" / "uv").symlink_to(REPO_ROOT / ".tools" / "uv")
+    return where
 
 
 def wheel_metadata(dist: Path, name: str) -> tuple[dict[str, list[str]], list[str]]:
