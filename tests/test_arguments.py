@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -11,7 +12,12 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from aiservices_server.core.arguments import MAX_ARGUMENT_VALUES, MAX_KEY_CHARS, ArgumentValidator
+from aiservices_server.core.arguments import (
+    MAX_ARGUMENT_VALUES,
+    MAX_KEY_CHARS,
+    ArgumentValidator,
+    check_bounds,
+)
 from aiservices_server.errors import (
     MAX_DESCRIPTION_CHARS,
     MAX_FIELD_CHARS,
@@ -19,6 +25,7 @@ from aiservices_server.errors import (
     InvalidArgument,
 )
 from aiservices_server.faces.grpc.convert import dict_from, struct_from
+from aiservices_server.faces.mcp.face import _arguments_refusal
 from aiservices_server.tools.refine_prompt import DEFINITION, INPUT_SCHEMA
 
 
@@ -177,3 +184,31 @@ def test_any_arguments_are_accepted_or_refused_with_a_bounded_list_of_violations
         assert refused.not_shown == 0 or len(refused.violations) == MAX_VIOLATIONS
     else:
         assert Draft202012Validator(schema).is_valid(checked)
+
+
+@settings(deadline=timedelta(milliseconds=300), max_examples=300)
+@given(st.binary(max_size=64) | st.builds(json.dumps, JSON).map(str.encode), JSON)
+@example(b'{"method": "tools/call", "params": {"arguments": {"a": 1}}}', None)
+@example(b"", {"k": [0] * (MAX_ARGUMENT_VALUES + 1)})
+def test_the_mcp_look_ahead_refuses_exactly_what_the_core_refuses(
+    noise: bytes, arguments: Any
+) -> None:
+    """A large MCP body is looked at before the SDK parses it: any body, the refusal is the
+    core's own, and what the SDK then gets is the same call without its arguments."""
+    assert _arguments_refusal(noise) is None  # too small to hold more values than allowed
+    found = _arguments_refusal(json.dumps(rpc_call(arguments)).encode())
+    try:
+        check_bounds(arguments) if isinstance(arguments, dict) else None
+    except InvalidArgument as core:
+        assert found is not None
+        without, refusal = found
+        assert refusal.violations == core.violations
+        message = rpc_call({})
+        assert json.loads(without) == message
+    else:
+        assert found is None
+
+
+def rpc_call(arguments: Any) -> dict[str, Any]:
+    params = {"name": "t", "arguments": arguments}
+    return {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": params}

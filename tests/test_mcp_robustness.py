@@ -42,7 +42,7 @@ def mcp_url(server: ServerThread, path: str = "/mcp") -> str:
     return f"http://127.0.0.1:{server.server.mcp_port}{path}"
 
 
-def request(method: str, params: dict[str, Any] | None = None, request_id: int = 1) -> Any:
+def request(method: str, params: dict[str, Any] | None = None, request_id: int | str = 1) -> Any:
     """A JSON-RPC request as the SDK's client sends it at protocol 2026-07-28."""
     meta = {
         "io.modelcontextprotocol/protocolVersion": PROTOCOL,
@@ -241,6 +241,45 @@ def test_hostile_arguments_within_the_byte_limit_are_invalid_arguments_not_a_sta
     assert result["isError"] is True
     assert result["_meta"]["aiservices/error"]["code"] == "INVALID_ARGUMENT"
     assert upstream.request_count == 0
+
+
+def test_arguments_over_the_bounds_get_the_same_answer_whatever_the_body_size(
+    mcp_server: ServerThread, keys: TestKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A small body goes to the SDK; a large one is looked at first, off the event loop, and
+    over-bound arguments are refused before the SDK parses it. The caller, the access line and
+    the metrics cannot tell the two paths apart."""
+    caplog.set_level(logging.INFO, logger="aiservices.access")
+    over = {**ARGUMENTS, "extra": [0] * 2_100}
+    small = request("tools/call", {"name": TOOL, "arguments": over}, request_id=7)
+    large = request("tools/call", {"name": TOOL, "arguments": {**over, "pad": "x" * 40_000}}, "a")
+    answers = []
+    for body in (small, large):
+        content = json.dumps(body).encode()
+        answered = post(mcp_url(mcp_server), content, headers(keys.editor, body))
+        assert answered.status_code == 200, answered.text[:300]
+        answers.append(answered.json())
+    assert [len(json.dumps(body)) > 16 * 1024 for body in (small, large)] == [False, True]
+    assert [answer["id"] for answer in answers] == [7, "a"]
+    results = [answer["result"] for answer in answers]
+    for result in results:
+        del result["_meta"]["aiservices/request_id"]
+    assert results[0] == results[1]
+    assert results[0]["isError"] is True
+    assert results[0]["_meta"]["aiservices/error"]["fieldViolations"] == [
+        {
+            "field": "arguments.extra",
+            "description": "holds more values than the 2000 allowed in all",
+        }
+    ]
+    lines = [vars(r) for r in caplog.records if getattr(r, "transport", None) == "mcp"]
+    assert [(line["method"], line["code"], line["tool"]) for line in lines] == [
+        ("tools/call", "INVALID_ARGUMENT", TOOL)
+    ] * 2
+    refused = mcp_server.server.metrics.registry.get_sample_value(
+        "aiservices_mcp_requests_total", {"method": "tools/call", "code": "INVALID_ARGUMENT"}
+    )
+    assert refused == 2
 
 
 # --- cancellation ------------------------------------------------------------------------

@@ -55,12 +55,19 @@ class RunningDemo:
         """The lines the demo prints for the user, from its first to `Stop with Ctrl-C.`"""
         deadline = time.monotonic() + timeout
         while LAST_LINE not in self.seen:
-            line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                state = "running" if self.process.poll() is None else "exited"
+                pytest.fail(f"the demo ({state}) printed no more in {timeout} s:\n" + self._seen())
             if line is None:
-                pytest.fail("the demo exited before it was ready:\n" + "\n".join(self.seen))
+                pytest.fail("the demo exited before it was ready:\n" + self._seen())
             self.seen.append(line)
         first = next(i for i, line in enumerate(self.seen) if line.startswith("aiservices demo:"))
         return self.seen[first : self.seen.index(LAST_LINE) + 1]
+
+    def _seen(self) -> str:
+        return "\n".join(self.seen)
 
     def addresses(self) -> tuple[str, str | None]:
         """Where the demo serves: gRPC's host:port, and MCP's host:port when it serves MCP."""

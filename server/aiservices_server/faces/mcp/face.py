@@ -26,6 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from aiservices_server import __version__
 from aiservices_server.call import Call
+from aiservices_server.core.arguments import check_bounds
 from aiservices_server.core.auth import Authenticator
 from aiservices_server.core.drain import Drain
 from aiservices_server.core.headers import (
@@ -60,6 +61,10 @@ RETRY_LATER = -32000
 DEADLINE_EXCEEDED = -32001
 UNAUTHENTICATED = -32002
 _STATE_KEY = "aiservices.exchange"
+# Bodies up to this size go to the SDK as they are; a larger one is first looked at in a worker
+# thread, because the SDK parses and validates it on the event loop at a microsecond or more per
+# JSON value, and 1 MiB of tiny values would hold the loop for 50 to 100 ms.
+_LOOKED_AT_FIRST = 16 * 1024
 # HTTP answers given before or instead of MCP's, in the words of the access line.
 _HTTP_CODES = {
     200: "OK",
@@ -90,6 +95,7 @@ class Exchange:
     refusal: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     answered: bool = False
+    arguments_refusal: InvalidArgument | None = None
 
 
 def _headers(scope: Scope) -> Headers:
@@ -238,6 +244,12 @@ class McpFace:
             await send(message)
 
         body = await _read_body(receive, self._max_body_bytes + 1)
+        if len(body) > _LOOKED_AT_FIRST:
+            found = await asyncio.to_thread(_arguments_refusal, body)
+            if found is not None:
+                # The SDK gets the call without its arguments, and the handler answers it with
+                # this refusal: the protocol's checks and the answer stay the SDK's.
+                body, exchange.arguments_refusal = found
         gone = asyncio.Event()
         handling = asyncio.ensure_future(
             self._sessions.handle_request(scope, _replay(body, gone), send_with_headers)
@@ -297,6 +309,9 @@ class McpFace:
         exchange = _exchange_of(ctx)
         exchange.method = "tools/call"
         exchange.tool = params.name[:MAX_NAME_SHOWN]
+        if exchange.arguments_refusal is not None:  # found before the SDK read the body
+            exchange.refusal = exchange.arguments_refusal.reason
+            return _invalid_arguments(exchange.arguments_refusal, exchange.call.request_id)
         arguments = dict(params.arguments or {})
         # Logged for calls that ran, as over gRPC; a refused call's arguments are not.
         payload = {"arguments": arguments} if self._log_payloads else None
@@ -363,6 +378,29 @@ class McpFace:
             upstream=exchange.upstream if exchange is not None else None,
             payload=exchange.payload if exchange is not None else None,
         )
+
+
+def _arguments_refusal(body: bytes) -> tuple[bytes, InvalidArgument] | None:
+    """For a large body: when it is a tools/call whose arguments hold more values (or longer
+    names) than the core allows, the same request without its arguments, and the refusal,
+    found with the core's own bound check, which stops where the count runs out. None for
+    anything else, which the SDK then parses as it is (a legitimate large body holds a few long
+    strings, which cost it little)."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(message, dict) or message.get("method") != "tools/call":
+        return None
+    params = message.get("params")
+    if not isinstance(params, dict) or not isinstance(params.get("arguments"), dict):
+        return None
+    try:
+        check_bounds(params["arguments"])
+    except InvalidArgument as refusal:
+        without = {**message, "params": {**params, "arguments": {}}}
+        return orjson.dumps(without), refusal
+    return None
 
 
 def _jsonrpc_error(error: ServiceError) -> tuple[int, dict[str, Any]]:
