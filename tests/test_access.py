@@ -39,6 +39,7 @@ from tests.support.keys import TestKeys
 from tests.support.processes import run_to_exit
 from tests.support.responsive import responsive_during
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
+from tests.support.waiting import access_records
 
 TOOL = "tools.agenta.api.refine_prompt"
 SERVICE = "aiservices.v1.ToolService"
@@ -439,19 +440,6 @@ def test_a_malformed_delegation_header_is_an_invalid_argument_logged_with_its_ke
 
 
 # --- secrets in logs -----------------------------------------------------------------------------
-
-
-def access_records(
-    caplog: pytest.LogCaptureFixture, count: int, timeout: float = 5.0
-) -> list[logging.LogRecord]:
-    """The access log records, once `count` have arrived: the server writes each one as the call
-    ends, which may be just after the caller got its answer."""
-    deadline = time.monotonic() + timeout
-    while True:
-        records = [r for r in caplog.records if r.name == "aiservices.access"]
-        if len(records) >= count or time.monotonic() > deadline:
-            return records
-        time.sleep(0.005)  # polling a condition, with a deadline
 
 
 def test_keys_never_reach_the_logs_but_key_ids_do(

@@ -22,7 +22,7 @@ from tests.support.keys import TestKeys
 from tests.support.mcp import McpCaller, mcp_caller, post_rpc
 from tests.support.processes import PROJECT_VERSION
 from tests.support.servers import ServerThread
-from tests.support.waiting import wait_until
+from tests.support.waiting import access_records
 
 TOOL = "tools.agenta.api.refine_prompt"
 TEMPLATE = '{"messages": [{"role": "system", "content": "You greet {{name}}."}]}'
@@ -46,31 +46,12 @@ def grpc_client(
     return AsyncToolClient(server.target, api_key=key, timeout=TIMEOUT, metadata=metadata)
 
 
-def access_lines(
-    caplog: pytest.LogCaptureFixture, count: int, **fields: str
-) -> list[logging.LogRecord]:
-    """The access lines whose attributes match `fields`, once `count` of them have arrived: the
-    server writes each as its request ends, which may be just after the caller got its answer,
-    and a caller's exchange holds more requests than its calls (initialize, tools/list)."""
-
-    def matching() -> list[logging.LogRecord]:
-        return [
-            record
-            for record in list(caplog.records)
-            if record.name == "aiservices.access"
-            and all(getattr(record, name, None) == value for name, value in fields.items())
-        ]
-
-    wait_until(lambda: len(matching()) >= count, 5.0)
-    return matching()
-
-
 def mcp_lines(
     caplog: pytest.LogCaptureFixture, count: int, method: str | None = None
 ) -> list[logging.LogRecord]:
     """The MCP access lines (of `method` only, when given), once `count` of them arrived."""
     fields = {"transport": "mcp"} if method is None else {"transport": "mcp", "method": method}
-    return access_lines(caplog, count, **fields)
+    return access_records(caplog, count, **fields)
 
 
 def sample(server: ServerThread, name: str, **labels: str) -> float:
@@ -483,7 +464,10 @@ async def test_refused_calls_are_logged_with_their_reason_and_not_counted_as_too
         with pytest.raises(ToolServiceError):
             await grpc_caller.call_tool(TOOL, {"nope": 1})
 
-    lines = [*mcp_lines(caplog, 2, method="tools/call"), *access_lines(caplog, 1, transport="grpc")]
+    lines = [
+        *mcp_lines(caplog, 2, method="tools/call"),
+        *access_records(caplog, 1, transport="grpc"),
+    ]
     codes = {(vars(r)["transport"], vars(r)["code"]) for r in lines if vars(r).get("tool")}
     assert codes == {
         ("mcp", "INVALID_ARGUMENT"),

@@ -25,7 +25,7 @@ from tests.support.mcp import mcp_client
 from tests.support.processes import ServerProcess, upstream_settings
 from tests.support.responsive import responsive_during
 from tests.support.servers import ServerThread
-from tests.support.waiting import wait_until
+from tests.support.waiting import access_records
 
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {
@@ -274,12 +274,8 @@ def test_arguments_over_the_bounds_get_the_same_answer_whatever_the_body_size(
         }
     ]
 
-    # Each access line is written as its request ends, which may be just after the answer.
-    def lines() -> list[dict[str, Any]]:
-        return [vars(r) for r in list(caplog.records) if getattr(r, "transport", None) == "mcp"]
-
-    assert wait_until(lambda: len(lines()) >= 2, 5.0), lines()
-    assert [(line["method"], line["code"], line["tool"]) for line in lines()] == [
+    lines = [vars(r) for r in access_records(caplog, 2, transport="mcp")]
+    assert [(line["method"], line["code"], line["tool"]) for line in lines] == [
         ("tools/call", "INVALID_ARGUMENT", TOOL)
     ] * 2
     refused = mcp_server.server.metrics.registry.get_sample_value(

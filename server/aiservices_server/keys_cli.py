@@ -54,8 +54,9 @@ _PROG = "aiservices-server keys"
 _USAGE_EXIT = 2
 # How long an edit waits for another keys command to finish its own.
 _LOCK_TIMEOUT = 10.0
-# Permissions a key may hold besides the tools' own: every tool, and delegation.
-_SPECIAL_PERMISSIONS = ("*", ACT_FOR_USERS)
+# What a key's permission may usefully name: a built-in tool's permission, every tool, or
+# delegation. Anything else is most likely a typo (`edit_workflow`), which nothing would refuse.
+_KNOWN_PERMISSIONS = frozenset({refine_prompt.PERMISSION, "*", ACT_FOR_USERS})
 
 
 class _UsageError(Exception):
@@ -189,10 +190,10 @@ def _new(args: argparse.Namespace) -> int:
             "holds only its hash)\n"
         )
     for permission in dict.fromkeys(args.permissions):
-        if permission not in _known_permissions():
+        if permission not in _KNOWN_PERMISSIONS:
             sys.stderr.write(
                 f'{_PROG} new: warning: no tool this server serves needs "{permission}" '
-                f"(known: {', '.join(sorted(_known_permissions()))})\n"
+                f"(known: {', '.join(sorted(_KNOWN_PERMISSIONS))})\n"
             )
     return 0
 
@@ -203,12 +204,6 @@ def _write_out(text: str) -> None:
     sys.stdout.flush()
 
 
-def _known_permissions() -> frozenset[str]:
-    """What a key's permission may usefully name: a built-in tool's permission, or a special
-    one. Anything else is most likely a typo (`edit_workflow`), which nothing would refuse."""
-    return frozenset({refine_prompt.PERMISSION, *_SPECIAL_PERMISSIONS})
-
-
 def _append(given: Path, key_id: str, entry: str) -> tuple[Path, int]:
     """Add `entry` to the keys file under the edit lock; the file's path and its key count.
     A missing file is created, readable by its owner only, as the server requires."""
@@ -216,8 +211,9 @@ def _append(given: Path, key_id: str, entry: str) -> tuple[Path, int]:
     path = Path(os.path.realpath(given))
     with _editing(path, "new"):
         exists = path.exists()
-        text = _read(path, "new") if exists else ""
-        keys = _parse(text, path, "new") if exists else []
+        with _refusing_bad_files("new"):
+            text = read_keys_text(path) if exists else ""
+            keys = load_keys_text(text, path) if exists else []
         if any(key.id == key_id for key in keys):
             raise _UsageError(f'{_PROG} new: {path} already has a key "{key_id}"')
         separator = "" if not text.strip() else ("\n" if text.endswith("\n") else "\n\n")
@@ -265,9 +261,11 @@ def _keys_file(command: str, given: Path | None) -> Path:
     return path
 
 
-def _load(command: str, path: Path) -> list[ApiKey]:
+@contextlib.contextmanager
+def _refusing_bad_files(command: str) -> Iterator[None]:
+    """A keys file that cannot be read or does not load ends the command with its one line."""
     try:
-        return load_keys_file(path)
+        yield
     except KeysFileError as exc:
         raise _UsageError(f"{_PROG} {command}: {exc}") from None
 
@@ -279,7 +277,9 @@ def _count(keys: int) -> str:
 def _list(args: argparse.Namespace) -> int:
     path = _keys_file("list", args.file)
     blocks = []
-    for key in _load("list", path):
+    with _refusing_bad_files("list"):
+        keys = load_keys_file(path)
+    for key in keys:
         limit = key.rate_limit
         blocks.append(
             _entry_lines(
@@ -361,20 +361,6 @@ def _editing(path: Path, command: str) -> Iterator[None]:
         os.close(directory)  # releases the lock
 
 
-def _read(path: Path, command: str) -> str:
-    try:
-        return read_keys_text(path)
-    except KeysFileError as exc:
-        raise _UsageError(f"{_PROG} {command}: {exc}") from None
-
-
-def _parse(text: str, path: Path, command: str) -> list[ApiKey]:
-    try:
-        return load_keys_text(text, path)
-    except KeysFileError as exc:
-        raise _UsageError(f"{_PROG} {command}: {exc}") from None
-
-
 def _revoke(args: argparse.Namespace) -> int:
     # The real file behind a symlink is replaced, not the link.
     path = Path(os.path.realpath(_keys_file("revoke", args.file)))
@@ -386,8 +372,9 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _revoke_under_lock(path: Path, key_id: str) -> int:
     """Remove `key_id`'s entry from the file; how many keys are left."""
-    text = _read(path, "revoke")
-    keys = _parse(text, path, "revoke")
+    with _refusing_bad_files("revoke"):
+        text = read_keys_text(path)
+        keys = load_keys_text(text, path)
     index = next((n for n, key in enumerate(keys) if key.id == key_id), None)
     if index is None:
         raise _UsageError(f'{_PROG} revoke: no key "{key_id}" in {path}')

@@ -67,14 +67,17 @@ SERVER_COMMAND = (sys.executable, "-m", "aiservices_server")
 
 
 def clean_env(settings: Mapping[str, str] | None = None) -> dict[str, str]:
-    """An environment with PATH, this checkout's import path and `settings` (named without
-    their prefix) only: nothing the test process inherited can change what a child does."""
+    """An environment with PATH, this checkout's import path and `settings` only: nothing the
+    test process inherited can change what a child does. Setting names may leave out the
+    `AGENTA_AI_SERVICES_` prefix (`{"REDIS_URL": ...}` is `AGENTA_AI_SERVICES_REDIS_URL`)."""
     env = {
         "PATH": os.environ.get("PATH", os.defpath),
         "PYTHONPATH": IMPORT_PATH,
         "PYTHONUNBUFFERED": "1",
     }
-    env.update({ENV_PREFIX + name.upper(): value for name, value in (settings or {}).items()})
+    for key, value in (settings or {}).items():
+        name = key if key.upper().startswith(ENV_PREFIX) else ENV_PREFIX + key
+        env[name.upper()] = value
     return env
 
 
@@ -154,16 +157,8 @@ class ServerProcess:
 
     @staticmethod
     def _child_env(overrides: Mapping[str, str]) -> dict[str, str]:
-        env = {
-            "PATH": os.environ.get("PATH", os.defpath),
-            "PYTHONPATH": IMPORT_PATH,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            f"{ENV_PREFIX}GRPC_ADDRESS": f"{HOST}:0",
-        }
-        for key, value in overrides.items():
-            name = key if key.upper().startswith(ENV_PREFIX) else ENV_PREFIX + key
-            env[name.upper()] = value
+        env = clean_env({"GRPC_ADDRESS": f"{HOST}:0", **overrides})
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
         return env
 
     # ---------------------------------------------------------------------------------------
