@@ -6,21 +6,30 @@ stand-in upstream serve the tests that do not need their own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
 import grpc
+import grpc.aio
 import pytest
 
-from aiservices import ToolClient, ToolServiceError
+from aiservices import ToolClient, ToolServiceError, dict_to_struct
 from aiservices._cli.output import refusal_line
-from tests.standin import Hang, Refine, Slow, StandinUpstream
+from aiservices.cli import MAX_TOOLS_PAGE_BYTES
+from aiservices.client import MAX_LISTING_BYTES, MAX_LISTING_TOOLS
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
+from tests.standin import Hang, Slow, StandinUpstream
 from tests.standin import Status as UpstreamStatus
 from tests.standin.app import refine_template
 from tests.support.certs import TestCertificates
@@ -609,21 +618,22 @@ def test_a_field_name_echoed_in_an_error_cannot_break_its_line(
     assert "arguments.bad key [31m: unknown argument" in line
 
 
-def test_model_output_cannot_drive_the_terminal(
-    service: ServerThread, standin: StandinUpstream, keys: TestKeys, tmp_path: Path
-) -> None:
+def test_model_output_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    # The real server refuses such model output (INVALID_MODEL_OUTPUT); one that does not must
+    # still not reach the terminal through the command.
     hostile = "Done.\x1b]0;owned\x07\x1b[2J\x9b31m\u202eevil"
     template = write_template(tmp_path)
-    standin.push(Refine(summary=hostile), Refine(summary=hostile))
+    service = HostileToolService(summary=hostile)
 
-    shown = as_caller(service, keys.editor, "refine", str(template))
+    with hostile_server(service) as target:
+        shown = aiservices("--target", target, "--api-key", "k", "refine", str(template))
+        raw = aiservices("--target", target, "--api-key", "k", "refine", str(template), "--json")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.isascii()
     assert shown.stdout.splitlines()[-1] == (
         "summary: Done.\\u001b]0;owned\\u0007\\u001b[2J\\u009b31m\\u202eevil"
     )
     # Machine output keeps the text exactly, as valid JSON.
-    raw = as_caller(service, keys.editor, "refine", str(template), "--json")
     assert raw.stdout.isascii()
     assert json.loads(raw.stdout)["structured_content"]["summary"] == hostile
 
@@ -636,3 +646,175 @@ def test_tls_against_a_plaintext_server_is_one_line_without_grpc_logs(
     line = one_line(ran.stderr)
     assert line.startswith(f"aiservices: cannot reach {service.target}: ")
     assert line.endswith("; the server does not speak TLS: leave out --tls and --ca-file")
+
+
+# --- a hostile server -------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+# The command itself takes about 40 MB; before its listing was bounded, the listings below took
+# 1 to 2.2 GB before they stopped.
+PEAK_RSS_LIMIT = 150 * MiB
+
+
+class HostileToolService(pb_grpc.ToolServiceServicer):
+    """ListTools (and GetStatus): the same page, with a next cursor, forever. CallTool:
+    `summary` as the result, the template's messages unchanged."""
+
+    def __init__(self, page: list[pb.Tool] | None = None, summary: str = "") -> None:
+        self.page = page or []
+        self.summary = summary
+        self.pages = 0
+
+    async def GetStatus(
+        self,
+        request: pb.GetStatusRequest,
+        context: grpc.aio.ServicerContext[pb.GetStatusRequest, pb.GetStatusResponse],
+    ) -> pb.GetStatusResponse:
+        return pb.GetStatusResponse(enabled=True, tools=self.page)
+
+    async def ListTools(
+        self,
+        request: pb.ListToolsRequest,
+        context: grpc.aio.ServicerContext[pb.ListToolsRequest, pb.ListToolsResponse],
+    ) -> pb.ListToolsResponse:
+        self.pages += 1
+        return pb.ListToolsResponse(tools=self.page, next_cursor=f"page-{self.pages}")
+
+    async def CallTool(
+        self,
+        request: pb.CallToolRequest,
+        context: grpc.aio.ServicerContext[pb.CallToolRequest, pb.CallToolResponse],
+    ) -> pb.CallToolResponse:
+        messages = TEMPLATE["messages"]
+        return pb.CallToolResponse(
+            content=[pb.ContentBlock(text=pb.TextContent(text=self.summary))],
+            structured_content=dict_to_struct({"messages": messages, "summary": self.summary}),
+        )
+
+
+@contextmanager
+def hostile_server(service: HostileToolService) -> Iterator[str]:
+    """`service` on a free loopback port, in a thread with its own event loop; yields its
+    target."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", 64 * MiB)])
+        pb_grpc.add_ToolServiceServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    try:
+        server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+# Starts the command from a small process of its own and writes the command's peak RSS (KiB)
+# to the file named first. Started from pytest itself, the command would report pytest's size
+# at the least: a process keeps the peak of the one it was forked from across exec.
+MEASURE = (
+    "import os, sys; "
+    "pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ); "
+    "_, status, usage = os.wait4(pid, 0); "
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss)); "
+    "sys.exit(os.waitstatus_to_exitcode(status))"
+)
+
+
+def run_measured(
+    directory: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], int, float]:
+    """Run the command; return what it printed, its peak RSS in bytes and the seconds taken."""
+    peak = directory / "peak-rss-kib"
+    started = time.monotonic()
+    ran = subprocess.run(
+        [sys.executable, "-I", "-c", MEASURE, str(peak), str(AISERVICES), *args],
+        env=command_env(),
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    took = time.monotonic() - started
+    assert "Traceback" not in ran.stderr
+    return ran, int(peak.read_text()) * 1024, took
+
+
+def described(size: int) -> list[pb.Tool]:
+    return [pb.Tool(name="tools.hostile.big", description="x" * size)]
+
+
+BIG_PAGE = described(15 * MiB)
+BIG_PAGE_BYTES = pb.ListToolsResponse(tools=BIG_PAGE, next_cursor="page-1").ByteSize()
+HOSTILE_LISTINGS = {
+    "pages over the page limit": (
+        BIG_PAGE,
+        1,
+        f"CLIENT: Received message larger than max ({BIG_PAGE_BYTES} vs. {MAX_TOOLS_PAGE_BYTES})"
+        "); the server's answer is larger than this command takes in one message",
+    ),
+    "pages under it, past the listing's bytes": (
+        described(MAX_TOOLS_PAGE_BYTES - 1024),
+        5,
+        f"ListTools pages hold more than {MAX_LISTING_BYTES // MiB} MiB in all, by page 5; "
+        "stopping",
+    ),
+    "pages of tiny tools, past the listing's count": (
+        [pb.Tool()] * 3000,
+        4,
+        f"ListTools pages hold more than {MAX_LISTING_TOOLS} tools in all, by page 4; stopping",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("page", "pages", "message"), HOSTILE_LISTINGS.values(), ids=HOSTILE_LISTINGS.keys()
+)
+def test_a_listing_that_never_ends_stops_at_its_bounds(
+    tmp_path: Path, page: list[pb.Tool], pages: int, message: str
+) -> None:
+    service = HostileToolService(page)
+    with hostile_server(service) as target:
+        # A deadline far off: the bounds, not the deadline, must end it.
+        ran, peak, took = run_measured(
+            tmp_path, "--target", target, "--api-key", "k", "--timeout", "60", "tools"
+        )
+
+    assert (ran.returncode, ran.stdout) == (3, "")
+    line = one_line(ran.stderr)
+    assert line.startswith("aiservices: RESOURCE_EXHAUSTED: ")
+    assert line.endswith(message)
+    assert service.pages == pages
+    assert peak < PEAK_RSS_LIMIT, f"peak RSS {peak // MiB} MiB"
+    assert took < 30
+
+
+def test_a_listing_past_its_bounds_is_one_json_error(tmp_path: Path) -> None:
+    service = HostileToolService(described(MAX_TOOLS_PAGE_BYTES - 1024))
+    with hostile_server(service) as target:
+        ran, peak, _ = run_measured(
+            tmp_path, "--target", target, "--api-key", "k", "tools", "--json"
+        )
+
+    assert (ran.returncode, ran.stdout) == (3, "")
+    assert json.loads(ran.stderr) == {
+        "error": {
+            "kind": "refused",
+            "status": "RESOURCE_EXHAUSTED",
+            "reason": None,
+            "message": "ListTools pages hold more than 4 MiB in all, by page 5; stopping",
+            "hints": [],
+            "exit_code": 3,
+        }
+    }
+    assert peak < PEAK_RSS_LIMIT

@@ -7,8 +7,11 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from aiservices import ToolClient, ToolServiceError
+from aiservices_server.tools.refine_prompt import control_character
 from tests.standin import (
     Garbage,
     Hang,
@@ -399,6 +402,124 @@ def test_list_of_text_parts_content_is_understood(
     assert "topic" in result.text
     ok = client.call_tool(TOOL, {"prompt_template_json": source_json})
     assert not ok.is_error, ok.text
+
+
+# --- control characters in model output ------------------------------------------------
+
+# What model output may not hold, written out from the contract's code points (not taken from
+# the server's own pattern): C0 controls but tab, newline and carriage return, DEL, C1 controls,
+# and the bidirectional embeddings, overrides and isolates.
+FORBIDDEN = frozenset(
+    chr(code)
+    for code in (
+        *range(0x00, 0x09),
+        0x0B,
+        0x0C,
+        *range(0x0E, 0x20),
+        0x7F,
+        *range(0x80, 0xA0),
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+    )
+)
+HOSTILE = {"ESC": "\x1b", "BEL": "\x07", "NUL": "\x00", "RLO": "\u202e"}
+HIDDEN = "HIDDEN-MARK"
+
+
+def holds(character: str) -> str:
+    kind = "bidirectional control" if character == "\u202e" else "control"
+    return f"holds a {kind} character U+{ord(character):04X}"
+
+
+@pytest.mark.parametrize("character", HOSTILE.values(), ids=HOSTILE.keys())
+@pytest.mark.parametrize("where", ["messages[1].content", "summary"])
+def test_a_control_character_in_model_output_is_invalid_model_output(
+    client: ToolClient, upstream: StandinUpstream, character: str, where: str
+) -> None:
+    hostile = f"{HIDDEN}{character}[2J"
+    messages = [GOOD_MESSAGES[0], dict(GOOD_MESSAGES[1])]
+    summary = "Clearer."
+    if where == "summary":
+        summary = hostile
+    else:
+        messages[1]["content"] += hostile
+    upstream.push(Reply(json.dumps(refined(messages, summary)), trace_id="cd" * 16))
+
+    result = call_expecting_tool_error(client, "INVALID_MODEL_OUTPUT")
+
+    # Where, and which character by its code point; never the text around it.
+    assert result.text == f"the model's output was rejected: {where} {holds(character)}"
+    assert result.error.retryable
+    assert result.trace_id == "cd" * 16
+
+
+def test_tab_newline_and_carriage_return_pass(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
+    messages = [
+        GOOD_MESSAGES[0],
+        {"role": "user", "content": "{{customer_name}} asks:\r\n\t{{question}}"},
+    ]
+    upstream.push(Reply(json.dumps(refined(messages, "Split\tthe question.\r\nDone."))))
+
+    result = client.call_tool(TOOL, {"prompt_template_json": template()})
+
+    assert not result.is_error, result.text
+    assert result.structured_content == {
+        "messages": messages,
+        "summary": "Split\tthe question.\r\nDone.",
+    }
+
+
+def test_a_character_the_callers_message_holds_may_stay_in_that_message_only(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
+    # Right-to-left text isolates a left-to-right name with U+2066 ... U+2069.
+    greeting = "\u05e9\u05dc\u05d5\u05dd \u2066{{customer_name}}\u2069"
+    source = template(
+        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": greeting}]
+    )
+
+    kept = [
+        {"role": "system", "content": "Be kind and brief."},
+        {"role": "user", "content": greeting + "!"},
+    ]
+    upstream.push(Reply(json.dumps(refined(kept))))
+    ok = client.call_tool(TOOL, {"prompt_template_json": source})
+    assert not ok.is_error, ok.text
+    assert ok.structured_content is not None
+    assert ok.structured_content["messages"] == kept
+
+    moved = [
+        {"role": "system", "content": "Be kind, \u2066brief\u2069."},
+        {"role": "user", "content": greeting},
+    ]
+    upstream.push(Reply(json.dumps(refined(moved))))
+    bad = client.call_tool(TOOL, {"prompt_template_json": source})
+    assert bad.is_error
+    assert bad.error is not None
+    assert bad.error.code == "INVALID_MODEL_OUTPUT"
+    assert bad.text.endswith("messages[0].content holds a bidirectional control character U+2066")
+
+
+# The characters just outside each forbidden range, which must pass.
+NEIGHBOURS = frozenset("\t\n\r ~\xa0\u2029\u202f\u2065\u206a")
+# Any text, with the forbidden characters and their neighbours drawn often enough to matter.
+TEXT = st.text(alphabet=st.sampled_from(sorted(FORBIDDEN | NEIGHBOURS)) | st.characters())
+
+
+@settings(max_examples=500, deadline=None)
+@given(TEXT)
+@example("\u2028\u2029\u200f\u061c\ufeff")  # separators and marks that are not refused
+def test_control_character_finds_exactly_the_forbidden_characters(text: str) -> None:
+    assert control_character(text) == next((c for c in text if c in FORBIDDEN), None)
+
+
+@settings(max_examples=500, deadline=None)
+@given(TEXT, TEXT)
+def test_control_character_lets_through_only_what_the_source_holds(text: str, source: str) -> None:
+    expected = next((c for c in text if c in FORBIDDEN and c not in source), None)
+    assert control_character(text, source) == expected
 
 
 # --- feature gate and lookup ------------------------------------------------------------

@@ -50,6 +50,11 @@ T = TypeVar("T")
 REFINE_TOOL = "tools.agenta.api.refine_prompt"
 DEFAULT_TARGET = "127.0.0.1:50051"
 ENV_TARGET = "AISERVICES_TARGET"
+# The largest ListTools page `tools` takes, refused by gRPC as it arrives, before it is parsed: a
+# page is at most 100 tools of a few KB, and tiny tools parse into some 50 times their bytes
+# (16 MiB of them, the client's usual limit, into 800 MB). The listing's own bounds are the
+# client's: MAX_LISTING_BYTES and MAX_LISTING_TOOLS.
+MAX_TOOLS_PAGE_BYTES = 1024 * 1024
 
 EXIT_OK = 0
 EXIT_TOOL_ERROR = 1
@@ -264,12 +269,16 @@ def _target(args: argparse.Namespace) -> str:
 
 
 def _connect(args: argparse.Namespace) -> ToolClient:
+    options: list[tuple[str, int]] = []
+    if args.command == "tools":
+        options.append(("grpc.max_receive_message_length", MAX_TOOLS_PAGE_BYTES))
     try:
         return ToolClient(
             _target(args),
             api_key=_api_key(args),
             credentials=_credentials(args),
             timeout=args.timeout,
+            options=options,
         )
     except ValueError as exc:  # settings the client refuses; its messages never hold the key
         raise UsageError(str(exc)) from None

@@ -91,6 +91,12 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 # A server that keeps handing out cursors would otherwise make list_tools spin forever.
 MAX_PAGES = 1000
+# What one listing may hold in all, pages counted as received: a tool is a few KB
+# (refine_prompt's is 1.4 KB), so these are far past any real catalogue, yet keep a server
+# sending big or endless pages from filling the caller's memory (endless 15 MiB pages took 2 GB
+# within the default 10 s timeout).
+MAX_LISTING_BYTES = 4 * 1024 * 1024
+MAX_LISTING_TOOLS = 10_000
 # What a gRPC header value may hold: printable ASCII (anything else fails every call).
 _HEADER_VALUE = re.compile(r"[ -~]+")
 # W3C trace context, as the server checks it before passing it to the upstream.
@@ -238,10 +244,15 @@ class _ClientCore:
         tools: list[ToolInfo] = []
         seen: set[str] = set()
         cursor = ""
+        held = 0
         for pages in range(MAX_PAGES + 1):
             _check_cursor(cursor, seen, pages)
             request = pb.ListToolsRequest(cursor=cursor, page_size=page_size)
-            page = page_of((yield from self._rpc("ListTools", request, call)))
+            response = yield from self._rpc("ListTools", request, call)
+            # Counted before the page is turned into ToolInfo: converted, it takes far more.
+            held += response.ByteSize()
+            _check_listing(held, len(tools) + len(response.tools), pages + 1)
+            page = page_of(response)
             tools.extend(page.tools)
             if not page.next_cursor:
                 break
@@ -357,6 +368,21 @@ def _check_cursor(cursor: str, seen: set[str], pages: int) -> None:
     seen.add(cursor)
 
 
+def _check_listing(held: int, tools: int, pages: int) -> None:
+    if held > MAX_LISTING_BYTES:
+        raise error_for(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"ListTools pages hold more than {MAX_LISTING_BYTES // (1024 * 1024)} MiB in all, "
+            f"by page {pages}; stopping",
+        )
+    if tools > MAX_LISTING_TOOLS:
+        raise error_for(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"ListTools pages hold more than {MAX_LISTING_TOOLS} tools in all, by page {pages}; "
+            "stopping",
+        )
+
+
 def _call_kwargs(step: _Call) -> dict[str, Any]:
     return {
         "timeout": step.timeout,
@@ -438,7 +464,8 @@ class ToolClient(_ClientCore):
         return self._drive(self._page_plan(cursor, page_size, options))
 
     def list_tools(self, page_size: int = 0, **options: Unpack[CallOptions]) -> list[ToolInfo]:
-        """Every tool, following cursors; `timeout` bounds the whole listing, not each page."""
+        """Every tool, following cursors; `timeout` bounds the whole listing, not each page.
+        Past MAX_LISTING_BYTES or MAX_LISTING_TOOLS it stops with ResourceExhausted."""
         return self._drive(self._list_plan(page_size, options))
 
     def call_tool(
@@ -563,7 +590,8 @@ class AsyncToolClient(_ClientCore):
     async def list_tools(
         self, page_size: int = 0, **options: Unpack[CallOptions]
     ) -> list[ToolInfo]:
-        """Every tool, following cursors; `timeout` bounds the whole listing, not each page."""
+        """Every tool, following cursors; `timeout` bounds the whole listing, not each page.
+        Past MAX_LISTING_BYTES or MAX_LISTING_TOOLS it stops with ResourceExhausted."""
         return await self._drive(self._list_plan(page_size, options))
 
     async def call_tool(

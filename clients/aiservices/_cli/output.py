@@ -92,6 +92,14 @@ def refusal(err: ToolServiceError, target: str, *, tls: bool) -> Refusal:
         )
     if err.reason is None and err.code is grpc.StatusCode.DEADLINE_EXCEEDED:
         hints.append("no answer in time; a longer --timeout may help")
+    # gRPC's own words for an answer over this side's receive limit ("SERVER: ..." when the
+    # server's limit refused the request).
+    if (
+        err.reason is None
+        and err.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "CLIENT: Received message larger than max" in err.message
+    ):
+        hints.append("the server's answer is larger than this command takes in one message")
     return Refusal(head, err.message, tuple(hints))
 
 

@@ -7,6 +7,7 @@ back: a model may drop a variable or merge messages, and a caller must never get
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -42,6 +43,12 @@ PERMISSION = "edit_workflows"
 DEFAULT_SUMMARY = "Prompt refined successfully."
 MAX_TEMPLATE_CHARS = 100_000
 MAX_TEXT_CHARS = 10_000
+# What refined text may not hold: C0 controls but tab, newline and carriage return; DEL; C1
+# controls; and the bidirectional embeddings, overrides and isolates, which reorder how a line
+# reads. They drive terminals and hide text from the people who read it. One character class:
+# nothing to backtrack, one pass over the text.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 INPUT_SCHEMA: JsonObject = {
     "type": "object",
@@ -119,6 +126,23 @@ def _invalid_output(message: str, trace_id: str) -> ToolFailure:
     )
 
 
+def control_character(text: str, source: str = "") -> str | None:
+    """The first character of `text` that model output may not hold (see `_CONTROL`), or None.
+    One that `source`, what the caller sent, holds too is let through: the model kept it."""
+    kept: frozenset[str] | None = None
+    for found in _CONTROL.finditer(text):
+        if kept is None:
+            kept = frozenset(_CONTROL.findall(source))
+        if found.group() not in kept:
+            return found.group()
+    return None
+
+
+def _holds(character: str) -> str:
+    kind = "bidirectional control" if character in _BIDI else "control"
+    return f"holds a {kind} character U+{ord(character):04X}"
+
+
 def _upstream_failure(error: UpstreamError) -> ToolFailure:
     if isinstance(error, UpstreamTimeout):
         code = ToolErrorCode.UPSTREAM_TIMEOUT
@@ -184,6 +208,14 @@ def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonO
         summary = DEFAULT_SUMMARY
     elif not isinstance(summary, str):
         raise _invalid_output("summary is not a string", trace_id)
+    # Named by code point, never quoted: the text is the caller's prompt.
+    for index, (message, before) in enumerate(zip(refined, source.messages, strict=True)):
+        found = control_character(message["content"], before.content)
+        if found is not None:
+            raise _invalid_output(f"messages[{index}].content {_holds(found)}", trace_id)
+    found = control_character(summary)
+    if found is not None:
+        raise _invalid_output(f"summary {_holds(found)}", trace_id)
     try:
         kept = template_variables((m["content"] for m in refined), source.template_format)
     except TemplateError as exc:
