@@ -714,12 +714,33 @@ def test_a_default_limit_the_limiter_cannot_hold_stops_start_up(
     assert f"{ENV_PREFIX}{setting} " in line
 
 
-def test_disabled_auth_refuses_a_non_loopback_address(tmp_path: Path) -> None:
-    result = run_server(tmp_path, grpc_address="0.0.0.0:0", auth="disabled")
-    assert result.returncode != 0
+@pytest.mark.parametrize(
+    ("settings", "setting"),
+    [
+        ({"grpc_address": "0.0.0.0:0"}, "GRPC_ADDRESS"),
+        # MCP on every address, plaintext behind a proxy, with gRPC on loopback: MCP would
+        # serve tools to anyone without a key.
+        (
+            {
+                "grpc_address": "127.0.0.1:0",
+                "mcp_address": "0.0.0.0:0",
+                "mcp_allow_plaintext": "true",
+                "mcp_allowed_hosts": "*",
+            },
+            "MCP_ADDRESS",
+        ),
+        ({"grpc_address": "127.0.0.1:0", "mcp_address": "[::]:0"}, "MCP_ADDRESS"),
+    ],
+    ids=["grpc", "mcp-plaintext", "mcp-ipv6"],
+)
+def test_disabled_auth_refuses_any_listener_on_a_non_loopback_address(
+    tmp_path: Path, settings: dict[str, str], setting: str
+) -> None:
+    result = run_server(tmp_path, auth="disabled", **settings)
+    assert result.returncode == 2
     line = one_line(result.stderr)
-    assert "0.0.0.0" in line
-    assert "loopback" in line
+    assert line.startswith("aiservices: invalid settings: ")
+    assert f"AUTH=disabled serves only on loopback, but {ENV_PREFIX}{setting} is " in line
 
 
 class StderrLines:

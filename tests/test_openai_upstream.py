@@ -22,7 +22,11 @@ import pytest
 
 from aiservices import AsyncToolClient, ToolClient, ToolServiceError
 from aiservices_server.config import ENV_PREFIX, Settings
+from aiservices_server.tools.refine_prompt import OUTPUT_SCHEMA
 from aiservices_server.upstream import http as upstream_http
+from aiservices_server.upstream.http import UpstreamLimits, build_http_transport
+from aiservices_server.upstream.openai import FORMAT_VERDICT_SECONDS, OpenAIRefiner
+from aiservices_server.upstream.refiner import RefineRequest
 from tests.standin import (
     ContentNotJson,
     ContentReply,
@@ -30,6 +34,7 @@ from tests.standin import (
     Large,
     Length,
     NoChoices,
+    QuotingBadRequest,
     RateLimited,
     RawBytes,
     Refine,
@@ -394,7 +399,11 @@ def test_an_answer_that_fails_the_checks_is_invalid_model_output(
 # --- the response format -------------------------------------------------------------------
 
 
-def test_a_400_for_json_schema_falls_back_to_json_object_for_good(
+# Words a caller may write, naming the response format; they must never reach a probe.
+CALLER_WORDS = "Keep the response_format and json_schema wording. CALLER-WORDS-7731"
+
+
+def test_a_400_whose_param_is_response_format_falls_back_to_json_object_without_a_probe(
     client: ToolClient, upstream: StandinUpstream
 ) -> None:
     upstream.push(RejectJsonSchema())
@@ -410,6 +419,93 @@ def test_a_400_for_json_schema_falls_back_to_json_object_for_good(
         request.body["response_format"] == {"type": "json_object"}
         for request in upstream.requests[1:]
     )
+
+
+def test_a_callers_words_quoted_in_a_400_do_not_switch_off_the_json_schema(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
+    """The 400's message names the format only because it quotes the caller: the probe, which
+    carries none of the caller's words, is accepted, so the schema stays. The probe's success
+    stands, so a second such call is not probed again."""
+    # The first call, the probe (accepted, as this server takes the schema), the second call.
+    upstream.push(QuotingBadRequest(), Refine(), QuotingBadRequest())
+    arguments = {**ARGUMENTS, "guidelines": CALLER_WORDS}
+    first = tool_error(client.call_tool(TOOL, arguments), "UPSTREAM_ERROR")
+    second = tool_error(client.call_tool(TOOL, arguments), "UPSTREAM_ERROR")
+    later = client.call_tool(TOOL, ARGUMENTS)
+
+    assert first.message == second.message == "the upstream answered HTTP 400"
+    assert not later.is_error, later.text
+    # The caller's call, the probe, the second call, and a later call: all ask for the schema.
+    assert response_formats(upstream) == ["json_schema"] * 4
+    quoted, probe, _, _ = upstream.requests
+    assert b"CALLER-WORDS-7731" in quoted.raw
+    assert b"CALLER-WORDS-7731" not in probe.raw
+    assert probe.body["max_tokens"] == 1
+
+
+def test_a_400_whose_param_names_another_field_is_passed_on_without_a_probe(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
+    upstream.push(QuotingBadRequest(param="messages"))
+    arguments = {**ARGUMENTS, "guidelines": CALLER_WORDS}
+    error = tool_error(client.call_tool(TOOL, arguments), "UPSTREAM_ERROR")
+    later = client.call_tool(TOOL, ARGUMENTS)
+
+    assert error.message == "the upstream answered HTTP 400"
+    assert not later.is_error, later.text
+    assert response_formats(upstream) == ["json_schema", "json_schema"]
+
+
+def test_a_server_that_names_the_format_only_in_its_message_switches_once_the_probe_agrees(
+    client: ToolClient, upstream: StandinUpstream
+) -> None:
+    upstream.push(RejectJsonSchema(structured=False), RejectJsonSchema(structured=False))
+    arguments = {**ARGUMENTS, "guidelines": CALLER_WORDS}
+    first = client.call_tool(TOOL, arguments)
+    second = client.call_tool(TOOL, ARGUMENTS)
+
+    assert not first.is_error, first.text
+    assert not second.is_error, second.text
+    # Refused, the probe refused too, the call again with json_object, then json_object at once.
+    assert response_formats(upstream) == [
+        "json_schema",
+        "json_schema",
+        "json_object",
+        "json_object",
+    ]
+    refused, probe, retried, _ = upstream.requests
+    assert b"CALLER-WORDS-7731" not in probe.raw
+    assert probe.body["max_tokens"] == 1
+    assert refused.body["messages"] == retried.body["messages"]
+
+
+async def test_the_switch_to_json_object_expires_and_the_schema_is_asked_again() -> None:
+    """A server gains structured outputs (an upgrade): after FORMAT_VERDICT_SECONDS the service
+    asks for the schema again, and keeps it."""
+    now = 1000.0
+    request = RefineRequest(TEMPLATE)
+    async with (
+        StandinUpstream(reject_json_schema=True) as upstream,
+        build_http_transport(max_connections=4) as transport,
+    ):
+        refiner = OpenAIRefiner(
+            transport,
+            UpstreamLimits(timeout=10.0),
+            base_url=upstream.openai_url,
+            model=MODEL,
+            output_schema=OUTPUT_SCHEMA,
+            clock=lambda: now,
+        )
+        await refiner.refine(request, time_left=None, traceparent=None)
+        now += FORMAT_VERDICT_SECONDS - 1
+        await refiner.refine(request, time_left=None, traceparent=None)
+        upstream.reject_json_schema = False
+        now += 1
+        await refiner.refine(request, time_left=None, traceparent=None)
+        await refiner.refine(request, time_left=None, traceparent=None)
+        formats = response_formats(upstream)
+    assert formats == ["json_schema", "json_object", "json_object", "json_schema", "json_schema"]
 
 
 def test_a_server_without_structured_outputs_is_asked_once(keys: TestKeys) -> None:

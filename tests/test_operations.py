@@ -54,9 +54,11 @@ async def health_status(channel: grpc.aio.Channel) -> int | None:
     return int(reply.status)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT], ids=["TERM", "QUIT"])
 async def test_sigterm_drains_calls_in_flight_then_exits_cleanly(
-    upstream: StandinUpstream, keys: TestKeys
+    upstream: StandinUpstream, keys: TestKeys, signum: signal.Signals
 ) -> None:
+    """SIGQUIT drains like SIGTERM, as it does for nginx and gunicorn."""
     upstream.default = Slow(3.0)
     env = {
         "API_KEYS_FILE": str(keys.path),
@@ -77,7 +79,7 @@ async def test_sigterm_drains_calls_in_flight_then_exits_cleanly(
             ]
             assert await upstream.until_requests(HELD_CALLS, timeout=10)
 
-            os.kill(process.pid, signal.SIGTERM)
+            os.kill(process.pid, signum)
 
             # Load balancers see NOT_SERVING while the calls in flight still run.
             seen = None
@@ -114,6 +116,57 @@ async def test_sigterm_drains_calls_in_flight_then_exits_cleanly(
     assert not [r for r in records if "still in flight" in str(r.get("msg"))], process.lines
     codes = [r.get("code") for r in records if r.get("method") == CALL_TOOL]
     assert sorted(map(str, codes)) == ["OK"] * HELD_CALLS + ["UNAVAILABLE"]
+
+
+# --- the other signals ------------------------------------------------------------------
+
+
+def ignores_sighup(pid: int) -> bool:
+    """Whether the process `pid` has SIGHUP ignored (/proc/PID/status, SigIgn bit 1)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_sighups_from_the_first_line_of_the_entry_point_on_never_end_the_process(
+    keys: TestKeys,
+) -> None:
+    """A deploy tool may ask for a reload as soon as it has started the process: from the entry
+    point's first line until the reload handler is installed, SIGHUP is ignored, so SIGHUPs sent
+    all through start-up leave a server that serves."""
+    process = ServerProcess({"API_KEYS_FILE": str(keys.path)}, name="early-sighup")
+    try:
+        process.spawn()
+        assert wait_until(lambda: ignores_sighup(process.pid), 10)
+        while not process.wait_for_record(lambda r: r.get("msg") == "serving", 0.01):
+            assert process.running, process.lines
+            os.kill(process.pid, signal.SIGHUP)
+        os.kill(process.pid, signal.SIGHUP)
+        process.wait_until_serving()
+        with ToolClient(process.target, api_key=keys.editor, timeout=10) as client:
+            assert client.status().enabled is False
+        assert process.terminate() == 0
+    finally:
+        process.close()
+
+
+def test_usr1_usr2_and_alrm_are_ignored_and_repeated_sighups_without_keys_log_little() -> None:
+    with ServerProcess({"AUTH": "disabled"}, name="signals") as process:
+        for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
+            os.kill(process.pid, signum)
+        for _ in range(200):
+            os.kill(process.pid, signal.SIGHUP)
+        with ToolClient(process.target, api_key="unused", timeout=10) as client:
+            assert client.status().enabled is False
+        assert process.running
+        assert process.terminate() == 0
+    nothing = [r for r in process.records if r.get("msg", "").startswith("nothing to reload")]
+    # The first signal's line, then one summary (at stop) of how many more came.
+    assert 1 <= len(nothing) <= 2, nothing
+    assert process.records[-1].get("msg") == "stopped"
 
 
 # --- metrics ----------------------------------------------------------------------------

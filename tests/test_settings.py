@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
 
 from aiservices_server.app import StartupError, server_credentials
 from aiservices_server.auth import KeysFileError, load_keys_file
@@ -163,6 +166,87 @@ def test_good_values_still_load(environment: pytest.MonkeyPatch) -> None:
     assert split_host_port(loaded.grpc_address) == ("::1", 0)
     assert loaded.max_message_bytes == 2**31 - 1
     assert loaded.api_keys_file is None  # blank is unset, not the current directory
+
+
+# --- Redis URL options ------------------------------------------------------------------------
+
+
+def refused_redis_option(url: str) -> str:
+    """The option a bad Redis URL's one line names, checked for one line without the password."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(redis_url=url)
+    message = str(caught.value)
+    prefix = f"invalid setting {ENV_PREFIX}REDIS_URL: option "
+    assert message.startswith(prefix), message
+    assert "\n" not in message
+    assert SECRET not in message
+    return message.removeprefix(prefix).split(" ", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        # Tracebacks at start-up: redis's own ConnectionError and RedisError.
+        (f"redis://:{SECRET}@127.0.0.1:6379/0?protocol=9", "protocol"),
+        (f"rediss://:{SECRET}@127.0.0.1:6379/0?ssl_cert_reqs=bogus", "ssl_cert_reqs"),
+        # Not an option of plain redis:// connections.
+        (f"redis://:{SECRET}@127.0.0.1:6379/0?ssl_cert_reqs=required", "ssl_cert_reqs"),
+        (f"unix://:{SECRET}@/run/redis/redis.sock?socket_keepalive=true", "socket_keepalive"),
+        # Built, then refused only when the first connection made its TLS context.
+        (f"rediss://:{SECRET}@127.0.0.1:6379/0?ssl_min_version=99", "ssl_min_version"),
+        (f"rediss://:{SECRET}@127.0.0.1:6379/0?ssl_ca_certs=/nonexistent.pem", "ssl_ca_certs"),
+        (f"rediss://:{SECRET}@127.0.0.1:6379/0?ssl_ciphers=NO-SUCH-CIPHER", "ssl_ciphers"),
+        # Text where the client wants an object: an AttributeError.
+        (f"redis://:{SECRET}@127.0.0.1:6379/0?retry=3", "retry"),
+        (
+            f"redis://:{SECRET}@127.0.0.1:6379/0?socket_timeout=1&max_connections=-1",
+            "max_connections",
+        ),
+    ],
+)
+def test_a_redis_url_option_the_client_refuses_is_named_in_one_line(
+    environment: pytest.MonkeyPatch, url: str, option: str
+) -> None:
+    assert refused_redis_option(url) == option
+
+
+def test_redis_tls_options_that_only_work_together_load_and_a_bad_one_beside_them_is_named(
+    environment: pytest.MonkeyPatch, certs: TestCertificates
+) -> None:
+    tls = (
+        f"ssl_certfile={quote(str(certs.client.cert_file))}"
+        f"&ssl_keyfile={quote(str(certs.client.key_file))}"
+        f"&ssl_ca_certs={quote(str(certs.ca.cert_file))}"
+    )
+    url = f"rediss://:{SECRET}@redis.internal:6380/0?{tls}&protocol=3&ssl_cert_reqs=required"
+    loaded = load_settings(redis_url=url)
+    assert loaded.redis_url is not None
+    assert loaded.redis_url.get_secret_value() == url
+    # Only protocol is named: without it the rest builds. (A key file tried alone would not.)
+    assert refused_redis_option(url.replace("protocol=3", "protocol=9")) == "protocol"
+
+
+def test_an_option_the_redis_client_does_not_know_is_not_quoted(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    # The name may be the end of a password whose "?" was not percent-encoded.
+    with pytest.raises(SettingsError) as caught:
+        load_settings(redis_url=f"redis://127.0.0.1:6379/0?{SECRET}=1")
+    assert str(caught.value) == (
+        f"invalid setting {ENV_PREFIX}REDIS_URL: has an option the Redis client does not know "
+        "(percent-encode ? in a password)"
+    )
+
+
+def test_checking_a_redis_url_connects_nowhere(environment: pytest.MonkeyPatch) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        load_settings(redis_url=f"redis://:{SECRET}@127.0.0.1:{port}/0?socket_timeout=1")
+        refused_redis_option(f"redis://:{SECRET}@127.0.0.1:{port}/0?protocol=9")
+        # A connection, had one been made, would be complete and queued by now.
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
 
 
 # --- misspelled settings ---------------------------------------------------------------------
@@ -360,6 +444,30 @@ def test_python_m_server_exits_2_with_one_line_naming_the_setting(
     assert SECRET not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        (f"redis://:{SECRET}@127.0.0.1:6379/0?ssl_cert_reqs=bogus", "ssl_cert_reqs"),
+        (f"rediss://:{SECRET}@127.0.0.1:6379/0?ssl_cert_reqs=bogus", "ssl_cert_reqs"),
+        (f"redis://:{SECRET}@127.0.0.1:6379/0?protocol=9", "protocol"),
+    ],
+)
+def test_python_m_server_names_a_redis_url_option_the_client_refuses_in_one_line(
+    tmp_path: Path, url: str, option: str
+) -> None:
+    """The rediss:// and protocol ones printed a traceback of 30-odd lines from inside the Redis
+    client; the redis:// one was one line, naming no option."""
+    keys = keys_file(tmp_path, 0o600)
+    settings = {"GRPC_ADDRESS": "127.0.0.1:0", "API_KEYS_FILE": str(keys), "REDIS_URL": url}
+    result = run_to_exit(tmp_path, settings)
+    scheme = url.partition(":")[0]
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"aiservices: invalid setting {ENV_PREFIX}REDIS_URL: option {option} is refused by the "
+        f"Redis client: check its value, and that it applies to {scheme}:// URLs\n"
+    )
+
+
 @pytest.mark.parametrize("mode", [0o666, 0o620], ids=oct)
 def test_python_m_server_refuses_a_keys_file_others_can_write(tmp_path: Path, mode: int) -> None:
     keys = keys_file(tmp_path, mode)
@@ -478,6 +586,58 @@ def test_a_password_in_a_redis_url_is_never_in_the_problem(password: str) -> Non
     assert problem is None or password not in problem
 
 
+# Every option the Redis client's URL parser converts, and keywords its connections take as text
+# (the ssl_* ones only with rediss://) or would take only as an object.
+REDIS_URL_OPTIONS = sorted(
+    {
+        *URL_QUERY_ARGUMENT_PARSERS,
+        *("ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_data"),
+        *("ssl_ca_path", "ssl_ciphers", "ssl_password", "client_name", "username", "password"),
+        *("encoding", "encoding_errors", "decode_responses", "lib_name", "lib_version", "path"),
+        *("host", "port", "retry", "credential_provider", "parser_class", "encoder_class"),
+        *("driver_info", "maint_notifications_config", "connection_class", "socket_type"),
+    }
+)
+REDIS_URL_BASES = [
+    f"redis://:{SECRET}@127.0.0.1:6379/0",
+    f"rediss://:{SECRET}@127.0.0.1:6380/0",
+    f"unix://:{SECRET}@/run/redis/redis.sock",
+]
+REDIS_OPTION_VALUES = [
+    *("bogus", "9", "-1", "0", "1", "nan", "inf", "1e400", "9" * 30, "none", "required", "[]"),
+    *("[,]", "VERIFY_X509_STRICT", "ConnectionError", "/nonexistent", "\x00", "\u00e9", SECRET),
+]
+REDIS_OPTION = st.tuples(
+    st.sampled_from(REDIS_URL_OPTIONS) | st.text(max_size=20),
+    st.sampled_from(REDIS_OPTION_VALUES) | st.text(max_size=20),
+)
+
+
+@settings(
+    deadline=timedelta(milliseconds=250),
+    max_examples=200,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # the environment is not changed
+)
+@given(st.sampled_from(REDIS_URL_BASES), st.lists(REDIS_OPTION, max_size=4))
+@example(REDIS_URL_BASES[1], [("ssl_cert_reqs", "bogus")])
+@example(REDIS_URL_BASES[0], [("protocol", "9")])
+@example(REDIS_URL_BASES[1], [("ssl_password", SECRET), ("ssl_min_version", "1e400")])
+@pytest.mark.filterwarnings("ignore:.*lib_(name|version):DeprecationWarning")  # redis's own
+def test_any_redis_url_option_loads_or_is_one_line_without_the_password(
+    environment: pytest.MonkeyPatch, base: str, options: list[tuple[str, str]]
+) -> None:
+    query = "&".join(f"{quote(name, safe='')}={quote(value, safe='')}" for name, value in options)
+    try:
+        loaded = load_settings(redis_url=f"{base}?{query}")
+    except SettingsError as exc:
+        message = str(exc)
+        assert message.startswith(f"invalid setting {ENV_PREFIX}REDIS_URL: "), message
+        assert "\n" not in message
+        assert SECRET not in message
+    else:
+        assert loaded.redis_url is not None
+
+
 # --- the MCP listener ----------------------------------------------------------------------
 
 
@@ -506,11 +666,53 @@ def test_a_non_loopback_mcp_address_is_accepted_with_tls_or_allow_plaintext(
 ) -> None:
     environment.setenv(ENV_PREFIX + "MCP_ADDRESS", "0.0.0.0:8931")
     environment.setenv(ENV_PREFIX + "MCP_ALLOW_PLAINTEXT", "true")
+    environment.setenv(ENV_PREFIX + "MCP_ALLOWED_HOSTS", "mcp.internal.example")
     assert load_settings().mcp_host_port == ("0.0.0.0", 8931)
     environment.delenv(ENV_PREFIX + "MCP_ALLOW_PLAINTEXT")
     environment.setenv(ENV_PREFIX + "TLS_CERT_FILE", str(certs.server.cert_file))
     environment.setenv(ENV_PREFIX + "TLS_KEY_FILE", str(certs.server.key_file))
     assert load_settings().mcp_host_port == ("0.0.0.0", 8931)
+
+
+def test_mcp_on_every_address_needs_the_hosts_clients_reach_it_by(
+    environment: pytest.MonkeyPatch,
+) -> None:
+    environment.setenv(ENV_PREFIX + "MCP_ADDRESS", "0.0.0.0:8931")
+    environment.setenv(ENV_PREFIX + "MCP_ALLOW_PLAINTEXT", "true")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value) == (
+        f"invalid settings: {ENV_PREFIX}MCP_ADDRESS 0.0.0.0:8931 listens on every address: set "
+        f"{ENV_PREFIX}MCP_ALLOWED_HOSTS to the names clients reach it by (or * to accept any Host)"
+    )
+    environment.setenv(ENV_PREFIX + "MCP_ALLOWED_HOSTS", "mcp.example.com:443, 10.0.0.5")
+    assert load_settings().mcp_allowed_hosts == ("mcp.example.com:443", "10.0.0.5")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("MCP_ALLOWED_HOSTS", "evil.example/path"),
+        ("MCP_ALLOWED_HOSTS", "host:port"),
+        ("MCP_ALLOWED_HOSTS", "[::1"),
+        ("MCP_ALLOWED_ORIGINS", "app.example.com"),
+        ("MCP_ALLOWED_ORIGINS", "https://app.example.com/"),
+        ("MCP_ALLOWED_ORIGINS", "ftp://app.example.com"),
+        ("MCP_HEADER_TIMEOUT", "0"),
+        ("MCP_IDLE_TIMEOUT", "0.5"),
+        ("MCP_MAX_CONNECTIONS", "0"),
+        ("GRPC_MAX_CONNECTIONS", "-1"),
+        ("GRPC_MAX_CONNECTION_AGE", "nan"),
+    ],
+)
+def test_bad_listener_settings_are_one_line_naming_the_setting(
+    environment: pytest.MonkeyPatch, setting: str, value: str
+) -> None:
+    environment.setenv(ENV_PREFIX + setting, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value).startswith(f"invalid setting {ENV_PREFIX}{setting}: ")
+    assert "\n" not in str(refused.value)
 
 
 # --- the command line ----------------------------------------------------------------------------

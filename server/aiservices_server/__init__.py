@@ -1,6 +1,14 @@
 """aiservices server: a grpc.aio ToolService, and the same tools over MCP, in front of AI-powered
 tools."""
 
-from importlib.metadata import version
+from typing import Any
 
-__version__ = version("aiservices-server")
+
+def __getattr__(name: str) -> Any:
+    """`__version__`, read from the installed metadata when first asked for: importing the
+    package stays instant, so the entry point's first line runs within milliseconds."""
+    if name == "__version__":
+        from importlib.metadata import version  # noqa: PLC0415
+
+        return version("aiservices-server")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import resource
 import signal
 import socket
 import ssl
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -26,7 +28,6 @@ from aiservices_server.config import (
     EventLoop,
     Settings,
     UpstreamKind,
-    is_loopback,
     split_host_port,
 )
 from aiservices_server.core.auth import Authenticator
@@ -40,7 +41,7 @@ from aiservices_server.faces.grpc.outermost import OutermostInterceptor
 from aiservices_server.faces.grpc.servicer import ToolServicer
 from aiservices_server.files import FileTooLarge, NotRegularFile, read_small_file
 from aiservices_server.logs import LineSampler
-from aiservices_server.metrics import Metrics
+from aiservices_server.metrics import METRICS_MAX_CONNECTIONS, Metrics
 from aiservices_server.ratelimit import (
     FailoverRateLimiter,
     RateLimit,
@@ -67,6 +68,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ToolService"].full_name
 RATE_LIMIT_HEALTH = "aiservices.ratelimit"
 
 
+DRAINING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+
+
 class StartupError(RuntimeError):
     """The server cannot start; the message is the one line an operator needs."""
 
@@ -79,16 +84,12 @@ def run_event_loop(main: Coroutine[Any, Any, T], event_loop: EventLoop) -> T:
 
 
 def load_keys(settings: Settings) -> KeyStore | None:
-    """The key store, or None when authentication is disabled (loopback only)."""
+    """The key store, or None when authentication is disabled (which the settings allow only
+    with every listener that serves tools on loopback)."""
     if settings.auth is AuthMode.DISABLED:
-        if not is_loopback(settings.grpc_address):
-            raise StartupError(
-                f"AGENTA_AI_SERVICES_AUTH=disabled serves only on loopback, not on "
-                f"{settings.grpc_address}: set AGENTA_AI_SERVICES_API_KEYS_FILE instead"
-            )
         log.warning(
             "AUTHENTICATION IS DISABLED: every local caller may call every tool",
-            extra={"address": settings.grpc_address},
+            extra={"address": settings.grpc_address, "mcp_address": settings.mcp_address},
         )
         return None
     if settings.api_keys_file is None:
@@ -101,6 +102,41 @@ def load_keys(settings: Settings) -> KeyStore | None:
         return KeyStore.from_file(settings.api_keys_file)
     except KeysFileError as exc:
         raise StartupError(str(exc)) from None
+
+
+RESERVED_FILE_DESCRIPTORS = 128
+"""Beyond the connection caps: listeners, Redis, metrics scrapes, files read, logs, and grpc's
+and the event loop's own."""
+
+
+def check_file_descriptors(settings: Settings) -> int:
+    """Raise the soft limit on open files to the hard one, and check that every connection the
+    caps allow, plus the upstream pool and a reserve, fits under it: connections coming in must
+    never take the descriptors the upstream needs. Returns the limit; StartupError when the caps
+    do not fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        # Linux caps it at fs.nr_open whatever the hard limit says.
+        wanted = hard if hard != resource.RLIM_INFINITY else 1_048_576
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    parts = {
+        "GRPC_MAX_CONNECTIONS": settings.grpc_max_connections,
+        "MCP_MAX_CONNECTIONS": settings.mcp_max_connections if settings.mcp_address else 0,
+        "UPSTREAM_MAX_CONNECTIONS": settings.upstream_max_connections,
+        "metrics": METRICS_MAX_CONNECTIONS if settings.metrics_address else 0,
+        "reserve": RESERVED_FILE_DESCRIPTORS,
+    }
+    needed = sum(parts.values())
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        terms = " + ".join(f"{value} ({name})" for name, value in parts.items() if value)
+        raise StartupError(
+            f"the open-file limit ({soft}; raise it with `ulimit -n` or LimitNOFILE=) is below "
+            f"what the connection caps need: {terms} = {needed}; lower the AGENTA_AI_SERVICES_ "
+            "caps or raise the limit"
+        )
+    return int(soft)
 
 
 def ensure_bindable(address: str, setting: str) -> None:
@@ -228,6 +264,25 @@ def build_tools(
     return [RefinePromptTool(build_refiner(settings, transport, metrics))]
 
 
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC listener's bounds: message sizes, connections and how long each may live."""
+    milliseconds = {
+        "grpc.server_handshake_timeout_ms": settings.grpc_handshake_timeout,
+        "grpc.max_connection_idle_ms": settings.grpc_idle_timeout,
+        "grpc.max_connection_age_ms": settings.grpc_max_connection_age,
+        "grpc.max_connection_age_grace_ms": settings.grpc_max_connection_age_grace,
+    }
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_allowed_incoming_connections", settings.grpc_max_connections),
+        ("grpc.max_concurrent_streams", settings.grpc_max_streams),
+    ]
+    options += [(name, round(seconds * 1000)) for name, seconds in milliseconds.items() if seconds]
+    return options
+
+
 class AiServicesServer:
     """One grpc.aio server with the ToolService, health and reflection.
 
@@ -266,6 +321,15 @@ class AiServicesServer:
         self.metrics_port: int | None = None
         self.mcp_port: int | None = None
         self._keys_reloader: KeysReloader | None = None
+        self._refusal_lines: list[LineSampler] = []
+        self._nothing_to_reload = LineSampler(
+            lambda left_out: log.info(
+                "nothing to reload: authentication is disabled", extra={"signals": left_out}
+            ),
+            per_second=1 / 60,
+            burst=1,
+            summary_every=60.0,
+        )
 
     def _build_service(self, settings: Settings, limiter: RateLimiter) -> ToolService:
         metrics = self.metrics
@@ -294,6 +358,7 @@ class AiServicesServer:
 
     async def start(self) -> int:
         settings = self.settings
+        check_file_descriptors(settings)
         ensure_bindable(settings.grpc_address, "GRPC_ADDRESS")
         if settings.metrics_address is not None:
             ensure_bindable(settings.metrics_address, "METRICS_ADDRESS")
@@ -317,13 +382,7 @@ class AiServicesServer:
         servicer = ToolServicer(
             service, log_payloads=settings.log_payloads, max_reply_bytes=settings.max_message_bytes
         )
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
-        )
+        server = grpc.aio.server(options=grpc_options(settings))
         authenticator = Authenticator(keys, metrics)
         if keys is not None and settings.api_keys_file is not None:
             self._keys_reloader = KeysReloader(
@@ -348,15 +407,8 @@ class AiServicesServer:
                 f"invalid setting AGENTA_AI_SERVICES_GRPC_ADDRESS: cannot listen on "
                 f"{settings.grpc_address}"
             ) from None
-        metrics_address = settings.metrics_host_port
-        if metrics_address is not None:
-            try:
-                self.metrics_port = metrics.serve(*metrics_address)
-            except OSError as exc:
-                raise StartupError(
-                    f"invalid setting AGENTA_AI_SERVICES_METRICS_ADDRESS: cannot listen on "
-                    f"{settings.metrics_address}: {exc.strerror}"
-                ) from None
+        if settings.metrics_address is not None:
+            self._start_metrics(settings.metrics_address)
         if settings.mcp_address is not None:
             await self._start_mcp(settings, service, authenticator)
         await server.start()
@@ -385,6 +437,24 @@ class AiServicesServer:
         )
         return self.port
 
+    def _start_metrics(self, address: str) -> None:
+        """Prometheus metrics on `address`, served from a thread of their own."""
+        refused = self._refused_connection("metrics")
+        loop = asyncio.get_running_loop()
+
+        def refused_in_thread() -> None:
+            loop.call_soon_threadsafe(refused)
+
+        try:
+            self.metrics_port = self.metrics.serve(
+                *split_host_port(address), on_refused=refused_in_thread
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"invalid setting AGENTA_AI_SERVICES_METRICS_ADDRESS: cannot listen on "
+                f"{address}: {exc.strerror}"
+            ) from None
+
     async def _start_mcp(
         self, settings: Settings, service: ToolService, authenticator: Authenticator
     ) -> None:
@@ -392,7 +462,21 @@ class AiServicesServer:
         TLS settings when they are set."""
         # Imported only when MCP is on: the SDK and uvicorn take about 30 MB in every replica.
         from aiservices_server.faces.mcp.face import McpFace  # noqa: PLC0415
-        from aiservices_server.faces.mcp.listener import McpListener  # noqa: PLC0415
+        from aiservices_server.faces.mcp.listener import (  # noqa: PLC0415
+            ConnectionBounds,
+            McpListener,
+        )
+        from aiservices_server.faces.mcp.origins import OriginPolicy  # noqa: PLC0415
+
+        host, port = settings.mcp_host_port or ("127.0.0.1", 0)
+
+        def origins(port: int) -> OriginPolicy:
+            return OriginPolicy.for_listener(
+                host,
+                port,
+                hosts=settings.mcp_allowed_hosts,
+                origins=settings.mcp_allowed_origins,
+            )
 
         face = McpFace(
             service,
@@ -400,15 +484,22 @@ class AiServicesServer:
             self._drain,
             self.metrics,
             max_body_bytes=settings.max_message_bytes,
+            body_timeout=settings.mcp_body_timeout,
+            origins=origins(port),
             log_payloads=settings.log_payloads,
             unauthenticated_lines=self._unauthenticated_lines,
         )
-        host, port = settings.mcp_host_port or ("127.0.0.1", 0)
         certificate = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             certificate = (settings.tls_cert_file, settings.tls_key_file)
+        bounds = ConnectionBounds(
+            header_timeout=settings.mcp_header_timeout,
+            idle_timeout=settings.mcp_idle_timeout,
+            max_connections=settings.mcp_max_connections,
+            on_refused=self._refused_connection("mcp"),
+        )
         listener = McpListener(
-            face, host, port, certificate=certificate, client_ca=settings.tls_client_ca_file
+            face, host, port, bounds, certificate=certificate, client_ca=settings.tls_client_ca_file
         )
         await face.start()
         self._mcp_face = face
@@ -419,7 +510,32 @@ class AiServicesServer:
                 f"invalid setting AGENTA_AI_SERVICES_MCP_ADDRESS: cannot listen on "
                 f"{settings.mcp_address}"
             ) from None
+        face.origins = origins(self.mcp_port)  # port 0 became a port
         self._mcp = listener
+
+    def _refused_connection(self, listener: str) -> Callable[[], None]:
+        """What a listener calls when its cap closes a connection: a count, and a line at most
+        once a second (with how many were left out since)."""
+        counter = self.metrics.connections_refused.labels(listener)
+        lines = LineSampler(
+            lambda left_out: log.warning(
+                "connections refused: too many open",
+                extra={"listener": listener, "refused": left_out},
+            ),
+            per_second=1.0,
+            burst=1,
+            summary_every=10.0,
+        )
+        self._refusal_lines.append(lines)
+
+        def refused() -> None:
+            counter.inc()
+            if lines.admit():
+                log.warning(
+                    "connection refused: too many open", extra={"listener": listener, "refused": 1}
+                )
+
+        return refused
 
     async def _start_rate_limit_store(self) -> None:
         """Report the store's state and start watching it (only a limiter this server built
@@ -450,19 +566,23 @@ class AiServicesServer:
         """Reload the keys file soon (SIGHUP); with authentication disabled there is none, and
         during start-up there is nothing to do: start() reads the file as it is then."""
         if self.settings.auth is AuthMode.DISABLED:
-            log.info("nothing to reload: authentication is disabled")
+            if self._nothing_to_reload.admit():
+                log.info("nothing to reload: authentication is disabled", extra={"signals": 1})
         elif self._keys_reloader is not None:
             self._keys_reloader.request("sighup")
 
     def handle_signals(self) -> None:
-        """From now on SIGINT and SIGTERM drain the server (see `serve_until_signalled`) and
-        SIGHUP reloads the keys file. Called before `start()`, so a signal sent during start-up,
-        or as soon as the "serving" line is out, is answered as documented instead of ending
-        the process with the signal's default action."""
+        """From now on SIGINT, SIGTERM and SIGQUIT drain the server (see
+        `serve_until_signalled`), SIGHUP reloads the keys file, and SIGUSR1, SIGUSR2 and SIGALRM
+        are ignored. Called before `start()`, so a signal sent during start-up, or as soon as
+        the "serving" line is out, is answered as documented instead of ending the process with
+        the signal's default action."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in DRAINING_SIGNALS:
             loop.add_signal_handler(signum, self._signalled.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        for signum in IGNORED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         self._handling_signals = True
 
     async def serve_until_signalled(self) -> None:
@@ -511,5 +631,7 @@ class AiServicesServer:
         if self._mcp_face is not None:
             await self._mcp_face.stop()
         self._unauthenticated_lines.flush()
+        for lines in (*self._refusal_lines, self._nothing_to_reload):
+            lines.flush()
         self.metrics.close()
         log.info("stopped")

@@ -1,4 +1,4 @@
-"""`aiservices-server` (or `python -m aiservices_server`) runs the service;
+"""The `aiservices-server` commands: with no command it runs the service;
 `aiservices-server keys ...` manages API keys; `aiservices-server config` prints the effective
 settings.
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def print_config() -> int:
 
 
 def main(argv: list[str]) -> int:
+    serving = argv in ([], ["--dev-keys"])
+    if not serving:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a command, not the server: no reloads
     if argv[:1] == ["keys"]:
         return keys_main(argv[1:])
     if argv in (["--help"], ["-h"]):
@@ -102,12 +106,3 @@ def main(argv: list[str]) -> int:
         logging.shutdown()  # every log line queued so far is written before the process exits
     print(f"aiservices: {error}", file=sys.stderr)
     return 2
-
-
-def console() -> int:
-    """The `aiservices-server` console script."""
-    return main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(console())

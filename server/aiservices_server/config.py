@@ -18,7 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from aiservices_server.ratelimit import redis_url_problem
 from aiservices_server.ratelimit.gcra import RateLimitError, check_rate_limit
@@ -77,6 +77,20 @@ def _is_host(host: str) -> bool:
         and host.isprintable()
         and not any(ch in host for ch in " []/@")
     )
+
+
+def _is_host_header(value: str) -> bool:
+    """Whether `value` has the shape of an HTTP Host header: a host (an IPv6 address in
+    brackets) and an optional port."""
+    if value.startswith("["):
+        address, closed, after = value[1:].partition("]")
+        host_ok = bool(closed) and _is_host(address)
+    else:
+        address, colon, port = value.partition(":")
+        host_ok, after = _is_host(address), colon + port
+    port = after.removeprefix(":")
+    port_ok = not after or (after != port and port.isascii() and port.isdigit() and len(port) <= 5)
+    return host_ok and port_ok
 
 
 def check_http_url(url: str, key_setting: str = "API_KEY") -> str:
@@ -166,6 +180,26 @@ class Settings(BaseSettings):
     mcp_address: str | None = None
     # Serve MCP without TLS on an address that is not loopback (behind a TLS-terminating proxy).
     mcp_allow_plaintext: bool = False
+    # Host and Origin values /mcp accepts beyond the forms of its own address (comma-separated;
+    # `*` accepts any): a browser page must not reach the server through a rebound DNS name.
+    mcp_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    mcp_allowed_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    # Listeners: every connection has a time bound and every listener a connection cap, so idle
+    # or slow connections cannot use up the file descriptors the upstream needs.
+    mcp_header_timeout: Annotated[float, Field(gt=0, le=300, allow_inf_nan=False)] = 10.0
+    mcp_idle_timeout: Annotated[int, Field(ge=1, le=3600)] = 30
+    mcp_body_timeout: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 30.0
+    mcp_max_connections: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    grpc_max_connections: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    grpc_handshake_timeout: Annotated[float, Field(gt=0, le=300, allow_inf_nan=False)] = 10.0
+    grpc_idle_timeout: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0
+    # 0: connections live as long as their client keeps them.
+    grpc_max_connection_age: Annotated[float, Field(ge=0, le=86_400, allow_inf_nan=False)] = 0.0
+    grpc_max_connection_age_grace: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = (
+        300.0
+    )
+    grpc_max_streams: Annotated[int, Field(ge=1, le=100_000)] = 1000
 
     # Access control.
     auth: AuthMode = AuthMode.KEYS
@@ -218,6 +252,19 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_auth_disabled_on_loopback(self) -> Settings:
+        """Without keys, anyone who reaches a listener that serves tools may call them."""
+        if self.auth is AuthMode.DISABLED:
+            for name, address in (("GRPC", self.grpc_address), ("MCP", self.mcp_address)):
+                if address is not None and not is_loopback(address):
+                    raise ValueError(
+                        f"{ENV_PREFIX}AUTH=disabled serves only on loopback, but "
+                        f"{ENV_PREFIX}{name}_ADDRESS is {address}: set "
+                        f"{ENV_PREFIX}API_KEYS_FILE instead"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _check_mcp_transport(self) -> Settings:
         if (
             self.mcp_address is not None
@@ -230,7 +277,46 @@ class Settings(BaseSettings):
                 f"({ENV_PREFIX}TLS_CERT_FILE and TLS_KEY_FILE), or set "
                 f"{ENV_PREFIX}MCP_ALLOW_PLAINTEXT=true behind a proxy that terminates TLS"
             )
+        host = None if self.mcp_host_port is None else self.mcp_host_port[0]
+        if host in ("0.0.0.0", "::") and not self.mcp_allowed_hosts:
+            raise ValueError(
+                f"{ENV_PREFIX}MCP_ADDRESS {self.mcp_address} listens on every address: set "
+                f"{ENV_PREFIX}MCP_ALLOWED_HOSTS to the names clients reach it by (or * to accept "
+                "any Host)"
+            )
         return self
+
+    @field_validator("mcp_allowed_hosts", "mcp_allowed_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("mcp_allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for host in value:
+            if host != "*" and not _is_host_header(host):
+                raise ValueError(
+                    "each entry must be a host name or address, with or without :PORT "
+                    "(e.g. mcp.example.com, 10.0.0.5:8443, [::1]:50052), or *"
+                )
+        return tuple(host.lower() for host in value)
+
+    @field_validator("mcp_allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            scheme, sep, rest = origin.partition("://")
+            if origin != "*" and not (
+                sep and scheme.lower() in ("http", "https") and _is_host_header(rest)
+            ):
+                raise ValueError(
+                    "each entry must be an origin, scheme://host[:port] with no path "
+                    "(e.g. https://app.example.com), or *"
+                )
+        return tuple(origin.lower() for origin in value)
 
     @field_validator("redis_url")
     @classmethod

@@ -7,7 +7,12 @@ Labels are bounded: method names, codes, tool names, outcomes, key ids; never us
 
 from __future__ import annotations
 
-from wsgiref.simple_server import WSGIServer
+import socket
+import threading
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -16,7 +21,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 
 from aiservices_server.upstream.refiner import UpstreamAttempt
@@ -42,6 +47,43 @@ def rpc_labels(method: str) -> RpcLabels:
         _, service, name = method.split("/")
         return "unary", service, name
     return "unary", "", method
+
+
+METRICS_MAX_CONNECTIONS = 16
+"""Scrapers are few, and each open connection holds a thread and a file descriptor."""
+METRICS_TIMEOUT = 10.0
+"""Seconds any one read or write on a metrics connection may take."""
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT  # socketserver sets it on each connection: a silent one is dropped
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most METRICS_MAX_CONNECTIONS of them; one more is closed at
+    once and reported to `on_refused`."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_refused: Callable[[], None] = lambda: None
+        self._open = threading.BoundedSemaphore(METRICS_MAX_CONNECTIONS)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        if self._open.acquire(blocking=False):
+            return True
+        self.on_refused()
+        return False
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._open.release()
 
 
 class Metrics:
@@ -137,6 +179,13 @@ class Metrics:
             ("reason",),
             registry=registry,
         )
+        self.connections_refused = Counter(
+            "aiservices_connections_refused",
+            "Connections closed at once because their listener (mcp, metrics) had as many open "
+            "as it allows.",
+            ("listener",),
+            registry=registry,
+        )
         for reason in UNAUTHENTICATED_REASONS:
             self.unauthenticated_refusals.labels(reason)  # exported as 0 from the start
         self._http: WSGIServer | None = None
@@ -176,9 +225,19 @@ class Metrics:
     def upstream_request(self, status: str, seconds: float) -> None:
         self.upstream_requests.labels(status).observe(seconds)
 
-    def serve(self, host: str, port: int) -> int:
-        """Expose /metrics on host:port in a daemon thread; returns the bound port."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, on_refused: Callable[[], None] | None = None) -> int:
+        """Expose /metrics on host:port in a daemon thread; returns the bound port. At most
+        METRICS_MAX_CONNECTIONS connections are open at once, each read or write bounded by
+        METRICS_TIMEOUT; `on_refused` hears of each connection closed at the cap."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+        server: WSGIServer = make_server(
+            host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler
+        )
+        assert isinstance(server, _MetricsServer)
+        if on_refused is not None:
+            server.on_refused = on_refused
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._http = server
         return int(server.server_port)
 

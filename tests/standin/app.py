@@ -259,11 +259,12 @@ class Scenario(ABC):
         """Produce the response (or misbehave) for this request."""
 
 
-def json_schema_refusal() -> web.Response:
-    """The 400 a server without structured outputs gives a ``json_schema`` request."""
-    return _json_response(
-        400, openai.error_body(openai.JSON_SCHEMA_REFUSAL, param="response_format")
-    )
+def json_schema_refusal(structured: bool = True) -> web.Response:
+    """The 400 a server without structured outputs gives a ``json_schema`` request: OpenAI's,
+    with ``param: "response_format"``, or (not ``structured``) the message alone, as vLLM's and
+    Ollama's OpenAI-compatible endpoints may give it."""
+    param = "response_format" if structured else None
+    return _json_response(400, openai.error_body(openai.JSON_SCHEMA_REFUSAL, param=param))
 
 
 def openai_unauthorized() -> web.Response:

@@ -32,6 +32,7 @@ __all__ = [
     "ContentReply",
     "Length",
     "NoChoices",
+    "QuotingBadRequest",
     "RateLimited",
     "RejectJsonSchema",
     "Unauthorized",
@@ -86,17 +87,44 @@ class NoChoices(Scenario):
 @dataclass(frozen=True, slots=True)
 class RejectJsonSchema(Scenario):
     """A server without structured outputs: a ``json_schema`` request gets OpenAI's 400 for
-    ``response_format``; any other request is answered by ``then``.
+    ``response_format`` (not ``structured``: the message alone, no ``param``); any other request
+    is answered by ``then``.
 
     For every request rather than one, set ``StandinUpstream.reject_json_schema``.
     """
 
     then: Scenario = field(default_factory=Refine)
+    structured: bool = True
 
     async def respond(self, exchange: Exchange) -> web.StreamResponse:
         if exchange.chat and openai.asks_json_schema(exchange.body):
-            return json_schema_refusal()
+            return json_schema_refusal(self.structured)
         return await self.then.respond(exchange)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotingBadRequest(Scenario):
+    """400 whose message quotes the request's last user message, as a server explaining what it
+    refused may: the caller's own words come back in the error. ``param`` is sent as given
+    (None: null), ``code`` is null."""
+
+    param: str | None = None
+
+    async def respond(self, exchange: Exchange) -> web.StreamResponse:
+        refused = chat_only(exchange, self)
+        if refused is not None:
+            return refused
+        body = exchange.body if isinstance(exchange.body, dict) else {}
+        users = [
+            message["content"]
+            for message in body.get("messages") or []
+            if isinstance(message, dict)
+            and message.get("role") == "user"
+            and isinstance(message.get("content"), str)
+        ]
+        quoted = users[-1] if users else ""
+        error = openai.error_body(f"This request was refused: {quoted}", param=self.param)
+        return web.json_response(error, status=400)
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,17 @@ def run_printed(command: str, cwd: Path, env: Mapping[str, str]) -> str:
 SERVER_COMMAND = (sys.executable, "-m", "aiservices_server")
 
 
+def with_open_files_limit(soft: int, hard: int, *, command: Sequence[str]) -> tuple[str, ...]:
+    """`command`, run with RLIMIT_NOFILE set to (`soft`, `hard`), as a systemd `LimitNOFILE=`
+    or a container's ulimit sets it: the process may raise the soft limit up to the hard one."""
+    exec_with_limit = (
+        "import os, resource, sys; "
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard})); "
+        "os.execvp(sys.argv[1], sys.argv[1:])"
+    )
+    return (sys.executable, "-c", exec_with_limit, *command)
+
+
 def clean_env(settings: Mapping[str, str] | None = None) -> dict[str, str]:
     """An environment with PATH, this checkout's import path and `settings` only: nothing the
     test process inherited can change what a child does. Setting names may leave out the
@@ -129,6 +140,7 @@ class ServerProcess:
 
     By default the child is this checkout's server; `command` runs another installation of it
     (an `aiservices-server` script), with nothing of the checkout on its import path.
+    `open_files` sets the child's open-file limit (soft, hard).
     """
 
     def __init__(
@@ -139,10 +151,13 @@ class ServerProcess:
         startup_timeout: float = 15.0,
         name: str = "server",
         command: Sequence[str] | None = None,
+        open_files: tuple[int, int] | None = None,
     ) -> None:
         self.name = name
         self.startup_timeout = startup_timeout
         self._command = SERVER_COMMAND if command is None else tuple(command)
+        if open_files is not None:
+            self._command = with_open_files_limit(*open_files, command=self._command)
         self._args = list(args)
         self._env = self._child_env(env or {})
         if command is not None:

@@ -5,14 +5,18 @@ vLLM or Ollama, a LiteLLM gateway, a company proxy.
 message (`prompts/refine-v1.txt`, versioned with the package) and the template, guidelines and
 context as the user message, a JSON object. The reply's first choice is the model's answer,
 checked by the tool exactly as the Agenta runner's. The response format asks for the tool's
-output JSON Schema; an endpoint that answers 400 to that gets `json_object` instead, from then
-on.
+output JSON Schema; when the endpoint refuses that format, the call is made again with
+`json_object`, and so is every call for the next FORMAT_VERDICT_SECONDS. Only what no caller
+can write decides that the format was refused: the error's structured fields, or a probe of the
+service's own (see `OpenAIRefiner._refuses_json_schema`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -39,11 +43,22 @@ CHAT_PATH = "/chat/completions"
 PROMPT_VERSION = "refine-v1"
 SYSTEM_PROMPT = (Path(__file__).parent / "prompts" / f"{PROMPT_VERSION}.txt").read_text("utf-8")
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# How long a verdict on the JSON Schema format holds, either way: a server can gain or lose
+# structured outputs under a running service (an upgrade, a proxy sending the model elsewhere).
+FORMAT_VERDICT_SECONDS = 600.0
+# The probe: a refine of a fixed template of the service's own, no caller's words in it; one
+# token of answer is enough, as only the status counts.
+_PROBE_REQUEST = RefineRequest(json.dumps({"messages": [{"role": "user", "content": "Hello."}]}))
+_PROBE_MAX_TOKENS = 1
 
 
 class OpenAIRefiner:
     """Refines through `model` at `base_url`; `api_key`, when given, is sent as a Bearer token
-    (local servers need none). `output_schema` is what the answer must match."""
+    (local servers need none). `output_schema` is what the answer must match.
+
+    Whether the endpoint takes the JSON Schema response format is decided for this one model
+    and held FORMAT_VERDICT_SECONDS on `clock` (injectable, so tests need not wait minutes).
+    """
 
     def __init__(
         self,
@@ -56,6 +71,7 @@ class OpenAIRefiner:
         api_key: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._endpoint = JsonEndpoint(
             transport,
@@ -73,8 +89,12 @@ class OpenAIRefiner:
             "type": "json_schema",
             "json_schema": {"name": "refined_prompt", "strict": True, "schema": output_schema},
         }
-        # Cleared for good once the endpoint refuses a JSON Schema response format.
-        self.json_schema_accepted = True
+        self._clock = clock
+        # Until when this model is asked for json_object: the endpoint refused the schema.
+        self._json_object_until = -math.inf
+        # Until when a probe's success stands: a 400 whose text alone names the format is then
+        # passed on without another probe, so no caller can have one sent for each of its calls.
+        self._probe_accepted_until = -math.inf
 
     async def refine(
         self, request: RefineRequest, *, time_left: float | None, traceparent: str | None
@@ -82,7 +102,7 @@ class OpenAIRefiner:
         # One budget for the first request and, should it fall back, the second.
         timeout = self._endpoint.timeout
         deadline = time.monotonic() + (timeout if time_left is None else min(timeout, time_left))
-        asked_for_schema = self.json_schema_accepted
+        asked_for_schema = self._clock() >= self._json_object_until
         try:
             answer = await self._endpoint.post(
                 self._body(request, json_schema=asked_for_schema),
@@ -90,9 +110,11 @@ class OpenAIRefiner:
                 traceparent=traceparent,
             )
         except UpstreamStatusError as error:
-            if not (asked_for_schema and _refuses_json_schema(error)):
+            if not (
+                asked_for_schema and await self._refuses_json_schema(error, deadline, traceparent)
+            ):
                 raise
-            self.json_schema_accepted = False
+            self._json_object_until = self._clock() + FORMAT_VERDICT_SECONDS
             answer = await self._endpoint.post(
                 self._body(request, json_schema=False),
                 time_left=deadline - time.monotonic(),
@@ -104,7 +126,44 @@ class OpenAIRefiner:
             error.attempt = answer.attempt
             raise
 
-    def _body(self, request: RefineRequest, *, json_schema: bool) -> bytes:
+    async def _refuses_json_schema(
+        self, error: UpstreamStatusError, deadline: float, traceparent: str | None
+    ) -> bool:
+        """Whether `error`, the answer to a request for the JSON Schema format, refuses that
+        format: a 400 whose structured fields name it (`param: "response_format"`, or a `code`
+        such as `unsupported_response_format`), as OpenAI gives.
+
+        A 400 whose message alone names the format may be the caller's own words echoed (a
+        template that mentions `response_format`), so it only counts when the probe, which
+        carries none, is refused as well; `deadline` bounds the probe with the call.
+        """
+        if error.status != 400:
+            return False
+        verdict = _format_verdict(error.body)
+        if verdict is not None:
+            return verdict
+        if not _names_format(error.body) or self._clock() < self._probe_accepted_until:
+            return False
+        try:
+            await self._endpoint.post(
+                self._body(_PROBE_REQUEST, json_schema=True, max_tokens=_PROBE_MAX_TOKENS),
+                time_left=deadline - time.monotonic(),
+                traceparent=traceparent,
+            )
+        except UpstreamStatusError as refused:
+            if refused.status != 400:
+                return False
+            # The probe holds no caller's words, so its message can be trusted too.
+            verdict = _format_verdict(refused.body)
+            return _names_format(refused.body) if verdict is None else verdict
+        except UpstreamError:
+            return False  # the probe tells nothing: keep asking for the schema
+        self._probe_accepted_until = self._clock() + FORMAT_VERDICT_SECONDS
+        return False
+
+    def _body(
+        self, request: RefineRequest, *, json_schema: bool, max_tokens: int | None = None
+    ) -> bytes:
         user = _JSON.encode(
             {
                 "prompt_template_json": request.template_json,
@@ -121,17 +180,40 @@ class OpenAIRefiner:
             "response_format": self._json_schema if json_schema else {"type": "json_object"},
             **self._options,
         }
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
         return _JSON.encode(body).encode()
 
 
-def _refuses_json_schema(error: UpstreamStatusError) -> bool:
-    """A 400 about the response format: servers name `response_format` or `json_schema` in
-    their error (OpenAI in `error.param`, others in the message). Any other 400 (a context too
-    long, an option the model does not take) is no reason to stop asking for the schema."""
-    if error.status != 400:
+def _format_verdict(body: bytes) -> bool | None:
+    """What an error body's structured fields say of the response format: True when `param` or
+    `code` names it, False when `param` names another field (a message too long, say), None when
+    they say nothing (no such fields, or not JSON). OpenAI nests them in `error`; vLLM puts them
+    at the top."""
+    try:
+        reply = load_reply(body)
+    except UpstreamBadReply:
+        return None
+    if not isinstance(reply, dict):
+        return None
+    error = reply.get("error")
+    fields = error if isinstance(error, dict) else reply
+    param, code = fields.get("param"), fields.get("code")
+    if _names_format(param) or _names_format(code):
+        return True
+    if isinstance(param, str) and param:
         return False
-    text = error.body.lower()
-    return b"response_format" in text or b"json_schema" in text
+    return None
+
+
+def _names_format(value: object) -> bool:
+    """Whether `value`, text or bytes, names the response format; anything else does not."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return False
+    text = value.lower()
+    return "response_format" in text or "json_schema" in text
 
 
 def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) -> RefineReply:

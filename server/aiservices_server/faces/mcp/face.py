@@ -48,6 +48,7 @@ from aiservices_server.errors import (
     retry_after_seconds,
 )
 from aiservices_server.faces.access import log_access
+from aiservices_server.faces.mcp.origins import OriginPolicy
 from aiservices_server.logs import LineSampler
 from aiservices_server.metrics import Metrics
 from aiservices_server.tools.base import ToolDefinition, ToolFailure, ToolResult
@@ -73,10 +74,50 @@ _HTTP_CODES = {
     401: "UNAUTHENTICATED",
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    408: "DEADLINE_EXCEEDED",
     413: "RESOURCE_EXHAUSTED",
+    421: "PERMISSION_DENIED",
     499: "CANCELLED",
     503: "UNAVAILABLE",
 }
+
+
+class HttpRefusal(ServiceError):
+    """A request refused for what its HTTP says, before MCP reads it."""
+
+
+class MethodNotAllowed(HttpRefusal):
+    """Stateless: no event stream to GET, no session to DELETE."""
+
+    reason = "METHOD_NOT_ALLOWED"
+
+
+class HostNotAllowed(HttpRefusal):
+    reason = "HOST_NOT_ALLOWED"
+
+
+class OriginNotAllowed(HttpRefusal):
+    reason = "ORIGIN_NOT_ALLOWED"
+
+
+class BodyTooSlow(HttpRefusal):
+    reason = "REQUEST_TIMEOUT"
+
+
+def _http_status(refusal: ServiceError) -> int:
+    """The one mapping from a refusal before the SDK to its HTTP status."""
+    statuses: list[tuple[type[ServiceError], int]] = [
+        (Unauthenticated, 401),
+        (PermissionDenied, 403),
+        (InvalidArgument, 400),
+        (MethodNotAllowed, 405),
+        (BodyTooSlow, 408),
+        (HostNotAllowed, 421),
+        (OriginNotAllowed, 403),
+        (RetryLater, 503),
+    ]
+    return next((status for kind, status in statuses if isinstance(refusal, kind)), 500)
 
 
 @dataclass
@@ -126,10 +167,14 @@ class McpFace:
         metrics: Metrics,
         *,
         max_body_bytes: int,
+        body_timeout: float,
+        origins: OriginPolicy,
         log_payloads: bool = False,
         unauthenticated_lines: LineSampler | None = None,
     ) -> None:
         self._service = service
+        self._body_timeout = body_timeout
+        self.origins = origins
         self._authenticator = authenticator
         self._drain = drain
         self._metrics = metrics
@@ -193,12 +238,8 @@ class McpFace:
         exchange: Exchange | None = None
         key_id = "anonymous"
         try:
-            try:
-                self._drain.enter()
-            except ServiceError as refusal:
-                status = 503
-                await self._refuse_http(send, status, refusal, request_id)
-                return
+            self._check_http(scope["method"], headers)
+            self._drain.enter()
             try:
                 principal = self._authenticator.principal(headers)
                 key_id = principal.key_id
@@ -206,11 +247,8 @@ class McpFace:
                 status = await self._serve(scope, receive, send, exchange)
             finally:
                 self._drain.leave()
-        except Unauthenticated as refusal:
-            status = 401
-            await self._refuse_http(send, status, refusal, request_id)
-        except (InvalidArgument, PermissionDenied) as refusal:
-            status = 400 if isinstance(refusal, InvalidArgument) else 403
+        except ServiceError as refusal:
+            status = _http_status(refusal)
             key_id = refusal.key_id or key_id
             await self._refuse_http(send, status, refusal, request_id)
         except Exception as exc:
@@ -220,6 +258,21 @@ class McpFace:
                 await self._refuse_http(send, status, internal, request_id)
         finally:
             self._finish(exchange, status, request_id, key_id, time.perf_counter() - started)
+
+    def _check_http(self, method: str, headers: Headers) -> None:
+        """Refuse what is no MCP call for this server: a Host it is not reachable as, a browser
+        page of another origin (DNS rebinding), a method other than POST."""
+        # Sent twice, either is ambiguous: no value is taken.
+        if "host" in headers.repeated or not self.origins.host_allowed(headers.get("host")):
+            raise HostNotAllowed("the Host header names no address this server answers as")
+        origin = "null" if "origin" in headers.repeated else headers.get("origin")
+        if not self.origins.origin_allowed(origin):
+            raise OriginNotAllowed("requests from this Origin are not allowed")
+        if method != "POST":
+            raise MethodNotAllowed(
+                f"{PATH} takes POST only: the server is stateless, with no event stream to "
+                "GET and no session to DELETE"
+            )
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> int:
         """Hand the request to the SDK, with the exchange in its state; the response gets the
@@ -243,7 +296,13 @@ class McpFace:
                 }
             await send(message)
 
-        body = await _read_body(receive, self._max_body_bytes + 1)
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                body = await _read_body(receive, self._max_body_bytes + 1)
+        except TimeoutError:
+            raise BodyTooSlow(
+                f"the request body did not arrive within {self._body_timeout:g} seconds"
+            ) from None
         if len(body) > _LOOKED_AT_FIRST:
             found = await asyncio.to_thread(_arguments_refusal, body)
             if found is not None:
@@ -277,6 +336,10 @@ class McpFace:
         headers = {REQUEST_ID_HEADER: request_id}
         if status == 401:
             headers["www-authenticate"] = 'Bearer realm="aiservices"'
+        if status == 405:
+            headers["allow"] = "POST"
+        if status in (405, 408):
+            headers["connection"] = "close"
         code, data = _jsonrpc_error(refusal)
         if "retryAfterSeconds" in data:
             headers["retry-after"] = str(data["retryAfterSeconds"])
@@ -414,6 +477,8 @@ def _jsonrpc_error(error: ServiceError) -> tuple[int, dict[str, Any]]:
         return UNAUTHENTICATED, data
     if isinstance(error, ToolNotFound | PermissionDenied | FeatureDisabled | InvalidArgument):
         return types.INVALID_PARAMS, data
+    if isinstance(error, HttpRefusal):
+        return types.INVALID_REQUEST, data
     if error.reason == "DEADLINE_EXCEEDED":
         return DEADLINE_EXCEEDED, data
     return types.INTERNAL_ERROR, data
