@@ -4,24 +4,57 @@ Rotation needs no restart: an operator adds the new key, hands it out, then remo
 and every replica picks each step up within seconds. A reload either installs a whole new store
 or changes nothing: a file that fails to load keeps the keys in use and logs one error line (the
 line start-up would print), so a typo in the file never locks every caller out.
+
+What is compared is the file's content (a SHA-256 of its bytes), not its timestamp: an edit in
+place that keeps the size and restores the modification time is noticed too, and a file whose
+content is that of the keys in use is never loaded again. The watcher loads a changed file only
+once it has stopped changing, so a writer that writes in pieces (rather than renaming a finished
+file into place) does not get half its file installed. SIGHUP means "the file is ready" and loads
+at once. Requests never pile up: at most one reload runs and one more waits, however many signals
+arrive, and all of it runs in one task, off the event loop for the reading and parsing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
+import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from aiservices_server.auth.keys import KeysFileError, KeyStore
+from aiservices_server.auth.keys import (
+    MAX_KEYS_FILE_BYTES,
+    KeysFileError,
+    KeyStore,
+    load_keys_text,
+    read_keys_text,
+)
 
-__all__ = ["WATCH_INTERVAL", "FileState", "KeysReloader", "file_state"]
+__all__ = [
+    "REPEAT_LOG_INTERVAL",
+    "SETTLE",
+    "WATCH_INTERVAL",
+    "FileState",
+    "KeysReloader",
+    "file_state",
+]
 
 WATCH_INTERVAL = 1.0
-"""Seconds between two looks at the file: a change is in use within about this long."""
+"""Seconds between two looks at the file: a change is in use within about this long (plus
+SETTLE). Each look reads and hashes the file in a worker thread: about 2 ms of CPU for 1 MiB."""
+
+SETTLE = 0.3
+"""Seconds a changed file must stay as it is before it is loaded: a writer writing in pieces
+pauses for milliseconds between them, so what holds still this long is taken as finished."""
+
+REPEAT_LOG_INTERVAL = 60.0
+"""A SIGHUP that finds nothing new logs at most one line this often, so a script sending signals
+in a loop cannot flood the log."""
 
 log = logging.getLogger("aiservices.auth")
 
@@ -29,7 +62,7 @@ log = logging.getLogger("aiservices.auth")
 class FileState(NamedTuple):
     """What tells one version of the file from the next without reading it: an editor's save
     changes the modification time or size, an atomic replace (`keys revoke`, a Kubernetes
-    secret update) the inode."""
+    secret update) the inode. Not enough on its own: an edit in place can keep all four."""
 
     device: int
     inode: int
@@ -46,13 +79,50 @@ def file_state(path: Path) -> FileState | None:
     return FileState(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
+class _Version(NamedTuple):
+    """One look at the file: its state and the SHA-256 of its bytes (empty when it cannot be
+    read; no digest is empty). Two looks that are equal saw the file hold still between them."""
+
+    state: FileState | None
+    digest: bytes
+
+
+def _look(path: Path) -> _Version:
+    """Read the file (at most the keys file's byte bound, plus one byte so that a file too large
+    still changes its digest when it changes) and hash it, without the loader's checks or
+    warnings: it runs every WATCH_INTERVAL. A FIFO or device in its place is not read."""
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            info = os.fstat(file.fileno())
+            state = FileState(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+            if not stat.S_ISREG(info.st_mode):
+                return _Version(state, b"")
+            data = file.read(MAX_KEYS_FILE_BYTES + 1)
+    except OSError:
+        return _Version(None, b"")
+    return _Version(state, hashlib.sha256(data).digest())
+
+
+def _digest(text: str) -> bytes:
+    # The loader's text is strict UTF-8, so encoding it again gives back the bytes it read.
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def _parse(text: str, path: Path) -> KeyStore:
+    return KeyStore(load_keys_text(text, path))
+
+
 class KeysReloader:
     """Keeps the keys in use in step with the keys file at `path`.
 
     `install` receives each store that loaded; calls already authenticated keep the key they
-    found. Reloads run one at a time, reading the file off the event loop with the same bounded
-    reader and checks as start-up. `keys` are those in use and `state` the file's state taken
-    before they were read, so a change made while they loaded still counts as one.
+    found. `keys` are those in use and `state` the file's state taken before they were read: the
+    watcher's first look takes the file's content as theirs only when its state is still that
+    one, so a change made while they loaded still counts as one.
+
+    One task (started by `start`) does all the work: it looks at the file every `interval`
+    seconds and runs the reloads `request` asks for, one at a time, so at most one reload runs
+    and one waits whatever the number of signals or changes, and the last one is never missed.
     """
 
     def __init__(
@@ -63,76 +133,172 @@ class KeysReloader:
         keys: KeyStore,
         state: FileState | None,
         interval: float = WATCH_INTERVAL,
+        settle: float = SETTLE,
     ) -> None:
         self._path = path
         self._install = install
         self._interval = interval
+        self._settle = settle
         self._state = state
-        self._ids = frozenset(keys.ids())
+        self._keys = keys
+        self._installed: bytes | None = None
+        """Digest of the content the keys in use came from; None until known."""
+        self._seen: bytes | None = None
+        """Digest of the last version a reload dealt with (installed, unchanged or refused): the
+        watcher reloads when a look finds another."""
+        self._rejected: tuple[bytes, KeysFileError] | None = None
+        """Digest of the last content that did not load, and why: it is not parsed again."""
+        self._quiet_until = 0.0
+        self._requested: str | None = None
+        self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
-        self._pending: set[asyncio.Task[bool]] = set()
         self._stopped = False
 
     def start(self) -> None:
-        """Start watching the file (on the running loop)."""
+        """Start watching the file (on the running loop); requests made before run now."""
         if self._watcher is None and not self._stopped:
             self._watcher = asyncio.create_task(self._watch(), name="keys-file-watcher")
 
     def request(self, trigger: str) -> None:
-        """Reload soon, without waiting (for a signal handler); nothing once stopped."""
-        if self._stopped:
-            return
-        task = asyncio.create_task(self.reload(trigger), name="keys-file-reload")
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        """Reload soon, without waiting (for a signal handler); nothing once stopped.
 
-    async def reload(self, trigger: str) -> bool:
-        """Load the file and install it; False (old keys kept, one error line) on failure."""
+        A request made while another waits adds nothing; one made while a reload runs makes
+        exactly one more run after it, which reads the file as it is then.
+        """
+        if self._stopped or self._requested is not None:
+            return
+        self._requested = trigger
+        self._wake.set()
+
+    async def reload(self, trigger: str, *, expected: bytes | None = None) -> bool:
+        """Load the file and install its keys unless its content is that of the keys in use;
+        True when new keys were installed. A file that fails to load keeps the keys in use and
+        logs one error line. With `expected` (the digest of the version the watcher saw hold
+        still), a file that has changed again since is left for the watcher's next look."""
         async with self._lock:
-            state = await asyncio.to_thread(file_state, self._path)
+            before = expected
+            if before is None:
+                # Taken before the read: should the read fail, this names the version that failed,
+                # never a newer one that the watcher would then take as dealt with.
+                before = (await asyncio.to_thread(_look, self._path)).digest
             try:
-                store = await asyncio.to_thread(KeyStore.from_file, self._path)
+                text = await asyncio.to_thread(read_keys_text, self._path)
             except KeysFileError as exc:
-                # Remembered even so: one error line per broken version, not one per look.
-                self._state = state
-                log.error(
-                    "API keys file not reloaded: the keys in use stay",
-                    extra={"reason": str(exc), "trigger": trigger},
-                )
+                self._refused(trigger, exc, news=before != self._seen)
+                self._seen = before
                 return False
-            self._state = state
+            digest = _digest(text)
+            if expected is not None and digest != expected:
+                return False
+            news = digest != self._seen
+            self._seen = digest
+            if digest == self._installed:
+                self._unchanged(trigger, news=news)
+                return False
+            if self._rejected is not None and digest == self._rejected[0]:
+                # The content that did not load last time: the same reason, without parsing.
+                self._refused(trigger, self._rejected[1], news=news)
+                return False
+            try:
+                store = await asyncio.to_thread(_parse, text, self._path)
+            except KeysFileError as exc:
+                self._rejected = (digest, exc)
+                self._refused(trigger, exc, news=True)
+                return False
+            self._rejected = None
+            if self._installed is None and list(store) == list(self._keys):
+                # The first version read since start-up holds the keys start-up loaded.
+                self._installed = digest
+                self._unchanged(trigger, news=news)
+                return False
             self._install(store)
-            ids = frozenset(store.ids())
+            old, new = frozenset(self._keys.ids()), frozenset(store.ids())
+            self._keys = store
+            self._installed = digest
             log.info(
                 "API keys reloaded",
                 extra={
                     "trigger": trigger,
                     "keys": len(store),
-                    "added": len(ids - self._ids),
-                    "removed": len(self._ids - ids),
+                    "added": len(new - old),
+                    "removed": len(old - new),
                 },
             )
-            self._ids = ids
             return True
 
+    def _refused(self, trigger: str, exc: KeysFileError, *, news: bool) -> None:
+        """A version not seen before is logged once; a SIGHUP finding the same one again is
+        logged at most once per REPEAT_LOG_INTERVAL."""
+        if news or self._may_repeat():
+            log.error(
+                "API keys file not reloaded: the keys in use stay",
+                extra={"reason": str(exc), "trigger": trigger},
+            )
+
+    def _unchanged(self, trigger: str, *, news: bool) -> None:
+        """A file back at the keys in use is logged once; a SIGHUP finding nothing new is
+        logged at most once per REPEAT_LOG_INTERVAL."""
+        if news or self._may_repeat():
+            log.info(
+                "API keys file unchanged: nothing to reload",
+                extra={"trigger": trigger, "keys": len(self._keys)},
+            )
+
+    def _may_repeat(self) -> bool:
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return False
+        self._quiet_until = now + REPEAT_LOG_INTERVAL
+        return True
+
+    async def _woken(self, seconds: float) -> bool:
+        """Wait `seconds`, or less when a reload is requested meanwhile; whether one is."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        return self._wake.is_set()
+
     async def _watch(self) -> None:
+        try:
+            first = await asyncio.to_thread(_look, self._path)
+            if self._state is not None and first.state == self._state:
+                self._installed = self._seen = first.digest
+        except Exception as exc:  # then the first change found is loaded as any other
+            log.error("API keys file watcher failed", extra={"error": type(exc).__name__})
         while True:
-            await asyncio.sleep(self._interval)
+            await self._woken(self._interval)
+            # Taken before the run: a request arriving from now on makes one more.
+            trigger, self._requested = self._requested, None
+            self._wake.clear()
             try:
-                state = await asyncio.to_thread(file_state, self._path)
-                if state != self._state:
-                    await self.reload("file_changed")
+                if trigger is not None:
+                    await self.reload(trigger)
+                else:
+                    await self._check()
             except Exception as exc:  # the watcher outlives any one failed look
                 log.error("API keys file watcher failed", extra={"error": type(exc).__name__})
+
+    async def _check(self) -> None:
+        """Reload when the file's content differs from the version last dealt with, once it has
+        held still: two looks SETTLE apart agree. A half-written file is installed only if its
+        writer pauses longer than that, which is why writers should rename a finished file into
+        place."""
+        version = await asyncio.to_thread(_look, self._path)
+        while version.digest != self._seen:
+            if await self._woken(self._settle):
+                return  # a SIGHUP says the file is ready: the watcher loads it at once
+            again = await asyncio.to_thread(_look, self._path)
+            if again == version:
+                await self.reload("file_changed", expected=version.digest)
+                return
+            version = again
 
     async def stop(self) -> None:
         """Stop watching; a reload under way finishes or is cancelled with the watcher."""
         self._stopped = True
-        tasks = [*self._pending, *([self._watcher] if self._watcher is not None else [])]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._watcher = None
+                await watcher
