@@ -12,8 +12,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aiservices_server.config import AuthMode
+from aiservices_server.faces.mcp.origins import OriginPolicy
 from tests.standin import StandinUpstream
 from tests.support.keys import TestKeys
 from tests.support.mcp import PROTOCOL_VERSION, rpc
@@ -163,3 +166,23 @@ def test_a_rebound_page_gets_nothing_from_a_development_server_without_keys(
         local = call(port, key=None, host=f"localhost:{port}")
         assert local.status_code == 200
         assert local.json()["result"]["isError"] is False
+
+
+POLICY = OriginPolicy.for_listener("127.0.0.1", 50052)
+OWN = {"127.0.0.1:50052", "localhost:50052", "[::1]:50052"}
+
+
+@given(st.text(max_size=300))
+def test_any_host_header_is_accepted_only_when_it_is_one_of_the_servers_names(value: str) -> None:
+    assert POLICY.host_allowed(value) == (value.lower() in OWN)
+
+
+@given(st.sampled_from(["http://", "https://", "", "null", "HTTP://"]), st.text(max_size=300))
+def test_any_origin_is_accepted_only_when_it_is_a_page_of_the_server(
+    scheme: str, rest: str
+) -> None:
+    origin = scheme + rest
+    expected = origin.lower().startswith(("http://", "https://")) and (
+        origin.lower().partition("://")[2] in OWN
+    )
+    assert POLICY.origin_allowed(origin) == expected
