@@ -9,16 +9,19 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
 from aiservices import ToolClient
 from tests.standin import StandinUpstream
+from tests.support.certs import TestCertificates
 from tests.support.keys import TestKeys
 from tests.support.mcp import rpc
 from tests.support.processes import HOST, ServerProcess, upstream_settings
@@ -343,3 +346,45 @@ def test_sigterm_closes_every_connection_within_the_grace_period(
         for sock in half_bodies:
             sock.close()
     assert took < 2 + 1.5, took  # SHUTDOWN_GRACE=2
+
+
+def test_tls_connections_that_never_finish_their_handshake_are_capped_and_timed_out(
+    upstream: StandinUpstream, keys: TestKeys, certs: TestCertificates
+) -> None:
+    """The cap counts a TLS connection from when it is accepted, and the handshake has the
+    header deadline: silent TLS connections cannot hold descriptors as plain ones cannot."""
+    env = {
+        "API_KEYS_FILE": str(keys.path),
+        **upstream_settings(upstream.url),
+        "MCP_ADDRESS": f"{HOST}:0",
+        "TLS_CERT_FILE": str(certs.server.cert_file),
+        "TLS_KEY_FILE": str(certs.server.key_file),
+        "MCP_MAX_CONNECTIONS": str(CAP),
+        "GRPC_MAX_CONNECTIONS": str(CAP),
+        "UPSTREAM_MAX_CONNECTIONS": "50",
+        "MCP_HEADER_TIMEOUT": "2",
+    }
+    trusting = ssl.create_default_context(cadata=certs.ca.cert_pem.decode())
+    with ServerProcess(env, name="tls-bounded", open_files=OPEN_FILES) as process:
+        port = port_of(process, "mcp_port")
+        with idle_connections(port, FLOOD) as flood:
+            with connect(port) as extra:
+                assert closed_by_server(extra, timeout=5) == b""
+            credentials = grpc.ssl_channel_credentials(certs.ca.cert_pem)
+            with ToolClient(
+                process.target, api_key=keys.editor, timeout=10, credentials=credentials
+            ) as client:
+                assert not client.call_tool(TOOL, ARGUMENTS).is_error
+            assert all_closed(flood, timeout=15)
+        with httpx.Client(trust_env=False, timeout=10, verify=trusting) as http:
+            listed = http.post(
+                f"https://{HOST}:{port}/mcp",
+                content=rpc("tools/list"),
+                headers={
+                    "authorization": f"Bearer {keys.editor}",
+                    "content-type": "application/json",
+                    "accept": "application/json, text/event-stream",
+                    "mcp-method": "tools/list",
+                },
+            )
+        assert listed.status_code == 200, listed.text

@@ -2,15 +2,19 @@
 every connection.
 
 uvicorn times out an idle keep-alive connection, but not one that sends nothing, or its headers
-a byte at a time, and it accepts connections without limit: each holds a file descriptor, which
-the upstream's connections need too. `BoundedHttpProtocol` adds the two bounds it lacks, on
-uvicorn's own httptools protocol (passed as `Config(http=...)`): a deadline for the headers of
-each request, and a cap on open connections past which a new one gets a 503 and is closed.
+a byte at a time, and the event loop accepts connections without limit and gives a TLS
+handshake a minute: each connection holds a file descriptor, which the upstream's connections
+need too. So the listener accepts connections itself (`loop.sock_accept`), closes one past
+`max_connections` at once (with a 503 when it is plain HTTP), gives the TLS handshake
+`header_timeout`, and hands the rest to uvicorn's protocol (`loop.connect_accepted_socket`);
+`BoundedHttpProtocol`, uvicorn's own httptools protocol passed as `Config(http=...)`, adds a
+deadline for the headers of each request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -31,9 +35,10 @@ _REFUSED = (
 
 @dataclass(frozen=True)
 class ConnectionBounds:
-    """How long a connection may take to send a request's headers (from when it opens, or from
-    the first byte after the previous response), how long it may sit idle between requests, and
-    how many may be open at once. `on_refused` is told of each connection refused at the cap."""
+    """How long a connection may take for its TLS handshake and then for a request's headers
+    (from when it opens, or from the first byte after the previous response), how long it may
+    sit idle between requests, and how many may be open at once (handshakes included).
+    `on_refused` is told of each connection refused at the cap."""
 
     header_timeout: float
     idle_timeout: int
@@ -41,20 +46,26 @@ class ConnectionBounds:
     on_refused: Callable[[], None] = lambda: None
 
 
+class OpenConnections:
+    """How many connections a listener holds: counted when accepted, until they close."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def closed(self) -> None:
+        self.count -= 1
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a header deadline and a connection cap
-    (`bounds`, set on a subclass made per listener by `bounded_protocol`)."""
+    """uvicorn's httptools protocol with a deadline for each request's headers (`bounds`, and
+    `connections`, told when the connection ends, are set on a subclass made per listener)."""
 
     bounds: ClassVar[ConnectionBounds]
+    connections_open: ClassVar[OpenConnections]
     _head_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.bounds.max_connections:
-            self.bounds.on_refused()
-            transport.write(_REFUSED)
-            transport.close()
-            return
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
@@ -69,6 +80,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
         super().connection_lost(exc)
+        self.connections_open.closed()
 
     def _await_head(self) -> None:
         self._head_deadline = self.loop.call_later(self.bounds.header_timeout, self._too_slow)
@@ -81,10 +93,6 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def _too_slow(self) -> None:
         self._head_deadline = None
         self.transport.close()
-
-
-def bounded_protocol(bounds: ConnectionBounds) -> type[BoundedHttpProtocol]:
-    return type("BoundedHttp", (BoundedHttpProtocol,), {"bounds": bounds})
 
 
 class McpListener:
@@ -103,6 +111,7 @@ class McpListener:
         certificate: tuple[Path, Path] | None = None,
         client_ca: Path | None = None,
     ) -> None:
+        self.connections = OpenConnections()
         tls: dict[str, Any] = {}
         if certificate is not None:
             tls = {"ssl_certfile": str(certificate[0]), "ssl_keyfile": str(certificate[1])}
@@ -112,7 +121,11 @@ class McpListener:
             app,
             host=host,
             port=port,
-            http=bounded_protocol(bounds),
+            http=type(
+                "BoundedHttp",
+                (BoundedHttpProtocol,),
+                {"bounds": bounds, "connections_open": self.connections},
+            ),
             timeout_keep_alive=bounds.idle_timeout,
             lifespan="off",
             log_config=None,
@@ -122,22 +135,82 @@ class McpListener:
             **tls,
         )
         self._server = uvicorn.Server(self._config)
+        self._bounds = bounds
         self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         """Listen and serve; returns the bound port."""
         self._config.load()
         self._server.lifespan = self._config.lifespan_class(self._config)
         self._socket = self._config.bind_socket()
-        await self._server.startup(sockets=[self._socket])
+        self._socket.listen(self._config.backlog)
+        self._socket.setblocking(False)
+        await self._server.startup(sockets=[])  # uvicorn's state; the accepting is done here
+        self._accepting = asyncio.ensure_future(self._accept(self._socket))
         port: int = self._socket.getsockname()[1]
         return port
+
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            connection, _ = await loop.sock_accept(listening)
+            if self.connections.count >= self._bounds.max_connections:
+                self._bounds.on_refused()
+                self._refuse(connection)
+                continue
+            self.connections.count += 1
+            handshake = loop.create_task(self._connect(loop, connection))
+            self._handshakes.add(handshake)
+            handshake.add_done_callback(self._handshakes.discard)
+
+    def _refuse(self, connection: socket.socket) -> None:
+        """Close at once; a plain-HTTP client is told why first (whatever fits in the send
+        buffer of a fresh connection, which is all of it)."""
+        with connection, contextlib.suppress(OSError):
+            if self._config.ssl is None:
+                connection.setblocking(False)
+                connection.send(_REFUSED)
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, connection: socket.socket) -> None:
+        """Hand the connection to uvicorn's protocol, after the TLS handshake when there is one;
+        a handshake that fails or takes longer than the header deadline closes it."""
+        tls = self._config.ssl
+        try:
+            await loop.connect_accepted_socket(
+                self._protocol,
+                connection,
+                ssl=tls,
+                ssl_handshake_timeout=self._bounds.header_timeout if tls is not None else None,
+            )
+        except asyncio.CancelledError:
+            self.connections.closed()
+            connection.close()
+            raise
+        except Exception:  # a failed or slow handshake, or a client that left: nothing to serve
+            self.connections.closed()
+            connection.close()
+
+    def _protocol(self) -> asyncio.Protocol:
+        protocol: asyncio.Protocol = self._config.http_protocol_class(  # type: ignore[call-arg]
+            config=self._config,
+            server_state=self._server.server_state,
+            app_state=self._server.lifespan.state,
+        )
+        return protocol
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let requests in flight finish for up to `grace` seconds, then close
         every connection still open, whatever it is doing."""
         if self._socket is None:
             return
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        for handshake in list(self._handshakes):
+            handshake.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
         self._config.timeout_graceful_shutdown = int(grace)  # whole seconds, never past grace
         self._server.should_exit = True
         await self._server.shutdown(sockets=[self._socket])
