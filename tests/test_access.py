@@ -32,7 +32,7 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from aiservices_server.app import AiServicesServer
 from aiservices_server.auth import generate_key, hash_key
 from aiservices_server.config import ENV_PREFIX
-from aiservices_server.faces.grpc.outermost import log_suppressed_unauthenticated
+from aiservices_server.faces.envelope import log_suppressed_unauthenticated
 from aiservices_server.logs import JsonFormatter, LineSampler
 from tests.standin import StandinUpstream
 from tests.support.keys import TestKeys

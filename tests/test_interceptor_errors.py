@@ -25,6 +25,7 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from aiservices_server.app import AiServicesServer
 from aiservices_server.core.auth import Authenticator
 from aiservices_server.core.drain import Drain
+from aiservices_server.faces.envelope import Envelope
 from aiservices_server.faces.grpc.auth import AuthenticationInterceptor
 from aiservices_server.faces.grpc.handlers import Method, generic_handler
 from aiservices_server.faces.grpc.outermost import OutermostInterceptor
@@ -192,7 +193,7 @@ async def test_a_failing_parser_or_serializer_never_answers_unknown(
             generic_handler(
                 SERVICE,
                 {"GetStatus": method},
-                OutermostInterceptor(metrics, Drain()),
+                OutermostInterceptor(Envelope(metrics, Drain())),
                 [authentication],
             )
         ]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from aiservices_server import logs
-from aiservices_server.faces.grpc.outermost import log_suppressed_unauthenticated
+from aiservices_server.faces.envelope import log_suppressed_unauthenticated
 
 
 class Output:

@@ -16,7 +16,7 @@ from mcp.shared.exceptions import MCPError
 
 from aiservices import AsyncToolClient, ToolInfo, ToolServiceError
 from aiservices_server.auth import generate_key
-from aiservices_server.faces.mcp.face import UNAUTHENTICATED
+from aiservices_server.faces.mcp.answers import UNAUTHENTICATED
 from tests.standin import Garbage, Refine, Reply, Scenario, StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.mcp import McpCaller, mcp_caller, post_rpc
@@ -452,7 +452,7 @@ async def test_an_mcp_call_is_logged_and_counted_under_its_transport(
     assert sample(server, "aiservices_mcp_requests_total", method="tools/call", code="OK") == 2
 
 
-async def test_refused_calls_are_logged_with_their_reason_and_not_counted_as_tool_calls(
+async def test_refused_calls_are_logged_with_the_grpc_code_and_not_counted_as_tool_calls(
     server: ServerThread, keys: TestKeys, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="aiservices.access")
@@ -469,9 +469,10 @@ async def test_refused_calls_are_logged_with_their_reason_and_not_counted_as_too
         *access_records(caplog, 1, transport="grpc"),
     ]
     codes = {(vars(r)["transport"], vars(r)["code"]) for r in lines if vars(r).get("tool")}
+    # Both faces name how a request ended with gRPC's code names.
     assert codes == {
         ("mcp", "INVALID_ARGUMENT"),
-        ("mcp", "TOOL_NOT_FOUND"),
+        ("mcp", "NOT_FOUND"),
         ("grpc", "INVALID_ARGUMENT"),
     }
     # Neither call ran the tool: no tool call is counted, over either transport.
@@ -480,4 +481,4 @@ async def test_refused_calls_are_logged_with_their_reason_and_not_counted_as_too
     assert sample(server, tool_calls, outcome="INVALID_ARGUMENT", transport="mcp", **labels) == 0
     mcp_requests = "aiservices_mcp_requests_total"
     assert sample(server, mcp_requests, method="tools/call", code="INVALID_ARGUMENT") == 1
-    assert sample(server, mcp_requests, method="tools/call", code="TOOL_NOT_FOUND") == 1
+    assert sample(server, mcp_requests, method="tools/call", code="NOT_FOUND") == 1

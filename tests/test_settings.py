@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
 
-from aiservices_server.app import StartupError, server_credentials
+from aiservices_server.app import StartupError
 from aiservices_server.auth import KeysFileError, load_keys_file
 from aiservices_server.config import (
     ENV_PREFIX,
@@ -35,6 +35,7 @@ from aiservices_server.config import (
     unknown_settings,
 )
 from aiservices_server.ratelimit import redis_url_problem
+from aiservices_server.tls import server_credentials
 from tests.support.certs import TestCertificates
 from tests.support.keys import load_test_keys
 from tests.support.processes import PROJECT_VERSION, ServerProcess, run_to_exit

@@ -8,10 +8,8 @@ import logging
 import resource
 import signal
 import socket
-import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -22,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices_server.auth import KeysFileError, KeyStore
-from aiservices_server.auth.reload import KeysReloader, file_state
+from aiservices_server.auth.reload import FileState, KeysReloader, file_state
 from aiservices_server.config import (
     AuthMode,
     EventLoop,
@@ -35,11 +33,11 @@ from aiservices_server.core.drain import Drain
 from aiservices_server.core.gate import CallGate
 from aiservices_server.core.limits import RateLimits
 from aiservices_server.core.service import ToolService
+from aiservices_server.faces.envelope import Envelope
 from aiservices_server.faces.grpc.auth import AuthenticationInterceptor
 from aiservices_server.faces.grpc.handlers import generic_handler
 from aiservices_server.faces.grpc.outermost import OutermostInterceptor
 from aiservices_server.faces.grpc.servicer import ToolServicer
-from aiservices_server.files import FileTooLarge, NotRegularFile, read_small_file
 from aiservices_server.logs import LineSampler
 from aiservices_server.metrics import METRICS_MAX_CONNECTIONS, Metrics
 from aiservices_server.ratelimit import (
@@ -48,6 +46,8 @@ from aiservices_server.ratelimit import (
     RateLimiter,
     limiter_from_url,
 )
+from aiservices_server.startup import StartupError as StartupError  # noqa: PLC0414 (re-exported)
+from aiservices_server.tls import server_credentials
 from aiservices_server.tools.base import Tool
 from aiservices_server.tools.refine_prompt import OUTPUT_SCHEMA, RefinePromptTool
 from aiservices_server.upstream.agenta import AgentaCompletionClient, AgentaRefiner
@@ -70,10 +70,6 @@ RATE_LIMIT_HEALTH = "aiservices.ratelimit"
 
 DRAINING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)
 IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
-
-
-class StartupError(RuntimeError):
-    """The server cannot start; the message is the one line an operator needs."""
 
 
 def run_event_loop(main: Coroutine[Any, Any, T], event_loop: EventLoop) -> T:
@@ -156,70 +152,29 @@ def ensure_bindable(address: str, setting: str) -> None:
             ) from None
 
 
-MAX_TLS_FILE_BYTES = 1024 * 1024
-"""Certificates and keys take a few KB; a bigger file is the wrong one."""
+def check_listeners(settings: Settings) -> None:
+    """Before anything is read or built: the connection caps fit the open-file limit, and every
+    configured address can be listened on."""
+    check_file_descriptors(settings)
+    ensure_bindable(settings.grpc_address, "GRPC_ADDRESS")
+    if settings.metrics_address is not None:
+        ensure_bindable(settings.metrics_address, "METRICS_ADDRESS")
+    if settings.mcp_address is not None:
+        ensure_bindable(settings.mcp_address, "MCP_ADDRESS")
 
 
-_PEM_CERTIFICATE = (b"-----BEGIN CERTIFICATE-----", "certificate")
-_PEM_PRIVATE_KEY = (b"PRIVATE KEY-----", "private key")
-
-
-def _read(path: Path, setting: str, *, holds: tuple[bytes, str]) -> bytes:
-    """The file's bytes, checked to be a regular file within MAX_TLS_FILE_BYTES that holds the
-    PEM block `holds` (marker, name); StartupError naming the setting otherwise (grpc would log
-    several lines of its own and then fail on the address)."""
-    where = f"AGENTA_AI_SERVICES_{setting} {path}"
+def listen_grpc(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Bind `server` to GRPC_ADDRESS (TLS with `credentials`, plaintext without); the port."""
     try:
-        data = read_small_file(path, MAX_TLS_FILE_BYTES)
-    except OSError as exc:
-        raise StartupError(f"{where}: {exc.strerror}") from None
-    except (NotRegularFile, FileTooLarge) as exc:
-        raise StartupError(f"{where}: {exc}") from None
-    marker, name = holds
-    if marker not in data:
-        raise StartupError(f"{where}: no PEM {name} in it")
-    return data
-
-
-def _check_key_pair(cert_file: Path, key_file: Path) -> None:
-    """Refuse a key that does not belong to the certificate, or one grpc cannot use (encrypted,
-    damaged), with one line instead of grpc's own lines and a misleading address error."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # only the pair is judged here, not its strength
-    try:
-        context.load_cert_chain(cert_file, key_file, password=lambda: b"")
-    except (ssl.SSLError, OSError):
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:
         raise StartupError(
-            "AGENTA_AI_SERVICES_TLS_KEY_FILE is not the unencrypted private key of "
-            "AGENTA_AI_SERVICES_TLS_CERT_FILE's certificate (or one of them is damaged)"
+            f"invalid setting AGENTA_AI_SERVICES_GRPC_ADDRESS: cannot listen on {address}"
         ) from None
-
-
-def _check_client_ca(pem: bytes) -> None:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_verify_locations(cadata=pem.decode("ascii", errors="replace"))
-    except (ssl.SSLError, ValueError):
-        raise StartupError(
-            "AGENTA_AI_SERVICES_TLS_CLIENT_CA_FILE: its PEM certificates cannot be read"
-        ) from None
-
-
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    if settings.tls_cert_file is None or settings.tls_key_file is None:
-        return None
-    chain = _read(settings.tls_cert_file, "TLS_CERT_FILE", holds=_PEM_CERTIFICATE)
-    key = _read(settings.tls_key_file, "TLS_KEY_FILE", holds=_PEM_PRIVATE_KEY)
-    _check_key_pair(settings.tls_cert_file, settings.tls_key_file)
-    client_ca = None
-    if settings.tls_client_ca_file is not None:
-        client_ca = _read(settings.tls_client_ca_file, "TLS_CLIENT_CA_FILE", holds=_PEM_CERTIFICATE)
-        _check_client_ca(client_ca)
-    return grpc.ssl_server_credentials(
-        [(key, chain)],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
 
 
 def build_refiner(
@@ -311,10 +266,11 @@ class AiServicesServer:
         self._drain = Drain()
         self._signalled = asyncio.Event()
         self._handling_signals = False
-        self._outermost = OutermostInterceptor(
+        self._envelope = Envelope(
             self.metrics, self._drain, unauthenticated_lines=unauthenticated_lines
         )
-        self._unauthenticated_lines = self._outermost.unauthenticated_lines
+        self._outermost = OutermostInterceptor(self._envelope)
+        self._unauthenticated_lines = self._envelope.unauthenticated_lines
         self._mcp: McpListener | None = None
         self._mcp_face: McpFace | None = None
         self.port = 0
@@ -357,37 +313,60 @@ class AiServicesServer:
         )
 
     async def start(self) -> int:
+        """Check the settings and the files they name, build the service and its listeners,
+        start them and say "serving"; returns the gRPC port. StartupError, in one line naming
+        the setting, for what cannot be served."""
         settings = self.settings
-        check_file_descriptors(settings)
-        ensure_bindable(settings.grpc_address, "GRPC_ADDRESS")
-        if settings.metrics_address is not None:
-            ensure_bindable(settings.metrics_address, "METRICS_ADDRESS")
-        if settings.mcp_address is not None:
-            ensure_bindable(settings.mcp_address, "MCP_ADDRESS")
+        check_listeners(settings)
         # Taken before the file is read, so a change made while it loads is not missed.
         keys_state = file_state(settings.api_keys_file) if settings.api_keys_file else None
         keys = load_keys(settings)
         credentials = server_credentials(settings)
-        metrics = self.metrics
+        service = self._build_service(settings, self._build_limiter(settings))
+        authenticator = self._build_authenticator(settings, keys, keys_state)
+        server = self._build_grpc_server(settings, service, authenticator)
+        self.port = listen_grpc(server, settings.grpc_address, credentials)
+        if settings.metrics_address is not None:
+            self._start_metrics(settings.metrics_address)
+        if settings.mcp_address is not None:
+            await self._start_mcp(settings, service, authenticator)
+        await self._start_serving(server)
+        self._report_serving(settings, keys, tls=credentials is not None)
+        return self.port
+
+    def _build_limiter(self, settings: Settings) -> RateLimiter:
+        """The injected limiter, or the one REDIS_URL selects (in memory without it)."""
         if self._limiter is None:
             url = settings.redis_url.get_secret_value() if settings.redis_url else None
             self._limiter = limiter_from_url(
                 url,
-                on_fallback=metrics.redis_fallbacks.inc,
+                on_fallback=self.metrics.redis_fallbacks.inc,
                 on_state_change=self.report_rate_limit_store,
                 timeout=settings.redis_timeout,
                 connect_timeout=settings.redis_connect_timeout,
             )
-        service = self._build_service(settings, self._limiter)
-        servicer = ToolServicer(
-            service, log_payloads=settings.log_payloads, max_reply_bytes=settings.max_message_bytes
-        )
-        server = grpc.aio.server(options=grpc_options(settings))
-        authenticator = Authenticator(keys, metrics)
+        return self._limiter
+
+    def _build_authenticator(
+        self, settings: Settings, keys: KeyStore | None, keys_state: FileState | None
+    ) -> Authenticator:
+        """Who calls, for every face; with a keys file, the reloader that swaps its keys."""
+        authenticator = Authenticator(keys, self.metrics)
         if keys is not None and settings.api_keys_file is not None:
             self._keys_reloader = KeysReloader(
                 settings.api_keys_file, authenticator.use_keys, keys=keys, state=keys_state
             )
+        return authenticator
+
+    def _build_grpc_server(
+        self, settings: Settings, service: ToolService, authenticator: Authenticator
+    ) -> grpc.aio.Server:
+        """The gRPC server with the ToolService behind its interceptors, health and (when the
+        settings say so) reflection; not listening yet."""
+        servicer = ToolServicer(
+            service, log_payloads=settings.log_payloads, max_reply_bytes=settings.max_message_bytes
+        )
+        server = grpc.aio.server(options=grpc_options(settings))
         authentication = AuthenticationInterceptor(authenticator)
         server.add_generic_rpc_handlers(
             [generic_handler(SERVICE_NAME, servicer.methods(), self._outermost, [authentication])]
@@ -397,20 +376,10 @@ class AiServicesServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-        try:
-            if credentials is None:
-                self.port = server.add_insecure_port(settings.grpc_address)
-            else:
-                self.port = server.add_secure_port(settings.grpc_address, credentials)
-        except RuntimeError:
-            raise StartupError(
-                f"invalid setting AGENTA_AI_SERVICES_GRPC_ADDRESS: cannot listen on "
-                f"{settings.grpc_address}"
-            ) from None
-        if settings.metrics_address is not None:
-            self._start_metrics(settings.metrics_address)
-        if settings.mcp_address is not None:
-            await self._start_mcp(settings, service, authenticator)
+        return server
+
+    async def _start_serving(self, server: grpc.aio.Server) -> None:
+        """Start gRPC, report SERVING, and start watching the rate-limit store and the keys."""
         await server.start()
         self._server = server
         for name in ("", SERVICE_NAME):
@@ -418,6 +387,8 @@ class AiServicesServer:
         await self._start_rate_limit_store()
         if self._keys_reloader is not None:
             self._keys_reloader.start()
+
+    def _report_serving(self, settings: Settings, keys: KeyStore | None, *, tls: bool) -> None:
         log.info(
             "serving",
             extra={
@@ -426,7 +397,7 @@ class AiServicesServer:
                 "enabled": settings.upstream_enabled,
                 "upstream": settings.upstream.value,
                 "reflection": settings.reflection,
-                "tls": credentials is not None,
+                "tls": tls,
                 "mtls": settings.tls_client_ca_file is not None,
                 "keys": len(keys) if keys is not None else 0,
                 "redis": settings.redis_url is not None,
@@ -435,7 +406,6 @@ class AiServicesServer:
                 "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             },
         )
-        return self.port
 
     def _start_metrics(self, address: str) -> None:
         """Prometheus metrics on `address`, served from a thread of their own."""
@@ -481,13 +451,11 @@ class AiServicesServer:
         face = McpFace(
             service,
             authenticator,
-            self._drain,
-            self.metrics,
+            self._envelope,
             max_body_bytes=settings.max_message_bytes,
             body_timeout=settings.mcp_body_timeout,
             origins=origins(port),
             log_payloads=settings.log_payloads,
-            unauthenticated_lines=self._unauthenticated_lines,
         )
         certificate = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:

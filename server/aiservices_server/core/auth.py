@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from aiservices_server.auth import ApiKey, KeyStore, parse_authorization
 from aiservices_server.call import ANONYMOUS, Principal
@@ -22,7 +23,10 @@ from aiservices_server.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from aiservices_server.metrics import Metrics
+
+if TYPE_CHECKING:
+    # A type only: the module serves metrics over HTTP (prometheus_client, http.server).
+    from aiservices_server.metrics import Metrics
 
 ACT_FOR_USERS = "act_for_users"
 AUTHORIZATION_HEADER = "authorization"

@@ -8,11 +8,15 @@ and callers poll them.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from aiservices_server.call import Principal
 from aiservices_server.errors import RateLimited
-from aiservices_server.metrics import Metrics
 from aiservices_server.ratelimit import Decision, RateLimit, RateLimiter
+
+if TYPE_CHECKING:
+    # A type only: the module serves metrics over HTTP (prometheus_client, http.server).
+    from aiservices_server.metrics import Metrics
 
 LIMIT_HEADER = "x-ratelimit-limit"
 REMAINING_HEADER = "x-ratelimit-remaining"

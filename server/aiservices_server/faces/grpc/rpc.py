@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 
 from aiservices_server.call import Call, Principal
 from aiservices_server.core.headers import Headers
-from aiservices_server.upstream.refiner import UpstreamAttempt
+from aiservices_server.faces.envelope import ToolOutcome
 
 GrpcContext = grpc.aio.ServicerContext[Any, bytes]
 """grpc.aio's context for one of the face's methods: the request is whatever the method's
@@ -52,17 +52,6 @@ class Rpc:
     @property
     def caller(self) -> Principal | None:
         return None if self._call is None else self._call.principal
-
-
-@dataclass(frozen=True, slots=True)
-class ToolOutcome:
-    """What a tool call came to, for the access line and the metrics: `code` is OK or the
-    tool error code; `payload` holds arguments and result only when payload logging is on."""
-
-    code: str
-    trace_id: str = ""
-    upstream: UpstreamAttempt | None = None
-    payload: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices_server.core.service import ToolService
+from aiservices_server.faces.envelope import ToolOutcome
 from aiservices_server.faces.grpc.convert import (
     dict_from,
     failure_response,
@@ -18,7 +19,7 @@ from aiservices_server.faces.grpc.convert import (
     tool_message,
 )
 from aiservices_server.faces.grpc.handlers import Method
-from aiservices_server.faces.grpc.rpc import Reply, Rpc, ToolOutcome
+from aiservices_server.faces.grpc.rpc import Reply, Rpc
 from aiservices_server.tools.base import ToolErrorCode, ToolFailure
 
 

@@ -9,28 +9,14 @@ from grpc_status import rpc_status
 
 from aiservices_server import errors
 from aiservices_server.errors import retry_after_seconds
+from aiservices_server.faces.envelope import code_of
 
 DOMAIN = "aiservices"
 
-_CODES: dict[type[errors.ServiceError], grpc.StatusCode] = {
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.ToolNotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FeatureDisabled: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Overloaded: grpc.StatusCode.UNAVAILABLE,
-    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
 
 def status_code_for(error: errors.ServiceError) -> grpc.StatusCode:
-    for kind in type(error).__mro__:
-        code = _CODES.get(kind)
-        if code is not None:
-            return code
-    return grpc.StatusCode.INTERNAL
+    """The status a refusal gets: the code both faces name it by (`faces.envelope.code_of`)."""
+    return grpc.StatusCode[code_of(error)]
 
 
 def _pack(message: object) -> any_pb2.Any:

@@ -1,18 +1,17 @@
 """MCP Streamable HTTP at `/mcp`: the SDK's session manager, stateless with JSON responses, in
 front of the core.
 
-An ASGI app. Each request is authenticated before any MCP processing (401 with
-`WWW-Authenticate: Bearer` otherwise), counted for draining, and written to the access log with
-`transport: mcp`. The SDK parses and answers JSON-RPC; its `tools/list` and `tools/call`
-handlers here call the core's ToolService, and `_refusal` is the one place where domain errors
-become MCP errors. Stateless: any replica can answer any request, and nothing is kept between
-requests.
+An ASGI app. Each request is checked for its Host, Origin and method, then authenticated
+before any MCP processing (401 with `WWW-Authenticate: Bearer` otherwise), inside the envelope
+both faces share (request id, drain, timing, metrics, access line with `transport: mcp`). The
+SDK parses and answers JSON-RPC; its `tools/list` and `tools/call` handlers here call the core's
+ToolService, and `answers` holds the one table from domain errors to what an MCP client sees.
+Stateless: any replica can answer any request, and nothing is kept between requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,112 +27,39 @@ from aiservices_server import __version__
 from aiservices_server.call import Call
 from aiservices_server.core.arguments import check_bounds
 from aiservices_server.core.auth import Authenticator
-from aiservices_server.core.drain import Drain
-from aiservices_server.core.headers import (
-    REQUEST_ID_HEADER,
-    Headers,
-    request_id_for,
-    traceparent_in,
-)
+from aiservices_server.core.headers import REQUEST_ID_HEADER, Headers, traceparent_in
 from aiservices_server.core.service import MAX_NAME_SHOWN, ToolService
-from aiservices_server.errors import (
-    FeatureDisabled,
-    InvalidArgument,
-    PermissionDenied,
-    RetryLater,
-    ServiceError,
-    ToolNotFound,
-    Unauthenticated,
-    report_unexpected,
-    retry_after_seconds,
+from aiservices_server.errors import InvalidArgument, ServiceError
+from aiservices_server.faces.envelope import CallRecord, Envelope, ToolOutcome
+from aiservices_server.faces.mcp.answers import (
+    BodyTooSlow,
+    HostNotAllowed,
+    MethodNotAllowed,
+    OriginNotAllowed,
+    answer_for,
+    code_of_status,
+    jsonrpc_error,
 )
-from aiservices_server.faces.access import log_access
 from aiservices_server.faces.mcp.origins import OriginPolicy
-from aiservices_server.logs import LineSampler
-from aiservices_server.metrics import Metrics
 from aiservices_server.tools.base import ToolDefinition, ToolFailure, ToolResult
-from aiservices_server.upstream.refiner import UpstreamAttempt
 
 PATH = "/mcp"
 SERVER_NAME = "aiservices"
-# JSON-RPC error codes in the range the spec leaves to servers, for refusals that are no
-# malformed request: the caller may retry later, or never, or must bring a valid key.
-RETRY_LATER = -32000
-DEADLINE_EXCEEDED = -32001
-UNAUTHENTICATED = -32002
 _STATE_KEY = "aiservices.exchange"
 # Bodies up to this size go to the SDK as they are; a larger one is first looked at in a worker
 # thread, because the SDK parses and validates it on the event loop at a microsecond or more per
 # JSON value, and 1 MiB of tiny values would hold the loop for 50 to 100 ms.
 _LOOKED_AT_FIRST = 16 * 1024
-# HTTP answers given before or instead of MCP's, in the words of the access line.
-_HTTP_CODES = {
-    200: "OK",
-    202: "OK",
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    405: "UNIMPLEMENTED",
-    408: "DEADLINE_EXCEEDED",
-    413: "RESOURCE_EXHAUSTED",
-    421: "PERMISSION_DENIED",
-    499: "CANCELLED",
-    503: "UNAVAILABLE",
-}
-
-
-class HttpRefusal(ServiceError):
-    """A request refused for what its HTTP says, before MCP reads it."""
-
-
-class MethodNotAllowed(HttpRefusal):
-    """Stateless: no event stream to GET, no session to DELETE."""
-
-    reason = "METHOD_NOT_ALLOWED"
-
-
-class HostNotAllowed(HttpRefusal):
-    reason = "HOST_NOT_ALLOWED"
-
-
-class OriginNotAllowed(HttpRefusal):
-    reason = "ORIGIN_NOT_ALLOWED"
-
-
-class BodyTooSlow(HttpRefusal):
-    reason = "REQUEST_TIMEOUT"
-
-
-def _http_status(refusal: ServiceError) -> int:
-    """The one mapping from a refusal before the SDK to its HTTP status."""
-    statuses: list[tuple[type[ServiceError], int]] = [
-        (Unauthenticated, 401),
-        (PermissionDenied, 403),
-        (InvalidArgument, 400),
-        (MethodNotAllowed, 405),
-        (BodyTooSlow, 408),
-        (HostNotAllowed, 421),
-        (OriginNotAllowed, 403),
-        (RetryLater, 503),
-    ]
-    return next((status for kind, status in statuses if isinstance(refusal, kind)), 500)
 
 
 @dataclass
 class Exchange:
-    """One HTTP request to /mcp: the authenticated call, and what its handlers found out, for
-    the HTTP response's headers and the access line. Made by the ASGI app, handed to the SDK's
-    handlers in the ASGI scope (the request's own state), read back when the response is sent."""
+    """One HTTP request to /mcp: the authenticated call, its record in the envelope (which the
+    SDK's handlers fill in), and the headers they add to the response. Made by the ASGI app,
+    handed to the handlers in the ASGI scope (the request's own state)."""
 
     call: Call
-    method: str = ""
-    tool: str = ""
-    outcome: str = ""
-    trace_id: str = ""
-    upstream: UpstreamAttempt | None = None
-    payload: dict[str, Any] | None = None
-    refusal: str = ""
+    record: CallRecord
     headers: dict[str, str] = field(default_factory=dict)
     answered: bool = False
     arguments_refusal: InvalidArgument | None = None
@@ -163,24 +89,20 @@ class McpFace:
         self,
         service: ToolService,
         authenticator: Authenticator,
-        drain: Drain,
-        metrics: Metrics,
+        envelope: Envelope,
         *,
         max_body_bytes: int,
         body_timeout: float,
         origins: OriginPolicy,
         log_payloads: bool = False,
-        unauthenticated_lines: LineSampler | None = None,
     ) -> None:
         self._service = service
         self._body_timeout = body_timeout
         self.origins = origins
         self._authenticator = authenticator
-        self._drain = drain
-        self._metrics = metrics
+        self._envelope = envelope
         self._max_body_bytes = max_body_bytes
         self._log_payloads = log_payloads
-        self._unauthenticated_lines = unauthenticated_lines
         self._tools = {definition.name: _tool(definition) for definition in service.definitions}
         schemas = {definition.name: definition.input_schema for definition in service.definitions}
         mcp_server: Server[Any] = Server(
@@ -231,33 +153,30 @@ class McpFace:
         if scope["path"] != PATH:
             await _send_json(send, 404, {"error": f"not found: MCP is served at {PATH}"}, {})
             return
-        started = time.perf_counter()
         headers = _headers(scope)
-        request_id = request_id_for(headers)
-        status = 500
+        envelope = self._envelope
+        record = envelope.open("mcp", "http", headers)
         exchange: Exchange | None = None
-        key_id = "anonymous"
         try:
             self._check_http(scope["method"], headers)
-            self._drain.enter()
+            envelope.drain.enter()
             try:
                 principal = self._authenticator.principal(headers)
-                key_id = principal.key_id
-                exchange = Exchange(Call(principal, request_id, None, traceparent_in(headers)))
-                status = await self._serve(scope, receive, send, exchange)
+                record.caller = principal
+                call = Call(principal, record.request_id, None, traceparent_in(headers))
+                exchange = Exchange(call, record)
+                await self._serve(scope, receive, send, exchange)
             finally:
-                self._drain.leave()
+                envelope.drain.leave()
         except ServiceError as refusal:
-            status = _http_status(refusal)
-            key_id = refusal.key_id or key_id
-            await self._refuse_http(send, status, refusal, request_id)
+            record.refused(refusal)
+            await self._refuse_http(send, refusal, record.request_id)
         except Exception as exc:
-            status = 500
-            internal = report_unexpected(exc, request_id)
+            internal = envelope.unexpected(exc, record)
             if exchange is None or not exchange.answered:
-                await self._refuse_http(send, status, internal, request_id)
+                await self._refuse_http(send, internal, record.request_id)
         finally:
-            self._finish(exchange, status, request_id, key_id, time.perf_counter() - started)
+            envelope.finish(record)
 
     def _check_http(self, method: str, headers: Headers) -> None:
         """Refuse what is no MCP call for this server: a Host it is not reachable as, a browser
@@ -274,11 +193,12 @@ class McpFace:
                 "GET and no session to DELETE"
             )
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> int:
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, exchange: Exchange) -> None:
         """Hand the request to the SDK, with the exchange in its state; the response gets the
         request id and the headers the handlers set. The call is cancelled when the client goes
         away before the answer (the upstream request with it)."""
         scope.setdefault("state", {})[_STATE_KEY] = exchange
+        record = exchange.record
         status = 500
 
         async def send_with_headers(message: Message) -> None:
@@ -318,21 +238,21 @@ class McpFace:
             await asyncio.wait({handling, watching}, return_when=asyncio.FIRST_COMPLETED)
             if not handling.done():
                 handling.cancel()  # the client went away: so does the call, upstream included
-                exchange.refusal = "CANCELLED"
-                status = 499
+                record.code = "CANCELLED"
             await asyncio.gather(handling, return_exceptions=not handling.done())
         finally:
             watching.cancel()
             if not handling.done():
                 handling.cancel()
-        return status
+        if record.code == "UNKNOWN":  # the SDK answered on its own, or a handler answered OK
+            record.code = code_of_status(status)
 
-    async def _refuse_http(
-        self, send: Send, status: int, refusal: ServiceError, request_id: str
-    ) -> None:
+    @staticmethod
+    async def _refuse_http(send: Send, refusal: ServiceError, request_id: str) -> None:
         """A refusal before the SDK saw the request: an HTTP status, and as its body the same
         JSON-RPC error a refusal inside MCP gets (id null: the body was not read), which MCP
         clients pass on to their caller as they would that one."""
+        status = answer_for(refusal).http_status
         headers = {REQUEST_ID_HEADER: request_id}
         if status == 401:
             headers["www-authenticate"] = 'Bearer realm="aiservices"'
@@ -340,7 +260,7 @@ class McpFace:
             headers["allow"] = "POST"
         if status in (405, 408):
             headers["connection"] = "close"
-        code, data = _jsonrpc_error(refusal)
+        code, data = jsonrpc_error(refusal)
         if "retryAfterSeconds" in data:
             headers["retry-after"] = str(data["retryAfterSeconds"])
         error = {"code": code, "message": refusal.message, "data": data}
@@ -352,16 +272,15 @@ class McpFace:
         self, ctx: Any, params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
         exchange = _exchange_of(ctx)
-        exchange.method = "tools/list"
+        exchange.record.method = "tools/list"
         cursor = (params.cursor if params is not None else None) or ""
         try:
             page = self._service.list_tools(exchange.call.principal, cursor, 0)
         except ServiceError as error:
             raise self._refusal(exchange, error) from None
         except Exception as exc:
-            raise self._refusal(
-                exchange, report_unexpected(exc, exchange.call.request_id)
-            ) from None
+            raise self._refusal(exchange, self._envelope.unexpected(exc, exchange.record)) from None
+        exchange.record.code = "OK"
         return types.ListToolsResult(
             tools=[self._tools[t.name] for t in page.tools], next_cursor=page.next_cursor or None
         )
@@ -370,10 +289,11 @@ class McpFace:
         self, ctx: Any, params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         exchange = _exchange_of(ctx)
-        exchange.method = "tools/call"
-        exchange.tool = params.name[:MAX_NAME_SHOWN]
+        record = exchange.record
+        record.method = "tools/call"
+        record.tool = params.name[:MAX_NAME_SHOWN]
         if exchange.arguments_refusal is not None:  # found before the SDK read the body
-            exchange.refusal = exchange.arguments_refusal.reason
+            record.refused(exchange.arguments_refusal)
             return _invalid_arguments(exchange.arguments_refusal, exchange.call.request_id)
         arguments = dict(params.arguments or {})
         # Logged for calls that ran, as over gRPC; a refused call's arguments are not.
@@ -381,66 +301,29 @@ class McpFace:
         try:
             result = await self._service.call(exchange.call, params.name, arguments)
         except ToolFailure as failure:
-            exchange.payload = payload
-            return _failed(exchange, failure)
-        except InvalidArgument as error:
-            # A refusal, not a tool outcome: logged and counted as gRPC's INVALID_ARGUMENT is,
-            # though MCP answers it as a result the model can read.
-            exchange.headers.update(error.headers)
-            exchange.refusal = error.reason
-            return _invalid_arguments(error, exchange.call.request_id)
+            return _failed(exchange, failure, payload)
         except ServiceError as error:
+            if isinstance(error, InvalidArgument) and answer_for(error).as_result:
+                # A refusal, not a tool outcome: logged and counted as over gRPC, though MCP
+                # answers it as a result the model can read.
+                exchange.headers.update(error.headers)
+                record.refused(error)
+                return _invalid_arguments(error, exchange.call.request_id)
             raise self._refusal(exchange, error) from None
         except Exception as exc:
-            raise self._refusal(
-                exchange, report_unexpected(exc, exchange.call.request_id)
-            ) from None
-        exchange.payload = payload
-        return _succeeded(exchange, result)
+            raise self._refusal(exchange, self._envelope.unexpected(exc, record)) from None
+        return _succeeded(exchange, result, payload)
 
     @staticmethod
     def _refusal(exchange: Exchange, error: ServiceError) -> MCPError:
         """A refusal inside MCP: the JSON-RPC error the SDK answers with, its `Retry-After`
         header when it has a delay."""
-        exchange.refusal = error.reason
+        exchange.record.refused(error)
         exchange.headers.update(error.headers)
-        code, data = _jsonrpc_error(error)
+        code, data = jsonrpc_error(error)
         if "retryAfterSeconds" in data:
             exchange.headers["retry-after"] = str(data["retryAfterSeconds"])
         return MCPError(code, error.message, data)
-
-    def _finish(
-        self,
-        exchange: Exchange | None,
-        status: int,
-        request_id: str,
-        key_id: str,
-        duration: float,
-    ) -> None:
-        method = exchange.method if exchange is not None and exchange.method else "http"
-        code = _code(status, exchange)
-        self._metrics.mcp_request(method, code, duration)
-        if exchange is not None and exchange.tool and exchange.outcome:
-            self._metrics.tool_call(
-                exchange.tool, exchange.outcome, key_id, "mcp", exchange.upstream
-            )
-        sampler = self._unauthenticated_lines
-        if code == "UNAUTHENTICATED" and sampler is not None and not sampler.admit():
-            return
-        log_access(
-            transport="mcp",
-            request_id=request_id,
-            method=method,
-            code=code,
-            duration=duration,
-            key_id=key_id,
-            caller=exchange.call.principal if exchange is not None else None,
-            tool=exchange.tool if exchange is not None else None,
-            outcome=exchange.outcome if exchange is not None else "",
-            trace_id=exchange.trace_id if exchange is not None else "",
-            upstream=exchange.upstream if exchange is not None else None,
-            payload=exchange.payload if exchange is not None else None,
-        )
 
 
 def _arguments_refusal(body: bytes) -> tuple[bytes, InvalidArgument] | None:
@@ -464,32 +347,6 @@ def _arguments_refusal(body: bytes) -> tuple[bytes, InvalidArgument] | None:
         without = {**message, "params": {**params, "arguments": {}}}
         return orjson.dumps(without), refusal
     return None
-
-
-def _jsonrpc_error(error: ServiceError) -> tuple[int, dict[str, Any]]:
-    """The one mapping from a domain error to what an MCP client sees: a JSON-RPC error code,
-    and `data` with the reason (and, to come back later, `retryAfterSeconds`)."""
-    data: dict[str, Any] = {"reason": error.reason, **error.metadata}
-    if isinstance(error, RetryLater):
-        data["retryAfterSeconds"] = retry_after_seconds(error.retry_after)
-        return RETRY_LATER, data
-    if isinstance(error, Unauthenticated):
-        return UNAUTHENTICATED, data
-    if isinstance(error, ToolNotFound | PermissionDenied | FeatureDisabled | InvalidArgument):
-        return types.INVALID_PARAMS, data
-    if isinstance(error, HttpRefusal):
-        return types.INVALID_REQUEST, data
-    if error.reason == "DEADLINE_EXCEEDED":
-        return DEADLINE_EXCEEDED, data
-    return types.INTERNAL_ERROR, data
-
-
-def _code(status: int, exchange: Exchange | None) -> str:
-    """What the request came to: OK, or the refusal's reason as MCP callers read it in
-    `data.reason` (over gRPC the access line names the status code instead)."""
-    if exchange is not None and exchange.refusal:
-        return exchange.refusal
-    return _HTTP_CODES.get(status, f"HTTP_{status}")
 
 
 def _exchange_of(ctx: Any) -> Exchange:
@@ -521,11 +378,14 @@ def _meta(exchange: Exchange, trace_id: str) -> dict[str, Any]:
     return {"aiservices/request_id": exchange.call.request_id, "aiservices/trace_id": trace_id}
 
 
-def _succeeded(exchange: Exchange, result: ToolResult) -> types.CallToolResult:
+def _succeeded(
+    exchange: Exchange, result: ToolResult, payload: dict[str, Any] | None
+) -> types.CallToolResult:
     exchange.headers.update(result.headers)
-    exchange.outcome, exchange.trace_id, exchange.upstream = "OK", result.trace_id, result.upstream
-    if exchange.payload is not None:
-        exchange.payload["result"] = result.structured
+    if payload is not None:
+        payload["result"] = result.structured
+    exchange.record.code = "OK"
+    exchange.record.outcome = ToolOutcome("OK", result.trace_id, result.upstream, payload)
     return types.CallToolResult(
         content=[types.TextContent(text=result.text)],
         structured_content=result.structured,
@@ -534,12 +394,16 @@ def _succeeded(exchange: Exchange, result: ToolResult) -> types.CallToolResult:
     )
 
 
-def _failed(exchange: Exchange, failure: ToolFailure) -> types.CallToolResult:
+def _failed(
+    exchange: Exchange, failure: ToolFailure, payload: dict[str, Any] | None
+) -> types.CallToolResult:
     exchange.headers.update(failure.headers)
-    exchange.outcome, exchange.trace_id = failure.code.value, failure.trace_id
-    exchange.upstream = failure.upstream
-    if exchange.payload is not None:
-        exchange.payload["result"] = failure.message
+    if payload is not None:
+        payload["result"] = failure.message
+    exchange.record.code = "OK"
+    exchange.record.outcome = ToolOutcome(
+        failure.code.value, failure.trace_id, failure.upstream, payload
+    )
     meta = _meta(exchange, failure.trace_id)
     meta["aiservices/error"] = {
         "code": failure.code.value,

@@ -1,0 +1,165 @@
+"""What surrounds every call on either face, written once: the request id, draining, timing, the
+report of an unexpected error, the metrics and the access line.
+
+A face opens a `CallRecord` when a request arrives, fills in what it learns (who called, which
+tool, what came of it, the code its caller got), and hands it to `Envelope.finish` when the
+answer has gone out. The access line and the metrics are decided there, from the record alone,
+so what the caller saw, the log and the metrics agree, and both faces use the same words: the
+gRPC code name (`OK`, `RESOURCE_EXHAUSTED`, ...) for how the request ended, and `outcome`, OK or
+the tool error code, for a tool call that ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiservices_server import errors
+from aiservices_server.call import Principal
+from aiservices_server.core.drain import Drain
+from aiservices_server.core.headers import Headers, request_id_for
+from aiservices_server.core.service import MAX_NAME_SHOWN
+from aiservices_server.logs import LineSampler
+from aiservices_server.metrics import Metrics, rpc_labels
+from aiservices_server.upstream.refiner import UpstreamAttempt
+
+access_log = logging.getLogger("aiservices.access")
+
+# The code each refusal comes to, in gRPC's names, whichever face answered it.
+_CODES: dict[type[errors.ServiceError], str] = {
+    errors.Unauthenticated: "UNAUTHENTICATED",
+    errors.PermissionDenied: "PERMISSION_DENIED",
+    errors.ToolNotFound: "NOT_FOUND",
+    errors.FeatureDisabled: "FAILED_PRECONDITION",
+    errors.InvalidArgument: "INVALID_ARGUMENT",
+    errors.RateLimited: "RESOURCE_EXHAUSTED",
+    errors.Overloaded: "UNAVAILABLE",
+    errors.ShuttingDown: "UNAVAILABLE",
+    errors.DeadlineExceeded: "DEADLINE_EXCEEDED",
+}
+
+
+def code_of(error: errors.ServiceError) -> str:
+    """The gRPC code name a refusal comes to (INTERNAL for any error no rule names)."""
+    for kind in type(error).__mro__:
+        code = _CODES.get(kind)
+        if code is not None:
+            return code
+    return "INTERNAL"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutcome:
+    """What a tool call that ran came to: `code` is OK or the tool error code; `payload` holds
+    arguments and result only when payload logging is on."""
+
+    code: str
+    trace_id: str = ""
+    upstream: UpstreamAttempt | None = None
+    payload: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """One request as its face learns it, from arrival to answer."""
+
+    transport: str
+    method: str
+    request_id: str
+    started: float
+    code: str = "UNKNOWN"
+    caller: Principal | None = None
+    key_id: str = "anonymous"
+    tool: str | None = None
+    outcome: ToolOutcome | None = None
+
+    def refused(self, error: errors.ServiceError) -> None:
+        """The request ended with `error`: its code, and its key when it named one."""
+        self.code = code_of(error)
+        if self.caller is None and error.key_id is not None:
+            self.key_id = error.key_id
+
+
+def log_suppressed_unauthenticated(count: int) -> None:
+    """The summary line for access lines of UNAUTHENTICATED calls that were not written."""
+    access_log.info("suppressed unauthenticated calls", extra={"suppressed": count})
+
+
+class Envelope:
+    """Shared by the faces of one server. Access lines of UNAUTHENTICATED requests go through
+    `unauthenticated_lines`, so a flood of them cannot flood the log; the metrics count every
+    one."""
+
+    def __init__(
+        self, metrics: Metrics, drain: Drain, *, unauthenticated_lines: LineSampler | None = None
+    ) -> None:
+        self.metrics = metrics
+        self.drain = drain
+        self.unauthenticated_lines = unauthenticated_lines or LineSampler(
+            log_suppressed_unauthenticated
+        )
+
+    def open(self, transport: str, method: str, headers: Headers) -> CallRecord:
+        """A request has arrived: its record, with its request id (the caller's, when usable)."""
+        if transport == "grpc":
+            self.metrics.rpc_started(method)
+        return CallRecord(transport, method, request_id_for(headers), time.perf_counter())
+
+    def unexpected(self, exc: BaseException, record: CallRecord) -> errors.Internal:
+        """An error no rule covers: logged with a support id, which the caller is given."""
+        internal = errors.report_unexpected(exc, record.request_id)
+        record.refused(internal)
+        return internal
+
+    def finish(self, record: CallRecord) -> None:
+        """The answer has gone out: count it, and write its access line."""
+        duration = time.perf_counter() - record.started
+        metrics = self.metrics
+        if record.transport == "grpc":
+            metrics.rpc_handled(rpc_labels(record.method), record.code, duration)
+        else:
+            metrics.mcp_request(record.method, record.code, duration)
+        key_id = record.caller.key_id if record.caller is not None else record.key_id
+        outcome = record.outcome
+        if outcome is not None and record.tool is not None:
+            metrics.tool_call(record.tool, outcome.code, key_id, record.transport, outcome.upstream)
+        if record.code == "UNAUTHENTICATED" and not self.unauthenticated_lines.admit():
+            return
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info("rpc", extra=_access_fields(record, key_id, duration))
+
+
+def _access_fields(record: CallRecord, key_id: str, duration: float) -> dict[str, Any]:
+    """The access line's fields: who called, what was asked, how it ended, how long it took,
+    and what the upstream did."""
+    fields: dict[str, Any] = {
+        "request_id": record.request_id,
+        "transport": record.transport,
+        "method": record.method,
+        "code": record.code,
+        "duration_ms": round(duration * 1e6) / 1000,
+        "key_id": key_id,
+    }
+    caller = record.caller
+    if caller is not None and caller.user_id is not None:
+        fields["user_id"] = caller.user_id
+    if caller is not None and caller.organization is not None:
+        fields["organization"] = caller.organization
+    if record.tool:
+        fields["tool"] = record.tool[:MAX_NAME_SHOWN]
+    outcome = record.outcome
+    if outcome is not None:
+        fields["outcome"] = outcome.code
+        if outcome.upstream is not None:
+            upstream = outcome.upstream
+            fields["upstream_status"] = upstream.status
+            fields["upstream_ms"] = round(upstream.seconds * 1e6) / 1000
+            if upstream.tokens is not None:
+                fields["prompt_tokens"], fields["completion_tokens"] = upstream.tokens
+        if outcome.trace_id:
+            fields["trace_id"] = outcome.trace_id
+        if outcome.payload is not None:
+            fields["payload"] = outcome.payload
+    return fields
