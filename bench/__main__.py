@@ -1,19 +1,14 @@
 """``python -m bench`` (``make bench``): the service against its baselines, side by side.
 
-Scenarios, all on 127.0.0.1, every server a process of its own pinned to the same core:
-
-  status    GetStatus: the service against a bare grpc.aio server (a ratio, no target)
-  calltool  CallTool to an instant upstream: the service against a bare grpc.aio server doing
-            one aiohttp POST (a ratio, no target)
-  rest      CallTool: the service against the REST design it replaces, tuned and as merged
-            (targets: at least 3x and 30x their req/s); needs pip install -e '.[bench]'
-  mcp       tools/call: the service's MCP face against a plain MCP SDK server doing the same
-            work, with the service's CallTool in the same rounds (targets: MCP at least 0.9x
-            and gRPC at least 3x its req/s); 1,000 calls in flight to a 1 s upstream over MCP
-            and gRPC (targets: 0 errors, MCP at least half of gRPC's req/s); needs the extra too
-  slow      1,000 calls in flight to a 1 s upstream (targets: 0 errors, peak RSS under 130 MB,
-            900 req/s or 0.9 of the bare server's when that is under 900)
-  growth    cost growth: CallTool at 1/16/64/256 in flight; RSS at 100/500/1,000 slow calls
+Scenarios, every server a process of its own on 127.0.0.1 pinned to one core (their targets are
+in the report and in docs/performance.md; * needs pip install -e '.[bench]'):
+  status     GetStatus: the service against a bare grpc.aio server
+  calltool   CallTool to an instant upstream: the service against a bare grpc.aio + aiohttp server
+  upstreams  CallTool through the Agenta runner and through the OpenAI-compatible upstream
+  rest*      CallTool: the service against the REST design it replaces, tuned and as merged
+  mcp*       tools/call: the service's MCP face against a plain MCP SDK server; 1,000 slow calls
+  slow       1,000 calls in flight to an upstream answering after 1 s
+  growth     CallTool at 1/16/64/256 in flight; RSS at 100/500/1,000 slow calls in flight
 
 Prints a table on stdout (progress on stderr) and writes bench/results/latest.json; a run with
 --quick or --only writes bench/results/partial.json instead, unless --out says otherwise.
@@ -23,25 +18,29 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import platform
 import shlex
 import signal
 import sys
 import time
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from bench.harness import ROOT, Harness, Pinning, ProcessFailed
-from bench.report import document, machine, render, write_json
-from bench.scenarios import FULL, QUICK, Runner, parse_only
+from bench import scenarios
+from bench.scenarios import ROOT
+
+PACKAGES = ("grpcio", "protobuf", "httpx", "aiohttp", "fastapi", "uvicorn", "uvloop", "mcp")
 
 
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
+    formatter = argparse.RawDescriptionHelpFormatter  # the docstring's layout kept as written
     parser = argparse.ArgumentParser(
-        prog="python -m bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m bench", description=__doc__, formatter_class=formatter
     )
     parser.add_argument("--quick", action="store_true", help="1 run per row, shorter windows")
     parser.add_argument(
@@ -51,47 +50,107 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(args_list)
     try:
-        selected = parse_only(args.only)
+        selected = scenarios.parse_only(args.only)
     except ValueError as exc:
-        print(f"python -m bench: {exc}", file=sys.stderr)
-        return 2
+        parser.error(str(exc))
     needs_extra = [name for name in ("rest", "mcp") if name in selected]
     if needs_extra and importlib.util.find_spec("fastapi") is None:
-        print(f"python -m bench: {needs_extra[0]} needs pip install -e '.[bench]'", file=sys.stderr)
-        return 2
-    profile = QUICK if args.quick else FULL
+        parser.error(f"{needs_extra[0]} needs pip install -e '.[bench]'")
+    profile = scenarios.QUICK if args.quick else scenarios.FULL
     name = "partial" if args.quick or args.only else "latest"
     out: Path = args.out or ROOT / "bench" / "results" / f"{name}.json"
 
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     # Even when started with SIGINT ignored (a background job), Ctrl-C stops it cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    pinning = Pinning.detect()
+    pinning = scenarios.Pinning.detect()
     if pinning.load_cpu is not None:
         os.sched_setaffinity(0, {pinning.load_cpu})  # the harness mostly waits: off the server core
     print(f"python -m bench: {pinning.note}", file=sys.stderr, flush=True)
 
     started = time.monotonic()
     try:
-        with Harness(pinning) as harness:
-            scenarios = Runner(harness, profile).run(selected)
-    except ProcessFailed as exc:
+        with scenarios.Harness(pinning, profile) as harness:
+            results = scenarios.Runner(harness).run(selected)
+    except scenarios.ProcessFailed as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("python -m bench: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
-    doc = document(
-        scenarios,
-        command=shlex.join([".venv/bin/python", "-m", "bench", *args_list]),
-        elapsed_s=round(time.monotonic() - started, 1),
-        machine=machine(pinning.note),
-        profile=asdict(profile),
-    )
+    command = shlex.join([".venv/bin/python", "-m", "bench", *args_list])
+    info = {"command": command, "elapsed_s": round(time.monotonic() - started, 1)}
+    doc = document(results, **info, machine=machine(pinning.note), profile=asdict(profile))
     print(render(doc))
-    write_json(out, doc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")  # written whole, then renamed: a reader never sees half of it
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out)
     print(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 1 if args.strict and not doc["all_targets_passed"] else 0
+
+
+def machine(pinning: str) -> dict[str, Any]:
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    installed = {dist.metadata["Name"].lower(): dist.version for dist in metadata.distributions()}
+    versions = {"python": platform.python_version()}
+    versions |= {name: installed.get(name, "not installed") for name in PACKAGES}
+    model = models[0] if models else platform.processor() or "unknown"
+    return {"cores": os.cpu_count(), "cpu_model": model, "pinning": pinning, "versions": versions}
+
+
+def document(results: list[scenarios.Json], **info: Any) -> dict[str, Any]:
+    """The whole run, every single measurement included: what is written and what is shown."""
+    targets = [t for s in results for t in s["targets"]]
+    passed = all(t["passed"] for t in targets)
+    return {**info, "scenarios": results, "targets": targets, "all_targets_passed": passed}
+
+
+def _num(value: float | None, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The report as Markdown: how it was run, one table row per Row, notes, then targets."""
+    m, runs = doc["machine"], doc["profile"]["runs"]
+    lines = [
+        f"Command: `{doc['command']}` ({doc['elapsed_s']:.0f} s, median of {runs} "
+        f"run{'s' if runs > 1 else ''} per row)",
+        f"Machine: {m['cores']} cores, {m['cpu_model']}; {m['pinning']}",
+        "Versions: " + ", ".join(f"{name} {v}" for name, v in m["versions"].items()),
+        "",
+        "| # | variant | conc. | req/s | p50 ms | p99 ms | server CPU µs/call | server CPU "
+        "| client CPU | errors | RSS MB | ratio | bound by |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for scenario in doc["scenarios"]:
+        for row in scenario["rows"]:
+            med, errors = row["median"], row["errors"]
+            worst = f"{sum(errors.values())} ({max(errors, key=errors.get)})" if errors else "0"
+            ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f} of {row['ratio_to']}"
+            cells = [scenario["key"], row["label"], f"{row['concurrency']:,}"]
+            cells += [_num(med[metric], spec) for metric, spec in scenarios.METRICS.items()]
+            cells += [worst, _num(row["rss_mb"], ".1f"), ratio, row["bound"]]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "server/client CPU: share of one core the server / the load generator used; RSS: peak "
+        "VmRSS sampled in the window, or VmHWM where the server was fresh for the run; ratio: "
+        "median of per-round req/s ratios to the named row; bound by: the side whose CPU was "
+        "at least 85 % busy (CLIENT CPU: the load generator limited the run, so its req/s is "
+        "a floor for the server, not its limit).",
+    ]
+    notes = [f"- {s['key']}. {note}" for s in doc["scenarios"] for note in s["notes"]]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    if doc["targets"]:
+        lines += ["", "| target | this run | pass |", "|---|---:|---|"]
+        for t in doc["targets"]:
+            value = "-" if t["value"] is None else f"{t['value']:,.2f}".rstrip("0").rstrip(".")
+            verdict = "PASS" if t["passed"] else "FAIL"
+            lines.append(f"| {t['name']} {t['op']} {t['threshold']:,g} | {value} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

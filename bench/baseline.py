@@ -1,15 +1,9 @@
-"""The baseline: a bare grpc.aio server for the same proto, with trivial handlers.
-
-``python -m bench.baseline --port N --upstream URL [--status-file F]``
-serves on 127.0.0.1 until SIGTERM or SIGINT. It imports no server code.
-
-- GetStatus answers a message built once at start: the real server's GetStatus reply, read
-  from ``--status-file``, so both servers put the same bytes on the wire.
-- CallTool does the least a refine_prompt call needs: one POST with a plain aiohttp session to
-  the upstream (the body and header the service sends), parse the reply, return the summary and
-  the refined messages. No argument or output checks, no auth, no rate limit, no logging.
-- It runs on uvloop, as the service does, so a ratio to it compares the service's own work,
-  not event loops.
+"""The baseline: a bare grpc.aio server for the same proto, with trivial handlers, on uvloop as
+the service is, importing no server code: ``python -m bench.baseline --port N --upstream URL
+[--status-file F]``. GetStatus answers the service's own reply, read once from the status file,
+so both put the same bytes on the wire. CallTool makes one POST with a plain aiohttp session to
+the upstream (the body and header the service sends) and returns the summary and the refined
+messages: no argument or output checks, no auth, no rate limit, no logging.
 """
 
 from __future__ import annotations
@@ -18,8 +12,8 @@ import argparse
 import asyncio
 import json
 import signal
-import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -33,29 +27,15 @@ from bench.common import RUN_PATH, UPSTREAM_API_KEY, upstream_body
 
 class BaselineServicer(pb_grpc.ToolServiceServicer):
     def __init__(self, status: pb.GetStatusResponse, url: str, session: aiohttp.ClientSession):
-        self._status = status
-        self._url = url
-        self._session = session
+        self._status, self._url, self._session = status, url, session
 
-    async def GetStatus(
-        self,
-        request: pb.GetStatusRequest,
-        context: grpc.aio.ServicerContext[pb.GetStatusRequest, pb.GetStatusResponse],
-    ) -> pb.GetStatusResponse:
+    async def GetStatus(self, request: Any, context: Any) -> pb.GetStatusResponse:
         return self._status
 
-    async def ListTools(
-        self,
-        request: pb.ListToolsRequest,
-        context: grpc.aio.ServicerContext[pb.ListToolsRequest, pb.ListToolsResponse],
-    ) -> pb.ListToolsResponse:
+    async def ListTools(self, request: Any, context: Any) -> pb.ListToolsResponse:
         return pb.ListToolsResponse(tools=self._status.tools)
 
-    async def CallTool(
-        self,
-        request: pb.CallToolRequest,
-        context: grpc.aio.ServicerContext[pb.CallToolRequest, pb.CallToolResponse],
-    ) -> pb.CallToolResponse:
+    async def CallTool(self, request: pb.CallToolRequest, context: Any) -> pb.CallToolResponse:
         body = upstream_body(request.arguments.fields["prompt_template_json"].string_value)
         async with self._session.post(self._url, json=body) as response:
             status = response.status
@@ -75,11 +55,10 @@ class BaselineServicer(pb_grpc.ToolServiceServicer):
 
 
 async def serve(port: int, status: pb.GetStatusResponse, upstream: str) -> None:
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=1000),
-        timeout=aiohttp.ClientTimeout(total=60.0),
-        headers={"Authorization": f"ApiKey {UPSTREAM_API_KEY}"},
-    ) as session:
+    connector, timeout = aiohttp.TCPConnector(limit=1000), aiohttp.ClientTimeout(total=60.0)
+    headers = {"Authorization": f"ApiKey {UPSTREAM_API_KEY}"}
+    session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
+    async with session:
         servicer = BaselineServicer(status, upstream.rstrip("/") + RUN_PATH, session)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_ToolServiceServicer_to_server(servicer, server)
@@ -94,18 +73,13 @@ async def serve(port: int, status: pb.GetStatusResponse, upstream: str) -> None:
             await server.stop(1.0)
 
 
-def main(argv: list[str] | None = None) -> int:
+if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.baseline", description=__doc__)
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--upstream", required=True, help="base URL of the stand-in upstream")
     parser.add_argument("--status-file", type=Path, help="a serialized GetStatusResponse")
-    args = parser.parse_args(argv)
-    status = pb.GetStatusResponse(enabled=True)
+    args = parser.parse_args()
+    reply = pb.GetStatusResponse(enabled=True)
     if args.status_file is not None:
-        status.ParseFromString(args.status_file.read_bytes())
-    uvloop.run(serve(args.port, status, args.upstream))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        reply.ParseFromString(args.status_file.read_bytes())
+    uvloop.run(serve(args.port, reply, args.upstream))

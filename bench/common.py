@@ -20,14 +20,7 @@ RATE_LIMIT_BURST: Final = 1_000_000
 RATE_LIMIT_PER_MINUTE: Final = 6_000_000
 
 
-def upstream_body(prompt_template_json: str) -> dict[str, Any]:
+def upstream_body(template_json: str) -> dict[str, Any]:
     """The completion-runner request body the service sends for a refine_prompt call."""
-    return {
-        "inputs": {
-            "__ag_prompt_template_json": prompt_template_json,
-            "__ag_guidelines": "",
-            "__ag_context": "",
-        },
-        "environment": ENVIRONMENT_SLUG,
-        "app": REFINE_PROMPT_KEY,
-    }
+    inputs = {"__ag_prompt_template_json": template_json, "__ag_guidelines": "", "__ag_context": ""}
+    return {"inputs": inputs, "environment": ENVIRONMENT_SLUG, "app": REFINE_PROMPT_KEY}

@@ -1,37 +1,117 @@
-"""The scenarios: which servers run, under which load, side by side, and the targets they carry.
-
-Rows compared with each other are measured in rounds (each row once per round, the order
-flipped every round), so drift on a shared machine spreads over all of them alike.
+"""The scenarios (which servers run side by side, under which load, with which targets) and the
+harness that runs them: the stand-in upstreams, the servers under test and the load generator,
+each a process of its own, pinned with taskset (servers on one CPU, the load side on another),
+writing to files, in its own session, reached only by its port, stopped when the harness closes.
+Rows compared are measured in rounds (each once per round, the order flipped every round), so
+drift on a shared machine spreads over all of them alike.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+import operator
+import os
+import shutil
+import socket
+import statistics
+import subprocess
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from subprocess import DEVNULL, PIPE
+from typing import Any
 
-from bench.harness import Harness, Server
-from bench.loadgen import LoadResult
-from bench.report import Row, Scenario, Target
+import grpc
 
-SCENARIOS = ("status", "calltool", "upstreams", "rest", "mcp", "slow", "growth")
-FAST = 64  # calls in flight against the instant upstream
-SLOW_IN_FLIGHT = 1000
-GROWTH_CONCURRENCY = (1, 16, 64, 256)
-GROWTH_IN_FLIGHT = (100, 500, 1000)
+from aiservices.v1 import tool_service_pb2 as pb
+from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
+from aiservices_server.auth import generate_key, hash_key
+from aiservices_server.config import ENV_PREFIX
+from bench import common
+from bench.loadgen import LoadConfig, LoadResult
 
-SERVICE = "service"
-BARE = "bare grpc.aio"
-BARE_CALL = "bare grpc.aio + aiohttp"
-REST_TUNED = "REST, tuned"
-REST_MERGED = "REST, as merged"
-SDK = "plain MCP SDK server"
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 30.0
 
-Measure = Callable[[], LoadResult]
+
+class ProcessFailed(RuntimeError):
+    """A process the harness needs exited, or never became ready."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pinning:
+    """Which CPU the servers get and which the load side (generator, upstreams, harness) gets."""
+
+    server_cpu: int | None
+    load_cpu: int | None
+    note: str
+
+    @classmethod
+    def detect(cls) -> Pinning:
+        if shutil.which("taskset") is None:
+            return cls(None, None, "no pinning: taskset is not installed")
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return cls(None, None, f"no pinning: only CPU {cpus} available")
+        load = f"load generator, stand-in upstreams and harness on CPU {cpus[1]} (taskset)"
+        return cls(cpus[0], cpus[1], f"servers under test on CPU {cpus[0]}; {load}")
+
+
+def pinned(cpu: int | None, *args: str) -> list[str]:
+    """``python args``, run with taskset on ``cpu`` when there is one."""
+    return [*([] if cpu is None else ["taskset", "-c", str(cpu)]), sys.executable, *args]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A process the harness started, listening on ``target`` (serving MCP on ``mcp_target``)."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, logs: Path, **popen: Any) -> None:
+        self.name = name
+        self.target = self.mcp_target = f"127.0.0.1:{port}"
+        self.log_path = logs / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdin=DEVNULL, stdout=log, stderr=log, start_new_session=True, **popen
+            )
+
+    def tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").strip().splitlines()[-10:])
+
+    def wait_listening(self, target: str) -> None:
+        """Return once ``target`` accepts connections; ProcessFailed if it never does."""
+        deadline, (host, port) = time.monotonic() + READY_TIMEOUT_S, target.split(":")
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection((host, int(port))):
+                return
+            if (code := self.proc.poll()) is not None:
+                raise ProcessFailed(f"{self.name} exited with {code}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise ProcessFailed(f"{self.name} not listening after {READY_TIMEOUT_S:g} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()  # SIGTERM, as to any process that has not exited yet
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5.0)
+        self.proc.kill()  # when SIGTERM has not stopped it in 5 s
+        self.proc.wait()
 
 
 @dataclass(frozen=True)
 class Profile:
+    """How often each row runs, and for how long (warm-up, then the measured window)."""
+
     runs: int
     warmup_s: float
     duration_s: float
@@ -44,8 +124,205 @@ FULL = Profile(3, 1.0, 3.0, slow_ramp_s=1.0, slow_warmup_s=2.5, slow_duration_s=
 QUICK = Profile(1, 0.5, 1.5, slow_ramp_s=1.0, slow_warmup_s=2.0, slow_duration_s=2.0)
 
 
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+class Harness(contextlib.ExitStack):
+    """Owns the processes it starts (the upstreams live as long as it) and a temporary directory."""
+
+    def __init__(self, pinning: Pinning, profile: Profile) -> None:
+        super().__init__()
+        self.pinning, self.profile = pinning, profile
+        self._tmp = Path(self.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        self._count = 0
+        self.keys_file = self._tmp / "keys.toml"
+        self.status_file: Path | None = None
+        self.key = generate_key()
+        self.keys_file.touch(mode=0o600)  # a keys file others can read draws a warning
+        keys = f'[[keys]]\nid = "bench"\nhash = "{hash_key(self.key)}"\n'
+        self.keys_file.write_text(keys + 'permissions = ["*", "act_for_users"]\n')
+        standin = ("-m", "tests.standin", "--api-key", common.UPSTREAM_API_KEY, "--delay")
+        self.instant = self._start("upstream-0s", pinning.load_cpu, *standin, "0.0")
+        self.slow = self._start("upstream-1s", pinning.load_cpu, *standin, "1.0")
+
+    def _start(self, name: str, cpu: int | None, *args: str, port: int = 0, **popen: Any) -> Server:
+        """``python args`` on ``cpu``, with ``--port`` unless ``port`` is given, once listening."""
+        if not port:
+            port = free_port()
+            args = (*args, "--port", str(port))
+        self._count += 1
+        name = f"{self._count:03d}-{name}"
+        process = Server(name, pinned(cpu, *args), port, self._tmp, **popen)
+        self.callback(process.stop)
+        process.wait_listening(process.target)
+        return process
+
+    def start(self, spec: str, upstream: Server) -> Server:
+        """A server under test calling ``upstream``: ``baseline`` (answering GetStatus with the
+        reply ``capture_status`` saved), ``rest shared|per-call|mcp``, or ``service`` (``mcp``:
+        serving MCP too; ``openai``: through the OpenAI-compatible endpoint), run in a temporary
+        directory so no ``.env`` leaks in, with settings in the bench's own environment winning."""
+        module, *options = spec.split()
+        cpu, url = self.pinning.server_cpu, f"http://{upstream.target}"
+        if module != "service":
+            args = ["-m", f"bench.{module}", "--upstream", url]
+            if module == "rest":
+                args += ["--keys-file", str(self.keys_file), "--client", *options]
+            elif self.status_file is not None:
+                args += ["--status-file", str(self.status_file)]
+            return self._start(module, cpu, *args, cwd=ROOT)
+        port, mcp_port = free_port(), free_port() if "mcp" in options else 0
+        settings = {
+            "GRPC_ADDRESS": f"127.0.0.1:{port}",
+            "API_KEYS_FILE": str(self.keys_file),
+            "RATE_LIMIT_BURST": str(common.RATE_LIMIT_BURST),
+            "RATE_LIMIT_PER_MINUTE": str(common.RATE_LIMIT_PER_MINUTE),
+            "API_KEY": common.UPSTREAM_API_KEY,
+            "API_URL": url,
+            "ENVIRONMENT_SLUG": common.ENVIRONMENT_SLUG,
+            "REFINE_PROMPT_KEY": common.REFINE_PROMPT_KEY,
+            "METRICS_ADDRESS": "127.0.0.1:0",
+            "LOG_LEVEL": "INFO",
+            "SHUTDOWN_GRACE": "2",
+        }
+        if "openai" in options:
+            settings |= {"UPSTREAM": "openai", "OPENAI_BASE_URL": f"{url}/v1"}
+            settings["OPENAI_MODEL"] = "stand-in"
+        if mcp_port:
+            settings["MCP_ADDRESS"] = f"127.0.0.1:{mcp_port}"
+        env = {**{ENV_PREFIX + name: value for name, value in settings.items()}, **os.environ}
+        args = ["-m", "aiservices_server"]
+        server = self._start("service", cpu, *args, port=port, env=env, cwd=self._tmp)
+        if mcp_port:
+            server.mcp_target = settings["MCP_ADDRESS"]
+            server.wait_listening(server.mcp_target)
+        return server
+
+    def capture_status(self, service: Server) -> None:
+        """Save the service's GetStatus reply so the baseline answers with the same bytes."""
+        auth = (("authorization", f"Bearer {self.key}"),)
+        with grpc.insecure_channel(service.target) as channel:
+            status = pb_grpc.ToolServiceStub(channel).GetStatus
+            reply = status(pb.GetStatusRequest(), metadata=auth, timeout=10, wait_for_ready=True)
+        self.status_file = self._tmp / "status.bin"
+        self.status_file.write_bytes(reply.SerializeToString())
+
+    def load(self, server: Server, rpc: str, concurrency: int, slow: bool) -> LoadResult:
+        """One measured run of the load generator. Workers start spread over half the warm-up (at
+        once, they would finish in bunches) or, against the 1 s upstream, over ``slow_ramp_s``,
+        each acting for its own user (a rate-limit budget of its own)."""
+        p = self.profile
+        load = LoadConfig(
+            target=server.mcp_target if rpc == "mcp" else server.target,
+            rpc=rpc,
+            concurrency=concurrency,
+            key=self.key,
+            server_pid=server.proc.pid,
+            server_cpu=self.pinning.server_cpu,
+            users=slow,
+            ramp_s=p.slow_ramp_s if slow else p.warmup_s / 2,
+            warmup_s=p.slow_warmup_s if slow else p.warmup_s,
+            duration_s=p.slow_duration_s if slow else p.duration_s,
+            timeout_s=30.0 if slow else 10.0,
+        )
+        bound = load.warmup_s + load.duration_s + load.timeout_s + 40.0
+        argv = pinned(self.pinning.load_cpu, "-m", "bench.loadgen", json.dumps(asdict(load)))
+        try:
+            stdout = subprocess.check_output(
+                argv, cwd=ROOT, stderr=PIPE, text=True, timeout=bound, start_new_session=True
+            )
+        except subprocess.TimeoutExpired:
+            raise ProcessFailed(f"load generator still running after {bound:g} s") from None
+        except subprocess.CalledProcessError as exc:
+            raise ProcessFailed(f"load generator failed:\n{exc.stderr[-2000:]}") from None
+        if server.proc.poll() is not None:
+            raise ProcessFailed(f"{server.name} died during the run:\n{server.tail()}")
+        return LoadResult(**json.loads(stdout.splitlines()[-1]))
+
+
+SCENARIOS = ("status", "calltool", "upstreams", "rest", "mcp", "slow", "growth")
+FAST = 64  # calls in flight against the instant upstream
+SLOW = 1000  # calls in flight against the 1 s upstream
+GROWTH_CONCURRENCY = (1, 16, 64, 256)
+GROWTH_IN_FLIGHT = (100, 500, SLOW)  # SLOW last: the slow scenario's row stands in for it
+SATURATED = 0.85  # a process using this share of its core is what limits the run
+METRICS = {  # the medians each row reports, with their format in the table
+    "rps": ",.0f",
+    "p50_ms": ",.1f",
+    "p99_ms": ",.1f",
+    "server_cpu_us_per_call": ",.0f",
+    "server_util": ".0%",
+    "client_util": ".0%",
+}
+COMPARE = {">=": operator.ge, "<": operator.lt, "==": operator.eq}
+Json = dict[str, Any]  # a part of the report, as written to the JSON file
+
+
+@dataclass
+class Row:
+    """One server at one load, measured ``len(runs)`` times. ``slow``: against the 1 s upstream,
+    a fresh server per run, so its VmHWM is the peak RSS of exactly that load."""
+
+    label: str
+    concurrency: int
+    server: str = "service"  # what Harness.start starts
+    rpc: str = "call"  # status or call over gRPC, rest or mcp
+    ratio_to: Row | None = None  # its req/s is shown against this row's, in the same rounds
+    slow: bool = False
+    runs: list[LoadResult] = field(default_factory=list)
+
+    def median(self, metric: str) -> float | None:
+        values = [value for run in self.runs if (value := getattr(run, metric)) is not None]
+        return statistics.median(values) if values else None
+
+    def ratio(self, other: Row) -> float | None:
+        """Median of per-round req/s ratios this / other: drift on a busy machine cancels out."""
+        pairs = [a.rps / b.rps for a, b in zip(self.runs, other.runs, strict=False) if b.rps > 0]
+        return statistics.median(pairs) if pairs else None
+
+    @property
+    def errors(self) -> Counter[str]:
+        return sum((Counter(run.errors) for run in self.runs), Counter())
+
+    @property
+    def rss_mb(self) -> float | None:
+        return self.median("server_hwm_mb" if self.slow else "server_rss_peak_mb")
+
+    def bound(self) -> str:
+        """What limited the run: the server's CPU, the load generator's, another process on the
+        server's core, or none of them (then latency, e.g. a slow upstream, set the pace)."""
+        if (self.median("server_util") or 0.0) >= SATURATED:
+            return "server CPU"
+        if (self.median("client_util") or 0.0) >= SATURATED:
+            return "CLIENT CPU"
+        if (self.median("server_cpu_busy") or 0.0) >= 0.95:
+            return "server core shared"
+        return "latency"
+
+    def to_json(self) -> Json:
+        return {
+            "label": self.label,
+            "concurrency": self.concurrency,
+            "median": {metric: self.median(metric) for metric in METRICS},
+            "ratio": self.ratio(self.ratio_to) if self.ratio_to else None,
+            "ratio_to": self.ratio_to.label if self.ratio_to else None,
+            "errors": dict(self.errors),
+            "rss_mb": self.rss_mb,
+            "bound": self.bound(),
+            "runs": [asdict(run) for run in self.runs],
+        }
+
+
+def target(name: str, value: float | None, op: str, threshold: float) -> Json:
+    """A target as the report holds it: whether ``value op threshold`` (op: a key of COMPARE)."""
+    passed = value is not None and bool(COMPARE[op](value, threshold))
+    return {"name": name, "value": value, "op": op, "threshold": threshold, "passed": passed}
+
+
+def scenario(key: str, title: str, rows: list[Row], targets: list[Json], notes: list[str]) -> Json:
+    """A scenario as the report holds it, every row with every run."""
+    rows_json = [row.to_json() for row in rows]
+    return {"key": key, "title": title, "rows": rows_json, "targets": targets, "notes": notes}
+
+
+progress = functools.partial(print, file=sys.stderr, flush=True)
 
 
 def parse_only(values: list[str]) -> list[str]:
@@ -64,180 +341,126 @@ def slow_rps_floor(bare_rps: float) -> float:
 
 
 class Runner:
-    def __init__(self, harness: Harness, profile: Profile) -> None:
+    def __init__(self, harness: Harness) -> None:
         self.h = harness
-        self.p = profile
+        self.at_1000: Row | None = None  # the slow scenario's service row, for growth to reuse
 
-    def run(self, selected: list[str]) -> list[Scenario]:
-        out: dict[str, Scenario] = {}
-        for name in selected:
-            if name == "growth":
-                out[name] = self.growth(out["slow"].rows[-1] if "slow" in out else None)
-            else:
-                out[name] = getattr(self, name)()
-        return [out[name] for name in SCENARIOS if name in out]
+    def run(self, selected: list[str]) -> list[Json]:
+        """The scenarios in ``selected``, in SCENARIOS order (slow before growth)."""
+        return [getattr(self, name)() for name in selected]
 
-    def _fast(self, server: Server, rpc: str, concurrency: int) -> Measure:
-        """A measured run against the instant upstream. Workers start spread over half the
-        warm-up: started at once, calls to a server that costs tens of ms each would finish
-        in bunches, and a short window could hold none of them."""
-        p = self.p
-        window = {"ramp_s": p.warmup_s / 2, "warmup_s": p.warmup_s, "duration_s": p.duration_s}
-        return lambda: self.h.load(server, rpc, concurrency=concurrency, timeout_s=10.0, **window)
+    def _measure(self, *rows: Row) -> None:
+        """Rounds of runs of ``rows``: a server per ``Row.server`` for the rows against the instant
+        upstream, a fresh one on the 1 s upstream for every run of a slow row."""
+        servers: dict[str, Server] = {}
 
-    def _slow(
-        self, start: Callable[[Server], Server], in_flight: int, rpc: str = "call"
-    ) -> Measure:
-        """A measured run of ``in_flight`` calls to the 1 s upstream, on a fresh server, so its
-        VmHWM is the peak RSS of exactly this load. Every worker acts for its own user, so each
-        has a rate-limit budget of its own; their starts spread over ``slow_ramp_s``."""
-
-        def measure() -> LoadResult:
-            server, p = start(self.h.slow), self.p
+        def measure(row: Row) -> LoadResult:
+            if not row.slow:
+                return self.h.load(servers[row.server], row.rpc, row.concurrency, slow=False)
+            server = self.h.start(row.server, self.h.slow)
             try:
-                return self.h.load(
-                    server,
-                    rpc,
-                    concurrency=in_flight,
-                    users=True,
-                    ramp_s=p.slow_ramp_s,
-                    warmup_s=p.slow_warmup_s,
-                    duration_s=p.slow_duration_s,
-                    timeout_s=30.0,
-                )
+                return self.h.load(server, row.rpc, row.concurrency, slow=True)
             finally:
                 server.stop()
 
-        return measure
-
-    def _rounds(self, pairs: list[tuple[Row, Measure]]) -> None:
-        for round_no in range(self.p.runs):
-            for row, measure in pairs if round_no % 2 == 0 else reversed(pairs):
-                run = measure()
-                row.runs.append(run)
-                progress(
-                    f"  {row.label} c={row.concurrency}: {run.rps:,.0f} req/s, "
-                    f"p50 {run.p50_ms:,.1f} ms, server {run.server_cpu_us_per_call:,.0f} "
-                    f"µs/call, errors {sum(run.errors.values())}"
-                )
-
-    def _side_by_side(self, rows: list[tuple[Row, Server, str]]) -> None:
-        """Rounds of fast runs, each row against its server with its rpc; then stop them."""
         try:
-            self._rounds([(row, self._fast(srv, rpc, row.concurrency)) for row, srv, rpc in rows])
+            # The baseline starts last, once it can answer GetStatus with the service's reply.
+            specs = dict.fromkeys(row.server for row in rows if not row.slow)
+            for spec in sorted(specs, key=lambda spec: spec == "baseline"):
+                if spec == "baseline" and "service" in servers:
+                    self.h.capture_status(servers["service"])
+                servers[spec] = self.h.start(spec, self.h.instant)
+            for round_no in range(self.h.profile.runs):
+                for row in rows if round_no % 2 == 0 else reversed(rows):
+                    row.runs.append(run := measure(row))
+                    progress(
+                        f"  {row.label} c={row.concurrency}: {run.rps:,.0f} req/s, "
+                        f"p50 {run.p50_ms:,.1f} ms, server {run.server_cpu_us_per_call:,.0f} "
+                        f"µs/call, errors {sum(run.errors.values())}"
+                    )
         finally:
-            for _, server, _ in rows:
+            for server in servers.values():
                 server.stop()
 
-    def _against_bare(self, key: str, rpc: str, bare_label: str, title: str, note: str) -> Scenario:
-        """The service against the bare grpc.aio baseline on one RPC: a ratio, not a target.
-        The service starts first, so the baseline answers GetStatus with its reply."""
-        method = "GetStatus" if rpc == "status" else "CallTool"
-        service = self.h.service(self.h.instant)
-        self.h.capture_status(service)
-        bare = Row(f"{bare_label} {method}", FAST)
-        row = Row(f"{SERVICE} {method}", FAST, ratio_to=bare)
-        baseline = self.h.baseline(self.h.instant)
-        self._side_by_side([(bare, baseline, rpc), (row, service, rpc)])
-        return Scenario(key, title, [bare, row], notes=[note + " A fact, not a target."])
-
-    def status(self) -> Scenario:
+    def status(self) -> Json:
         progress(f"status: GetStatus, {FAST} in flight")
+        bare = Row("bare grpc.aio GetStatus", FAST, "baseline", "status")
+        row = Row("service GetStatus", FAST, rpc="status", ratio_to=bare)
+        self._measure(bare, row)
         note = (
             "The bare server answers with the service's own GetStatus reply, built once, and "
             "has no interceptors: the ratio is what authentication, metrics and the access "
-            "line cost on the cheapest call (it is not rate limited)."
+            "line cost on the cheapest call (it is not rate limited). A fact, not a target."
         )
         title = "GetStatus against a bare grpc.aio server"
-        return self._against_bare("status", "status", BARE, title, note)
+        return scenario("status", title, [bare, row], [], [note])
 
-    def calltool(self) -> Scenario:
+    def calltool(self) -> Json:
         progress(f"calltool: CallTool to an instant upstream, {FAST} in flight")
+        bare = Row("bare grpc.aio + aiohttp CallTool", FAST, "baseline")
+        row = Row("service CallTool", FAST, ratio_to=bare)
+        self._measure(bare, row)
         note = (
             "The bare handler posts the same body with one aiohttp session and returns the "
-            "reply, with no checks, auth, rate limit or logging."
+            "reply, with no checks, auth, rate limit or logging. A fact, not a target."
         )
         title = "CallTool against a bare grpc.aio server doing one aiohttp POST"
-        return self._against_bare("calltool", "call", BARE_CALL, title, note)
+        return scenario("calltool", title, [bare, row], [], [note])
 
-    def upstreams(self) -> Scenario:
+    def upstreams(self) -> Json:
         progress(f"upstreams: CallTool through each upstream adapter, {FAST} in flight")
-        agenta = Row(f"{SERVICE} CallTool, Agenta runner", FAST)
-        openai = Row(f"{SERVICE} CallTool, OpenAI-compatible", FAST, ratio_to=agenta)
-        self._side_by_side(
-            [
-                (agenta, self.h.service(self.h.instant), "call"),
-                (openai, self.h.service(self.h.instant, openai=True), "call"),
-            ]
-        )
+        agenta = Row("service CallTool, Agenta runner", FAST)
+        openai = Row("service CallTool, OpenAI-compatible", FAST, "service openai", ratio_to=agenta)
+        self._measure(agenta, openai)
+        ratio = openai.ratio(agenta)
+        inverse = round(1 / ratio, 2) if ratio else None
+        targets = [
+            target("CallTool req/s, OpenAI-compatible / Agenta runner", ratio, ">=", 0.9),
+            target("CallTool req/s, Agenta runner / OpenAI-compatible", inverse, ">=", 0.9),
+        ]
         note = (
             "The same service and stand-in, refining through the Agenta completion runner's "
             "endpoint or its OpenAI-compatible chat completions endpoint."
         )
-        ratio = openai.ratio(agenta)
-        targets = [
-            Target("CallTool req/s, OpenAI-compatible / Agenta runner", ratio, ">=", 0.9),
-            Target("CallTool req/s, Agenta runner / OpenAI-compatible", _inverse(ratio), ">=", 0.9),
-        ]
-        return Scenario(
-            "upstreams", "CallTool through each upstream", [agenta, openai], targets, [note]
-        )
+        title = "CallTool through each upstream"
+        return scenario("upstreams", title, [agenta, openai], targets, [note])
 
-    def rest(self) -> Scenario:
+    def rest(self) -> Json:
         progress(f"rest: CallTool against the REST design, {FAST} in flight")
-        row = Row(f"{SERVICE} CallTool", FAST)
-        tuned = Row(f"{REST_TUNED} POST /tools/call", FAST, ratio_to=row)
-        merged = Row(f"{REST_MERGED} POST /tools/call", FAST, ratio_to=row)
-        service, instant = self.h.service(self.h.instant), self.h.instant
-        self._side_by_side(
-            [
-                (row, service, "call"),
-                (tuned, self.h.peer("rest", instant, "--client", "shared"), "rest"),
-                (merged, self.h.peer("rest", instant, "--client", "per-call"), "rest"),
-            ]
-        )
+        row = Row("service CallTool", FAST)
+        tuned = Row("REST, tuned POST /tools/call", FAST, "rest shared", "rest", row)
+        merged = Row("REST, as merged POST /tools/call", FAST, "rest per-call", "rest", row)
+        self._measure(row, tuned, merged)
+        targets = [
+            target("CallTool req/s, service / REST, tuned", row.ratio(tuned), ">=", 3),
+            target("CallTool req/s, service / REST, as merged", row.ratio(merged), ">=", 30),
+        ]
         note = (
             "FastAPI on one uvicorn worker (uvloop, httptools) on the service's core, with the "
             "same keys file, limiter, argument and output checks; tuned shares one "
             "httpx.AsyncClient, as merged builds one per call. Load: one aiohttp session at the "
             "same concurrency."
         )
-        targets = [
-            Target(f"CallTool req/s, {SERVICE} / {REST_TUNED}", row.ratio(tuned), ">=", 3),
-            Target(f"CallTool req/s, {SERVICE} / {REST_MERGED}", row.ratio(merged), ">=", 30),
-        ]
         title = "CallTool against the REST design the service replaces"
-        return Scenario("rest", title, [row, tuned, merged], targets, [note])
+        return scenario("rest", title, [row, tuned, merged], targets, [note])
 
-    def mcp(self) -> Scenario:
+    def mcp(self) -> Json:
         progress(f"mcp: tools/call against a plain MCP SDK server, {FAST} in flight")
-        sdk = Row(f"{SDK} tools/call", FAST)
-        face = Row(f"{SERVICE} MCP tools/call", FAST, ratio_to=sdk)
-        grpc = Row(f"{SERVICE} CallTool", FAST, ratio_to=sdk)
-        service = self.h.service(self.h.instant, mcp=True)
-        sdk_server = self.h.peer("rest", self.h.instant, "--client", "mcp")
-        self._side_by_side(
-            [(grpc, service, "call"), (face, service, "mcp"), (sdk, sdk_server, "mcp")]
-        )
-        progress(f"mcp: 1 s upstream, {SLOW_IN_FLIGHT:,} calls in flight over gRPC and MCP")
-        slow_grpc = Row(f"{SERVICE} CallTool, 1 s upstream", SLOW_IN_FLIGHT, fresh_server=True)
-        label = f"{SERVICE} MCP tools/call, 1 s upstream"
-        slow_face = Row(label, SLOW_IN_FLIGHT, ratio_to=slow_grpc, fresh_server=True)
-
-        def with_mcp(upstream: Server) -> Server:
-            return self.h.service(upstream, mcp=True)
-
-        self._rounds(
-            [
-                (slow_grpc, self._slow(with_mcp, SLOW_IN_FLIGHT)),
-                (slow_face, self._slow(with_mcp, SLOW_IN_FLIGHT, "mcp")),
-            ]
-        )
+        sdk = Row("plain MCP SDK server tools/call", FAST, "rest mcp", "mcp")
+        face = Row("service MCP tools/call", FAST, "service mcp", "mcp", sdk)
+        grpc = Row("service CallTool", FAST, "service mcp", ratio_to=sdk)
+        self._measure(grpc, face, sdk)
+        progress(f"mcp: 1 s upstream, {SLOW:,} calls in flight over gRPC and MCP")
+        slow_grpc = Row("service CallTool, 1 s upstream", SLOW, "service mcp", slow=True)
+        label = "service MCP tools/call, 1 s upstream"
+        slow_face = Row(label, SLOW, "service mcp", "mcp", slow_grpc, slow=True)
+        self._measure(slow_grpc, slow_face)
+        face_ratio, grpc_ratio = face.ratio(sdk), grpc.ratio(sdk)
         targets = [
-            Target(f"tools/call req/s, {SERVICE} MCP / {SDK}", face.ratio(sdk), ">=", 0.9),
-            Target(f"CallTool req/s, {SERVICE} gRPC / {SDK}", grpc.ratio(sdk), ">=", 3),
-            Target("1,000 in flight over MCP: errors", float(slow_face.errors.total()), "==", 0),
-            Target("1,000 in flight: req/s, MCP / gRPC", slow_face.ratio(slow_grpc), ">=", 0.5),
+            target("tools/call req/s, service MCP / plain MCP SDK server", face_ratio, ">=", 0.9),
+            target("CallTool req/s, service gRPC / plain MCP SDK server", grpc_ratio, ">=", 3),
+            target("1,000 in flight over MCP: errors", float(slow_face.errors.total()), "==", 0),
+            target("1,000 in flight: req/s, MCP / gRPC", slow_face.ratio(slow_grpc), ">=", 0.5),
         ]
         note = (
             "The SDK server is the SDK's MCPServer with one tool, stateless with JSON responses, "
@@ -248,50 +471,37 @@ class Runner:
             "service per run, every call acting for its own user."
         )
         title = "MCP tools/call: the service's MCP face against a plain MCP SDK server"
-        rows = [grpc, face, sdk, slow_grpc, slow_face]
-        return Scenario("mcp", title, rows, targets, [note])
+        return scenario("mcp", title, [grpc, face, sdk, slow_grpc, slow_face], targets, [note])
 
-    def slow(self) -> Scenario:
-        progress(f"slow: 1 s upstream, {SLOW_IN_FLIGHT:,} calls in flight")
-        bare = Row(f"{BARE_CALL}, 1 s upstream", SLOW_IN_FLIGHT, fresh_server=True)
-        row = Row(f"{SERVICE}, 1 s upstream", SLOW_IN_FLIGHT, ratio_to=bare, fresh_server=True)
-        self._rounds(
-            [
-                (bare, self._slow(self.h.baseline, SLOW_IN_FLIGHT)),
-                (row, self._slow(self.h.service, SLOW_IN_FLIGHT)),
-            ]
-        )
+    def slow(self) -> Json:
+        progress(f"slow: 1 s upstream, {SLOW:,} calls in flight")
+        bare = Row("bare grpc.aio + aiohttp, 1 s upstream", SLOW, "baseline", slow=True)
+        row = Row("service, 1 s upstream", SLOW, ratio_to=bare, slow=True)
+        self._measure(bare, row)
         bare_rps = bare.median("rps") or 0.0
         targets = [
-            Target("1,000 in flight: errors (all runs)", float(row.errors.total()), "==", 0),
-            Target("1,000 in flight: peak RSS MB", row.rss_mb, "<", 130),
-            Target("1,000 in flight: req/s", row.median("rps"), ">=", slow_rps_floor(bare_rps)),
+            target("1,000 in flight: errors (all runs)", float(row.errors.total()), "==", 0),
+            target("1,000 in flight: peak RSS MB", row.rss_mb, "<", 130),
+            target("1,000 in flight: req/s", row.median("rps"), ">=", slow_rps_floor(bare_rps)),
         ]
         note = (
             "A fresh server per run; RSS is its VmHWM. The req/s target is 900, or 0.9 of the "
             f"bare server's req/s in the same run when that is under 900 (here {bare_rps:,.0f})."
         )
-        title = f"{SLOW_IN_FLIGHT:,} calls in flight to a 1 s upstream"
-        return Scenario("slow", title, [bare, row], targets, [note])
+        title = f"{SLOW:,} calls in flight to a 1 s upstream"
+        self.at_1000 = row
+        return scenario("slow", title, [bare, row], targets, [note])
 
-    def growth(self, at_1000: Row | None) -> Scenario:
+    def growth(self) -> Json:
+        """CallTool by concurrency, then the service's RSS by slow calls in flight."""
         progress(f"growth: CallTool at {', '.join(map(str, GROWTH_CONCURRENCY))} in flight")
-        rows = [Row(f"{SERVICE} CallTool", c) for c in GROWTH_CONCURRENCY]
-        service = self.h.service(self.h.instant)
-        self._side_by_side([(row, service, "call") for row in rows])
+        rows = [Row("service CallTool", c) for c in GROWTH_CONCURRENCY]
+        self._measure(*rows)
         progress(f"growth: 1 s upstream, {', '.join(map(str, GROWTH_IN_FLIGHT))} in flight")
-        slow_rows = [
-            Row(f"{SERVICE}, 1 s upstream", n, fresh_server=True)
-            for n in GROWTH_IN_FLIGHT
-            if at_1000 is None or n != at_1000.concurrency
-        ]
-        self._rounds([(row, self._slow(self.h.service, row.concurrency)) for row in slow_rows])
-        if at_1000 is not None:
-            slow_rows.append(at_1000)
+        slow = [Row("service, 1 s upstream", n, slow=True) for n in GROWTH_IN_FLIGHT]
+        if self.at_1000:  # the slow scenario measured 1,000 in flight already
+            slow[-1] = self.at_1000
+        self._measure(*(row for row in slow if not row.runs))
         title = "Cost growth: CallTool by concurrency; RSS by slow calls in flight"
-        notes = ["The 1,000 row is the slow scenario's, when it ran."] if at_1000 else []
-        return Scenario("growth", title, rows + slow_rows, notes=notes)
-
-
-def _inverse(ratio: float | None) -> float | None:
-    return None if not ratio else round(1 / ratio, 2)
+        notes = ["The 1,000 row is the slow scenario's, when it ran."] if self.at_1000 else []
+        return scenario("growth", title, rows + slow, [], notes)
