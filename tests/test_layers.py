@@ -9,6 +9,7 @@ transport) counts too."""
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import subprocess
 import sys
@@ -210,4 +211,235 @@ def test_the_transitive_check_names_the_chain(tmp_path: Path) -> None:
     )
     assert forbidden_chains(["outer"], CORE_NEVER_LOADS, tmp_path) == [
         "outer imports middle imports aiservices_server.config",
+    ]
+
+
+# Nothing is mutated on the way up: an error is built whole where it is raised (what it carries,
+# such as headers or the upstream attempt, goes to its constructor), and a layer that adds to an
+# error it caught raises a new one (`with_headers`, `with_attempt`, `with_upstream`).
+#
+# Read from the source, so simple rather than complete: a name holds an exception when it is
+# bound by `except ... as name`, or to a call of an exception class, of a function annotated to
+# return one (or `Self` in an exception class), or to another such name; so does `self` in an
+# exception class's methods other than `__init__`. Setting or deleting an attribute of it, an
+# item of one, or calling a mutating method on one (`error.headers.update(...)`) is a mutation.
+MUTATING_METHODS = frozenset(
+    {"update", "setdefault", "pop", "popitem", "clear", "append", "extend", "insert", "remove"}
+)
+# The one place allowed, by file and code: the gRPC face's private `_TooLarge` collects the path
+# to the field where the count ran out as it unwinds the conversion, and never leaves the module.
+ALLOWED_MUTATIONS = frozenset(
+    {
+        ("aiservices_server/faces/grpc/convert.py", "exc.path.append(index)"),
+        ("aiservices_server/faces/grpc/convert.py", "exc.path.append(key)"),
+    }
+)
+BUILTIN_EXCEPTIONS = frozenset(
+    name
+    for name, value in vars(builtins).items()
+    if isinstance(value, type) and issubclass(value, BaseException)
+)
+
+Scope = ast.Module | ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def type_name(node: ast.expr | None) -> str:
+    """The last name of a base class or annotation: `errors.InvalidArgument` is InvalidArgument."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Subscript):
+        return type_name(node.value)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value.rsplit(".", 1)[-1]
+    return ""
+
+
+def exception_classes(trees: list[ast.Module]) -> set[str]:
+    """The names of the classes that derive from an exception, builtin or defined here."""
+    bases = [
+        (node.name, {type_name(base) for base in node.bases})
+        for tree in trees
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+    ]
+    known = set(BUILTIN_EXCEPTIONS)
+    while True:
+        more = {name for name, of in bases if name not in known and of & known}
+        if not more:
+            return known
+        known |= more
+
+
+def in_scope(scope: Scope) -> list[ast.AST]:
+    """The nodes of `scope`'s own code: not those of the functions defined in it."""
+    found: list[ast.AST] = []
+    todo: list[ast.AST] = list(scope.body)
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def root_name(node: ast.expr) -> tuple[str, bool]:
+    """The name an attribute or item chain starts from, and whether it goes through an
+    attribute: `error.headers["x"]` is ("error", True), `values[0]` is ("values", False)."""
+    through_attribute = False
+    while isinstance(node, ast.Attribute | ast.Subscript):
+        through_attribute = through_attribute or isinstance(node, ast.Attribute)
+        node = node.value
+    return (node.id if isinstance(node, ast.Name) else "", through_attribute)
+
+
+def error_mutations(paths: list[Path], root: Path) -> list[str]:
+    """`file:line: code` for each place that changes an exception after it was created."""
+    trees = {path: ast.parse(path.read_text(), filename=str(path)) for path in paths}
+    classes = exception_classes(list(trees.values()))
+    producers = set(classes)
+    # The methods of exception classes other than __init__: `self` in them is an exception.
+    methods: dict[int, str] = {}
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+                and type_name(node.returns) in classes
+            ):
+                producers.add(node.name)
+            if isinstance(node, ast.ClassDef) and node.name in classes:
+                for method in node.body:
+                    if not isinstance(method, ast.FunctionDef | ast.AsyncFunctionDef):
+                        continue
+                    if type_name(method.returns) == "Self":
+                        producers.add(method.name)
+                    if method.name != "__init__" and method.args.args:
+                        methods[id(method)] = method.args.args[0].arg
+
+    def holds_exception(value: ast.expr | None, names: set[str]) -> bool:
+        if isinstance(value, ast.Call):
+            return type_name(value.func) in producers
+        if isinstance(value, ast.Name):
+            return value.id in names
+        if isinstance(value, ast.IfExp):
+            return holds_exception(value.body, names) or holds_exception(value.orelse, names)
+        if isinstance(value, ast.BoolOp):
+            return any(holds_exception(part, names) for part in value.values)
+        return False
+
+    found: set[tuple[str, int, str]] = set()
+    for path, tree in trees.items():
+        scopes: list[Scope] = [tree]
+        scopes += [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        ]
+        for scope in scopes:
+            nodes = in_scope(scope)
+            names = {methods[id(scope)]} if id(scope) in methods else set()
+            names |= {n.name for n in nodes if isinstance(n, ast.ExceptHandler) and n.name}
+            while True:
+                bound = {
+                    target.id
+                    for n in nodes
+                    if isinstance(n, ast.Assign | ast.AnnAssign | ast.NamedExpr)
+                    and holds_exception(n.value, names)
+                    for target in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                    if isinstance(target, ast.Name)
+                }
+                if bound <= names:
+                    break
+                names |= bound
+
+            def changes(target: ast.expr, names: set[str] = names) -> bool:
+                if isinstance(target, ast.Tuple | ast.List):
+                    return any(changes(part) for part in target.elts)
+                name, through_attribute = root_name(target)
+                return name in names and through_attribute
+
+            for n in nodes:
+                targets: list[ast.expr] = []
+                if isinstance(n, ast.Assign | ast.Delete):
+                    targets = n.targets
+                elif isinstance(n, ast.AugAssign | ast.AnnAssign):
+                    targets = [n.target]
+                elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+                    if n.func.attr in MUTATING_METHODS:
+                        targets = [n.func.value]
+                    elif n.func.attr == "__setattr__" and n.args:
+                        targets = [ast.Attribute(n.args[0], "?")]
+                elif isinstance(n, ast.Call) and type_name(n.func) in ("setattr", "delattr"):
+                    targets = [ast.Attribute(n.args[0], "?")] if n.args else []
+                if any(changes(target) for target in targets):
+                    where = path.relative_to(root).as_posix()
+                    code = ast.unparse(n).splitlines()[0]
+                    found.add((where, getattr(n, "lineno", 0), code))
+    return [
+        f"{where}:{line}: {code}"
+        for where, line, code in sorted(found)
+        if (where, code) not in ALLOWED_MUTATIONS
+    ]
+
+
+def test_no_error_is_changed_after_it_was_created() -> None:
+    paths = sorted(SERVER.rglob("*.py"))
+    assert error_mutations(paths, SERVER.parent) == []
+
+
+def test_the_check_sees_an_error_changed_after_it_was_created(tmp_path: Path) -> None:
+    module = tmp_path / "bad.py"
+    module.write_text(
+        """
+from typing import Self
+
+class Refused(ValueError):
+    def __init__(self, message, headers=None):
+        super().__init__(message)
+        self.headers = dict(headers or {})
+        self.attempt = None
+
+    def with_headers(self, headers) -> Self:
+        return type(self)(self.message, {**self.headers, **headers})
+
+    def later(self):
+        self.attempt = 1
+
+class Refusal(Refused):
+    pass
+
+def refused() -> Refused:
+    return Refused("no")
+
+async def handle(exchange, response):
+    exchange.headers.update({"a": "b"})
+    response.meta.trace_id = "t"
+    built = Refusal("no")
+    built.headers.update({"a": "b"})
+    rebuilt = built.with_headers({})
+    rebuilt.upstream = None
+    made = refused()
+    made.headers["x"] = "y"
+    try:
+        pass
+    except Refused as error:
+        error.trace_id, other = "t", 1
+        setattr(error, "attempt", 2)
+        raise error.with_headers({"a": "b"}) from None
+    except OSError as failure:
+        del failure.headers
+        failure.headers.setdefault("a", "b")
+        raise
+"""
+    )
+    assert error_mutations([module], tmp_path) == [
+        "bad.py:14: self.attempt = 1",
+        "bad.py:26: built.headers.update({'a': 'b'})",
+        "bad.py:28: rebuilt.upstream = None",
+        "bad.py:30: made.headers['x'] = 'y'",
+        "bad.py:34: error.trace_id, other = ('t', 1)",
+        "bad.py:35: setattr(error, 'attempt', 2)",
+        "bad.py:38: del failure.headers",
+        "bad.py:39: failure.headers.setdefault('a', 'b')",
     ]

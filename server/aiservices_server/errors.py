@@ -13,6 +13,7 @@ import traceback
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Self
 
 log = logging.getLogger("aiservices.server")
 
@@ -48,8 +49,12 @@ class ServiceError(Exception):
     """A call refused by the service; `reason` becomes the google.rpc.ErrorInfo reason.
 
     `metadata` is shown to the caller with the reason. `headers` are sent with the refusal
-    (e.g. the rate limit left); the core adds them once it has charged the call. `key_id` names
-    the caller's key when it was recognised before the refusal, for the access log only.
+    (e.g. the rate limit left). `key_id` names the caller's key when it was recognised before
+    the refusal, for the access log only.
+
+    A refusal is never changed once made: a layer that adds headers to one it caught (the core,
+    once it has charged the call) raises `with_headers(...)`, the same refusal built anew. A
+    subclass whose constructor takes other arguments rebuilds itself.
     """
 
     reason: str = "INTERNAL"
@@ -60,12 +65,23 @@ class ServiceError(Exception):
         *,
         metadata: Mapping[str, str] | None = None,
         key_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
-        self.headers: dict[str, str] = {}
+        self.headers: Mapping[str, str] = dict(headers or {})
         self.key_id = key_id
+
+    def with_headers(self, headers: Mapping[str, str]) -> Self:
+        """This refusal, built anew through its constructor, with `headers` added to its own
+        (replacing any of the same name)."""
+        return type(self)(
+            self.message,
+            metadata=self.metadata,
+            key_id=self.key_id,
+            headers={**self.headers, **headers},
+        )
 
 
 class Unauthenticated(ServiceError):
@@ -103,12 +119,25 @@ class InvalidArgument(ServiceError):
         key_id: str | None = None,
         more: int = 0,
         more_is_exact: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message, metadata=metadata, key_id=key_id)
+        super().__init__(message, metadata=metadata, key_id=key_id, headers=headers)
         given = list(violations or [])
         self.violations = given[:MAX_VIOLATIONS]
         self.not_shown = len(given) - len(self.violations) + more
         self.not_shown_exact = more_is_exact
+
+    def with_headers(self, headers: Mapping[str, str]) -> Self:
+        # The violations kept are within the cap, so `not_shown` passes on as `more`.
+        return type(self)(
+            self.message,
+            self.violations,
+            metadata=self.metadata,
+            key_id=self.key_id,
+            more=self.not_shown,
+            more_is_exact=self.not_shown_exact,
+            headers={**self.headers, **headers},
+        )
 
 
 def retry_after_seconds(delay: float) -> int:
@@ -120,10 +149,25 @@ class RetryLater(ServiceError):
     """Base for refusals that tell the caller when to come back."""
 
     def __init__(
-        self, message: str, retry_after: float, *, metadata: Mapping[str, str] | None = None
+        self,
+        message: str,
+        retry_after: float,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        key_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message, metadata=metadata)
+        super().__init__(message, metadata=metadata, key_id=key_id, headers=headers)
         self.retry_after = retry_after
+
+    def with_headers(self, headers: Mapping[str, str]) -> Self:
+        return type(self)(
+            self.message,
+            self.retry_after,
+            metadata=self.metadata,
+            key_id=self.key_id,
+            headers={**self.headers, **headers},
+        )
 
 
 class RateLimited(RetryLater):

@@ -58,15 +58,14 @@ class RateLimits:
         charge = Charge(key, limit, await self._limiter.acquire(key, limit))
         if not charge.decision.allowed:
             self._metrics.rate_limited.labels(tool, principal.key_id).inc()
-            refused = RateLimited(
+            raise RateLimited(
                 f"rate limit exceeded for {tool}: {limit.burst} call"
                 f"{'' if limit.burst == 1 else 's'}, then "
                 f"{limit.per_minute:g} per minute",
                 charge.decision.retry_after,
                 metadata={"tool": tool, "limit": str(charge.decision.limit)},
+                headers=charge.headers(),
             )
-            refused.headers.update(charge.headers())
-            raise refused
         return charge
 
     async def refund(self, charge: Charge) -> Charge:

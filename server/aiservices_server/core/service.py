@@ -159,11 +159,9 @@ class ToolService:
                 result = await self._run(tool, checked, call)
         except Overloaded as refused:
             charge = await self._limits.refund(charge)
-            refused.headers.update(charge.headers())
-            raise
+            raise refused.with_headers(charge.headers()) from None
         except (ServiceError, ToolFailure) as error:
-            error.headers.update(charge.headers())
-            raise
+            raise error.with_headers(charge.headers()) from None
         return replace(result, headers=charge.headers())
 
     def _look_up(self, name: str) -> Tool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from aiservices_server.call import Call
 from aiservices_server.upstream.refiner import UpstreamAttempt
@@ -43,7 +43,8 @@ class ToolFailure(Exception):
     """The tool ran but could not produce a result: a result with `is_error`, not a refusal.
 
     `retry_after` (seconds) is the upstream's advice, when it gave one; `upstream` and `headers`
-    as in ToolResult."""
+    as in ToolResult. A failure is never changed once made: a layer that adds to one it caught
+    raises `with_upstream(...)` or `with_headers(...)`, the same failure built anew."""
 
     def __init__(
         self,
@@ -54,6 +55,7 @@ class ToolFailure(Exception):
         retry_after: float | None = None,
         trace_id: str = "",
         upstream: UpstreamAttempt | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -62,7 +64,32 @@ class ToolFailure(Exception):
         self.retry_after = retry_after
         self.trace_id = trace_id
         self.upstream = upstream
-        self.headers: dict[str, str] = {}
+        self.headers: Mapping[str, str] = dict(headers or {})
+
+    def with_upstream(self, upstream: UpstreamAttempt | None) -> Self:
+        """This failure, built anew through its constructor, carrying `upstream`."""
+        return type(self)(
+            self.code,
+            self.message,
+            retryable=self.retryable,
+            retry_after=self.retry_after,
+            trace_id=self.trace_id,
+            upstream=upstream,
+            headers=self.headers,
+        )
+
+    def with_headers(self, headers: Mapping[str, str]) -> Self:
+        """This failure, built anew through its constructor, with `headers` added to its own
+        (replacing any of the same name)."""
+        return type(self)(
+            self.code,
+            self.message,
+            retryable=self.retryable,
+            retry_after=self.retry_after,
+            trace_id=self.trace_id,
+            upstream=self.upstream,
+            headers={**self.headers, **headers},
+        )
 
 
 @dataclass(frozen=True)

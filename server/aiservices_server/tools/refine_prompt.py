@@ -261,8 +261,7 @@ class RefinePromptTool:
         try:
             refined = check_output(reply.output, template, reply.trace_id)
         except ToolFailure as failure:
-            failure.upstream = reply.attempt
-            raise
+            raise failure.with_upstream(reply.attempt) from None
         return ToolResult(
             text=refined["summary"],
             structured=refined,

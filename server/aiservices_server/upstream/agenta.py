@@ -98,8 +98,7 @@ class AgentaCompletionClient:
         try:
             return parse_completion(answer.body, attempt=answer.attempt)
         except UpstreamError as error:
-            error.attempt = answer.attempt
-            raise
+            raise error.with_attempt(answer.attempt) from None
 
 
 class AgentaRefiner:

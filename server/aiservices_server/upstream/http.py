@@ -251,11 +251,13 @@ class JsonEndpoint:
             try:
                 return await self._attempt(content, headers, deadline - time.monotonic())
             except UpstreamError as error:
-                error.attempt = error.attempt or last_attempt
-                last_attempt = error.attempt
+                last_attempt = error.attempt or last_attempt
                 delay = self._retry_delay(error, retries, deadline)
                 if delay is None:
-                    raise
+                    if error.attempt is last_attempt:
+                        raise
+                    # No attempt was made this time (no time was left): it tells of the last one.
+                    raise error.with_attempt(last_attempt) from None
             retries += 1
             await asyncio.sleep(delay)
 
@@ -288,20 +290,20 @@ class JsonEndpoint:
             attempt = UpstreamAttempt(_failure_kind(exc), time.monotonic() - started)
             self._report(attempt)
             if isinstance(exc, UpstreamError):
-                exc.attempt = attempt
+                # Raised by _exchange without a cause: the same error, built with the attempt.
+                raise exc.with_attempt(attempt) from None
             raise
         status = response.status_code
         attempt = UpstreamAttempt(str(status), time.monotonic() - started)
         self._report(attempt)
         if not response.is_success:
-            error = UpstreamStatusError(
+            raise UpstreamStatusError(
                 status,
                 f"the upstream answered HTTP {status}",
                 retry_after=parse_retry_after(response.headers.get("retry-after")),
                 body=bytes(body),
+                attempt=attempt,
             )
-            error.attempt = attempt
-            raise error
         return Answer(body, attempt)
 
     async def _exchange(

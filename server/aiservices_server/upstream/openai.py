@@ -123,8 +123,7 @@ class OpenAIRefiner:
         try:
             return parse_chat_completion(answer.body, attempt=answer.attempt)
         except UpstreamError as error:
-            error.attempt = answer.attempt
-            raise
+            raise error.with_attempt(answer.attempt) from None
 
     async def _refuses_json_schema(
         self, error: UpstreamStatusError, deadline: float, traceparent: str | None

@@ -9,7 +9,7 @@ Adapters: `agenta.AgentaRefiner` (a prompt deployed on an Agenta completion runn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,16 +30,28 @@ class UpstreamError(Exception):
     """Base of upstream failures; messages are safe to show callers (no keys, no payloads).
 
     `attempt` is the last HTTP attempt made for the call, or None when none was made (no time
-    was left for one).
+    was left for one). An error is never changed once made: a layer that learns the attempt
+    raises `with_attempt(attempt)`, the same error built anew (each subclass with another
+    constructor rebuilds itself).
     """
 
     retryable = False
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        attempt: UpstreamAttempt | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
-        self.attempt: UpstreamAttempt | None = None
+        self.attempt = attempt
+
+    def with_attempt(self, attempt: UpstreamAttempt | None) -> Self:
+        """This error, built anew through its constructor, carrying `attempt`."""
+        return type(self)(self.message, retry_after=self.retry_after, attempt=attempt)
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -47,10 +59,13 @@ class UpstreamUnavailable(UpstreamError):
 
     retryable = True
 
-    def __init__(self, message: str, *, sent: bool) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, sent: bool, attempt: UpstreamAttempt | None = None) -> None:
+        super().__init__(message, attempt=attempt)
         # False when the request never left: retrying cannot run the prompt twice.
         self.sent = sent
+
+    def with_attempt(self, attempt: UpstreamAttempt | None) -> Self:
+        return type(self)(self.message, sent=self.sent, attempt=attempt)
 
 
 class UpstreamTimeout(UpstreamError):
@@ -62,12 +77,23 @@ class UpstreamStatusError(UpstreamError):
     one refusal from another; it is never shown to callers or logged."""
 
     def __init__(
-        self, status: int, message: str, *, retry_after: float | None = None, body: bytes = b""
+        self,
+        status: int,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        body: bytes = b"",
+        attempt: UpstreamAttempt | None = None,
     ) -> None:
-        super().__init__(message, retry_after=retry_after)
+        super().__init__(message, retry_after=retry_after, attempt=attempt)
         self.status = status
         self.body = body
         self.retryable = status in (408, 425, 429, 500, 502, 503, 504)
+
+    def with_attempt(self, attempt: UpstreamAttempt | None) -> Self:
+        return type(self)(
+            self.status, self.message, retry_after=self.retry_after, body=self.body, attempt=attempt
+        )
 
 
 class UpstreamBadReply(UpstreamError):

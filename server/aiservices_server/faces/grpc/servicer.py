@@ -80,8 +80,8 @@ class ToolServicer:
                 f"limit {self._max_reply_bytes})",
                 trace_id=result.trace_id,
                 upstream=result.upstream,
+                headers=result.headers,
             )
-            too_large.headers.update(result.headers)
             return _failed(too_large, call.request_id, payload)
         if payload is not None:
             payload["result"] = result.structured
