@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from aiservices import AsyncToolClient
 from aiservices_server import logs
 from aiservices_server.faces.envelope import log_suppressed_unauthenticated
+from tests.support.processes import ServerProcess
 
 
 class Output:
@@ -153,7 +155,8 @@ async def test_a_blocked_stream_does_not_block_logging_on_the_event_loop(
     stream, output = blocked
     access = logging.getLogger("aiservices.access")
     access.info("rpc", extra={"request_id": "r0"})
-    assert stream.entered.wait(timeout=5.0)
+    await asyncio.sleep(0)  # the end of the turn hands the line to the writer
+    assert await asyncio.to_thread(stream.entered.wait, 5.0)
     for index in range(1, 500):
         access.info("rpc", extra={"request_id": f"r{index}"})
         await asyncio.sleep(0)
@@ -179,6 +182,216 @@ def test_every_line_is_written_when_the_process_exits() -> None:
     )
     ids = [json.loads(line)["request_id"] for line in result.stderr.splitlines()]
     assert ids == list(range(5000))
+
+
+class CountingStream(io.StringIO):
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.fixture
+def counted() -> Iterator[tuple[CountingStream, Output]]:
+    stream = CountingStream()
+    with _configured(stream) as output:
+        yield stream, output
+
+
+def ids(text: str) -> list[object]:
+    return [json.loads(line)["request_id"] for line in text.splitlines()]
+
+
+def wait_for_lines(stream: io.StringIO, count: int, timeout: float = 5.0) -> list[object]:
+    """The request ids written once `count` lines are (polling, as a reader of stderr would)."""
+    deadline = time.monotonic() + timeout
+    while len(stream.getvalue().splitlines()) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return ids(stream.getvalue())
+
+
+def test_lines_from_a_thread_without_a_loop_are_written_complete_and_in_order(
+    counted: tuple[CountingStream, Output],
+) -> None:
+    stream, _ = counted
+    access = logging.getLogger("aiservices.access")
+    for index in range(1000):
+        access.info("rpc", extra={"request_id": index, "note": "x" * (index % 97)})
+    # Written without a flush: no loop's turn to wait for.
+    assert wait_for_lines(stream, 1000) == list(range(1000))
+    assert stream.getvalue().endswith("\n")
+
+
+async def test_lines_logged_on_the_loop_are_written_at_the_end_of_its_turn_in_one_write(
+    counted: tuple[CountingStream, Output],
+) -> None:
+    stream, output = counted
+    access = logging.getLogger("aiservices.access")
+    for index in range(10):
+        access.info("rpc", extra={"request_id": index})
+    time.sleep(0.05)  # noqa: ASYNC251 - the turn goes on, so nothing is handed over yet
+    assert stream.getvalue() == ""
+    await asyncio.sleep(0)
+    assert await asyncio.to_thread(wait_for_lines, stream, 10) == list(range(10))
+    assert stream.writes == 1
+    assert [line["request_id"] for line in output.written()] == list(range(10))
+
+
+async def test_a_burst_on_the_loop_is_written_whole_in_few_writes(
+    counted: tuple[CountingStream, Output], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """5,000 lines in one turn go over in batches of 64, then 200 turns of 3 lines in one
+    batch each, and the writer thread writes what gathered while it waited (0.2 s here, so
+    the count does not depend on how busy the machine is)."""
+    monkeypatch.setattr(logs, "GATHER_SECONDS", 0.2)
+    stream, output = counted
+    access = logging.getLogger("aiservices.access")
+    for index in range(5000):
+        access.info("rpc", extra={"request_id": index})
+    for turn in range(200):
+        for index in range(3):
+            access.info("rpc", extra={"request_id": 5000 + 3 * turn + index})
+        await asyncio.sleep(0)
+    assert [line["request_id"] for line in output.written()] == list(range(5600))
+    assert stream.writes <= 10
+
+
+async def test_a_line_from_another_thread_is_written_after_the_loop_lines_before_it(
+    counted: tuple[CountingStream, Output],
+) -> None:
+    """Lines keep the order they were logged in, whichever thread logged them; a line from
+    a thread without a loop (or on another loop) takes the loop's pending batch with it."""
+    stream, _ = counted
+    access = logging.getLogger("aiservices.access")
+    access.info("rpc", extra={"request_id": "loop-1"})
+
+    def in_a_thread() -> None:
+        access.info("rpc", extra={"request_id": "thread-1"})
+
+    async def on_another_loop() -> None:
+        access.info("rpc", extra={"request_id": "other-loop-1"})
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    access.info("rpc", extra={"request_id": "loop-2"})
+    other = threading.Thread(target=asyncio.run, args=(on_another_loop(),))
+    other.start()
+    other.join()
+    # Written while this loop's turn still runs.
+    expected = ["loop-1", "thread-1", "loop-2", "other-loop-1"]
+    assert wait_for_lines(stream, 4) == expected
+
+
+async def test_closing_writes_the_lines_of_the_current_turn_and_later_lines_at_once(
+    counted: tuple[CountingStream, Output],
+) -> None:
+    stream, output = counted
+    access = logging.getLogger("aiservices.access")
+    for index in range(100):
+        access.info("rpc", extra={"request_id": index})
+    output.handler.close()  # as logging.shutdown() does, before the turn ends
+    assert ids(stream.getvalue()) == list(range(100))
+    access.info("rpc", extra={"request_id": "after close"})
+    assert ids(stream.getvalue())[-1] == "after close"
+
+
+async def test_flush_returns_once_every_line_is_written(
+    counted: tuple[CountingStream, Output],
+) -> None:
+    stream, output = counted
+    access = logging.getLogger("aiservices.access")
+    for index in range(300):
+        access.info("rpc", extra={"request_id": index})
+        if index % 7 == 0:
+            await asyncio.sleep(0)
+    output.handler.flush()
+    assert ids(stream.getvalue()) == list(range(300))
+
+
+def test_past_the_bound_a_log_call_waits_for_the_writer_and_drops_nothing() -> None:
+    stream = BlockedStream()
+    handler = logs.BatchWriter(stream, max_pending=2000)
+    handler.setFormatter(logs.JsonFormatter())
+    log = logging.getLogger("tests.bounded")
+    log.propagate = False
+    log.addHandler(handler)
+    log.setLevel("INFO")
+    try:
+        log.info("rpc", extra={"request_id": 0})
+        assert stream.entered.wait(timeout=5.0)
+
+        def log_more() -> None:
+            for index in range(1, 100):
+                log.info("rpc", extra={"request_id": index})
+
+        logger_thread = threading.Thread(target=log_more)
+        logger_thread.start()
+        logger_thread.join(0.5)
+        assert logger_thread.is_alive(), "2,000 characters waiting and the log calls went on"
+        stream.release.set()
+        logger_thread.join(5.0)
+        handler.close()
+        assert ids(stream.getvalue()) == list(range(100))
+    finally:
+        stream.release.set()
+        log.removeHandler(handler)
+        handler.close()
+
+
+def test_lines_of_the_last_turn_are_written_by_logging_shutdown() -> None:
+    """The loop stops in the turn that logged the last lines, so that turn never ends: the
+    entry point's logging.shutdown() writes them."""
+    script = """
+import asyncio, logging
+from aiservices_server.logs import configure_logging
+configure_logging("INFO")
+log = logging.getLogger("aiservices.access")
+
+async def main():
+    for i in range(3000):
+        log.info("rpc", extra={"request_id": i})
+        if i % 7 == 0:
+            await asyncio.sleep(0)
+    asyncio.get_running_loop().stop()
+    log.info("rpc", extra={"request_id": 3000})
+
+loop = asyncio.new_event_loop()
+task = loop.create_task(main())
+try:
+    loop.run_forever()
+finally:
+    logging.shutdown()
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert ids(result.stderr) == list(range(3001))
+
+
+async def test_a_server_stopped_by_sigterm_right_after_a_burst_logs_every_call() -> None:
+    calls = 300
+    with ServerProcess({"AUTH": "disabled"}, name="log-burst") as process:
+        async with AsyncToolClient(process.target, api_key="unused", timeout=30) as client:
+            await asyncio.gather(*(client.status() for _ in range(calls)))
+        assert await asyncio.to_thread(process.terminate) == 0
+    access = [
+        r
+        for r in process.records
+        if r.get("logger") == "aiservices.access" and r.get("msg") == "rpc"
+    ]
+    assert sum(r.get("transport") == "grpc" for r in access) == calls, process.lines[-5:]
+    assert process.records[-1].get("msg") == "stopped"
 
 
 # --- sampled lines ---------------------------------------------------------------------------
