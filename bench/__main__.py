@@ -9,6 +9,7 @@ in the report and in docs/performance.md; * needs pip install -e '.[bench]'):
   mcp*       tools/call: the service's MCP face against a plain MCP SDK server; 1,000 slow calls
   slow       1,000 calls in flight to an upstream answering after 1 s
   growth     CallTool at 1/16/64/256 in flight; RSS at 100/500/1,000 slow calls in flight
+  thousands  10,000 calls in flight to an upstream answering after 10 s, over 16 channels
 
 Prints a table on stdout (progress on stderr) and writes bench/results/latest.json; a run with
 --quick or --only writes bench/results/partial.json instead, unless --out says otherwise.
@@ -80,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     command = shlex.join([".venv/bin/python", "-m", "bench", *args_list])
     info = {"command": command, "elapsed_s": round(time.monotonic() - started, 1)}
-    doc = document(results, **info, machine=machine(pinning.note), profile=asdict(profile))
+    targets = [t for s in results for t in s["targets"]]
+    doc = {**info, "machine": machine(pinning.note), "profile": asdict(profile)}
+    doc |= {"scenarios": results, "targets": targets}
+    doc["all_targets_passed"] = all(t["passed"] for t in targets)
     print(render(doc))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")  # written whole, then renamed: a reader never sees half of it
@@ -98,13 +102,6 @@ def machine(pinning: str) -> dict[str, Any]:
     versions |= {name: installed.get(name, "not installed") for name in PACKAGES}
     model = models[0] if models else platform.processor() or "unknown"
     return {"cores": os.cpu_count(), "cpu_model": model, "pinning": pinning, "versions": versions}
-
-
-def document(results: list[scenarios.Json], **info: Any) -> dict[str, Any]:
-    """The whole run, every single measurement included: what is written and what is shown."""
-    targets = [t for s in results for t in s["targets"]]
-    passed = all(t["passed"] for t in targets)
-    return {**info, "scenarios": results, "targets": targets, "all_targets_passed": passed}
 
 
 def _num(value: float | None, spec: str = ",.0f") -> str:

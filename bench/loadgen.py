@@ -1,9 +1,8 @@
 """Closed-loop asyncio load generator: ``python -m bench.loadgen '<LoadConfig as JSON>'``.
 
-Workers call back to back: GetStatus or CallTool over 1 to 8 gRPC channels (each its own HTTP/2
-connection, as client replicas would open), or REST or MCP calls through one aiohttp session.
-Calls completing in the window after the warm-up count; the server's CPU time and memory and the
-generator's own CPU time are read at the window's edges. It prints a LoadResult as JSON.
+Workers call back to back: GetStatus or CallTool over gRPC channels (each its own connection),
+or REST or MCP calls through one aiohttp session. Calls ending in the window after the warm-up
+count; CPU and memory are read at the window's edges. It prints a LoadResult as JSON.
 """
 
 from __future__ import annotations
@@ -62,6 +61,7 @@ class LoadConfig:
     users: bool = False  # a distinct x-agenta-user-id (rate-limit budget) per worker
     timeout_s: float = 30.0
     server_cpu: int | None = None  # the CPU the server is pinned to
+    channels: int = 0  # gRPC channels; 0: 1 to 8, by concurrency
 
 
 @dataclass(slots=True)
@@ -79,6 +79,7 @@ class LoadResult:
     server_hwm_mb: float
     client_util: float
     server_cpu_busy: float | None  # how busy the server's CPU was, counting every process on it
+    totals: dict[str, int]  # every call that ended, in the window or not, by code
 
 
 def _grpc_call(config: LoadConfig, channel: grpc.aio.Channel, index: int) -> Call:
@@ -163,7 +164,8 @@ async def _connect(config: LoadConfig, stack: contextlib.AsyncExitStack) -> list
         stack.push_async_callback(session.close)
         return [_http_call(config, session, i) for i in range(config.concurrency)]
     channels = []
-    count = 1 if config.concurrency <= 1 else min(8, max(2, config.concurrency // 16))
+    by_load = 1 if config.concurrency <= 1 else min(8, max(2, config.concurrency // 16))
+    count = config.channels or by_load
     for i in range(count):
         # A distinct option per channel keeps grpc from sharing one connection.
         options = [("grpc.use_local_subchannel_pool", 1), ("bench.channel", i)]
@@ -181,6 +183,7 @@ def _percentile(ordered: list[float], q: float) -> float:
 async def run(config: LoadConfig) -> LoadResult:
     """Start the workers, measure one window after the warm-up, then stop them."""
     codes: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
     latencies: list[float] = []
     measuring, stopping = asyncio.Event(), asyncio.Event()
 
@@ -192,6 +195,7 @@ async def run(config: LoadConfig) -> LoadResult:
                 code = await call()
             except Exception as exc:
                 code = type(exc).__name__
+            totals[code] += 1
             if measuring.is_set():
                 codes[code] += 1
                 if code == "OK":
@@ -239,6 +243,7 @@ async def run(config: LoadConfig) -> LoadResult:
         server_rss_peak_mb=max(peak_kb, rss_kb) / 1024,
         server_hwm_mb=hwm_kb / 1024,
         server_cpu_busy=(busy1 - busy0) / (total1 - total0) if total1 > total0 else None,
+        totals=dict(totals),
     )
 
 

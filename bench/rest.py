@@ -112,8 +112,7 @@ def make_app(work: RefinePrompt) -> FastAPI:
 
 
 def make_mcp_app(work: RefinePrompt) -> Starlette:
-    """The plain MCP SDK server: one tool at ``/mcp`` in front of ``work``; refusals are tool
-    errors."""
+    """The plain MCP SDK server: one tool at ``/mcp`` in front of ``work``, refusing as tools."""
     server: MCPServer = MCPServer("bench-sdk")
 
     @server.tool(name=NAME)

@@ -1,9 +1,7 @@
 """The scenarios (which servers run side by side, under which load, with which targets) and the
-harness that runs them: the stand-in upstreams, the servers under test and the load generator,
-each a process of its own, pinned with taskset (servers on one CPU, the load side on another),
-writing to files, in its own session, reached only by its port, stopped when the harness closes.
-Rows compared are measured in rounds (each once per round, the order flipped every round), so
-drift on a shared machine spreads over all of them alike.
+harness: upstreams, servers and load generator each a process of its own, pinned with taskset
+(servers on one CPU, the load side on the other), stopped when the harness closes. Rows compared
+run in rounds, the order flipped every round, so drift on a shared machine hits them alike.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from subprocess import DEVNULL, PIPE
 from typing import Any
@@ -33,7 +31,7 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from aiservices_server.auth import generate_key, hash_key
 from aiservices_server.config import ENV_PREFIX
 from bench import common
-from bench.loadgen import LoadConfig, LoadResult
+from bench.loadgen import LoadConfig, LoadResult, sample
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
@@ -138,9 +136,11 @@ class Harness(contextlib.ExitStack):
         self.keys_file.touch(mode=0o600)  # a keys file others can read draws a warning
         keys = f'[[keys]]\nid = "bench"\nhash = "{hash_key(self.key)}"\n'
         self.keys_file.write_text(keys + 'permissions = ["*", "act_for_users"]\n')
+        self.instant, self.slow = self.upstream(0.0), self.upstream(1.0)
+
+    def upstream(self, delay: float) -> Server:  # the stand-in, answering after ``delay`` s
         standin = ("-m", "tests.standin", "--api-key", common.UPSTREAM_API_KEY, "--delay")
-        self.instant = self._start("upstream-0s", pinning.load_cpu, *standin, "0.0")
-        self.slow = self._start("upstream-1s", pinning.load_cpu, *standin, "1.0")
+        return self._start(f"upstream-{delay:g}s", self.pinning.load_cpu, *standin, str(delay))
 
     def _start(self, name: str, cpu: int | None, *args: str, port: int = 0, **popen: Any) -> Server:
         """``python args`` on ``cpu``, with ``--port`` unless ``port`` is given, once listening."""
@@ -155,10 +155,9 @@ class Harness(contextlib.ExitStack):
         return process
 
     def start(self, spec: str, upstream: Server) -> Server:
-        """A server under test calling ``upstream``: ``baseline`` (answering GetStatus with the
-        reply ``capture_status`` saved), ``rest shared|per-call|mcp``, or ``service`` (``mcp``:
-        serving MCP too; ``openai``: through the OpenAI-compatible endpoint), run in a temporary
-        directory so no ``.env`` leaks in, with settings in the bench's own environment winning."""
+        """A server under test calling ``upstream``: ``baseline`` (GetStatus as ``capture_status``
+        saved it), ``rest shared|per-call|mcp`` or ``service`` (``mcp``, ``openai``, ``wide``: room
+        for HUGE calls), run in a temporary directory, the bench's own environment winning."""
         module, *options = spec.split()
         cpu, url = self.pinning.server_cpu, f"http://{upstream.target}"
         if module != "service":
@@ -187,6 +186,8 @@ class Harness(contextlib.ExitStack):
             settings["OPENAI_MODEL"] = "stand-in"
         if mcp_port:
             settings["MCP_ADDRESS"] = f"127.0.0.1:{mcp_port}"
+        if "wide" in options:  # room for HUGE calls in flight, each holding an upstream connection
+            settings |= {"MAX_CONCURRENT_CALLS": str(2 * HUGE), "UPSTREAM_MAX_CONNECTIONS": "10000"}
         env = {**{ENV_PREFIX + name: value for name, value in settings.items()}, **os.environ}
         args = ["-m", "aiservices_server"]
         server = self._start("service", cpu, *args, port=port, env=env, cwd=self._tmp)
@@ -204,10 +205,11 @@ class Harness(contextlib.ExitStack):
         self.status_file = self._tmp / "status.bin"
         self.status_file.write_bytes(reply.SerializeToString())
 
-    def load(self, server: Server, rpc: str, concurrency: int, slow: bool) -> LoadResult:
-        """One measured run of the load generator. Workers start spread over half the warm-up (at
-        once, they would finish in bunches) or, against the 1 s upstream, over ``slow_ramp_s``,
-        each acting for its own user (a rate-limit budget of its own)."""
+    def load(
+        self, server: Server, rpc: str, concurrency: int, slow: bool, **override: Any
+    ) -> LoadResult:
+        """One run of the load generator; workers start spread over half the warm-up or, when
+        ``slow``, over ``slow_ramp_s``, each its own user. ``override``: LoadConfig fields."""
         p = self.profile
         load = LoadConfig(
             target=server.mcp_target if rpc == "mcp" else server.target,
@@ -222,6 +224,7 @@ class Harness(contextlib.ExitStack):
             duration_s=p.slow_duration_s if slow else p.duration_s,
             timeout_s=30.0 if slow else 10.0,
         )
+        load = replace(load, **override)
         bound = load.warmup_s + load.duration_s + load.timeout_s + 40.0
         argv = pinned(self.pinning.load_cpu, "-m", "bench.loadgen", json.dumps(asdict(load)))
         try:
@@ -237,28 +240,23 @@ class Harness(contextlib.ExitStack):
         return LoadResult(**json.loads(stdout.splitlines()[-1]))
 
 
-SCENARIOS = ("status", "calltool", "upstreams", "rest", "mcp", "slow", "growth")
+SCENARIOS = ("status", "calltool", "upstreams", "rest", "mcp", "slow", "growth", "thousands")
 FAST = 64  # calls in flight against the instant upstream
 SLOW = 1000  # calls in flight against the 1 s upstream
+HUGE = 10_000  # calls in flight against a 10 s upstream, over 16 channels
 GROWTH_CONCURRENCY = (1, 16, 64, 256)
 GROWTH_IN_FLIGHT = (100, 500, SLOW)  # SLOW last: the slow scenario's row stands in for it
 SATURATED = 0.85  # a process using this share of its core is what limits the run
-METRICS = {  # the medians each row reports, with their format in the table
-    "rps": ",.0f",
-    "p50_ms": ",.1f",
-    "p99_ms": ",.1f",
-    "server_cpu_us_per_call": ",.0f",
-    "server_util": ".0%",
-    "client_util": ".0%",
-}
+# The medians each row reports, with their format in the table.
+METRICS = {"rps": ",.0f", "p50_ms": ",.1f", "p99_ms": ",.1f", "server_cpu_us_per_call": ",.0f"}
+METRICS |= {"server_util": ".0%", "client_util": ".0%"}
 COMPARE = {">=": operator.ge, "<": operator.lt, "==": operator.eq}
 Json = dict[str, Any]  # a part of the report, as written to the JSON file
 
 
 @dataclass
 class Row:
-    """One server at one load, measured ``len(runs)`` times. ``slow``: against the 1 s upstream,
-    a fresh server per run, so its VmHWM is the peak RSS of exactly that load."""
+    """One server at one load, measured ``len(runs)`` times; ``slow``: a fresh server per run."""
 
     label: str
     concurrency: int
@@ -286,8 +284,7 @@ class Row:
         return self.median("server_hwm_mb" if self.slow else "server_rss_peak_mb")
 
     def bound(self) -> str:
-        """What limited the run: the server's CPU, the load generator's, another process on the
-        server's core, or none of them (then latency, e.g. a slow upstream, set the pace)."""
+        """What limited the run: server CPU, client CPU, a shared server core, or latency."""
         if (self.median("server_util") or 0.0) >= SATURATED:
             return "server CPU"
         if (self.median("client_util") or 0.0) >= SATURATED:
@@ -350,8 +347,7 @@ class Runner:
         return [getattr(self, name)() for name in selected]
 
     def _measure(self, *rows: Row) -> None:
-        """Rounds of runs of ``rows``: a server per ``Row.server`` for the rows against the instant
-        upstream, a fresh one on the 1 s upstream for every run of a slow row."""
+        """Rounds of runs of ``rows``: one server per spec, or a fresh one per run of a slow row."""
         servers: dict[str, Server] = {}
 
         def measure(row: Row) -> LoadResult:
@@ -383,29 +379,28 @@ class Runner:
                 server.stop()
 
     def status(self) -> Json:
-        progress(f"status: GetStatus, {FAST} in flight")
-        bare = Row("bare grpc.aio GetStatus", FAST, "baseline", "status")
-        row = Row("service GetStatus", FAST, rpc="status", ratio_to=bare)
-        self._measure(bare, row)
         note = (
-            "The bare server answers with the service's own GetStatus reply, built once, and "
-            "has no interceptors: the ratio is what authentication, metrics and the access "
-            "line cost on the cheapest call (it is not rate limited). A fact, not a target."
+            "The bare server answers with the service's own GetStatus reply and has no "
+            "interceptors: the ratio is what authentication, metrics and the access line cost "
+            "on the cheapest call (not rate limited). A fact, not a target."
         )
-        title = "GetStatus against a bare grpc.aio server"
-        return scenario("status", title, [bare, row], [], [note])
+        return self._against_bare("status", "GetStatus", "bare grpc.aio GetStatus", note)
 
     def calltool(self) -> Json:
-        progress(f"calltool: CallTool to an instant upstream, {FAST} in flight")
-        bare = Row("bare grpc.aio + aiohttp CallTool", FAST, "baseline")
-        row = Row("service CallTool", FAST, ratio_to=bare)
-        self._measure(bare, row)
         note = (
             "The bare handler posts the same body with one aiohttp session and returns the "
             "reply, with no checks, auth, rate limit or logging. A fact, not a target."
         )
-        title = "CallTool against a bare grpc.aio server doing one aiohttp POST"
-        return scenario("calltool", title, [bare, row], [], [note])
+        return self._against_bare("calltool", "CallTool", "bare grpc.aio + aiohttp CallTool", note)
+
+    def _against_bare(self, key: str, method: str, bare_label: str, note: str) -> Json:
+        progress(f"{key}: {method}, {FAST} in flight")
+        rpc = "status" if method == "GetStatus" else "call"
+        bare = Row(bare_label, FAST, "baseline", rpc)
+        row = Row(f"service {method}", FAST, rpc=rpc, ratio_to=bare)
+        self._measure(bare, row)
+        against = "a bare grpc.aio server" + (" doing one aiohttp POST" if rpc == "call" else "")
+        return scenario(key, f"{method} against {against}", [bare, row], [], [note])
 
     def upstreams(self) -> Json:
         progress(f"upstreams: CallTool through each upstream adapter, {FAST} in flight")
@@ -437,9 +432,8 @@ class Runner:
         ]
         note = (
             "FastAPI on one uvicorn worker (uvloop, httptools) on the service's core, with the "
-            "same keys file, limiter, argument and output checks; tuned shares one "
-            "httpx.AsyncClient, as merged builds one per call. Load: one aiohttp session at the "
-            "same concurrency."
+            "same keys file, limiter and checks; tuned shares one httpx.AsyncClient, as merged "
+            "builds one per call. Load: one aiohttp session, same concurrency."
         )
         title = "CallTool against the REST design the service replaces"
         return scenario("rest", title, [row, tuned, merged], targets, [note])
@@ -463,12 +457,10 @@ class Runner:
             target("1,000 in flight: req/s, MCP / gRPC", slow_face.ratio(slow_grpc), ">=", 0.5),
         ]
         note = (
-            "The SDK server is the SDK's MCPServer with one tool, stateless with JSON responses, "
-            "on one uvicorn worker on the service's core, doing the REST design's work (keys "
-            "file, limiter, argument and output checks, one shared httpx.AsyncClient). Load: "
-            "JSON-RPC tools/call bodies posted with the SDK client's headers through one aiohttp "
-            "session; the service serves gRPC and MCP from one process. Slow rows: a fresh "
-            "service per run, every call acting for its own user."
+            "The SDK server is the SDK's stateless JSON MCPServer with one tool on one uvicorn "
+            "worker on the service's core, doing the REST design's work. Load: tools/call bodies "
+            "with the SDK client's headers through one aiohttp session; the service serves gRPC "
+            "and MCP from one process. Slow rows: a fresh service per run, a user per call."
         )
         title = "MCP tools/call: the service's MCP face against a plain MCP SDK server"
         return scenario("mcp", title, [grpc, face, sdk, slow_grpc, slow_face], targets, [note])
@@ -505,3 +497,31 @@ class Runner:
         title = "Cost growth: CallTool by concurrency; RSS by slow calls in flight"
         notes = ["The 1,000 row is the slow scenario's, when it ran."] if self.at_1000 else []
         return scenario("growth", title, rows + slow, [], notes)
+
+    def thousands(self) -> Json:
+        """HUGE calls in flight: callers' and access lines' counts must agree; RSS per call."""
+        progress(f"thousands: 10 s upstream, {HUGE:,} calls in flight over 16 channels")
+        row = Row("service, 10 s upstream", HUGE, "service wide", slow=True)
+        server = self.h.start(row.server, self.h.upstream(10.0))
+        idle_kb = sample(server.proc.pid)[1]
+        window = {"ramp_s": 10.0, "warmup_s": 12.0, "duration_s": 10.0, "timeout_s": 60.0}
+        try:
+            row.runs.append(self.h.load(server, "call", HUGE, True, channels=16, **window))
+        finally:
+            server.stop()  # every access line is written once it has exited
+        lines = server.log_path.read_text(errors="replace").splitlines()
+        records = [json.loads(line) for line in lines if line.startswith('{"')]
+        logged = Counter(r["code"] for r in records if r.get("method", "").endswith("/CallTool"))
+        seen = Counter(row.runs[0].totals)
+        per_call_kb = ((row.rss_mb or 0.0) * 1024 - idle_kb) / HUGE
+        targets = [
+            target("10,000 in flight: errors", float(seen.total() - seen["OK"]), "==", 0),
+            target("10,000 in flight: req/s", row.median("rps"), ">=", 900),
+            target("10,000 in flight: OK lines - OK seen", logged["OK"] - seen["OK"], "==", 0),
+            target("10,000 in flight: peak RSS MB", row.rss_mb, "<", 600),
+        ]
+        note = (
+            f"Callers saw {dict(seen)} in the whole run, the access lines {dict(logged)}; "
+            f"{per_call_kb:,.0f} KB of RSS per call in flight, over {idle_kb / 1024:,.0f} MB idle."
+        )
+        return scenario("thousands", f"{HUGE:,} calls to a 10 s upstream", [row], targets, [note])
