@@ -97,10 +97,12 @@ def all_closed(sockets: list[socket.socket], timeout: float) -> bool:
     )
 
 
-def mcp_list(port: int, key: str) -> httpx.Response:
-    with httpx.Client(trust_env=False, timeout=10) as http:
+def mcp_list(port: int, key: str, tls: ssl.SSLContext | None = None) -> httpx.Response:
+    """A tools/list over plain HTTP, or HTTPS trusting `tls`."""
+    scheme = "http" if tls is None else "https"
+    with httpx.Client(trust_env=False, timeout=10, verify=tls or True) as http:
         return http.post(
-            f"http://{HOST}:{port}/mcp",
+            f"{scheme}://{HOST}:{port}/mcp",
             content=rpc("tools/list"),
             headers={
                 "authorization": f"Bearer {key}",
@@ -376,15 +378,5 @@ def test_tls_connections_that_never_finish_their_handshake_are_capped_and_timed_
             ) as client:
                 assert not client.call_tool(TOOL, ARGUMENTS).is_error
             assert all_closed(flood, timeout=15)
-        with httpx.Client(trust_env=False, timeout=10, verify=trusting) as http:
-            listed = http.post(
-                f"https://{HOST}:{port}/mcp",
-                content=rpc("tools/list"),
-                headers={
-                    "authorization": f"Bearer {keys.editor}",
-                    "content-type": "application/json",
-                    "accept": "application/json, text/event-stream",
-                    "mcp-method": "tools/list",
-                },
-            )
+        listed = mcp_list(port, keys.editor, trusting)
         assert listed.status_code == 200, listed.text

@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 import mcp_types as types
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aiservices import AsyncToolClient, ToolClient, ToolServiceError
 from aiservices_server.config import ENV_PREFIX, Settings
@@ -835,3 +837,33 @@ def test_the_serving_line_names_the_upstream_and_never_the_key(
     assert serving["upstream"] == "openai"
     assert serving["enabled"] is True
     assert not [line for line in lines if SECRET in line]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    template=st.text(max_size=200),
+    guidelines=st.text(max_size=50),
+    context=st.text(max_size=50),
+    json_schema=st.booleans(),
+)
+def test_every_request_body_is_the_whole_request_encoded(
+    template: str, guidelines: str, context: str, json_schema: bool
+) -> None:
+    """The fixed part of a request is encoded once per format; the body sent is still exactly
+    the request encoded whole, whatever text the caller's arguments hold."""
+    refiner = OpenAIRefiner(
+        build_http_transport(max_connections=1),
+        UpstreamLimits(timeout=5.0, max_retries=0, max_reply_bytes=1 << 20),
+        base_url="http://127.0.0.1:9/v1",
+        model="stand-in",
+        output_schema=OUTPUT_SCHEMA,
+        temperature=0.5,
+    )
+    request = RefineRequest(template, guidelines=guidelines, context=context)
+    body = json.loads(refiner._body(request, json_schema=json_schema))
+    user = {"prompt_template_json": template, "guidelines": guidelines, "context": context}
+    assert json.loads(body["messages"][1]["content"]) == user
+    assert body["messages"][0]["role"] == "system" and body["temperature"] == 0.5
+    kind = "json_schema" if json_schema else "json_object"
+    assert body["response_format"]["type"] == kind
+    assert list(body) == ["model", "messages", "response_format", "temperature"]

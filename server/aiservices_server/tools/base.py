@@ -68,6 +68,14 @@ class ToolFailure(Exception):
 
     def with_upstream(self, upstream: UpstreamAttempt | None) -> Self:
         """This failure, built anew through its constructor, carrying `upstream`."""
+        return self._rebuild(upstream, self.headers)
+
+    def with_headers(self, headers: Mapping[str, str]) -> Self:
+        """This failure, built anew through its constructor, with `headers` added to its own
+        (replacing any of the same name)."""
+        return self._rebuild(self.upstream, {**self.headers, **headers})
+
+    def _rebuild(self, upstream: UpstreamAttempt | None, headers: Mapping[str, str]) -> Self:
         return type(self)(
             self.code,
             self.message,
@@ -75,20 +83,7 @@ class ToolFailure(Exception):
             retry_after=self.retry_after,
             trace_id=self.trace_id,
             upstream=upstream,
-            headers=self.headers,
-        )
-
-    def with_headers(self, headers: Mapping[str, str]) -> Self:
-        """This failure, built anew through its constructor, with `headers` added to its own
-        (replacing any of the same name)."""
-        return type(self)(
-            self.code,
-            self.message,
-            retryable=self.retryable,
-            retry_after=self.retry_after,
-            trace_id=self.trace_id,
-            upstream=self.upstream,
-            headers={**self.headers, **headers},
+            headers=headers,
         )
 
 

@@ -89,6 +89,9 @@ class OpenAIRefiner:
             "type": "json_schema",
             "json_schema": {"name": "refined_prompt", "strict": True, "schema": output_schema},
         }
+        # The body but the user message is the same for every call: encoded once per format,
+        # as the text before and after that message.
+        self._frames = {schema: self._frame(schema) for schema in (True, False)}
         self._clock = clock
         # Until when this model is asked for json_object: the endpoint refused the schema.
         self._json_object_until = -math.inf
@@ -170,7 +173,13 @@ class OpenAIRefiner:
                 "context": request.context,
             }
         )
-        body = {
+        if max_tokens is not None:  # the service's own probe: rare, encoded whole
+            return _JSON.encode(self._request(user, json_schema, max_tokens=max_tokens)).encode()
+        before, after = self._frames[json_schema]
+        return (before + _JSON.encode(user) + after).encode()
+
+    def _request(self, user: str, json_schema: bool, **options: Any) -> dict[str, Any]:
+        return {
             "model": self._model,
             "messages": [
                 {"role": "system", "content": SYSTEM_PROMPT},
@@ -178,10 +187,16 @@ class OpenAIRefiner:
             ],
             "response_format": self._json_schema if json_schema else {"type": "json_object"},
             **self._options,
+            **options,
         }
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        return _JSON.encode(body).encode()
+
+    def _frame(self, json_schema: bool) -> tuple[str, str]:
+        """The encoded request around its user message's JSON string, split at a marker that
+        encodes as itself and that no JSON text of a request holds."""
+        marker = "\x00user\x00"
+        encoded = _JSON.encode(self._request(marker, json_schema))
+        before, _, after = encoded.partition(_JSON.encode(marker))
+        return before, after
 
 
 def _format_verdict(body: bytes) -> bool | None:
