@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import socket
 import ssl
 import threading
@@ -380,3 +381,31 @@ def test_tls_connections_that_never_finish_their_handshake_are_capped_and_timed_
             assert all_closed(flood, timeout=15)
         listed = mcp_list(port, keys.editor, trusting)
         assert listed.status_code == 200, listed.text
+
+
+def test_the_mcp_listener_keeps_accepting_after_running_out_of_descriptors(
+    upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    """An accept that fails for want of descriptors (another part of the process took them)
+    is retried, not the end of the listener: once descriptors are free, a waiting client is
+    served."""
+    env = {"API_KEYS_FILE": str(keys.path), **upstream_settings(upstream.url)}
+    env["MCP_ADDRESS"] = f"{HOST}:0"
+    with ServerProcess(env, name="emfile") as process:
+        port, pid = port_of(process, "mcp_port"), process.pid
+        limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        in_use = len(os.listdir(f"/proc/{pid}/fd"))
+        # Below what is open: no new descriptor, whatever else the server opens meanwhile.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use - 4, limits[1]))
+        try:
+            with connect(port) as waiting:
+                waiting.sendall(request_bytes(port, keys.editor))
+                assert process.wait_for_record(
+                    lambda r: r.get("msg") == "MCP connections not accepted for now", 10
+                )
+                resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+                waiting.settimeout(10)
+                assert waiting.recv(65536).startswith(b"HTTP/1.1 200 ")
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+        assert mcp_list(port, keys.editor).status_code == 200

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 from collections.abc import Callable
@@ -26,6 +27,8 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+log = logging.getLogger("aiservices.server")
+ACCEPT_RETRY_SECONDS = 1.0
 _REFUSED_BODY = b'{"error": "too many connections: try again later"}'
 _REFUSED = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
@@ -155,7 +158,16 @@ class McpListener:
     async def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            connection, _ = await loop.sock_accept(listening)
+            try:
+                connection, _ = await loop.sock_accept(listening)
+            except (ConnectionAbortedError, InterruptedError):  # the client left first
+                continue
+            except OSError as exc:
+                # Out of descriptors or memory: try again in a while, as asyncio's own servers do,
+                # rather than stop accepting for good.
+                log.error("MCP connections not accepted for now", extra={"error": exc.strerror})
+                await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
             if self.connections.count >= self._bounds.max_connections:
                 self._bounds.on_refused()
                 self._refuse(connection)
