@@ -15,8 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aiservices import AsyncToolClient
 from aiservices_server import logs
@@ -451,3 +454,25 @@ def test_an_unauthenticated_summary_is_one_access_line(output: Output) -> None:
         "suppressed unauthenticated calls",
         990,
     )
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(), _JSON_VALUES, max_size=6))
+def test_any_entry_is_one_line_of_pure_ascii_json_with_the_values_the_standard_encoder_writes(
+    entry: dict[str, Any],
+) -> None:
+    try:
+        standard = json.loads(logs._ENCODER.encode(entry))
+    except (TypeError, ValueError):  # what the formatter then writes as str() values
+        with pytest.raises((TypeError, ValueError)):
+            logs._encode(entry)
+        return
+    line = logs._encode(entry)
+    assert line.isascii() and "\n" not in line
+    assert json.loads(line) == standard

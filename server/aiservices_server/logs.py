@@ -18,12 +18,31 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any, TextIO
 
+import orjson
+
 # Attributes every LogRecord has: the rest are the `extra` fields of the logging call.
 _RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 # Pure ASCII (ensure_ascii), so U+2028 or U+0085 cannot split a line for readers that honour
 # them; NaN and Infinity are refused, as JSON has no such numbers.
 _ENCODER = json.JSONEncoder(default=str, separators=(",", ":"), allow_nan=False)
+# orjson, about a tenth of the standard encoder's cost, writes the same JSON values as the
+# standard one for a line of ASCII text, finite numbers and str()-able objects, which is nearly
+# every line (a number may be spelled otherwise: 1e16 for 1e+16); it writes no \u escapes
+# (its output is UTF-8), so any other line goes to _ENCODER.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _encode(entry: dict[str, Any]) -> str:
+    """`entry` as compact, pure-ASCII JSON; TypeError or ValueError when JSON cannot hold it."""
+    try:
+        data = orjson.dumps(entry, default=str, option=_ORJSON_OPTIONS)
+    except TypeError:  # a key that is no string, an int over 64 bits, a lone surrogate
+        return _ENCODER.encode(entry)
+    # orjson writes a NaN or an infinity as null: such a line takes the encoder that refuses it.
+    if data.isascii() and b"null" not in data:
+        return data.decode("ascii")
+    return _ENCODER.encode(entry)
 
 
 def _json_value(value: Any) -> Any:
@@ -54,7 +73,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = _json_value(value)
         try:
-            return _ENCODER.encode(entry)
+            return _encode(entry)
         except (TypeError, ValueError):  # e.g. a NaN inside a list, a key JSON cannot hold
             return _ENCODER.encode({key: str(value) for key, value in entry.items()})
 
