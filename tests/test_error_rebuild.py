@@ -4,6 +4,7 @@ class and carries everything the original did, and the original is left as it wa
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import httpx
@@ -36,8 +37,9 @@ def subclasses(base: type[Any]) -> list[type[Any]]:
 
 
 def state(error: BaseException, *, but: str) -> dict[str, Any]:
-    """What `error` carries (its attributes, class, args), all but the attribute `but`."""
-    carried = {name: value for name, value in vars(error).items() if name != but}
+    """What `error` carries (its attributes, class, args), all but the attribute `but`, copied
+    deep: a rebuild that changed the original's mappings in place would show."""
+    carried = {name: copy.deepcopy(value) for name, value in vars(error).items() if name != but}
     return {**carried, "class": type(error), "args": error.args, "text": str(error)}
 
 

@@ -152,15 +152,16 @@ def test_a_flood_of_idle_mcp_connections_leaves_grpc_and_the_upstream_working(
 ) -> None:
     mcp_port, metrics_port = port_of(bounded, "mcp_port"), port_of(bounded, "metrics_port")
     with idle_connections(mcp_port, FLOOD) as flood:
+        # Past the cap a new MCP connection is told so, at once, and closed (checked first: the
+        # flood holds the cap only until the header deadline).
+        with connect(mcp_port) as extra:
+            answer = closed_by_server(extra, timeout=5)
+        assert answer is not None and answer.startswith(b"HTTP/1.1 503 "), answer
         # A fresh gRPC connection, and a call that opens a new upstream connection, still work.
         with ToolClient(bounded.target, api_key=keys.editor, timeout=10) as client:
             assert client.status().enabled
             result = client.call_tool(TOOL, ARGUMENTS)
             assert not result.is_error, result
-        # Past the cap a new MCP connection is told so, at once, and closed.
-        with connect(mcp_port) as extra:
-            answer = closed_by_server(extra, timeout=5)
-        assert answer is not None and answer.startswith(b"HTTP/1.1 503 "), answer
         assert refused_count(metrics_port, "mcp") >= FLOOD - CAP
         assert bounded.wait_for_record(
             lambda r: (

@@ -849,8 +849,8 @@ def test_the_serving_line_names_the_upstream_and_never_the_key(
 def test_every_request_body_is_the_whole_request_encoded(
     template: str, guidelines: str, context: str, json_schema: bool
 ) -> None:
-    """The fixed part of a request is encoded once per format; the body sent is still exactly
-    the request encoded whole, whatever text the caller's arguments hold."""
+    """The fixed part of a request is encoded once per format; the body sent still holds the
+    whole request, in order, whatever text the caller's arguments hold."""
     refiner = OpenAIRefiner(
         build_http_transport(max_connections=1),
         UpstreamLimits(timeout=5.0, max_retries=0, max_reply_bytes=1 << 20),

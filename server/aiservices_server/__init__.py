@@ -10,5 +10,6 @@ def __getattr__(name: str) -> Any:
     if name == "__version__":
         from importlib.metadata import version  # noqa: PLC0415
 
-        return version("aiservices-server")
+        globals()["__version__"] = found = version("aiservices-server")  # read once
+        return found
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

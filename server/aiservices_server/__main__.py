@@ -13,10 +13,10 @@ import sys
 
 def console() -> int:
     """The `aiservices-server` console script."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from aiservices_server.command import main  # noqa: PLC0415
 
-    return main(sys.argv[1:])
+    return main(sys.argv[1:], sighup=inherited)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import resource
 import signal
@@ -105,18 +104,10 @@ RESERVED_FILE_DESCRIPTORS = 128
 and the event loop's own."""
 
 
-def check_file_descriptors(settings: Settings) -> int:
+def check_file_descriptors(settings: Settings) -> None:
     """Raise the soft limit on open files to the hard one, and check that every connection the
     caps allow, plus the upstream pool and a reserve, fits under it: connections coming in must
-    never take the descriptors the upstream needs. Returns the limit; StartupError when the caps
-    do not fit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        # Linux caps it at fs.nr_open whatever the hard limit says.
-        wanted = hard if hard != resource.RLIM_INFINITY else 1_048_576
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    never take the descriptors the upstream needs. StartupError when the caps do not fit."""
     parts = {
         "GRPC_MAX_CONNECTIONS": settings.grpc_max_connections,
         "MCP_MAX_CONNECTIONS": settings.mcp_max_connections if settings.mcp_address else 0,
@@ -125,6 +116,18 @@ def check_file_descriptors(settings: Settings) -> int:
         "reserve": RESERVED_FILE_DESCRIPTORS,
     }
     needed = sum(parts.values())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit is no soft one a system takes (Linux stops at fs.nr_open, macOS at
+    # OPEN_MAX): then what the caps need is asked for.
+    for wanted in (hard, needed):
+        if soft == resource.RLIM_INFINITY or wanted <= soft:
+            break
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            continue
+        soft = wanted
+        break
     if soft != resource.RLIM_INFINITY and needed > soft:
         terms = " + ".join(f"{value} ({name})" for name, value in parts.items() if value)
         raise StartupError(
@@ -132,7 +135,6 @@ def check_file_descriptors(settings: Settings) -> int:
             f"what the connection caps need: {terms} = {needed}; lower the AGENTA_AI_SERVICES_ "
             "caps or raise the limit"
         )
-    return int(soft)
 
 
 def ensure_bindable(address: str, setting: str) -> None:

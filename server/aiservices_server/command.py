@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from aiservices_server import __version__
 from aiservices_server.app import AiServicesServer, StartupError, run_event_loop
@@ -75,10 +76,12 @@ def print_config() -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], *, sighup: Any = signal.SIG_DFL) -> int:
+    """Run the command `argv`; `sighup` is what SIGHUP did before the entry point ignored it,
+    given back to every command but the server (under `nohup`, still ignored)."""
     serving = argv in ([], ["--dev-keys"])
     if not serving:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a command, not the server: no reloads
+        signal.signal(signal.SIGHUP, signal.SIG_DFL if sighup is None else sighup)
     if argv[:1] == ["keys"]:
         return keys_main(argv[1:])
     if argv in (["--help"], ["-h"]):

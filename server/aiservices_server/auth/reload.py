@@ -5,10 +5,12 @@ and every replica picks each step up within seconds. A reload either installs a 
 or changes nothing: a file that fails to load keeps the keys in use and logs one error line (the
 line start-up would print), so a typo in the file never locks every caller out.
 
-What is compared is the file's content (a SHA-256 of its bytes), not its timestamp: an edit in
-place that keeps the size and restores the modification time is noticed too, and a file whose
-content is that of the keys in use is never loaded again. The watcher loads a changed file only
-once it has stopped changing, so a writer that writes in pieces (rather than renaming a finished
+The watcher looks at the file's state (its inode, size, and modification and change times) each
+WATCH_INTERVAL and reads it only when that changed: an edit in place that keeps the size and
+restores the modification time still changes the change time, which no writer can set. What is
+installed is decided by content (a SHA-256 of the text read), so a file whose content is that of
+the keys in use is never loaded again. The watcher loads a changed file only once it has stopped
+changing, so a writer that writes in pieces (rather than renaming a finished
 file into place) does not get half its file installed. SIGHUP means "the file is ready" and loads
 at once. Requests never pile up: at most one reload runs and one more waits, however many signals
 arrive, and all of it runs in one task, off the event loop for the reading and parsing.
@@ -21,14 +23,12 @@ import contextlib
 import hashlib
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 from aiservices_server.auth.keys import (
-    MAX_KEYS_FILE_BYTES,
     KeysFileError,
     KeyStore,
     load_keys_text,
@@ -45,8 +45,8 @@ __all__ = [
 ]
 
 WATCH_INTERVAL = 1.0
-"""Seconds between two looks at the file: a change is in use within about this long (plus
-SETTLE). Each look reads and hashes the file in a worker thread: about 2 ms of CPU for 1 MiB."""
+"""Seconds between two looks at the file (a stat): a change is in use within about this long
+(plus SETTLE)."""
 
 SETTLE = 0.3
 """Seconds a changed file must stay as it is before it is loaded: a writer writing in pieces
@@ -62,12 +62,13 @@ log = logging.getLogger("aiservices.auth")
 class FileState(NamedTuple):
     """What tells one version of the file from the next without reading it: an editor's save
     changes the modification time or size, an atomic replace (`keys revoke`, a Kubernetes
-    secret update) the inode. Not enough on its own: an edit in place can keep all four."""
+    secret update) the inode, and any write, `touch -d` or chmod the change time."""
 
     device: int
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
 
 def file_state(path: Path) -> FileState | None:
@@ -76,31 +77,7 @@ def file_state(path: Path) -> FileState | None:
         info = os.stat(path)
     except OSError:
         return None
-    return FileState(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-
-
-class _Version(NamedTuple):
-    """One look at the file: its state and the SHA-256 of its bytes (empty when it cannot be
-    read; no digest is empty). Two looks that are equal saw the file hold still between them."""
-
-    state: FileState | None
-    digest: bytes
-
-
-def _look(path: Path) -> _Version:
-    """Read the file (at most the keys file's byte bound, plus one byte so that a file too large
-    still changes its digest when it changes) and hash it, without the loader's checks or
-    warnings: it runs every WATCH_INTERVAL. A FIFO or device in its place is not read."""
-    try:
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-            info = os.fstat(file.fileno())
-            state = FileState(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-            if not stat.S_ISREG(info.st_mode):
-                return _Version(state, b"")
-            data = file.read(MAX_KEYS_FILE_BYTES + 1)
-    except OSError:
-        return _Version(None, b"")
-    return _Version(state, hashlib.sha256(data).digest())
+    return FileState(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _digest(text: str) -> bytes:
@@ -116,9 +93,8 @@ class KeysReloader:
     """Keeps the keys in use in step with the keys file at `path`.
 
     `install` receives each store that loaded; calls already authenticated keep the key they
-    found. `keys` are those in use and `state` the file's state taken before they were read: the
-    watcher's first look takes the file's content as theirs only when its state is still that
-    one, so a change made while they loaded still counts as one.
+    found. `keys` are those in use and `state` the file's state taken before they were read, so a
+    change made while they loaded still counts as one.
 
     One task (started by `start`) does all the work: it looks at the file every `interval`
     seconds and runs the reloads `request` asks for, one at a time, so at most one reload runs
@@ -140,12 +116,12 @@ class KeysReloader:
         self._interval = interval
         self._settle = settle
         self._state = state
+        """The file's state last dealt with: the watcher reloads when a look finds another."""
         self._keys = keys
         self._installed: bytes | None = None
         """Digest of the content the keys in use came from; None until known."""
         self._seen: bytes | None = None
-        """Digest of the last version a reload dealt with (installed, unchanged or refused): the
-        watcher reloads when a look finds another."""
+        """Digest of the last content a reload read, so each new one is logged once."""
         self._rejected: tuple[bytes, KeysFileError] | None = None
         """Digest of the last content that did not load, and why: it is not parsed again."""
         self._quiet_until = 0.0
@@ -171,26 +147,24 @@ class KeysReloader:
         self._requested = trigger
         self._wake.set()
 
-    async def reload(self, trigger: str, *, expected: bytes | None = None) -> bool:
+    async def reload(self, trigger: str, *, expected: FileState | None = None) -> bool:
         """Load the file and install its keys unless its content is that of the keys in use;
         True when new keys were installed. A file that fails to load keeps the keys in use and
-        logs one error line. With `expected` (the digest of the version the watcher saw hold
-        still), a file that has changed again since is left for the watcher's next look."""
+        logs one error line. With `expected` (the state the watcher saw hold still), a file that
+        has changed again since is left for the watcher's next look."""
         async with self._lock:
-            before = expected
-            if before is None:
-                # Taken before the read: should the read fail, this names the version that failed,
-                # never a newer one that the watcher would then take as dealt with.
-                before = (await asyncio.to_thread(_look, self._path)).digest
+            # Taken before the read: a change made while it reads is a new state to look at.
+            before = await asyncio.to_thread(file_state, self._path)
+            if expected is not None and before != expected:
+                return False
             try:
                 text = await asyncio.to_thread(read_keys_text, self._path)
             except KeysFileError as exc:
-                self._refused(trigger, exc, news=before != self._seen)
-                self._seen = before
+                self._refused(trigger, exc, news=before != self._state)
+                self._state = before
                 return False
+            self._state = before
             digest = _digest(text)
-            if expected is not None and digest != expected:
-                return False
             news = digest != self._seen
             self._seen = digest
             if digest == self._installed:
@@ -260,12 +234,6 @@ class KeysReloader:
         return self._wake.is_set()
 
     async def _watch(self) -> None:
-        try:
-            first = await asyncio.to_thread(_look, self._path)
-            if self._state is not None and first.state == self._state:
-                self._installed = self._seen = first.digest
-        except Exception as exc:  # then the first change found is loaded as any other
-            log.error("API keys file watcher failed", extra={"error": type(exc).__name__})
         while True:
             await self._woken(self._interval)
             # Taken before the run: a request arriving from now on makes one more.
@@ -280,19 +248,19 @@ class KeysReloader:
                 log.error("API keys file watcher failed", extra={"error": type(exc).__name__})
 
     async def _check(self) -> None:
-        """Reload when the file's content differs from the version last dealt with, once it has
-        held still: two looks SETTLE apart agree. A half-written file is installed only if its
+        """Reload when the file's state differs from the one last dealt with, once it has held
+        still: two looks SETTLE apart agree. A half-written file is installed only if its
         writer pauses longer than that, which is why writers should rename a finished file into
         place."""
-        version = await asyncio.to_thread(_look, self._path)
-        while version.digest != self._seen:
+        state = await asyncio.to_thread(file_state, self._path)
+        while state != self._state:
             if await self._woken(self._settle):
                 return  # a SIGHUP says the file is ready: the watcher loads it at once
-            again = await asyncio.to_thread(_look, self._path)
-            if again == version:
-                await self.reload("file_changed", expected=version.digest)
+            again = await asyncio.to_thread(file_state, self._path)
+            if again == state:
+                await self.reload("file_changed", expected=state)
                 return
-            version = again
+            state = again
 
     async def stop(self) -> None:
         """Stop watching; a reload under way finishes or is cancelled with the watcher."""

@@ -22,7 +22,7 @@ from aiservices_server.core.drain import Drain
 from aiservices_server.core.headers import Headers, request_id_for
 from aiservices_server.core.service import MAX_NAME_SHOWN
 from aiservices_server.logs import LineSampler
-from aiservices_server.metrics import Metrics, rpc_labels
+from aiservices_server.metrics import Metrics, RpcLabels
 from aiservices_server.upstream.refiner import UpstreamAttempt
 
 access_log = logging.getLogger("aiservices.access")
@@ -74,6 +74,7 @@ class CallRecord:
     key_id: str = "anonymous"
     tool: str | None = None
     outcome: ToolOutcome | None = None
+    labels: RpcLabels = ("", "", "")  # the gRPC method's metric labels, found once per call
 
     def refused(self, error: errors.ServiceError) -> None:
         """The request ended with `error`: its code, and its key when it named one."""
@@ -103,9 +104,10 @@ class Envelope:
 
     def open(self, transport: str, method: str, headers: Headers) -> CallRecord:
         """A request has arrived: its record, with its request id (the caller's, when usable)."""
+        record = CallRecord(transport, method, request_id_for(headers), time.perf_counter())
         if transport == "grpc":
-            self.metrics.rpc_started(method)
-        return CallRecord(transport, method, request_id_for(headers), time.perf_counter())
+            record.labels = self.metrics.rpc_started(method)
+        return record
 
     def unexpected(self, exc: BaseException, record: CallRecord) -> errors.Internal:
         """An error no rule covers: logged with a support id, which the caller is given."""
@@ -118,7 +120,7 @@ class Envelope:
         duration = time.perf_counter() - record.started
         metrics = self.metrics
         if record.transport == "grpc":
-            metrics.rpc_handled(rpc_labels(record.method), record.code, duration)
+            metrics.rpc_handled(record.labels, record.code, duration)
         else:
             metrics.mcp_request(record.method, record.code, duration)
         key_id = record.caller.key_id if record.caller is not None else record.key_id

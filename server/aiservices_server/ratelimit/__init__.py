@@ -30,6 +30,10 @@ __all__ = [
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
+MAX_OPTIONS_TRIED = 32
+"""How many of a bad URL's query options are tried one by one to name the one to blame."""
+
+
 def redis_url_problem(url: str) -> str | None:
     """Why the Redis client cannot use `url`, or None when it can; nothing is connected.
 
@@ -56,7 +60,9 @@ def redis_url_problem(url: str) -> str | None:
     # by hand: urlunsplit would turn unix:///path into unix:/path.
     options = {name: values[0] for name, values in parse_qs(parts.query).items()}
     before_query = url.partition("?")[0]
-    for name in options:
+    # Each try builds the client again: past a few dozen options, finding the culprit is not
+    # worth the start-up time.
+    for name in list(options)[:MAX_OPTIONS_TRIED]:
         rest = urlencode({other: value for other, value in options.items() if other != name})
         if _client_builds(f"{before_query}?{rest}" if rest else before_query):
             if name not in _client_option_names():

@@ -49,22 +49,11 @@ class ConnectionBounds:
     on_refused: Callable[[], None] = lambda: None
 
 
-class OpenConnections:
-    """How many connections a listener holds: counted when accepted, until they close."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def closed(self) -> None:
-        self.count -= 1
-
-
 class BoundedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for each request's headers (`bounds`, and
-    `connections`, told when the connection ends, are set on a subclass made per listener)."""
+    """uvicorn's httptools protocol with a deadline for each request's headers (`bounds` is
+    set on a subclass made per listener)."""
 
     bounds: ClassVar[ConnectionBounds]
-    connections_open: ClassVar[OpenConnections]
     _head_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -83,7 +72,6 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
         super().connection_lost(exc)
-        self.connections_open.closed()
 
     def _await_head(self) -> None:
         self._head_deadline = self.loop.call_later(self.bounds.header_timeout, self._too_slow)
@@ -114,7 +102,6 @@ class McpListener:
         certificate: tuple[Path, Path] | None = None,
         client_ca: Path | None = None,
     ) -> None:
-        self.connections = OpenConnections()
         tls: dict[str, Any] = {}
         if certificate is not None:
             tls = {"ssl_certfile": str(certificate[0]), "ssl_keyfile": str(certificate[1])}
@@ -127,7 +114,7 @@ class McpListener:
             http=type(
                 "BoundedHttp",
                 (BoundedHttpProtocol,),
-                {"bounds": bounds, "connections_open": self.connections},
+                {"bounds": bounds},
             ),
             timeout_keep_alive=bounds.idle_timeout,
             lifespan="off",
@@ -168,11 +155,12 @@ class McpListener:
                 log.error("MCP connections not accepted for now", extra={"error": exc.strerror})
                 await asyncio.sleep(ACCEPT_RETRY_SECONDS)
                 continue
-            if self.connections.count >= self._bounds.max_connections:
+            # Those served (uvicorn's own count) and those still in their TLS handshake.
+            held = len(self._server.server_state.connections) + len(self._handshakes)
+            if held >= self._bounds.max_connections:
                 self._bounds.on_refused()
                 self._refuse(connection)
                 continue
-            self.connections.count += 1
             handshake = loop.create_task(self._connect(loop, connection))
             self._handshakes.add(handshake)
             handshake.add_done_callback(self._handshakes.discard)
@@ -197,11 +185,9 @@ class McpListener:
                 ssl_handshake_timeout=self._bounds.header_timeout if tls is not None else None,
             )
         except asyncio.CancelledError:
-            self.connections.closed()
             connection.close()
             raise
         except Exception:  # a failed or slow handshake, or a client that left: nothing to serve
-            self.connections.closed()
             connection.close()
 
     def _protocol(self) -> asyncio.Protocol:
