@@ -39,9 +39,8 @@ PACKAGES = ("grpcio", "protobuf", "httpx", "aiohttp", "fastapi", "uvicorn", "uvl
 
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
-    formatter = argparse.RawDescriptionHelpFormatter  # the docstring's layout kept as written
-    parser = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__, formatter_class=formatter
+    parser = argparse.ArgumentParser(  # RawDescription: the docstring's layout kept as written
+        "python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="1 run per row, shorter windows")
     parser.add_argument(

@@ -54,8 +54,8 @@ class BaselineServicer(pb_grpc.ToolServiceServicer):
         )
 
 
-async def serve(port: int, status: pb.GetStatusResponse, upstream: str) -> None:
-    connector, timeout = aiohttp.TCPConnector(limit=1000), aiohttp.ClientTimeout(total=60.0)
+async def serve(port: int, status: pb.GetStatusResponse, upstream: str, limit: int) -> None:
+    connector, timeout = aiohttp.TCPConnector(limit=limit), aiohttp.ClientTimeout(total=60.0)
     headers = {"Authorization": f"ApiKey {UPSTREAM_API_KEY}"}
     session = aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers)
     async with session:
@@ -78,8 +78,9 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True, help="port on 127.0.0.1")
     parser.add_argument("--upstream", required=True, help="base URL of the stand-in upstream")
     parser.add_argument("--status-file", type=Path, help="a serialized GetStatusResponse")
+    parser.add_argument("--connections", type=int, default=1000, help="upstream connections")
     args = parser.parse_args()
     reply = pb.GetStatusResponse(enabled=True)
     if args.status_file is not None:
         reply.ParseFromString(args.status_file.read_bytes())
-    uvloop.run(serve(args.port, reply, args.upstream))
+    uvloop.run(serve(args.port, reply, args.upstream, args.connections))

@@ -31,12 +31,8 @@ CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 MCP_PROTOCOL: Final = "2026-07-28"
 # A tools/call as the SDK's own client posts it: the method and tool name in headers too, and
 # the protocol version and client in every request's _meta (the protocol has no sessions).
-MCP_HEADERS: Final = {
-    "Accept": "application/json, text/event-stream",
-    "MCP-Protocol-Version": MCP_PROTOCOL,
-    "Mcp-Method": "tools/call",
-    "Mcp-Name": TOOL_NAME,
-}
+MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Mcp-Method": "tools/call"}
+MCP_HEADERS |= {"MCP-Protocol-Version": MCP_PROTOCOL, "Mcp-Name": TOOL_NAME}
 MCP_META: Final = {
     "io.modelcontextprotocol/protocolVersion": MCP_PROTOCOL,
     "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"},
@@ -68,7 +64,6 @@ class LoadConfig:
 class LoadResult:
     window_s: float
     calls: int
-    ok: int
     errors: dict[str, int]
     rps: float
     p50_ms: float
@@ -182,8 +177,7 @@ def _percentile(ordered: list[float], q: float) -> float:
 
 async def run(config: LoadConfig) -> LoadResult:
     """Start the workers, measure one window after the warm-up, then stop them."""
-    codes: Counter[str] = Counter()
-    totals: Counter[str] = Counter()
+    codes, totals = Counter[str](), Counter[str]()
     latencies: list[float] = []
     measuring, stopping = asyncio.Event(), asyncio.Event()
 
@@ -232,7 +226,6 @@ async def run(config: LoadConfig) -> LoadResult:
     return LoadResult(
         window_s=window,
         calls=calls_done,
-        ok=codes["OK"],
         errors={code: n for code, n in codes.most_common() if code != "OK"},
         rps=codes["OK"] / window,
         p50_ms=_percentile(ordered, 0.50) * 1000,

@@ -51,7 +51,14 @@ def test_a_quick_run_reports_the_service_and_the_bare_baseline_side_by_side(
     assert rows["service GetStatus"]["ratio"] > 0
     assert rows["service CallTool"]["ratio_to"] == "bare grpc.aio + aiohttp CallTool"
     assert rows["service CallTool"]["ratio"] > 0
-    assert results["targets"] == []  # the ratios to the bare server are facts, not targets
+    targets = {t["name"]: t for t in results["targets"]}
+    assert set(targets) == {
+        "GetStatus req/s / bare grpc.aio GetStatus",
+        "CallTool req/s / bare grpc.aio + aiohttp CallTool",
+    }
+    status_target = targets["GetStatus req/s / bare grpc.aio GetStatus"]
+    assert status_target["value"] == rows["service GetStatus"]["ratio"]
+    assert (status_target["op"], status_target["threshold"]) == (">=", 0.6)
     table = [line for line in finished.stdout.splitlines() if line.startswith("| status |")]
     assert len(table) == 2
     assert "of bare grpc.aio GetStatus" in table[1]

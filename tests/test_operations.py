@@ -25,7 +25,7 @@ from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from aiservices_server.config import ENV_PREFIX
 from aiservices_server.logs import JsonFormatter
-from tests.standin import Refine, Slow, StandinUpstream, Status
+from tests.standin import Gate, Held, Refine, Slow, StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.processes import ServerProcess, run_to_exit, upstream_settings
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
@@ -400,6 +400,40 @@ def test_a_request_id_is_generated_when_none_is_sent(
         assert response.meta.request_id == request_id
         assert access_entry(access_log, request_id)["code"] == "OK"
     assert first_trailers["x-request-id"] != second_trailers["x-request-id"]
+
+
+async def test_a_reply_the_caller_stopped_waiting_for_is_not_logged_as_ok(
+    upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    """The server is stopped (SIGSTOP) while the upstream answers and the caller's deadline
+    passes: when it runs again its answer reaches nobody, and the access line says what the
+    caller got, not OK."""
+    gate = Gate()
+    upstream.push(Held(gate))
+    process = ServerProcess({"API_KEYS_FILE": str(keys.path), **upstream_settings(upstream.url)})
+    try:
+        await asyncio.to_thread(process.start)
+        async with AsyncToolClient(process.target, api_key=keys.editor, timeout=30) as client:
+            call = asyncio.create_task(
+                client.call_tool(TOOL, ARGUMENTS, timeout=2, metadata=[("x-request-id", "late-1")])
+            )
+            assert await upstream.until_requests(1, timeout=10)
+            os.kill(process.pid, signal.SIGSTOP)
+            try:
+                gate.open()
+                with pytest.raises(ToolServiceError) as caught:
+                    await call
+            finally:
+                os.kill(process.pid, signal.SIGCONT)
+        assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+        def logged() -> dict[str, Any] | None:
+            return next((r for r in process.records if r.get("request_id") == "late-1"), None)
+
+        assert await asyncio.to_thread(wait_until, lambda: logged() is not None, 10.0)
+        assert (logged() or {})["code"] == "DEADLINE_EXCEEDED"
+    finally:
+        await asyncio.to_thread(process.close)
 
 
 def test_refused_calls_are_logged_with_their_code_and_request_id(

@@ -31,6 +31,12 @@ def headers_of(context: GrpcContext) -> Headers:
     return Headers.from_pairs((name, value) for name, value in pairs if isinstance(value, str))
 
 
+def _expired(context: GrpcContext) -> bool:
+    """Whether the caller's deadline has passed (never, when it set none)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
 class OutermostInterceptor:
     def __init__(self, envelope: Envelope) -> None:
         self._envelope = envelope
@@ -55,12 +61,13 @@ class OutermostInterceptor:
                     drain.leave()
                     record.caller = rpc.caller
                 context.set_trailing_metadata(tuple({**trailers, **reply.headers}.items()))
-                record.code, record.outcome = "OK", reply.outcome
+                # A reply ready after the caller's deadline reaches nobody: the caller got
+                # DEADLINE_EXCEEDED, and so say the access line and the metrics.
+                record.code = "DEADLINE_EXCEEDED" if _expired(context) else "OK"
+                record.outcome = reply.outcome
                 return data
             except asyncio.CancelledError:
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
-                record.code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
+                record.code = "DEADLINE_EXCEEDED" if _expired(context) else "CANCELLED"
                 raise
             except ServiceError as refusal:
                 record.refused(refusal)
