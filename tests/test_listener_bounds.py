@@ -37,16 +37,6 @@ CAP = 100
 OPEN_FILES = (512, 512)
 
 
-def serving_record(process: ServerProcess) -> dict[str, object]:
-    return next(r for r in process.records if r.get("msg") == "serving")
-
-
-def port_of(process: ServerProcess, name: str) -> int:
-    value = serving_record(process)[name]
-    assert isinstance(value, int)
-    return value
-
-
 def request_bytes(port: int, key: str, body: bytes = b"", *, method: str = "POST") -> bytes:
     body = body or rpc("tools/list")
     head = (
@@ -150,7 +140,7 @@ def bounded(upstream: StandinUpstream, keys: TestKeys) -> Iterator[ServerProcess
 def test_a_flood_of_idle_mcp_connections_leaves_grpc_and_the_upstream_working(
     bounded: ServerProcess, keys: TestKeys
 ) -> None:
-    mcp_port, metrics_port = port_of(bounded, "mcp_port"), port_of(bounded, "metrics_port")
+    mcp_port, metrics_port = bounded.port_of("mcp_port"), bounded.port_of("metrics_port")
     with idle_connections(mcp_port, FLOOD) as flood:
         # Past the cap a new MCP connection is told so, at once, and closed (checked first: the
         # flood holds the cap only until the header deadline).
@@ -181,7 +171,7 @@ def test_a_flood_of_idle_mcp_connections_leaves_grpc_and_the_upstream_working(
 def test_a_flood_of_silent_grpc_connections_leaves_mcp_and_the_upstream_working(
     bounded: ServerProcess, keys: TestKeys
 ) -> None:
-    mcp_port = port_of(bounded, "mcp_port")
+    mcp_port = bounded.port_of("mcp_port")
     with idle_connections(bounded.port, FLOOD) as flood:
         body = rpc("tools/call", {"name": TOOL, "arguments": ARGUMENTS})
         with httpx.Client(trust_env=False, timeout=10) as http:
@@ -207,7 +197,7 @@ def test_a_flood_of_silent_grpc_connections_leaves_mcp_and_the_upstream_working(
 def test_headers_sent_a_byte_at_a_time_are_cut_off_at_the_header_deadline(
     bounded: ServerProcess, keys: TestKeys
 ) -> None:
-    port = port_of(bounded, "mcp_port")
+    port = bounded.port_of("mcp_port")
     request = request_bytes(port, keys.editor)
     stop = threading.Event()
     with connect(port) as sock:
@@ -243,7 +233,7 @@ def test_a_kept_alive_connection_is_closed_when_idle_and_its_next_headers_have_a
         "MCP_HEADER_TIMEOUT": "1",
     }
     with ServerProcess(env, name="keep-alive") as process:
-        port = port_of(process, "mcp_port")
+        port = process.port_of("mcp_port")
         with connect(port) as sock:
             sock.sendall(request_bytes(port, keys.editor))
             assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
@@ -269,7 +259,7 @@ def test_a_body_that_stops_arriving_gets_408_at_the_body_deadline(
         "MCP_BODY_TIMEOUT": "1",
     }
     with ServerProcess(env, name="slow-body") as process:
-        port = port_of(process, "mcp_port")
+        port = process.port_of("mcp_port")
         with connect(port) as sock:
             whole = request_bytes(port, keys.editor)
             sock.sendall(whole[:-10])  # all but the last 10 bytes of the body
@@ -290,7 +280,7 @@ def test_the_metrics_listener_caps_its_connections(
 ) -> None:
     env = {"API_KEYS_FILE": str(keys.path), "METRICS_ADDRESS": f"{HOST}:0"}
     with ServerProcess(env, name="metrics-cap") as process:
-        port = port_of(process, "metrics_port")
+        port = process.port_of("metrics_port")
         with idle_connections(port, 16) as held:
             # Each is being served (its thread waits for its request line).
             with connect(port) as extra:
@@ -326,7 +316,7 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one(keys: TestKeys) -> N
 def test_sigterm_closes_every_connection_within_the_grace_period(
     bounded: ServerProcess, keys: TestKeys
 ) -> None:
-    port = port_of(bounded, "mcp_port")
+    port = bounded.port_of("mcp_port")
     half_bodies = []
     try:
         for _ in range(50):
@@ -370,7 +360,7 @@ def test_tls_connections_that_never_finish_their_handshake_are_capped_and_timed_
     }
     trusting = ssl.create_default_context(cadata=certs.ca.cert_pem.decode())
     with ServerProcess(env, name="tls-bounded", open_files=OPEN_FILES) as process:
-        port = port_of(process, "mcp_port")
+        port = process.port_of("mcp_port")
         with idle_connections(port, FLOOD) as flood:
             with connect(port) as extra:
                 assert closed_by_server(extra, timeout=5) == b""
@@ -393,7 +383,7 @@ def test_the_mcp_listener_keeps_accepting_after_running_out_of_descriptors(
     env = {"API_KEYS_FILE": str(keys.path), **upstream_settings(upstream.url)}
     env["MCP_ADDRESS"] = f"{HOST}:0"
     with ServerProcess(env, name="emfile") as process:
-        port, pid = port_of(process, "mcp_port"), process.pid
+        port, pid = process.port_of("mcp_port"), process.pid
         limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         in_use = len(os.listdir(f"/proc/{pid}/fd"))
         # Below what is open: no new descriptor, whatever else the server opens meanwhile.

@@ -143,6 +143,25 @@ def test_a_request_without_host_or_with_two_is_refused(
         assert answer.startswith(b"HTTP/1.1 421 "), answer
 
 
+def test_healthz_answers_any_balancer_by_any_host_without_a_key_or_an_access_line(
+    served: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A balancer probes a replica by its own address, which need not be an allowed Host."""
+    port = served.server.mcp_port
+    caplog.set_level(logging.INFO, logger="aiservices.access")
+    with httpx.Client(trust_env=False, timeout=10) as http:
+        for host in (f"127.0.0.1:{port}", "10.1.2.3:8080"):
+            answer = http.get(f"http://127.0.0.1:{port}/healthz", headers={"host": host})
+            assert (answer.status_code, answer.json()) == (200, {"status": "SERVING"})
+            assert answer.headers["cache-control"] == "no-store"
+        posted = http.post(f"http://127.0.0.1:{port}/healthz")
+        assert (posted.status_code, posted.headers["allow"]) == (405, "GET, HEAD")
+    # A call after them is logged; the probes before it are not.
+    assert call(port, key=None, host="evil.example").status_code == 421
+    assert len(access_records(caplog, 1)) == 1
+    assert len([r for r in caplog.records if r.name == "aiservices.access"]) == 1
+
+
 def test_a_rebound_page_gets_nothing_from_a_development_server_without_keys(
     upstream: StandinUpstream,
 ) -> None:

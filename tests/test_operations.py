@@ -65,15 +65,25 @@ async def test_sigterm_drains_calls_in_flight_then_exits_cleanly(
         **upstream_settings(upstream.url),
         "RATE_LIMIT_BURST": "100000",
         "SHUTDOWN_GRACE": "10",
+        "MCP_ADDRESS": "127.0.0.1:0",
+        "METRICS_ADDRESS": "127.0.0.1:0",
     }
     process = ServerProcess(env, name="drain")
     try:
         await asyncio.to_thread(process.start)
+        health_urls = [
+            f"http://127.0.0.1:{process.port_of(listener)}/healthz"
+            for listener in ("mcp_port", "metrics_port")
+        ]
         async with (
             AsyncToolClient(process.target, api_key=keys.editor, timeout=30) as client,
             grpc.aio.insecure_channel(process.target) as channel,
+            httpx.AsyncClient(timeout=5) as http,
         ):
             assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+            for url in health_urls:  # HTTP balancers ask GET /healthz, with no key
+                answer = await http.get(url)
+                assert (answer.status_code, answer.json()) == (200, {"status": "SERVING"}), url
             held = [
                 asyncio.create_task(client.call_tool(TOOL, ARGUMENTS)) for _ in range(HELD_CALLS)
             ]
@@ -89,6 +99,9 @@ async def test_sigterm_drains_calls_in_flight_then_exits_cleanly(
                     break
                 await asyncio.sleep(0.02)
             assert seen == health_pb2.HealthCheckResponse.NOT_SERVING
+            for url in health_urls:
+                answer = await http.get(url)
+                assert (answer.status_code, answer.json()) == (503, {"status": "NOT_SERVING"})
             assert not any(task.done() for task in held), "a held call ended before the drain"
 
             # New calls are refused with a status a caller retries elsewhere.

@@ -137,14 +137,17 @@ def check_file_descriptors(settings: Settings) -> None:
         )
 
 
-def ensure_bindable(address: str, setting: str) -> None:
-    """Fail with one line naming the setting before grpc logs its own multi-line bind error."""
+def ensure_bindable(address: str, setting: str, *, reuse_port: bool = False) -> None:
+    """Fail with one line naming the setting before grpc logs its own multi-line bind error.
+    `reuse_port`: the port is shared with the other workers (SO_REUSEPORT)."""
     host, port = split_host_port(address)
     if port == 0:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -154,15 +157,15 @@ def ensure_bindable(address: str, setting: str) -> None:
             ) from None
 
 
-def check_listeners(settings: Settings) -> None:
+def check_listeners(settings: Settings, *, reuse_port: bool = False) -> None:
     """Before anything is read or built: the connection caps fit the open-file limit, and every
     configured address can be listened on."""
     check_file_descriptors(settings)
-    ensure_bindable(settings.grpc_address, "GRPC_ADDRESS")
+    ensure_bindable(settings.grpc_address, "GRPC_ADDRESS", reuse_port=reuse_port)
     if settings.metrics_address is not None:
         ensure_bindable(settings.metrics_address, "METRICS_ADDRESS")
     if settings.mcp_address is not None:
-        ensure_bindable(settings.mcp_address, "MCP_ADDRESS")
+        ensure_bindable(settings.mcp_address, "MCP_ADDRESS", reuse_port=reuse_port)
 
 
 def listen_grpc(
@@ -221,20 +224,25 @@ def build_tools(
     return [RefinePromptTool(build_refiner(settings, transport, metrics))]
 
 
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    """The gRPC listener's bounds: message sizes, connections and how long each may live."""
+def grpc_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """The gRPC listener's bounds: message sizes, connections, how long each may live, and how
+    it pings its clients and lets them ping it."""
     milliseconds = {
         "grpc.server_handshake_timeout_ms": settings.grpc_handshake_timeout,
         "grpc.max_connection_idle_ms": settings.grpc_idle_timeout,
         "grpc.max_connection_age_ms": settings.grpc_max_connection_age,
         "grpc.max_connection_age_grace_ms": settings.grpc_max_connection_age_grace,
+        "grpc.keepalive_time_ms": settings.grpc_keepalive_time,
+        "grpc.keepalive_timeout_ms": settings.grpc_keepalive_timeout,
+        "grpc.http2.min_ping_interval_without_data_ms": settings.grpc_min_client_ping_interval,
     }
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),  # only workers share a port
         ("grpc.max_allowed_incoming_connections", settings.grpc_max_connections),
         ("grpc.max_concurrent_streams", settings.grpc_max_streams),
+        ("grpc.keepalive_permit_without_calls", 1),  # a client's pings are welcome even idle
     ]
     options += [(name, round(seconds * 1000)) for name, seconds in milliseconds.items() if seconds]
     return options
@@ -246,7 +254,8 @@ class AiServicesServer:
     The parts a test or an embedding program may want to inject: `tools` (instead of those the
     settings enable), `limiter` (instead of the one REDIS_URL selects; the server then neither
     starts nor closes it) and `unauthenticated_lines` (which access lines of UNAUTHENTICATED
-    calls are written; default 10 a second).
+    calls are written; default 10 a second). `reuse_port`: a worker, listening on ports the
+    other workers listen on too (SO_REUSEPORT), the kernel spreading connections over them.
     """
 
     def __init__(
@@ -256,8 +265,10 @@ class AiServicesServer:
         tools: Sequence[Tool] | None = None,
         limiter: RateLimiter | None = None,
         unauthenticated_lines: LineSampler | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         self._http: httpx.AsyncBaseTransport | None = None
         self._tools = tools
         self._limiter = limiter
@@ -319,7 +330,7 @@ class AiServicesServer:
         start them and say "serving"; returns the gRPC port. StartupError, in one line naming
         the setting, for what cannot be served."""
         settings = self.settings
-        check_listeners(settings)
+        check_listeners(settings, reuse_port=self.reuse_port)
         # Taken before the file is read, so a change made while it loads is not missed.
         keys_state = file_state(settings.api_keys_file) if settings.api_keys_file else None
         keys = load_keys(settings)
@@ -368,7 +379,7 @@ class AiServicesServer:
         servicer = ToolServicer(
             service, log_payloads=settings.log_payloads, max_reply_bytes=settings.max_message_bytes
         )
-        server = grpc.aio.server(options=grpc_options(settings))
+        server = grpc.aio.server(options=grpc_options(settings, reuse_port=self.reuse_port))
         authentication = AuthenticationInterceptor(authenticator)
         server.add_generic_rpc_handlers(
             [generic_handler(SERVICE_NAME, servicer.methods(), self._outermost, [authentication])]
@@ -419,7 +430,9 @@ class AiServicesServer:
 
         try:
             self.metrics_port = self.metrics.serve(
-                *split_host_port(address), on_refused=refused_in_thread
+                *split_host_port(address),
+                on_refused=refused_in_thread,
+                serving=lambda: not self._drain.draining,
             )
         except OSError as exc:
             raise StartupError(
@@ -469,7 +482,13 @@ class AiServicesServer:
             on_refused=self._refused_connection("mcp"),
         )
         listener = McpListener(
-            face, host, port, bounds, certificate=certificate, client_ca=settings.tls_client_ca_file
+            face,
+            host,
+            port,
+            bounds,
+            certificate=certificate,
+            client_ca=settings.tls_client_ca_file,
+            reuse_port=self.reuse_port,
         )
         await face.start()
         self._mcp_face = face
@@ -540,6 +559,10 @@ class AiServicesServer:
                 log.info("nothing to reload: authentication is disabled", extra={"signals": 1})
         elif self._keys_reloader is not None:
             self._keys_reloader.request("sighup")
+
+    def stop_soon(self) -> None:
+        """Drain and stop, as on SIGTERM (`serve_until_signalled` returns once stopped)."""
+        self._signalled.set()
 
     def handle_signals(self) -> None:
         """From now on SIGINT, SIGTERM and SIGQUIT drain the server (see

@@ -28,13 +28,17 @@ from aiservices_server.config import (
 from aiservices_server.devkeys import ensure_dev_keys
 from aiservices_server.keys_cli import keys_main
 from aiservices_server.logs import configure_logging
+from aiservices_server.workers import Supervisor, WorkerLink
 
 log = logging.getLogger("aiservices.server")
 
 
 async def serve(settings: Settings, *, dev_keys: bool = False) -> int:
-    configure_logging(settings.log_level.value)
-    for name, suggestion in unknown_settings(os.environ):
+    """Serve until signalled: this process, or WORKERS processes under a supervisor."""
+    link = WorkerLink.from_environ(os.environ)
+    fields = None if link is None else {"worker": link.number}
+    configure_logging(settings.log_level.value, fields=fields)
+    for name, suggestion in unknown_settings(os.environ) if link is None else ():
         # The name only: a value set under a misspelled name may still be a secret.
         hint = {} if suggestion is None else {"did_you_mean": suggestion}
         log.warning("unknown setting ignored", extra={"setting": name, **hint})
@@ -46,9 +50,14 @@ async def serve(settings: Settings, *, dev_keys: bool = False) -> int:
             f"send it as metadata 'authorization: Bearer <key>'",
             file=sys.stderr,
         )
-    server = AiServicesServer(settings)
+    if link is None and settings.worker_count > 1:
+        return await Supervisor(settings, settings.worker_count).run()
+    server = AiServicesServer(settings, reuse_port=link is not None)
     server.handle_signals()
     await server.start()
+    if link is not None:
+        link.serving()
+        link.on_supervisor_gone(server.stop_soon)
     # Rarer collections: the 1,000-in-flight target (900 req/s) holds by 4 req/s at defaults.
     gc.set_threshold(5_000, 20, 20)
     await server.serve_until_signalled()

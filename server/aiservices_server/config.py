@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
@@ -170,6 +171,9 @@ class Settings(BaseSettings):
     # 1 MiB of the costliest shape (map entries) takes about 30 ms, 4 MiB about 200 ms.
     max_message_bytes: Annotated[int, Field(ge=1_048_576, le=MAX_GRPC_MESSAGE_BYTES)] = 1_048_576
     shutdown_grace: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 10.0
+    # Server processes sharing the listeners (SO_REUSEPORT) under one supervisor; 0 or `auto`:
+    # one per CPU this process may run on.
+    workers: Annotated[int, Field(ge=0, le=256)] = 1
     # uvloop cuts about a tenth of the CPU per call (docs/performance.md).
     event_loop: EventLoop = EventLoop.UVLOOP
     log_level: LogLevel = LogLevel.INFO
@@ -200,6 +204,13 @@ class Settings(BaseSettings):
         300.0
     )
     grpc_max_streams: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    # Pings on a connection with calls in flight find a peer that vanished without closing it.
+    grpc_keepalive_time: Annotated[float, Field(ge=1, le=86_400, allow_inf_nan=False)] = 60.0
+    grpc_keepalive_timeout: Annotated[float, Field(ge=1, le=3600, allow_inf_nan=False)] = 20.0
+    # The most often a client may ping (its own keepalive); more often is answered with GOAWAY.
+    grpc_min_client_ping_interval: Annotated[float, Field(ge=1, le=86_400, allow_inf_nan=False)] = (
+        10.0
+    )
 
     # Access control.
     auth: AuthMode = AuthMode.KEYS
@@ -233,6 +244,27 @@ class Settings(BaseSettings):
             check_rate_limit(self.rate_limit_burst, self.rate_limit_per_minute)
         except RateLimitError as exc:
             raise ValueError(f"{ENV_PREFIX}RATE_LIMIT_{exc.field.upper()} {exc.problem}") from None
+        return self
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        return 0 if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+    @property
+    def worker_count(self) -> int:
+        """How many server processes WORKERS asks for (0 and auto: one per usable CPU)."""
+        return self.workers or len(os.sched_getaffinity(0))
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> Settings:
+        """Each worker keeps its own in-memory budgets: N workers would give each caller N."""
+        if self.worker_count > 1 and self.redis_url is None:
+            raise ValueError(
+                f"{ENV_PREFIX}WORKERS={self.workers or 'auto'} runs {self.worker_count} "
+                f"processes, each with its own rate-limit budgets: set {ENV_PREFIX}REDIS_URL "
+                "so they share one"
+            )
         return self
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from queue import SimpleQueue
 from typing import Any, TextIO
 
@@ -50,8 +50,9 @@ def _json_value(value: Any) -> Any:
 
 
 class JsonFormatter(logging.Formatter):
-    """`ts` (ISO 8601 UTC with milliseconds, truncated), `level`, `logger`, `msg`, then the
-    record's extra fields, as one compact, pure-ASCII JSON object.
+    """`ts` (ISO 8601 UTC with milliseconds, truncated), `level`, `logger`, `msg`, the fields
+    given for every line (a worker's number), then the record's extra fields, as one compact,
+    pure-ASCII JSON object.
 
     A value JSON cannot hold is written as its str() (a non-finite number as null), so a log
     call never breaks the one-object-per-line shape. Exception text and stack traces are
@@ -62,12 +63,17 @@ class JsonFormatter(logging.Formatter):
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s.%03dZ"
 
+    def __init__(self, fields: Mapping[str, Any] | None = None) -> None:
+        super().__init__()
+        self._fields = dict(fields or {})
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": self.formatTime(record),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
+            **self._fields,
         }
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
@@ -295,9 +301,11 @@ class LineSampler:
             self._summarize(count)
 
 
-def configure_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
-    """Send every record at `level` or above, as JsonFormatter lines, to `stream` (stderr by
-    default) through a BatchWriter; returns the root logger's handler.
+def configure_logging(
+    level: str, stream: TextIO | None = None, fields: Mapping[str, Any] | None = None
+) -> logging.Handler:
+    """Send every record at `level` or above, as JsonFormatter lines (with `fields` in each),
+    to `stream` (stderr by default) through a BatchWriter; returns the root logger's handler.
 
     Closing that handler, or logging.shutdown() (which also runs at exit), writes every line
     logged so far and stops its thread. Called again, it replaces the handler it set before.
@@ -307,7 +315,7 @@ def configure_logging(level: str, stream: TextIO | None = None) -> logging.Handl
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = BatchWriter(sys.stderr if stream is None else stream)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(fields))
     root = logging.getLogger()
     for previous in root.handlers:
         if isinstance(previous, BatchWriter):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -24,7 +24,11 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
+from aiservices_server.healthz import HEALTH_PATH, health_answer
 from aiservices_server.upstream.refiner import UpstreamAttempt
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
@@ -60,6 +64,21 @@ class _QuietHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def _with_health(metrics: WSGIApplication, serving: Callable[[], bool]) -> WSGIApplication:
+    """`metrics`, with GET /healthz answered as `serving()` says (see `healthz`)."""
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != HEALTH_PATH:
+            return metrics(environ, start_response)
+        status, data = health_answer(serving())
+        reason = "OK" if status == 200 else "Service Unavailable"
+        headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
+        start_response(f"{status} {reason}", [*headers, ("Content-Length", str(len(data)))])
+        return [data]
+
+    return app
 
 
 class _MetricsServer(ThreadingMixIn, WSGIServer):
@@ -143,12 +162,16 @@ class Metrics:
             registry=registry,
         )
         self.in_flight = Gauge(
-            "aiservices_tool_calls_in_flight", "Tool calls running now.", registry=registry
+            "aiservices_tool_calls_in_flight",
+            "Tool calls running now.",
+            registry=registry,
+            multiprocess_mode="livesum",  # with workers: in all of them
         )
         self.in_flight_limit = Gauge(
             "aiservices_tool_calls_in_flight_limit",
             "The bound on tool calls in flight.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.overloaded = Counter(
             "aiservices_overloaded_refusals",
@@ -171,6 +194,7 @@ class Metrics:
             "1 while rate-limit decisions come from Redis (or no Redis is configured); "
             "0 while they fail open to the in-memory limiter.",
             registry=registry,
+            multiprocess_mode="livemin",  # with workers: 0 while any of them fails open
         )
         self.unauthenticated_refusals = Counter(
             "aiservices_unauthenticated_refusals",
@@ -225,24 +249,46 @@ class Metrics:
     def upstream_request(self, status: str, seconds: float) -> None:
         self.upstream_requests.labels(status).observe(seconds)
 
-    def serve(self, host: str, port: int, on_refused: Callable[[], None] | None = None) -> int:
-        """Expose /metrics on host:port in a daemon thread; returns the bound port. At most
-        METRICS_MAX_CONNECTIONS connections are open at once, each read or write bounded by
-        METRICS_TIMEOUT; `on_refused` hears of each connection closed at the cap."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
-        server: WSGIServer = make_server(
-            host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler
-        )
-        assert isinstance(server, _MetricsServer)
-        if on_refused is not None:
-            server.on_refused = on_refused
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        self._http = server
-        return int(server.server_port)
+    def serve(
+        self,
+        host: str,
+        port: int,
+        on_refused: Callable[[], None] | None = None,
+        serving: Callable[[], bool] = lambda: True,
+    ) -> int:
+        """Expose /metrics, and /healthz as `serving()` says, on host:port in a daemon thread;
+        returns the bound port. At most METRICS_MAX_CONNECTIONS connections are open at once,
+        each read or write bounded by METRICS_TIMEOUT; `on_refused` hears of each connection
+        closed at the cap."""
+        self._http = serve_registry(self.registry, host, port, on_refused, serving)
+        return int(self._http.server_port)
 
     def close(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            close_listener(self._http)
             self._http = None
+
+
+def serve_registry(
+    registry: CollectorRegistry,
+    host: str,
+    port: int,
+    on_refused: Callable[[], None] | None = None,
+    serving: Callable[[], bool] = lambda: True,
+) -> WSGIServer:
+    """The metrics listener of `Metrics.serve`, for any registry (the workers' supervisor
+    serves all workers' metrics this way); `close_listener` stops it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+    app = _with_health(make_wsgi_app(registry), serving)
+    server: WSGIServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    assert isinstance(server, _MetricsServer)
+    if on_refused is not None:
+        server.on_refused = on_refused
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+def close_listener(server: WSGIServer) -> None:
+    server.shutdown()
+    server.server_close()

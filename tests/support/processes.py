@@ -226,6 +226,13 @@ class ServerProcess:
         self.wait_until_serving()
         return self
 
+    def port_of(self, listener: str) -> int:
+        """The port its "serving" line gives `listener` (`port`, `mcp_port`, `metrics_port`)."""
+        value = next(r for r in self.records if _is_serving_record(r))[listener]
+        if not isinstance(value, int):
+            raise RuntimeError(f"{self.name} serves no {listener}")
+        return value
+
     def terminate(self, timeout: float = 15.0) -> int:
         """SIGTERM (drain), wait up to `timeout` s and return the exit code.
 

@@ -41,6 +41,7 @@ from aiservices_server.faces.mcp.answers import (
     jsonrpc_error,
 )
 from aiservices_server.faces.mcp.origins import OriginPolicy
+from aiservices_server.healthz import HEALTH_PATH, health_answer
 from aiservices_server.tools.base import ToolDefinition, ToolFailure, ToolResult
 
 PATH = "/mcp"
@@ -150,6 +151,9 @@ class McpFace:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        if scope["path"] == HEALTH_PATH:
+            await self._health(scope["method"], send)
+            return
         if scope["path"] != PATH:
             await _send_json(send, 404, {"error": f"not found: MCP is served at {PATH}"}, {})
             return
@@ -177,6 +181,18 @@ class McpFace:
                 await self._refuse_http(send, internal, record.request_id)
         finally:
             envelope.finish(record)
+
+    async def _health(self, method: str, send: Send) -> None:
+        """GET /healthz (see `healthz`). It says nothing a caller could not learn by calling,
+        so it checks no Host: a balancer probes it by the replica's own address."""
+        if method not in ("GET", "HEAD"):
+            await _send_json(send, 405, {"error": "GET only"}, {"allow": "GET, HEAD"})
+            return
+        status, data = health_answer(not self._envelope.drain.draining)
+        raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]
+        raw.append((b"cache-control", b"no-store"))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": data})
 
     def _check_http(self, method: str, headers: Headers) -> None:
         """Refuse what is no MCP call for this server: a Host it is not reachable as, a browser

@@ -101,6 +101,7 @@ class McpListener:
         *,
         certificate: tuple[Path, Path] | None = None,
         client_ca: Path | None = None,
+        reuse_port: bool = False,
     ) -> None:
         tls: dict[str, Any] = {}
         if certificate is not None:
@@ -125,6 +126,7 @@ class McpListener:
             **tls,
         )
         self._server = uvicorn.Server(self._config)
+        self._reuse_port = reuse_port
         self._bounds = bounds
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -134,13 +136,29 @@ class McpListener:
         """Listen and serve; returns the bound port."""
         self._config.load()
         self._server.lifespan = self._config.lifespan_class(self._config)
-        self._socket = self._config.bind_socket()
+        self._socket = self._bind()
         self._socket.listen(self._config.backlog)
         self._socket.setblocking(False)
         await self._server.startup(sockets=[])  # uvicorn's state; the accepting is done here
         self._accepting = asyncio.ensure_future(self._accept(self._socket))
         port: int = self._socket.getsockname()[1]
         return port
+
+    def _bind(self) -> socket.socket:
+        """The listening socket, as uvicorn binds one, shared with other workers on request."""
+        if not self._reuse_port:
+            return self._config.bind_socket()
+        host, port = self._config.host, self._config.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host.strip("[]"), port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
