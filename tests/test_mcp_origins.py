@@ -148,6 +148,7 @@ def test_healthz_answers_any_balancer_by_any_host_without_a_key_or_an_access_lin
 ) -> None:
     """A balancer probes a replica by its own address, which need not be an allowed Host."""
     port = served.server.mcp_port
+    assert port is not None
     caplog.set_level(logging.INFO, logger="aiservices.access")
     with httpx.Client(trust_env=False, timeout=10) as http:
         for host in (f"127.0.0.1:{port}", "10.1.2.3:8080"):
