@@ -36,13 +36,21 @@ tools: $(NPM_STAMP)
 $(NPM_STAMP): .tools/package.json .tools/package-lock.json
 	npm ci --prefix .tools --silent --no-audit --no-fund
 
-# redis-server for the shared rate-limit tests and openssl for the documented TLS commands;
-# installed with apt when missing and we are root.
+# redis-server for the shared rate-limit tests, openssl for the documented TLS commands and nginx
+# for the load-balancer test (tests/test_load_balancer.py runs deploy/nginx.conf); installed with
+# apt when missing and we are root. nginx is looked for in /usr/sbin too, which a user's PATH may
+# leave out. The tests run their own instances on 127.0.0.1, so the packages' services are not
+# started (Debian's nginx would listen on port 80 of every address): unless a policy-rc.d
+# already decides, one that refuses is in place for the install.
 redis:
-	@command -v redis-server >/dev/null && command -v openssl >/dev/null || { \
+	@command -v redis-server >/dev/null && command -v openssl >/dev/null \
+	  && { command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl >/dev/null; \
-	  else echo "redis-server or openssl is missing: install them (e.g. apt-get install redis-server openssl)"; exit 1; fi; }
+	    if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	      trap 'rm -f /usr/sbin/policy-rc.d' EXIT; printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; \
+	      chmod 755 /usr/sbin/policy-rc.d; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server openssl nginx >/dev/null; \
+	  else echo "redis-server, openssl or nginx is missing: install them (e.g. apt-get install redis-server openssl nginx)"; exit 1; fi; }
 
 run: install
 	$(VENV)/bin/aiservices-server --dev-keys

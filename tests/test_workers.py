@@ -10,6 +10,7 @@ import os
 import signal
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from aiservices import ToolClient
@@ -29,6 +31,7 @@ from tests.support.waiting import wait_until
 TOOL = "tools.agenta.api.refine_prompt"
 ARGUMENTS = {"prompt_template_json": json.dumps({"messages": [{"role": "user", "content": "Hi"}]})}
 WORKERS = 2
+SERVICE = "aiservices.v1.ToolService"
 
 
 def supervisor_serving(line: str) -> bool:
@@ -52,10 +55,11 @@ def workers_of_calls(process: ServerProcess) -> Counter[int]:
     )
 
 
-@pytest.fixture
-def workers(
-    upstream: StandinUpstream, keys: TestKeys, redis_server: RedisServer
+@contextmanager
+def running_workers(
+    upstream: StandinUpstream, keys: TestKeys, redis_server: RedisServer, **settings: str
 ) -> Iterator[ServerProcess]:
+    """A supervisor of WORKERS workers, once it says serving (`settings` added to the env)."""
     env = {
         "API_KEYS_FILE": str(keys.path),
         **upstream_settings(upstream.url),
@@ -65,6 +69,7 @@ def workers(
         "MCP_ADDRESS": "127.0.0.1:0",
         "METRICS_ADDRESS": "127.0.0.1:0",
         "SHUTDOWN_GRACE": "5",
+        **settings,
     }
     process = ServerProcess(env, name="workers")
     try:
@@ -74,6 +79,14 @@ def workers(
         yield process
     finally:
         process.close()
+
+
+@pytest.fixture
+def workers(
+    upstream: StandinUpstream, keys: TestKeys, redis_server: RedisServer
+) -> Iterator[ServerProcess]:
+    with running_workers(upstream, keys, redis_server) as process:
+        yield process
 
 
 def call_on_fresh_connections(process: ServerProcess, key: str, count: int) -> None:
@@ -91,13 +104,17 @@ def test_workers_share_the_ports_and_every_one_serves_calls_health_and_metrics(
     call_on_fresh_connections(workers, keys.editor, 24)
     assert wait_until(lambda: workers_of_calls(workers).total() == 24, 10)
     assert set(workers_of_calls(workers)) == {1, 2}, workers_of_calls(workers)
-    # Health answers on every connection, whichever worker it reached.
+    # Health and reflection answer on every connection, whichever worker it reached.
+    listing = reflection_pb2.ServerReflectionRequest(list_services="")
     for _ in range(8):
         with grpc.insecure_channel(workers.target) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="aiservices.v1.ToolService"), timeout=10
+                health_pb2.HealthCheckRequest(service=SERVICE), timeout=10
             )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            [listed] = reflection.ServerReflectionInfo(iter([listing]), timeout=10)
+            assert SERVICE in {s.name for s in listed.list_services_response.service}
     # One metrics endpoint counts the calls of every worker.
     serving = supervisor_record(workers)
     metrics_port, mcp_port = serving["metrics_port"], serving["mcp_port"]
@@ -181,3 +198,27 @@ def test_more_than_one_worker_without_redis_is_refused_in_one_line(
         "aiservices: invalid settings: AGENTA_AI_SERVICES_WORKERS=2 runs 2 processes, each "
         "with its own rate-limit budgets: set AGENTA_AI_SERVICES_REDIS_URL so they share one"
     ]
+
+
+def test_a_maximum_connection_age_moves_one_clients_calls_between_workers(
+    upstream: StandinUpstream, keys: TestKeys, redis_server: RedisServer
+) -> None:
+    """GRPC_MAX_CONNECTION_AGE asks each connection to go away after that long: the client
+    reconnects, and its calls reach the other process too (a replica, behind a balancer that
+    spreads connections), where one long-lived connection would stay on one worker for ever."""
+    with (
+        running_workers(
+            upstream,
+            keys,
+            redis_server,
+            GRPC_MAX_CONNECTION_AGE="0.3",
+            GRPC_MAX_CONNECTION_AGE_GRACE="5",
+        ) as process,
+        ToolClient(process.target, api_key=keys.editor, timeout=10) as client,
+    ):
+
+        def both_workers_served() -> bool:
+            assert not client.call_tool(TOOL, ARGUMENTS).is_error
+            return len(workers_of_calls(process)) == WORKERS
+
+        assert wait_until(both_workers_served, 30, interval=0.05), workers_of_calls(process)
