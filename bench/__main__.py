@@ -10,6 +10,7 @@ in the report and in docs/performance.md; * needs pip install -e '.[bench]'):
   slow       1,000 calls in flight to an upstream answering after 1 s
   growth     CallTool at 1/16/64/256 in flight; RSS at 100/500/1,000 slow calls in flight
   thousands  10,000 calls in flight to an upstream answering after 10 s, over 16 channels
+  workers    CallTool on every core: WORKERS=2 and 2 replicas behind nginx against 1 process
 
 Prints a table on stdout (progress on stderr) and writes bench/results/latest.json; a run with
 --quick or --only writes bench/results/partial.json instead, unless --out says otherwise.
@@ -64,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     # Even when started with SIGINT ignored (a background job), Ctrl-C stops it cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     pinning = scenarios.Pinning.detect()
-    if pinning.load_cpu is not None:
-        os.sched_setaffinity(0, {pinning.load_cpu})  # the harness mostly waits: off the server core
     print(f"python -m bench: {pinning.note}", file=sys.stderr, flush=True)
 
     started = time.monotonic()

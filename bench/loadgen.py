@@ -128,7 +128,16 @@ def _http_call(config: LoadConfig, session: aiohttp.ClientSession, index: int) -
 
 
 def sample(pid: int) -> tuple[float, int, int]:
-    """CPU seconds (user + system, all threads), VmRSS and VmHWM in kB of one process now."""
+    """CPU seconds (user + system, all threads), VmRSS and VmHWM in kB of a process and its
+    children (a supervisor's workers) now."""
+    cpu, rss, hwm = _sample_one(pid)
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{pid}/children") as f:
+        for child in map(_sample_one, map(int, f.read().split())):
+            cpu, rss, hwm = cpu + child[0], rss + child[1], hwm + child[2]
+    return cpu, rss, hwm
+
+
+def _sample_one(pid: int) -> tuple[float, int, int]:
     with open(f"/proc/{pid}/stat", "rb") as f:
         raw = f.read()
     # The command name may hold spaces and parentheses: fields start after the last ')'.

@@ -32,6 +32,8 @@ from aiservices_server.auth import generate_key, hash_key
 from aiservices_server.config import ENV_PREFIX
 from bench import common
 from bench.loadgen import LoadConfig, LoadResult, sample
+from tests.support.nginx import NginxProcess
+from tests.support.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
@@ -56,7 +58,7 @@ class Pinning:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             return cls(None, None, f"no pinning: only CPU {cpus} available")
-        load = f"load generator, stand-in upstreams and harness on CPU {cpus[1]} (taskset)"
+        load = f"load generator and stand-in upstreams on CPU {cpus[1]} (taskset)"
         return cls(cpus[0], cpus[1], f"servers under test on CPU {cpus[0]}; {load}")
 
 
@@ -74,8 +76,10 @@ def free_port() -> int:
 class Server:
     """A process the harness started, listening on ``target`` (serving MCP on ``mcp_target``)."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, logs: Path, **popen: Any) -> None:
-        self.name = name
+    def __init__(
+        self, name: str, cmd: list[str], port: int, logs: Path, cpu: int | None, **popen: Any
+    ) -> None:
+        self.name, self.cpu = name, cpu
         self.target = self.mcp_target = f"127.0.0.1:{port}"
         self.log_path = logs / f"{name}.log"
         with open(self.log_path, "wb") as log:
@@ -106,6 +110,23 @@ class Server:
         self.proc.wait()
 
 
+class Fronted(Server):
+    """nginx in front of replicas, all stopped together: its CPU is nginx's own."""
+
+    def __init__(self, nginx: NginxProcess, replicas: list[Server]) -> None:
+        self.name, self.cpu, self.proc = "nginx", None, nginx.process
+        self.target, self.mcp_target = nginx.grpc_target, nginx.mcp_url
+        self._nginx, self._replicas = nginx, replicas
+
+    def tail(self) -> str:
+        return self._nginx.errors()
+
+    def stop(self) -> None:
+        self._nginx.close()
+        for replica in self._replicas:
+            replica.stop()
+
+
 @dataclass(frozen=True)
 class Profile:
     """How often each row runs, and for how long (warm-up, then the measured window)."""
@@ -130,6 +151,7 @@ class Harness(contextlib.ExitStack):
         self.pinning, self.profile = pinning, profile
         self._tmp = Path(self.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         self._count = 0
+        self._redis: RedisServer | None = None
         self.keys_file = self._tmp / "keys.toml"
         self.status_file: Path | None = None
         self.key = generate_key()
@@ -149,7 +171,7 @@ class Harness(contextlib.ExitStack):
             args = (*args, "--port", str(port))
         self._count += 1
         name = f"{self._count:03d}-{name}"
-        process = Server(name, pinned(cpu, *args), port, self._tmp, **popen)
+        process = Server(name, pinned(cpu, *args), port, self._tmp, cpu, **popen)
         self.callback(process.stop)
         process.wait_listening(process.target)
         return process
@@ -159,7 +181,12 @@ class Harness(contextlib.ExitStack):
         saved it), ``rest shared|per-call|mcp`` or ``service`` (``mcp``, ``openai``, ``wide``: room
         for HUGE calls), run in a temporary directory, the bench's own environment winning."""
         module, *options = spec.split()
-        cpu, url = self.pinning.server_cpu, f"http://{upstream.target}"
+        if module == "nginx":  # two replicas (REDIS_URL, any core) behind deploy/nginx.conf
+            replicas = [self.start("service any mcp", upstream) for _ in range(2)]
+            nginx = NginxProcess([r.target for r in replicas], [r.mcp_target for r in replicas])
+            return Fronted(nginx.start(), replicas)
+        cpu = None if "any" in options else self.pinning.server_cpu
+        url = f"http://{upstream.target}"
         if module != "service":
             args = ["-m", f"bench.{module}", "--upstream", url]
             if module == "rest":
@@ -188,6 +215,8 @@ class Harness(contextlib.ExitStack):
             settings["OPENAI_MODEL"] = "stand-in"
         if mcp_port:
             settings["MCP_ADDRESS"] = f"127.0.0.1:{mcp_port}"
+        if "any" in options:  # every core, sharing one budget with the others
+            settings |= {"WORKERS": "2" if "workers" in options else "1", "REDIS_URL": self.redis()}
         if "wide" in options:  # room for HUGE calls in flight, each holding an upstream connection
             settings |= {"MAX_CONCURRENT_CALLS": str(2 * HUGE), "UPSTREAM_MAX_CONNECTIONS": "10000"}
         env = {**{ENV_PREFIX + name: value for name, value in settings.items()}, **os.environ}
@@ -197,6 +226,12 @@ class Harness(contextlib.ExitStack):
             server.mcp_target = settings["MCP_ADDRESS"]
             server.wait_listening(server.mcp_target)
         return server
+
+    def redis(self) -> str:
+        """A redis-server for the rows that share a budget, started once, on every core."""
+        if self._redis is None:
+            self._redis = self.enter_context(RedisServer())
+        return self._redis.url
 
     def capture_status(self, service: Server) -> None:
         """Save the service's GetStatus reply so the baseline answers with the same bytes."""
@@ -219,7 +254,7 @@ class Harness(contextlib.ExitStack):
             concurrency=concurrency,
             key=self.key,
             server_pid=server.proc.pid,
-            server_cpu=self.pinning.server_cpu,
+            server_cpu=server.cpu,
             users=slow,
             ramp_s=p.slow_ramp_s if slow else p.warmup_s / 2,
             warmup_s=p.slow_warmup_s if slow else p.warmup_s,
@@ -228,7 +263,8 @@ class Harness(contextlib.ExitStack):
         )
         load = replace(load, **override)
         bound = load.warmup_s + load.duration_s + load.timeout_s + 40.0
-        argv = pinned(self.pinning.load_cpu, "-m", "bench.loadgen", json.dumps(asdict(load)))
+        cpu = None if server.cpu is None else self.pinning.load_cpu  # unpinned beside them
+        argv = pinned(cpu, "-m", "bench.loadgen", json.dumps(asdict(load)))
         try:
             stdout = subprocess.check_output(
                 argv, cwd=ROOT, stderr=PIPE, text=True, timeout=bound, start_new_session=True
@@ -242,7 +278,8 @@ class Harness(contextlib.ExitStack):
         return LoadResult(**json.loads(stdout.splitlines()[-1]))
 
 
-SCENARIOS = ("status", "calltool", "upstreams", "rest", "mcp", "slow", "growth", "thousands")
+SCENARIOS: tuple[str, ...] = ("status", "calltool", "upstreams", "rest", "mcp", "slow", "growth")
+SCENARIOS += ("thousands", "workers")
 FAST = 64  # calls in flight against the instant upstream
 SLOW = 1000  # calls in flight against the 1 s upstream
 HUGE = 10_000  # calls in flight against a 10 s upstream, over 16 channels
@@ -266,6 +303,7 @@ class Row:
     rpc: str = "call"  # status or call over gRPC, rest or mcp
     ratio_to: Row | None = None  # its req/s is shown against this row's, in the same rounds
     slow: bool = False
+    channels: int = 0  # gRPC channels (connections); 0: as the load generator chooses
     runs: list[LoadResult] = field(default_factory=list)
 
     def median(self, metric: str) -> float | None:
@@ -354,7 +392,8 @@ class Runner:
 
         def measure(row: Row) -> LoadResult:
             if not row.slow:
-                return self.h.load(servers[row.server], row.rpc, row.concurrency, slow=False)
+                server = servers[row.server]
+                return self.h.load(server, row.rpc, row.concurrency, False, channels=row.channels)
             server = self.h.start(row.server, self.h.slow)
             try:
                 return self.h.load(server, row.rpc, row.concurrency, slow=True)
@@ -532,3 +571,23 @@ class Runner:
         )
         title = f"{HUGE:,} calls to a 10 s upstream"
         return scenario("thousands", title, [bare, row], targets, [note])
+
+    def workers(self) -> Json:
+        """CallTool on every core: WORKERS=2 and two replicas behind nginx against one process,
+        all sharing one Redis budget, unpinned, beside the load generator."""
+        progress(f"workers: CallTool, {FAST} in flight over 16 channels, every core")
+        one = Row("service, 1 process", FAST, "service any", channels=16)
+        two = Row("service, WORKERS=2", FAST, "service any workers", ratio_to=one, channels=16)
+        fronted = Row("2 replicas behind nginx", FAST, "nginx", ratio_to=one, channels=16)
+        self._measure(one, two, fronted)
+        used = ", ".join(
+            f"{r.label} {(r.median('server_util') or 0) + (r.median('client_util') or 0):.2f}"
+            for r in (one, two)
+        )
+        note = (
+            f"Servers (with REDIS_URL), nginx, Redis and the load generator share all "
+            f"{len(os.sched_getaffinity(0))} cores; the stand-in keeps the load's. Server + load "
+            f"generator CPU, in cores: {used}. The nginx row's server CPU is nginx's own."
+        )
+        title = "CallTool with every core: workers and replicas against one process"
+        return scenario("workers", title, [one, two, fronted], [], [note])

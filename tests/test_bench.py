@@ -1,7 +1,8 @@
 """`make bench` keeps working: a quick run of the GetStatus and CallTool scenarios starts the
 service and the bare baseline as processes, measures both, and reports every row with its ratio,
 in the table and in the JSON file; a quick run of the MCP scenario does the same for the MCP
-face, the plain SDK server and the gRPC face. The figures themselves are not judged here
+face, the plain SDK server and the gRPC face, and of the workers scenario for two workers and
+two replicas behind nginx beside one process. The figures themselves are not judged here
 (machines differ); the benchmark's own targets are."""
 
 from __future__ import annotations
@@ -85,6 +86,26 @@ def test_a_quick_mcp_run_sets_the_mcp_face_beside_the_sdk_server_and_grpc(tmp_pa
     assert targets["1,000 in flight: req/s, MCP / gRPC"]["threshold"] == 0.5
     assert all(target["value"] is not None for target in targets.values())
     assert "| mcp | service MCP tools/call | 64 |" in finished.stdout
+
+
+def test_a_quick_workers_run_sets_two_workers_and_nginx_beside_one_process(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "results.json"
+    finished = run_bench("--quick", "--only", "workers", "--out", str(out))
+
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    results = json.loads(out.read_text())
+    rows = {row["label"]: row for row in results["scenarios"][0]["rows"]}
+    one, two, nginx = "service, 1 process", "service, WORKERS=2", "2 replicas behind nginx"
+    assert set(rows) == {one, two, nginx}
+    for label, row in rows.items():
+        assert row["errors"] == {}, label
+        assert row["median"]["rps"] > 0, label
+    assert rows[two]["ratio_to"] == rows[nginx]["ratio_to"] == one
+    # The supervisor's row counts its workers too: two servers' memory and more.
+    assert rows[two]["rss_mb"] > 1.5 * rows[one]["rss_mb"], (rows[two], rows[one])
+    assert "| workers | 2 replicas behind nginx | 64 |" in finished.stdout
 
 
 def test_an_unknown_scenario_is_refused_before_anything_starts(tmp_path: Path) -> None:

@@ -154,6 +154,13 @@ class NginxProcess:
     def mcp_url(self) -> str:
         return f"http://{HOST}:{self.mcp_port}/mcp"
 
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        """The nginx master, once started."""
+        if self._process is None:
+            raise RuntimeError("nginx is not running")
+        return self._process
+
     def start(self, attempts: int = 3) -> Self:
         for attempt in range(1, attempts + 1):
             try:
