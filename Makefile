@@ -74,7 +74,8 @@ lint: install tools
 	$(UV) lock --check --python $(PYTHON)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy server clients/aiservices clients/aiservices_cli.py tests bench
+	$(PY) -m mypy server clients/aiservices clients/aiservices_cli.py tests bench \
+	  examples/aiservices-plugin-example/src examples/aiservices-plugin-example/tests
 	cd protos && ../$(BUF) lint
 
 # The REST and MCP rows need the `bench` dependency group (FastAPI, uvicorn), which `install`

@@ -8,6 +8,10 @@ contracts, the Agenta completion runner and OpenAI-compatible chat completions, 
 deterministically, so a newcomer sees the whole path work without an Agenta deployment or an
 LLM. `AGENTA_AI_SERVICES_UPSTREAM` (`make demo UPSTREAM=openai`) picks which of the two the
 service calls, as it does for the server.
+
+It also serves the declared tools of `examples/tools.toml` (or of the file
+`AGENTA_AI_SERVICES_TOOLS_FILE` names), which the stand-in answers with output that fits each
+tool's output schema, and prints an `aiservices call` for each.
 """
 
 from __future__ import annotations
@@ -17,13 +21,18 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aiservices_server.app import AiServicesServer, StartupError
 from aiservices_server.config import SettingsError, UpstreamKind, load_settings
 from aiservices_server.devkeys import ensure_dev_keys
 from aiservices_server.logs import configure_logging
+from aiservices_server.tools.declared import DeclaredToolSpec, ToolsFileError, load_tools_file
+from aiservices_server.tools.refine_prompt import NAME as REFINE_PROMPT_NAME
 from tests.standin import StandinUpstream
+from tests.standin.schemas import instance
 
 DEMO_UPSTREAM_KEY = "demo-upstream-key"
 # The model name the service sends to the stand-in's chat completions (it echoes any name).
@@ -49,6 +58,24 @@ EXAMPLE_TEMPLATE = {
 EXAMPLE_ARGUMENTS = {
     "prompt_template_json": json.dumps(EXAMPLE_TEMPLATE),
     "guidelines": "be concise",
+}
+EXAMPLE_TOOLS_FILE = Path(__file__).resolve().parents[1] / "examples" / "tools.toml"
+# Arguments the demo prints for the example tools; any other declared tool gets the stand-in's
+# instance of its input schema.
+DECLARED_EXAMPLE_ARGUMENTS: dict[str, dict[str, Any]] = {
+    "tools.examples.support.classify_ticket": {
+        "ticket": "I was charged twice for my March invoice. Please refund one of the charges.",
+        "product": "Cloud Pro",
+    },
+    "tools.examples.text.extract_fields": {
+        "text": "Invoice INV-2041, due 2026-04-30, total EUR 1,250.00.",
+        "fields": ["invoice_number", "due_date", "total", "purchase_order"],
+    },
+    "tools.examples.prompts.generate_test_inputs": {
+        "prompt_template_json": json.dumps(EXAMPLE_TEMPLATE),
+        "count": 3,
+        "focus": "questions the assistant should decline",
+    },
 }
 
 
@@ -124,6 +151,42 @@ def cli_commands(target: str, key: str, template: Path) -> list[str]:
     ]
 
 
+def declared_arguments(spec: DeclaredToolSpec) -> dict[str, Any]:
+    """The arguments the demo calls a declared tool with (see DECLARED_EXAMPLE_ARGUMENTS)."""
+    name = spec.definition.name
+    if name in DECLARED_EXAMPLE_ARGUMENTS:
+        return DECLARED_EXAMPLE_ARGUMENTS[name]
+    arguments = instance(spec.definition.input_schema)
+    return arguments if isinstance(arguments, dict) else {}
+
+
+def declared_commands(target: str, key: str, specs: Sequence[DeclaredToolSpec]) -> list[str]:
+    """An `aiservices call` for each declared tool in `specs`."""
+    aiservices = shlex.quote(str(Path(sys.executable).parent / "aiservices"))
+    env = f"AISERVICES_TARGET={shlex.quote(target)} AISERVICES_API_KEY={shlex.quote(key)}"
+    return [
+        f"{env} {aiservices} call {spec.definition.name} "
+        f"--args {shlex.quote(json.dumps(declared_arguments(spec)))}"
+        for spec in specs
+    ]
+
+
+def served_specs(kind: UpstreamKind, specs: Sequence[DeclaredToolSpec]) -> list[DeclaredToolSpec]:
+    """The declared tools the service serves on `kind` (those with something for it)."""
+    if kind is UpstreamKind.OPENAI:
+        return [spec for spec in specs if spec.messages is not None]
+    return [spec for spec in specs if spec.agenta_app is not None]
+
+
+def app_schemas(specs: Sequence[DeclaredToolSpec]) -> dict[str, dict[str, Any]]:
+    """Each declared Agenta app's output schema, for the stand-in to answer it."""
+    return {
+        spec.agenta_app: spec.definition.output_schema
+        for spec in specs
+        if spec.agenta_app is not None
+    }
+
+
 def write_example_template(directory: Path) -> Path:
     """The example template as a file (`prompt.json` in `directory`), for `aiservices refine`."""
     path = directory / "prompt.json"
@@ -164,6 +227,8 @@ def instructions(
     key: str,
     upstream: str = "a stand-in upstream",
     template: Path | None = None,
+    declared: Sequence[DeclaredToolSpec] = (),
+    tools_file: Path = EXAMPLE_TOOLS_FILE,
 ) -> str:
     """What the demo prints: where it serves, which upstream, the key, and commands that work as
     printed."""
@@ -179,6 +244,9 @@ def instructions(
         lines += [""]
     lines += ["gRPC, with buf curl:"]
     lines += [f"  {command}" for command in buf_commands(target, key)]
+    if declared:
+        lines += ["", f"Declared tools ({tools_file}), with the aiservices command line:"]
+        lines += [f"  {command}" for command in declared_commands(target, key, declared)]
     lines += ["", "Stop with Ctrl-C."]
     return "\n".join(lines)
 
@@ -187,13 +255,23 @@ async def run_demo() -> int:
     keys_file, key = ensure_dev_keys(Path(".dev"))
     # The environment's settings first: they say which upstream, and a bad one stops the demo
     # before anything listens.
-    kind = load_settings(api_keys_file=keys_file).upstream
+    environment = load_settings(api_keys_file=keys_file)
+    kind = environment.upstream
+    tools_file = environment.tools_file or EXAMPLE_TOOLS_FILE
+    specs = load_tools_file(tools_file, reserved_names=frozenset({REFINE_PROMPT_NAME}))
     upstream = StandinUpstream(
-        api_key=DEMO_UPSTREAM_KEY, openai_api_key=DEMO_UPSTREAM_KEY, record=False
+        api_key=DEMO_UPSTREAM_KEY,
+        openai_api_key=DEMO_UPSTREAM_KEY,
+        record=False,
+        apps=app_schemas(specs),
     )
     await upstream.start()
     try:
-        demo_settings = {"api_keys_file": keys_file, **upstream_settings(kind, upstream.url)}
+        demo_settings = {
+            "api_keys_file": keys_file,
+            "tools_file": tools_file,
+            **upstream_settings(kind, upstream.url),
+        }
         settings = load_settings(**demo_settings)
         if settings.mcp_address is None:
             settings = load_settings(**demo_settings, mcp_address=DEMO_MCP_ADDRESS)
@@ -209,7 +287,13 @@ async def run_demo() -> int:
             mcp_url = f"{scheme}://{_url_host(mcp_host)}:{server.mcp_port}/mcp"
         template = write_example_template(keys_file.parent)
         text = instructions(
-            f"{host}:{port}", mcp_url, key, upstream_line(kind, upstream.url), template
+            f"{host}:{port}",
+            mcp_url,
+            key,
+            upstream_line(kind, upstream.url),
+            template,
+            served_specs(kind, specs),
+            tools_file,
         )
         print(text, file=sys.stderr, flush=True)
         await server.serve_until_signalled()
@@ -225,7 +309,7 @@ def _url_host(host: str) -> str:
 def main() -> int:
     try:
         return asyncio.run(run_demo())
-    except (SettingsError, StartupError) as exc:
+    except (SettingsError, StartupError, ToolsFileError) as exc:
         print(f"aiservices: {exc}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,8 @@ from tests.support.servers import ServerThread, make_settings
 ROOT = Path(__file__).resolve().parents[1]
 INSPECTOR = ROOT / ".tools" / "node_modules" / ".bin" / "mcp-inspector"
 TOOL = DEFINITION.name
+# The example tools the demo serves (examples/tools.toml), in the order it prints their calls.
+DECLARED = list(demo.DECLARED_EXAMPLE_ARGUMENTS)
 
 
 @pytest.fixture
@@ -72,18 +74,18 @@ def test_demo_with_upstream_openai_answers_every_printed_command_through_chat_co
     assert lines[1].endswith(f"/v1, model {demo.DEMO_MODEL}")
 
     commands = _printed_commands(lines)
-    assert len(commands) == 7
+    assert len(commands) == 7 + len(DECLARED)
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    listed, called, python, cli_status, cli_refine, status, call_tool = (
+    listed, called, python, cli_status, cli_refine, status, call_tool, *declared = (
         run_printed(command, workdir, demo_environment(tmp_path / "home")) for command in commands
     )
 
-    assert [tool["name"] for tool in json.loads(listed)["tools"]] == [TOOL]
+    assert [tool["name"] for tool in json.loads(listed)["tools"]] == sorted([TOOL, *DECLARED])
     over_mcp: dict[str, Any] = json.loads(called)
     assert over_mcp["isError"] is False
     assert over_mcp["_meta"]["aiservices/trace_id"].startswith("chatcmpl-")
-    assert python.splitlines()[0] == repr([TOOL])
+    assert python.splitlines()[0] == repr(sorted([TOOL, *DECLARED]))
     assert python.splitlines()[1].startswith("False {'messages': [")
     assert json.loads(status)["enabled"] is True
     over_grpc: dict[str, Any] = json.loads(call_tool)
@@ -93,6 +95,13 @@ def test_demo_with_upstream_openai_answers_every_printed_command_through_chat_co
     assert cli_status.splitlines()[:2] == ["enabled   yes", "upstream  openai"]
     assert cli_refine.splitlines()[0] == "--- message 1 (system)"
     assert cli_refine.splitlines()[-1].startswith("summary: ")
+    # The example tools, answered through chat completions with output that fits their schemas.
+    # The command line prints the text block, then the structured content.
+    classified, extracted, generated = declared
+    assert classified.splitlines()[0] == "billing"
+    assert json.loads(classified.partition("\n")[2])["label"] == "billing"
+    assert json.loads(extracted.partition("\n")[2])["fields"][0]["found"] is True
+    assert generated.splitlines()[0] == "example summary"
 
     assert openai_demo.stop() == 0
 

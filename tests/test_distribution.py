@@ -105,6 +105,7 @@ def test_each_wheel_carries_its_metadata_and_only_its_own_package(
         # The stand-in upstream and the demo are development tools: not in the server.
         assert packages == {"aiservices_server"}
         assert "aiservices_server/upstream/prompts/refine-v1.txt" in names
+        assert "aiservices_server/upstream/prompts/refine-v2.txt" in names
         assert f"aiservices-client=={PROJECT_VERSION}" in headers["Requires-Dist"]
     else:
         assert packages == {"aiservices", "aiservices_cli.py"}

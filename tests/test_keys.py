@@ -794,3 +794,12 @@ def test_concurrent_editors_never_lose_an_edit(tmp_path: Path) -> None:
     assert [process.returncode for process in processes] == [0] * len(commands), errors
     ids = KeyStore.from_file(path).ids()
     assert sorted(ids) == sorted(["svc.b_2", *(f"svc-new-{n}" for n in range(6))])
+
+
+def test_a_dotted_key_of_too_many_parts_is_refused_before_toml_reads_it(tmp_path: Path) -> None:
+    """tomllib keeps every prefix of a dotted key: a line of 100,000 parts cost it gigabytes,
+    and the server was killed for its memory instead of printing one line."""
+    text = "[[keys]]\n" + ".".join(["a"] * 100_000) + " = 1\n"
+    assert load_error(tmp_path, text) == (
+        "a dotted key of more than 64 parts (no keys file needs one)"
+    )

@@ -48,6 +48,7 @@ from tests.standin import (
     token_count,
 )
 from tests.standin.__main__ import main as standin_main
+from tests.standin.openai import parse_chat_request
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -459,6 +460,27 @@ def chat_body(
     return body | options
 
 
+def with_user_fields(body: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """``body`` with ``fields`` added to its user message's JSON object."""
+    system, user = body["messages"]
+    content = json.dumps(json.loads(user["content"]) | fields)
+    return body | {"messages": [system, user | {"content": content}]}
+
+
+async def test_chat_reads_test_cases_when_the_user_message_has_them(
+    client: httpx.AsyncClient,
+) -> None:
+    cases = [
+        {"inputs": {"q": "hi"}, "expected_output": "Hello!", "actual_output": "Hi", "note": "n"},
+        {"inputs": {}, "expected_output": ""},
+    ]
+    body = with_user_fields(chat_body(), test_cases=cases)
+    assert parse_chat_request(body).test_cases == tuple(cases)
+    assert parse_chat_request(chat_body()).test_cases == ()
+    reply = await client.post(CHAT_PATH, json=body)
+    assert chat_content(reply)["messages"] == refine_template(json.dumps(TEMPLATE))
+
+
 def chat_content(response: httpx.Response) -> Any:
     """The refinement a chat completion carries, parsed from its message content."""
     return json.loads(response.json()["choices"][0]["message"]["content"])
@@ -516,7 +538,19 @@ def _broken_chat_bodies() -> list[tuple[Any, str]]:
         "messages": [{"role": "user", "content": json.dumps({"prompt_template_json": "{}"})}]
     }
     bad_schema = {"type": "json_schema", "json_schema": {"name": "has space", "schema": {}}}
+    case = {"inputs": {"q": "hi"}, "expected_output": "Hello!"}
+    off_user_message: list[dict[str, Any]] = [
+        {"tone": "formal"},
+        {"test_cases": []},
+        {"test_cases": case},
+        {"test_cases": [case] * 21},
+        {"test_cases": [{**case, "inputs": {"q": 1}}]},
+        {"test_cases": [{"inputs": {}}]},
+        {"test_cases": [{**case, "expected": "x"}]},
+        {"test_cases": [{**case, "note": None}]},
+    ]
     return [
+        *[(with_user_fields(good, **extra), "messages") for extra in off_user_message],
         (["a list"], "body"),
         (good | {"model": ""}, "model"),
         ({k: v for k, v in good.items() if k != "model"}, "model"),

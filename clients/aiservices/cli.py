@@ -27,6 +27,7 @@ from aiservices._cli.inputs import (
     parse_object,
     read_bytes,
     read_text,
+    test_cases_file,
     write_atomically,
 )
 from aiservices._cli.output import (
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "refine a prompt template; prints a diff of its messages and the summary",
         f"  {PROG} refine prompt.json --guidelines 'be concise'\n"
         f"  {PROG} refine prompt.json -o prompt.refined.json\n"
+        f"  {PROG} refine prompt.json --test-cases cases.json\n"
         f"  cat prompt.json | {PROG} refine - --json",
     )
     refine.add_argument("template", metavar="TEMPLATE.json", help="the template file, or - (stdin)")
@@ -204,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidelines", metavar="TEXT", help="what to improve, e.g. 'make it shorter'"
     )
     refine.add_argument("--context", metavar="TEXT", help="background on how the prompt is used")
+    refine.add_argument(
+        "--test-cases",
+        metavar="FILE",
+        help="a JSON list of {inputs, expected_output, actual_output?, note?}: cases the refined "
+        "template should get right (- for stdin)",
+    )
     refine.add_argument(
         "-o", "--output", metavar="FILE", help="write the refined template (other keys kept)"
     )
@@ -360,11 +368,15 @@ def _refine(client: ToolClient, args: argparse.Namespace) -> int:
     source = str(args.template)
     text = read_text(source, "template")
     template = parse_object(text, "stdin" if source == "-" else source)
-    arguments = {"prompt_template_json": text}
+    arguments: dict[str, Any] = {"prompt_template_json": text}
     if args.guidelines is not None:
         arguments["guidelines"] = args.guidelines
     if args.context is not None:
         arguments["context"] = args.context
+    if args.test_cases is not None:
+        if args.test_cases == "-" == source:
+            raise UsageError("the template and --test-cases cannot both be read from stdin")
+        arguments["test_cases"] = test_cases_file(args.test_cases)
     result = _waiting("refining", lambda: client.call_tool(REFINE_TOOL, arguments))
     refined = (result.structured_content or {}).get("messages")
     if not result.is_error and args.output is not None:

@@ -92,7 +92,7 @@ KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
 # A server that keeps handing out cursors would otherwise make list_tools spin forever.
 MAX_PAGES = 1000
 # What one listing may hold in all, pages counted as received: a tool is a few KB
-# (refine_prompt's is 1.4 KB), so these are far past any real catalogue, yet keep a server
+# (refine_prompt's is 2.6 KB), so these are far past any real catalogue, yet keep a server
 # sending big or endless pages from filling the caller's memory (endless 15 MiB pages took 2 GB
 # within the default 10 s timeout).
 MAX_LISTING_BYTES = 4 * 1024 * 1024

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import socket
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -31,7 +33,7 @@ from aiservices_server.core.auth import Authenticator
 from aiservices_server.core.drain import Drain
 from aiservices_server.core.gate import CallGate
 from aiservices_server.core.limits import RateLimits
-from aiservices_server.core.service import ToolService
+from aiservices_server.core.service import ToolService, ToolSet
 from aiservices_server.faces.envelope import Envelope
 from aiservices_server.faces.grpc.auth import AuthenticationInterceptor
 from aiservices_server.faces.grpc.handlers import generic_handler
@@ -48,8 +50,14 @@ from aiservices_server.ratelimit import (
 from aiservices_server.startup import StartupError as StartupError  # noqa: PLC0414 (re-exported)
 from aiservices_server.tls import server_credentials
 from aiservices_server.tools.base import Tool
+from aiservices_server.tools.declared import DeclaredToolSpec, ToolsFileError, load_tools_file
+from aiservices_server.tools.declared_tool import DeclaredUpstream, declared_tools
+from aiservices_server.tools.plugins import ToolContext, load_plugin_tools
+from aiservices_server.tools.refine_prompt import NAME as REFINE_PROMPT_NAME
 from aiservices_server.tools.refine_prompt import OUTPUT_SCHEMA, RefinePromptTool
+from aiservices_server.tools.reload import ToolsReloader
 from aiservices_server.upstream.agenta import AgentaCompletionClient, AgentaRefiner
+from aiservices_server.upstream.chat import OpenAIChat
 from aiservices_server.upstream.http import UpstreamLimits, build_http_transport
 from aiservices_server.upstream.openai import OpenAIRefiner
 from aiservices_server.upstream.refiner import Refiner
@@ -186,12 +194,7 @@ def build_refiner(
     settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
 ) -> Refiner:
     """The adapter of the upstream the settings choose (complete: see `upstream_enabled`)."""
-    limits = UpstreamLimits(
-        timeout=settings.upstream_timeout,
-        max_retries=settings.upstream_retries,
-        max_reply_bytes=settings.upstream_max_reply_bytes,
-        observer=metrics.upstream_request,
-    )
+    limits = upstream_limits(settings, metrics)
     if settings.upstream is UpstreamKind.OPENAI:
         assert settings.openai_base_url and settings.openai_model
         key = settings.openai_api_key
@@ -205,23 +208,118 @@ def build_refiner(
             temperature=settings.openai_temperature,
             max_tokens=settings.openai_max_tokens,
         )
+    client = agenta_client(settings, transport, limits)
+    return AgentaRefiner(client, app=str(settings.refine_prompt_key).strip())
+
+
+def upstream_limits(settings: Settings, metrics: Metrics) -> UpstreamLimits:
+    """The bounds of every upstream request, whichever tool makes it."""
+    return UpstreamLimits(
+        timeout=settings.upstream_timeout,
+        max_retries=settings.upstream_retries,
+        max_reply_bytes=settings.upstream_max_reply_bytes,
+        observer=metrics.upstream_request,
+    )
+
+
+def agenta_client(
+    settings: Settings, transport: httpx.AsyncBaseTransport, limits: UpstreamLimits
+) -> AgentaCompletionClient:
+    """The Agenta completion runner the settings name (complete: see `upstream_enabled`)."""
     assert settings.api_key and settings.api_url
-    client = AgentaCompletionClient(
+    return AgentaCompletionClient(
         transport,
         limits,
         base_url=settings.api_url,
         api_key=settings.api_key.get_secret_value(),
         environment=str(settings.environment_slug).strip(),
     )
-    return AgentaRefiner(client, app=str(settings.refine_prompt_key).strip())
 
 
 def build_tools(
     settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
 ) -> list[Tool]:
-    if not settings.upstream_enabled:
+    """refine_prompt when the upstream is configured, and the tools of the plugins (loaded
+    either way, so a broken plugin stops start-up whatever the upstream settings)."""
+    refiner = build_refiner(settings, transport, metrics) if settings.upstream_enabled else None
+    built: list[Tool] = [] if refiner is None else [RefinePromptTool(refiner)]
+    return [*built, *build_plugin_tools(settings, transport, metrics, refiner)]
+
+
+def build_plugin_tools(
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport,
+    metrics: Metrics,
+    refiner: Refiner | None,
+) -> list[Tool]:
+    """The tools of the plugins PLUGINS selects, each factory given what a tool may use: the
+    shared transport, the upstream limits, the refine port and its own settings from the
+    environment. PluginError (a StartupError, one line naming the plugin) when one fails."""
+    context = ToolContext(
+        plugin="",
+        transport=transport,
+        limits=upstream_limits(settings, metrics),
+        upstream=settings.upstream.value if settings.upstream_enabled else "",
+        refiner=refiner,
+    )
+    return load_plugin_tools(
+        context, selected=settings.plugins, environ=os.environ, reserved_names=BUILT_IN_TOOL_NAMES
+    )
+
+
+BUILT_IN_TOOL_NAMES = frozenset({REFINE_PROMPT_NAME})
+"""Names no declared tool may take, whether or not the built-in tools are served."""
+
+
+def load_declared_tools(
+    settings: Settings, reserved_names: frozenset[str]
+) -> tuple[DeclaredToolSpec, ...]:
+    """The tools TOOLS_FILE declares (none when it is unset); StartupError, the loader's one
+    line naming the file, the tool and the field, for a file that does not load."""
+    if settings.tools_file is None:
+        return ()
+    try:
+        return load_tools_file(settings.tools_file, reserved_names=reserved_names)
+    except ToolsFileError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def build_declared_tools(
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport,
+    metrics: Metrics,
+    specs: Sequence[DeclaredToolSpec],
+) -> list[Tool]:
+    """The declared tools the configured upstream serves, made from their specs; at start-up
+    and at each reload of the tools file. A spec with nothing for the configured upstream
+    (no `messages` for openai, no `agenta_app` for agenta) is left out, with one line saying
+    so. Their upstream clients share `transport` and the upstream limits with refine_prompt."""
+    if not settings.upstream_enabled or not specs:
         return []
-    return [RefinePromptTool(build_refiner(settings, transport, metrics))]
+    limits = upstream_limits(settings, metrics)
+    if settings.upstream is UpstreamKind.OPENAI:
+        assert settings.openai_base_url and settings.openai_model
+        key = settings.openai_api_key
+        chat = OpenAIChat(
+            transport,
+            limits,
+            base_url=settings.openai_base_url,
+            model=settings.openai_model.strip(),
+            api_key=key.get_secret_value() if key else None,
+            temperature=settings.openai_temperature,
+            max_tokens=settings.openai_max_tokens,
+        )
+        upstream = DeclaredUpstream(settings.upstream.value, chat=chat)
+    else:
+        apps = agenta_client(settings, transport, limits)
+        upstream = DeclaredUpstream(settings.upstream.value, apps=apps)
+    tools, left_out = declared_tools(specs, upstream)
+    for tool in left_out:
+        log.warning(
+            "declared tool not served",
+            extra={"tool": tool.name, "reason": tool.reason, "upstream": upstream.name},
+        )
+    return list(tools)
 
 
 def grpc_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
@@ -290,6 +388,7 @@ class AiServicesServer:
         self.metrics_port: int | None = None
         self.mcp_port: int | None = None
         self._keys_reloader: KeysReloader | None = None
+        self._tools_reloader: ToolsReloader[ToolSet] | None = None
         self._refusal_lines: list[LineSampler] = []
         self._nothing_to_reload = LineSampler(
             lambda left_out: log.info(
@@ -302,11 +401,21 @@ class AiServicesServer:
 
     def _build_service(self, settings: Settings, limiter: RateLimiter) -> ToolService:
         metrics = self.metrics
+        declare: Callable[[Sequence[DeclaredToolSpec]], list[Tool]]
         if self._tools is not None:
-            tools = list(self._tools)
+            built = list(self._tools)
+            declare = lambda specs: []  # noqa: E731 (injected tools only)
         else:
-            self._http = build_http_transport(max_connections=settings.upstream_max_connections)
-            tools = build_tools(settings, self._http, metrics)
+            http = self._http = build_http_transport(
+                max_connections=settings.upstream_max_connections
+            )
+            built = build_tools(settings, http, metrics)
+            declare = lambda specs: build_declared_tools(settings, http, metrics, specs)  # noqa: E731
+        reserved = BUILT_IN_TOOL_NAMES | {tool.definition.name for tool in built}
+        # Taken before the file is read, so a change made while it loads is not missed.
+        tools_state = file_state(settings.tools_file) if settings.tools_file else None
+        declared = load_declared_tools(settings, reserved)
+        tools = [*built, *declare(declared)]
         gate = CallGate(
             settings.max_concurrent_calls,
             max_wait=settings.queue_timeout,
@@ -317,12 +426,46 @@ class AiServicesServer:
         default_limit = RateLimit(
             burst=settings.rate_limit_burst, per_minute=settings.rate_limit_per_minute
         )
-        return ToolService(
+        service = ToolService(
             tools,
             enabled=settings.upstream_enabled,
             limits=RateLimits(limiter, default_limit, metrics),
             gate=gate,
             upstream=settings.upstream.value if self._tools is None else "",
+        )
+        if settings.tools_file is not None:
+            self._tools_reloader = self._tools_file_reloader(
+                settings.tools_file, service, built, declare, declared, tools_state, reserved
+            )
+        return service
+
+    @staticmethod
+    def _tools_file_reloader(
+        path: Path,
+        service: ToolService,
+        built: list[Tool],
+        declare: Callable[[Sequence[DeclaredToolSpec]], list[Tool]],
+        declared: tuple[DeclaredToolSpec, ...],
+        state: FileState | None,
+        reserved: frozenset[str],
+    ) -> ToolsReloader[ToolSet]:
+        """The reloader that has the core serve each version of the tools file that loads, in
+        one swap of its whole tool set (the other tools stay as they are). The set is made, and
+        its schemas compiled, off the event loop."""
+
+        def prepare(specs: tuple[DeclaredToolSpec, ...]) -> ToolSet:
+            try:
+                return ToolSet([*built, *declare(specs)])
+            except ValueError as exc:
+                raise ToolsFileError(path, f"cannot serve its tools ({exc})") from None
+
+        return ToolsReloader(
+            path,
+            prepare,
+            service.use_tools,
+            specs=declared,
+            state=state,
+            reserved_names=reserved,
         )
 
     async def start(self) -> int:
@@ -400,6 +543,8 @@ class AiServicesServer:
         await self._start_rate_limit_store()
         if self._keys_reloader is not None:
             self._keys_reloader.start()
+        if self._tools_reloader is not None:
+            self._tools_reloader.start()
 
     def _report_serving(self, settings: Settings, keys: KeyStore | None, *, tls: bool) -> None:
         log.info(
@@ -552,10 +697,13 @@ class AiServicesServer:
         await self.health.set(RATE_LIMIT_HEALTH, status.SERVING if up else status.NOT_SERVING)
 
     def reload_keys(self) -> None:
-        """Reload the keys file soon (SIGHUP); with authentication disabled there is none, and
-        during start-up there is nothing to do: start() reads the file as it is then."""
+        """Reload the keys file and the tools file soon (SIGHUP). With authentication disabled
+        there is no keys file; during start-up there is nothing to do: start() reads the files
+        as they are then."""
+        if self._tools_reloader is not None:
+            self._tools_reloader.request("sighup")
         if self.settings.auth is AuthMode.DISABLED:
-            if self._nothing_to_reload.admit():
+            if self.settings.tools_file is None and self._nothing_to_reload.admit():
                 log.info("nothing to reload: authentication is disabled", extra={"signals": 1})
         elif self._keys_reloader is not None:
             self._keys_reloader.request("sighup")
@@ -603,6 +751,8 @@ class AiServicesServer:
         await self.health.enter_graceful_shutdown()
         if self._keys_reloader is not None:
             await self._keys_reloader.stop()
+        if self._tools_reloader is not None:
+            await self._tools_reloader.stop()
         if self._server is not None:
             drain = self._drain
             in_flight = drain.in_flight

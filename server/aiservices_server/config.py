@@ -50,6 +50,11 @@ class LogLevel(StrEnum):
     ERROR = "ERROR"
 
 
+MAX_PLUGINS_CHARS = 10_000
+"""AGENTA_AI_SERVICES_PLUGINS lists entry point names: a few dozen characters each."""
+PLUGIN_SETTINGS = "PLUGIN_"
+"""`AGENTA_AI_SERVICES_PLUGIN_<NAME>_*` are the settings of plugin NAME, not the server's."""
+
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
 """grpc keeps message limits in a signed 32-bit int."""
 
@@ -215,6 +220,11 @@ class Settings(BaseSettings):
     # Access control.
     auth: AuthMode = AuthMode.KEYS
     api_keys_file: Path | None = None
+    # Declared tools (docs/tools.md): reloaded with the keys file.
+    tools_file: Path | None = None
+    # Tool packages to load (docs/tools.md): entry point names of group `aiservices.tools`,
+    # comma-separated. Unset: every one installed; empty: none.
+    plugins: Annotated[tuple[str, ...] | None, NoDecode] = None
     # Bounded by the limiter's own rule (`_check_rate_limit`), not here.
     rate_limit_burst: int = 10
     rate_limit_per_minute: float = 30.0
@@ -325,6 +335,15 @@ class Settings(BaseSettings):
             return tuple(item.strip() for item in value.split(",") if item.strip())
         return value
 
+    @field_validator("plugins", mode="before")
+    @classmethod
+    def _split_plugins(cls, value: object) -> object:
+        if isinstance(value, str):
+            if len(value) > MAX_PLUGINS_CHARS:
+                raise ValueError(f"must be at most {MAX_PLUGINS_CHARS:,} characters")
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
     @field_validator("mcp_allowed_hosts")
     @classmethod
     def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -381,7 +400,12 @@ class Settings(BaseSettings):
         return SecretStr(key)
 
     @field_validator(
-        "api_keys_file", "tls_cert_file", "tls_key_file", "tls_client_ca_file", mode="before"
+        "api_keys_file",
+        "tools_file",
+        "tls_cert_file",
+        "tls_key_file",
+        "tls_client_ca_file",
+        mode="before",
     )
     @classmethod
     def _blank_path_is_unset(cls, value: object) -> object:
@@ -444,7 +468,7 @@ def unknown_settings(environ: Mapping[str, str]) -> list[tuple[str, str | None]]
         if not upper.startswith(ENV_PREFIX):
             continue
         suffix = upper.removeprefix(ENV_PREFIX)
-        if suffix not in known:
+        if suffix not in known and not suffix.startswith(PLUGIN_SETTINGS):
             # The shared prefix is left out of the comparison: it would make every name "close".
             close = difflib.get_close_matches(suffix, known, n=1) if len(suffix) <= 100 else []
             unknown.append((name, ENV_PREFIX + close[0] if close else None))

@@ -35,6 +35,7 @@ from typing import Any, Final, Self
 from aiohttp import web
 
 from tests.standin import openai
+from tests.standin.schemas import declared_schema, instance, off_schema
 
 __all__ = [
     "AUTO",
@@ -47,6 +48,7 @@ __all__ = [
     "GzipBomb",
     "Hang",
     "Large",
+    "OffSchema",
     "RawBytes",
     "RecordedRequest",
     "Refine",
@@ -216,6 +218,22 @@ class Exchange:
             finish_reason=finish_reason,
         )
 
+    def declared_schema(self) -> dict[str, Any] | None:
+        """The output schema a declared tool's request asks for: from the chat request itself,
+        or the one the stand-in was given for the Agenta app called; None for anything else."""
+        if self.chat:
+            return declared_schema(self.body)
+        app = self.body.get("app") if isinstance(self.body, dict) else None
+        return self.upstream.apps.get(app) if isinstance(app, str) else None
+
+    def declared_body(
+        self, content: str, trace_id: TraceId, finish_reason: str = "stop"
+    ) -> dict[str, Any]:
+        """A declared tool's answer ``content`` in this endpoint's shape."""
+        if self.chat:
+            return self.completion(content, trace_id, finish_reason, prompt_tokens=0)
+        return _envelope(content, trace_id, "trace_id")
+
     async def pause(self, seconds: float | None, gate: Gate | None = None) -> None:
         """Wait (forever when None, or until `gate` opens) in a way ``stop()`` can interrupt, so
         shutdown never blocks."""
@@ -306,7 +324,13 @@ def refined_body(
 ) -> dict[str, Any] | web.StreamResponse:
     """The reply body of a refinement of the request's template (an Agenta envelope or a
     ``chat.completion``), or the error the endpoint gives for a request it cannot read: 422 from
-    Agenta, OpenAI's 400 naming the field. A ``length`` finish cuts the content in half."""
+    Agenta, OpenAI's 400 naming the field. A ``length`` finish cuts the content in half.
+
+    A declared tool's request (see ``tests.standin.schemas``) is answered with an instance of
+    the schema it asks for."""
+    schema = exchange.declared_schema()
+    if schema is not None:
+        return exchange.declared_body(json.dumps(instance(schema)), trace_id, finish_reason)
     if exchange.chat:
         try:
             request = openai.parse_chat_request(exchange.body)
@@ -330,6 +354,22 @@ def refined_body(
         return _json_response(422, {"detail": f"cannot parse prompt template: {exc}"})
     data = json.dumps({"messages": messages, "summary": summary})
     return _envelope(data, trace_id, "trace_id")
+
+
+@dataclass(frozen=True, slots=True)
+class OffSchema(Scenario):
+    """A declared tool's answer that breaks the schema it asks for (``schemas.off_schema``): valid
+    JSON, the wrong value in its first required property. A request that is no declared tool's
+    gets a 501 saying so."""
+
+    trace_id: TraceId = AUTO
+
+    async def respond(self, exchange: Exchange) -> web.StreamResponse:
+        schema = exchange.declared_schema()
+        if schema is None:
+            return exchange.error(501, "stand-in: OffSchema() only answers declared tools")
+        body = exchange.declared_body(json.dumps(off_schema(schema)), self.trace_id)
+        return _json_response(200, body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,6 +658,9 @@ class StandinUpstream:
     """The stand-in upstream on 127.0.0.1 (or ::1), in a loop or its own thread: the Agenta
     completion runner at ``RUN_PATH`` and OpenAI-compatible chat completions at ``CHAT_PATHS``.
 
+    ``apps`` maps an Agenta app's slug to the output schema of the declared tool that runs it,
+    so the Agenta endpoint can answer that tool (see ``tests.standin.schemas``).
+
     ``api_key`` guards the Agenta endpoint (``Authorization: ApiKey KEY``), ``openai_api_key``
     the chat endpoint (``Authorization: Bearer KEY``); each is open when None, as a local model
     server is. With ``reject_json_schema`` every ``json_schema`` request gets the 400 of a server
@@ -638,8 +681,10 @@ class StandinUpstream:
         default: Scenario | None = None,
         record: bool = True,
         backlog: int = 4096,
+        apps: Mapping[str, dict[str, Any]] | None = None,
     ) -> None:
         self._host = check_loopback(host)
+        self.apps: dict[str, dict[str, Any]] = dict(apps or {})
         self._requested_port = port
         self._auth = f"ApiKey {api_key}" if api_key is not None else None
         self._openai_auth = f"Bearer {openai_api_key}" if openai_api_key is not None else None

@@ -9,8 +9,10 @@ exact request the service sent and predict the exact reply:
 - Body: ``model`` (non-empty string) and ``messages`` (a list of ``{role, content}``): a
   ``system`` message with the refine instructions (not checked here), then one ``user`` message
   whose content is a JSON object, as a string, with all three keys always present:
-  ``{"prompt_template_json": str, "guidelines": str, "context": str}`` (``""`` when not given).
-  The last ``user`` message is the one read.
+  ``{"prompt_template_json": str, "guidelines": str, "context": str}`` (``""`` when not given),
+  and ``test_cases`` only when the caller sent test cases: a list of 1 to 20 objects
+  ``{"inputs": {str: str}, "expected_output": str, "actual_output"?: str, "note"?: str}``. No
+  other key. The last ``user`` message is the one read.
 - ``response_format``: ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...},
   "strict": ...}}`` or ``{"type": "json_object"}``; optional ``temperature`` (0 to 2) and
   ``max_tokens`` (a positive integer). ``stream: true`` is refused: the adapter never streams.
@@ -55,6 +57,8 @@ _SCHEMA_NAME_CHARS: Final = frozenset(
 JSON_SCHEMA_REFUSAL: Final = "response_format json_schema is not supported"
 _FORMATS: Final = frozenset({"json_schema", "json_object", "text"})
 _USER_KEYS: Final = ("prompt_template_json", "guidelines", "context")
+_TEST_CASE_KEYS: Final = frozenset({"inputs", "expected_output", "actual_output", "note"})
+_MAX_TEST_CASES: Final = 20
 
 
 class ChatRequestError(ValueError):
@@ -75,6 +79,7 @@ class ChatRequest:
     guidelines: str
     context: str
     prompt_tokens: int
+    test_cases: tuple[dict[str, Any], ...] = ()
 
 
 def token_count(text: str) -> int:
@@ -154,6 +159,38 @@ def _check_options(body: dict[str, Any]) -> None:
         raise ChatRequestError("stream", "the stand-in does not stream")
 
 
+def _is_test_case(case: Any) -> bool:
+    """Whether ``case`` is one test case as the convention above has it."""
+    if not isinstance(case, dict) or set(case) - _TEST_CASE_KEYS:
+        return False
+    inputs = case.get("inputs")
+    return (
+        isinstance(inputs, dict)
+        and all(isinstance(value, str) for value in inputs.values())
+        and isinstance(case.get("expected_output"), str)
+        and all(isinstance(case.get(key, ""), str) for key in ("actual_output", "note"))
+    )
+
+
+def _test_cases(fields: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The user message's test cases (none when the key is absent); ``ChatRequestError`` when
+    the key is there but is not a list of 1 to 20 test cases."""
+    if "test_cases" not in fields:
+        return ()
+    cases = fields["test_cases"]
+    if (
+        not isinstance(cases, list)
+        or not 0 < len(cases) <= _MAX_TEST_CASES
+        or not all(map(_is_test_case, cases))
+    ):
+        raise ChatRequestError(
+            "messages",
+            "test_cases must be a list of 1 to 20 objects with string-valued inputs, a string "
+            "expected_output and optional string actual_output and note",
+        )
+    return tuple(cases)
+
+
 def parse_chat_request(body: Any) -> ChatRequest:
     """Check ``body`` against the convention above; raise ``ChatRequestError`` naming the field."""
     if not isinstance(body, dict):
@@ -181,11 +218,15 @@ def parse_chat_request(body: Any) -> ChatRequest:
         fields = json.loads(user)
     except ValueError:
         fields = None
-    if not isinstance(fields, dict) or any(not isinstance(fields.get(k), str) for k in _USER_KEYS):
+    if (
+        not isinstance(fields, dict)
+        or any(not isinstance(fields.get(k), str) for k in _USER_KEYS)
+        or set(fields) - {*_USER_KEYS, "test_cases"}
+    ):
         raise ChatRequestError(
             "messages",
             "the user message must be a JSON object with string prompt_template_json, "
-            "guidelines and context",
+            "guidelines and context, an optional test_cases and no other key",
         )
     return ChatRequest(
         model=model,
@@ -193,6 +234,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         guidelines=fields["guidelines"],
         context=fields["context"],
         prompt_tokens=sum(token_count(text) for text in texts),
+        test_cases=_test_cases(fields),
     )
 
 

@@ -140,7 +140,8 @@ class ServerProcess:
 
     By default the child is this checkout's server; `command` runs another installation of it
     (an `aiservices-server` script), with nothing of the checkout on its import path.
-    `open_files` sets the child's open-file limit (soft, hard).
+    `open_files` sets the child's open-file limit (soft, hard). `import_path` puts directories
+    before the checkout's on the child's import path (packages installed with `--target`).
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class ServerProcess:
         name: str = "server",
         command: Sequence[str] | None = None,
         open_files: tuple[int, int] | None = None,
+        import_path: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         self.name = name
         self.startup_timeout = startup_timeout
@@ -162,6 +164,10 @@ class ServerProcess:
         self._env = self._child_env(env or {})
         if command is not None:
             del self._env["PYTHONPATH"]
+        if import_path:
+            first = os.pathsep.join(os.fspath(path) for path in import_path)
+            rest = self._env.get("PYTHONPATH")
+            self._env["PYTHONPATH"] = first if rest is None else first + os.pathsep + rest
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None

@@ -43,15 +43,29 @@ def read_text(path: str, what: str) -> str:
         raise UsageError(f"{what} {path} is not UTF-8 text") from None
 
 
-def parse_object(text: str, where: str) -> dict[str, Any]:
+def _parse_json(text: str, where: str) -> Any:
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(
             f"{where} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
+
+
+def parse_object(text: str, where: str) -> dict[str, Any]:
+    value = _parse_json(text, where)
     if not isinstance(value, dict):
         raise UsageError(f"{where} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def test_cases_file(path: str) -> list[Any]:
+    """`refine --test-cases FILE`: a JSON list of test cases, sent as they are (the server
+    checks each against the tool's schema and names the field that is wrong)."""
+    where = f"--test-cases file {path}"
+    value = _parse_json(read_text(path, "--test-cases file"), where)
+    if not isinstance(value, list):
+        raise UsageError(f"{where} must be a JSON list, not {type(value).__name__}")
     return value
 
 

@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError
 from aiservices_server.call import Principal
 from aiservices_server.files import FileTooLarge, NotRegularFile, read_small_file
 from aiservices_server.ratelimit.gcra import RateLimit, RateLimitError, check_rate_limit
+from aiservices_server.tomltext import MAX_KEY_PARTS, has_deep_dotted_key
 
 __all__ = [
     "KEY_ID_PATTERN",
@@ -401,6 +402,11 @@ def load_keys_text(text: str, path: str | os.PathLike[str]) -> list[ApiKey]:
 
     Indexes in messages count `[[keys]]` tables from 0, in file order.
     """
+    if has_deep_dotted_key(text):
+        # tomllib would keep every prefix of the key: a long one costs it gigabytes.
+        raise KeysFileError(
+            path, f"a dotted key of more than {MAX_KEY_PARTS} parts (no keys file needs one)"
+        )
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -61,6 +61,15 @@ def _describe(error: ValidationError, room: int) -> tuple[list[FieldViolation], 
         return violations, len(missing) - len(violations)
     if room <= 0:
         return [], 1
+    if "propertyNames" in error.relative_schema_path:
+        # The value is a key of the object at `field`: said of the object, never quoted.
+        names = {
+            "maxLength": f"holds a name longer than {expected} characters",
+            "minLength": "holds an empty name"
+            if expected == 1
+            else f"holds a name shorter than {expected} characters",
+        }
+        return [FieldViolation(field, names.get(str(rule), f"holds a name that breaks {rule}"))], 0
     if rule == "type":
         types = [expected] if isinstance(expected, str) else list(expected)
         words = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
@@ -74,6 +83,8 @@ def _describe(error: ValidationError, room: int) -> tuple[list[FieldViolation], 
         "minimum": f"must be at least {expected}",
         "maxItems": f"must have at most {expected} items",
         "minItems": f"must have at least {expected} items",
+        "maxProperties": f"must have at most {expected} keys",
+        "minProperties": f"must have at least {expected} keys",
         "pattern": "has an invalid format",
     }
     description = descriptions.get(str(rule), f"breaks the schema rule {rule}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from aiservices_server.call import Call, Principal
@@ -50,6 +50,32 @@ MAX_CURSOR_CHARS = 32
 class ToolPage:
     tools: list[ToolDefinition]
     next_cursor: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One served tool and its input validator, compiled once when the tool set is made."""
+
+    tool: Tool
+    validator: ArgumentValidator
+
+
+class ToolSet:
+    """Tools by name, each with its input validator compiled: made whole before it is served,
+    so a reload can make one off the event loop (compiling hundreds of schemas takes a while)
+    and the service then swaps it in at once (`ToolService.use_tools`). ValueError for a name
+    given twice or a malformed input schema."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self, tools: Sequence[Tool]) -> None:
+        entries: dict[str, _Entry] = {}
+        for tool in tools:
+            name = tool.definition.name
+            if name in entries:
+                raise ValueError(f"tool {name!r} registered twice")
+            entries[name] = _Entry(tool, ArgumentValidator(tool.definition.input_schema))
+        self.entries: Mapping[str, _Entry] = entries
 
 
 def _encode_cursor(offset: int) -> str:
@@ -111,28 +137,35 @@ class ToolService:
         self.upstream = upstream if enabled else ""
         self._limits = limits
         self._gate = gate
-        self._tools: dict[str, Tool] = {}
-        self._validators: dict[str, ArgumentValidator] = {}
-        for tool in tools:
-            name = tool.definition.name
-            if name in self._tools:
-                raise ValueError(f"tool {name!r} registered twice")
-            self._tools[name] = tool
-            self._validators[name] = ArgumentValidator(tool.definition.input_schema)
+        self._entries = ToolSet(tools).entries
+
+    def use_tools(self, tools: ToolSet | Sequence[Tool]) -> None:
+        """Serve `tools` from now on, in place of those served so far (a reload of the tools
+        file). The new set is built whole (names checked, validators compiled; `ToolSet` does
+        that beforehand) and then put in place as one reference, so each call sees either the
+        old set or the new one: a call already past its look-up keeps running the tool it
+        found. ValueError, with the set in use unchanged, for a name given twice or a malformed
+        input schema."""
+        self._entries = (tools if isinstance(tools, ToolSet) else ToolSet(tools)).entries
 
     @property
     def definitions(self) -> list[ToolDefinition]:
         """Every registered tool's definition, whoever may call it."""
-        return [tool.definition for tool in self._tools.values()]
+        return [entry.tool.definition for entry in self._entries.values()]
+
+    def definition(self, name: str) -> ToolDefinition | None:
+        """The definition of the tool served under `name` now, or None."""
+        entry = self._entries.get(name)
+        return None if entry is None else entry.tool.definition
 
     def visible_tools(self, principal: Principal) -> list[ToolDefinition]:
         """The tools this caller may call, in a stable order; none while disabled."""
         if not self.enabled:
             return []
         return [
-            tool.definition
-            for name, tool in sorted(self._tools.items())
-            if principal.may(tool.definition.permission)
+            entry.tool.definition
+            for name, entry in sorted(self._entries.items())
+            if principal.may(entry.tool.definition.permission)
         ]
 
     def list_tools(self, principal: Principal, cursor: str, page_size: int) -> ToolPage:
@@ -150,11 +183,14 @@ class ToolService:
 
     async def call(self, call: Call, name: str, arguments: JsonObject) -> ToolResult:
         check_bounds(arguments)
-        tool = self._look_up(name)
+        # One look-up for the tool and its validator: a reload swapping the set while this
+        # call waits for its charge cannot take either away from it.
+        entry = self._look_up(name)
+        tool = entry.tool
         self._check_permission(call.principal, tool)
         charge = await self._limits.charge(call.principal, name)
         try:
-            checked = self._validators[name].validate(arguments)
+            checked = entry.validator.validate(arguments)
             async with self._gate:
                 result = await self._run(tool, checked, call)
         except Overloaded as refused:
@@ -164,15 +200,15 @@ class ToolService:
             raise error.with_headers(charge.headers()) from None
         return replace(result, headers=charge.headers())
 
-    def _look_up(self, name: str) -> Tool:
+    def _look_up(self, name: str) -> _Entry:
         if not self.enabled:
             raise FeatureDisabled("AI services are not configured on this server")
-        tool = self._tools.get(name)
-        if tool is None:
+        entry = self._entries.get(name)
+        if entry is None:
             shown = name[:MAX_NAME_SHOWN]
             named = repr(name[:_NAME_IN_MESSAGE]) + ("..." if len(name) > _NAME_IN_MESSAGE else "")
             raise ToolNotFound(f"no tool named {named}", metadata={"tool": shown})
-        return tool
+        return entry
 
     @staticmethod
     def _check_permission(principal: Principal, tool: Tool) -> None:

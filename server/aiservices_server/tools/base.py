@@ -3,6 +3,10 @@
 A tool returns a `ToolResult` or raises `ToolFailure` (the tool ran but could not produce a
 result: the caller gets a result with `is_error`, not a refusal). It may also raise a domain
 error (`aiservices_server.errors`) for input only it can judge. Tools never import a transport.
+
+`Tool`, `ToolDefinition`, `ToolAnnotations`, `ToolResult`, `ToolFailure` and `ToolErrorCode`
+are a stable interface: tool packages (docs/tools.md, "Tools as packages") are written against
+them. Fields are only ever added, with defaults, and none changes what it means.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ class ToolErrorCode(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class ToolResult:
-    """A successful call: the summary text shown to people and the structured object.
+    """A successful call: the summary text shown to people and the structured object (which
+    fits the tool's output schema: the tool's promise, not checked by the core).
 
-    `upstream` is the last upstream attempt, for the access log. `headers` are sent with the
-    result (the core adds the rate limit left)."""
+    `trace_id` goes into the result's meta. `upstream` is the last upstream attempt, for the
+    access log. `headers` are sent with the result (the core adds the rate limit left)."""
 
     text: str
     structured: JsonObject
@@ -99,6 +104,13 @@ class ToolAnnotations:
 
 @dataclass(frozen=True)
 class ToolDefinition:
+    """What callers see of a tool, and what the core checks a call against.
+
+    `name` follows the naming rule (lowercase dot-separated parts, like
+    tools.agenta.api.refine_prompt); `input_schema` and `output_schema` are JSON Schema draft
+    2020-12 objects of `type: object` (arguments are validated against the first before `call`
+    runs); `permission` is what a key needs to see and call the tool."""
+
     name: str
     title: str
     description: str
@@ -109,9 +121,16 @@ class ToolDefinition:
 
 
 class Tool(Protocol):
+    """A tool the core serves: its definition (read whenever tools are listed, so it must not
+    change) and the call that runs it."""
+
     @property
     def definition(self) -> ToolDefinition: ...
 
     async def call(self, arguments: JsonObject, call: Call) -> ToolResult:
-        """Run with arguments already validated against `definition.input_schema`."""
+        """Run with arguments already validated against `definition.input_schema`, on the
+        server's event loop (never block it), within `call.time_left()`; cancelled when the
+        caller's deadline passes or the caller goes away. Returns a ToolResult or raises
+        ToolFailure (or a domain error for input only the tool can judge); anything else is
+        INTERNAL to the caller."""
         ...

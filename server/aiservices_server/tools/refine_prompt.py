@@ -10,8 +10,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import orjson
-
 from aiservices_server.call import Call
 from aiservices_server.errors import FieldViolation, InvalidArgument, clip
 from aiservices_server.tools.base import (
@@ -22,6 +20,7 @@ from aiservices_server.tools.base import (
     ToolFailure,
     ToolResult,
 )
+from aiservices_server.tools.outcomes import decode_model_json, upstream_failure
 from aiservices_server.tools.templates import (
     PromptTemplate,
     TemplateError,
@@ -31,11 +30,8 @@ from aiservices_server.tools.templates import (
 from aiservices_server.upstream.refiner import (
     Refiner,
     RefineRequest,
-    UpstreamBadReply,
+    TestCase,
     UpstreamError,
-    UpstreamStatusError,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
 
 NAME = "tools.agenta.api.refine_prompt"
@@ -43,6 +39,17 @@ PERMISSION = "edit_workflows"
 DEFAULT_SUMMARY = "Prompt refined successfully."
 MAX_TEMPLATE_CHARS = 100_000
 MAX_TEXT_CHARS = 10_000
+# Test cases: how many, how many inputs each, and how long an input's name may be (a template
+# variable's name; the core refuses any argument name over 256 characters before this). Every
+# string in a case is at most MAX_TEXT_CHARS. The most values arguments within these bounds hold
+# is 4 + 20 * (1 + 4 + 50) = 1,104, within the core's MAX_ARGUMENT_VALUES (2,000).
+MAX_TEST_CASES = 20
+MAX_TEST_CASE_INPUTS = 50
+MAX_INPUT_NAME_CHARS = 100
+# What all the strings of the test cases, names included, may hold in all: what a model's context
+# holds beside a template, and what keeps encoding them for the upstream (up to 7 bytes a
+# character, JSON inside JSON) within a few milliseconds, whatever MAX_MESSAGE_BYTES allows.
+MAX_TEST_CASES_CHARS = 200_000
 # What refined text may not hold: C0 controls but tab, newline and carriage return; DEL; C1
 # controls; and the bidirectional embeddings, overrides and isolates, which reorder how a line
 # reads. They drive terminals and hide text from the people who read it. One character class:
@@ -75,6 +82,45 @@ INPUT_SCHEMA: JsonObject = {
             "maxLength": MAX_TEXT_CHARS,
             "description": "Background on how the prompt is used.",
         },
+        "test_cases": {
+            "type": "array",
+            "maxItems": MAX_TEST_CASES,
+            "description": (
+                "Cases the refined template should get right: the values of the template's "
+                "variables and the output expected from them. The template is refined to make "
+                "the expected outputs more likely. All their strings, names included, hold at "
+                f"most {MAX_TEST_CASES_CHARS} characters in all."
+            ),
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["inputs", "expected_output"],
+                "properties": {
+                    "inputs": {
+                        "type": "object",
+                        "maxProperties": MAX_TEST_CASE_INPUTS,
+                        "propertyNames": {"minLength": 1, "maxLength": MAX_INPUT_NAME_CHARS},
+                        "additionalProperties": {"type": "string", "maxLength": MAX_TEXT_CHARS},
+                        "description": "The template's variables and their values in this case.",
+                    },
+                    "expected_output": {
+                        "type": "string",
+                        "maxLength": MAX_TEXT_CHARS,
+                        "description": "What the model should answer to these inputs.",
+                    },
+                    "actual_output": {
+                        "type": "string",
+                        "maxLength": MAX_TEXT_CHARS,
+                        "description": "What it answers with the template as it is, if known.",
+                    },
+                    "note": {
+                        "type": "string",
+                        "maxLength": MAX_TEXT_CHARS,
+                        "description": "Why the case matters, or what is wrong with the output.",
+                    },
+                },
+            },
+        },
     },
 }
 
@@ -103,7 +149,9 @@ DEFINITION = ToolDefinition(
     title="Refine prompt",
     description=(
         "Improves a prompt template's messages while keeping their number, their roles and "
-        "every template variable. Returns the refined messages and a short summary."
+        "every template variable, following optional guidelines and context, and making the "
+        "expected outputs of optional test cases more likely. Returns the refined messages and "
+        "a short summary."
     ),
     input_schema=INPUT_SCHEMA,
     output_schema=OUTPUT_SCHEMA,
@@ -143,38 +191,10 @@ def _holds(character: str) -> str:
     return f"holds a {kind} character U+{ord(character):04X}"
 
 
-def _upstream_failure(error: UpstreamError) -> ToolFailure:
-    if isinstance(error, UpstreamTimeout):
-        code = ToolErrorCode.UPSTREAM_TIMEOUT
-    elif isinstance(error, UpstreamUnavailable):
-        code = ToolErrorCode.UPSTREAM_UNAVAILABLE
-    else:
-        code = ToolErrorCode.UPSTREAM_ERROR
-    retryable = error.retryable or isinstance(error, UpstreamUnavailable)
-    if isinstance(error, UpstreamBadReply):
-        retryable = False
-    message = error.message
-    if isinstance(error, UpstreamStatusError) and error.status in (401, 403):
-        message += " (the service's upstream credentials were refused)"
-    return ToolFailure(
-        code, message, retryable=retryable, retry_after=error.retry_after, upstream=error.attempt
-    )
-
-
-def _decode_data(data: Any) -> Any:
-    """`data` is a JSON string (sometimes fenced like a chat answer) or already an object."""
-    if not isinstance(data, str):
-        return data
-    text = data.strip()
-    if text.startswith("```"):
-        text = text.removeprefix("```json").removeprefix("```").removesuffix("```").strip()
-    return orjson.loads(text)
-
-
 def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonObject:
     """The refined object, or ToolFailure(INVALID_MODEL_OUTPUT) saying what is wrong."""
     try:
-        document = _decode_data(data)
+        document = decode_model_json(data)
     except (ValueError, RecursionError):
         raise _invalid_output("it is not valid JSON", trace_id) from None
     if not isinstance(document, dict):
@@ -228,6 +248,34 @@ def check_output(data: Any, source: PromptTemplate, trace_id: str = "") -> JsonO
     return {"messages": refined, "summary": summary.strip() or DEFAULT_SUMMARY}
 
 
+def _test_cases(items: list[JsonObject]) -> tuple[TestCase, ...]:
+    """The test cases, or InvalidArgument when they hold more than MAX_TEST_CASES_CHARS."""
+    cases = tuple(map(_test_case, items))
+    size = sum(
+        sum(len(name) + len(value) for name, value in case.inputs)
+        + len(case.expected_output)
+        + len(case.actual_output or "")
+        + len(case.note or "")
+        for case in cases
+    )
+    if size > MAX_TEST_CASES_CHARS:
+        rule = f"must hold at most {MAX_TEST_CASES_CHARS} characters in all"
+        raise InvalidArgument(f"test_cases {rule}", [FieldViolation("arguments.test_cases", rule)])
+    return cases
+
+
+def _test_case(item: JsonObject) -> TestCase:
+    """A test case from arguments the core has checked against INPUT_SCHEMA; its inputs sorted
+    by name, so the upstream gets the same request whichever face the call came through (a
+    gRPC Struct keeps no order)."""
+    return TestCase(
+        tuple(sorted(item["inputs"].items())),
+        item["expected_output"],
+        actual_output=item.get("actual_output"),
+        note=item.get("note"),
+    )
+
+
 class RefinePromptTool:
     """refine_prompt on any upstream that implements the refine port."""
 
@@ -251,13 +299,14 @@ class RefinePromptTool:
             template_json,
             guidelines=arguments.get("guidelines") or "",
             context=arguments.get("context") or "",
+            test_cases=_test_cases(arguments.get("test_cases", [])),
         )
         try:
             reply = await self._refiner.refine(
                 request, time_left=call.time_left(), traceparent=call.traceparent
             )
         except UpstreamError as error:
-            raise _upstream_failure(error) from None
+            raise upstream_failure(error) from None
         try:
             refined = check_output(reply.output, template, reply.trace_id)
         except ToolFailure as failure:

@@ -2,8 +2,9 @@
 vLLM or Ollama, a LiteLLM gateway, a company proxy.
 
 `POST {base_url}/chat/completions` with the service's own refine instructions as the system
-message (`prompts/refine-v1.txt`, versioned with the package) and the template, guidelines and
-context as the user message, a JSON object. The reply's first choice is the model's answer,
+message (`prompts/refine-v1.txt`, versioned with the package; `refine-v2.txt` for a call with
+test cases) and the template, guidelines and context (and the test cases, when there are any)
+as the user message, a JSON object. The reply's first choice is the model's answer,
 checked by the tool exactly as the Agenta runner's. The response format asks for the tool's
 output JSON Schema; when the endpoint refuses that format, the call is made again with
 `json_object`, and so is every call for the next FORMAT_VERDICT_SECONDS. Only what no caller
@@ -40,8 +41,14 @@ from aiservices_server.upstream.refiner import (
 )
 
 CHAT_PATH = "/chat/completions"
-PROMPT_VERSION = "refine-v1"
-SYSTEM_PROMPT = (Path(__file__).parent / "prompts" / f"{PROMPT_VERSION}.txt").read_text("utf-8")
+# The refine instructions, versioned with the package. A call with test cases is sent the newest,
+# which tells the model what test cases are for; a call without them is sent the one before it,
+# the same words without the test cases, so its request is what it was before they existed.
+PROMPT_VERSION = "refine-v2"
+PROMPT_VERSION_WITHOUT_TEST_CASES = "refine-v1"
+_PROMPTS = Path(__file__).parent / "prompts"
+SYSTEM_PROMPT = (_PROMPTS / f"{PROMPT_VERSION_WITHOUT_TEST_CASES}.txt").read_text("utf-8")
+SYSTEM_PROMPT_WITH_TEST_CASES = (_PROMPTS / f"{PROMPT_VERSION}.txt").read_text("utf-8")
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 # How long a verdict on the JSON Schema format holds, either way: a server can gain or lose
 # structured outputs under a running service (an upgrade, a proxy sending the model elsewhere).
@@ -89,9 +96,13 @@ class OpenAIRefiner:
             "type": "json_schema",
             "json_schema": {"name": "refined_prompt", "strict": True, "schema": output_schema},
         }
-        # The body but the user message is the same for every call: encoded once per format,
-        # as the text before and after that message.
-        self._frames = {schema: self._frame(schema) for schema in (True, False)}
+        # The body but the user message is the same for every call: encoded once per format and
+        # system prompt (with test cases or without), as the text before and after that message.
+        self._frames = {
+            (schema, cases): self._frame(schema, cases)
+            for schema in (True, False)
+            for cases in (True, False)
+        }
         self._clock = clock
         # Until when this model is asked for json_object: the endpoint refused the schema.
         self._json_object_until = -math.inf
@@ -166,23 +177,29 @@ class OpenAIRefiner:
     def _body(
         self, request: RefineRequest, *, json_schema: bool, max_tokens: int | None = None
     ) -> bytes:
-        user = _JSON.encode(
-            {
-                "prompt_template_json": request.template_json,
-                "guidelines": request.guidelines,
-                "context": request.context,
-            }
-        )
+        fields: dict[str, Any] = {
+            "prompt_template_json": request.template_json,
+            "guidelines": request.guidelines,
+            "context": request.context,
+        }
+        cases = bool(request.test_cases)
+        if cases:  # only then: without test cases the message is what it always was
+            fields["test_cases"] = [case.as_object() for case in request.test_cases]
+        user = _JSON.encode(fields)
         if max_tokens is not None:  # the service's own probe: rare, encoded whole
-            return _JSON.encode(self._request(user, json_schema, max_tokens=max_tokens)).encode()
-        before, after = self._frames[json_schema]
+            request_body = self._request(user, json_schema, cases, max_tokens=max_tokens)
+            return _JSON.encode(request_body).encode()
+        before, after = self._frames[json_schema, cases]
         return (before + _JSON.encode(user) + after).encode()
 
-    def _request(self, user: str, json_schema: bool, **options: Any) -> dict[str, Any]:
+    def _request(
+        self, user: str, json_schema: bool, test_cases: bool = False, **options: Any
+    ) -> dict[str, Any]:
+        system = SYSTEM_PROMPT_WITH_TEST_CASES if test_cases else SYSTEM_PROMPT
         return {
             "model": self._model,
             "messages": [
-                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "system", "content": system},
                 {"role": "user", "content": user},
             ],
             "response_format": self._json_schema if json_schema else {"type": "json_object"},
@@ -190,11 +207,11 @@ class OpenAIRefiner:
             **options,
         }
 
-    def _frame(self, json_schema: bool) -> tuple[str, str]:
+    def _frame(self, json_schema: bool, test_cases: bool) -> tuple[str, str]:
         """The encoded request around its user message's JSON string, split at a marker that
         encodes as itself and that no JSON text of a request holds."""
         marker = "\x00user\x00"
-        encoded = _JSON.encode(self._request(marker, json_schema))
+        encoded = _JSON.encode(self._request(marker, json_schema, test_cases))
         before, _, after = encoded.partition(_JSON.encode(marker))
         return before, after
 

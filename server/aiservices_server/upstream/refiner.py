@@ -1,6 +1,6 @@
-"""The port refine_prompt calls, whichever upstream answers it: a template, guidelines and
-context in; the model's raw answer, a trace id and the HTTP attempt out; or an UpstreamError
-saying what went wrong, in words safe to show callers.
+"""The port refine_prompt calls, whichever upstream answers it: a template, guidelines,
+context and test cases in; the model's raw answer, a trace id and the HTTP attempt out; or an
+UpstreamError saying what went wrong, in words safe to show callers.
 
 Adapters: `agenta.AgentaRefiner` (a prompt deployed on an Agenta completion runner) and
 `openai.OpenAIRefiner` (OpenAI-compatible chat completions), beside this module.
@@ -108,10 +108,41 @@ class UpstreamReplyTooLarge(UpstreamBadReply):
 
 
 @dataclass(frozen=True, slots=True)
+class TestCase:
+    """One case the refined template is asked to get right: the values of the template's
+    variables (`inputs`, as name and value pairs, sent in this order), the output the caller
+    expects, and, when given, the output the template gives today and a note on the case.
+    A tuple rather than a dict, so the case cannot change once made."""
+
+    inputs: tuple[tuple[str, str], ...]
+    expected_output: str
+    actual_output: str | None = None
+    note: str | None = None
+
+    def as_object(self) -> dict[str, Any]:
+        """The case as the JSON object both adapters send: `inputs` and `expected_output`,
+        then `actual_output` and `note` only when given, in that order."""
+        found: dict[str, Any] = {
+            "inputs": dict(self.inputs),
+            "expected_output": self.expected_output,
+        }
+        if self.actual_output is not None:
+            found["actual_output"] = self.actual_output
+        if self.note is not None:
+            found["note"] = self.note
+        return found
+
+
+@dataclass(frozen=True, slots=True)
 class RefineRequest:
+    """What a refine is asked: the caller's template as it came, guidelines and context (""
+    when not given) and test cases (empty when none: each adapter then sends exactly what it
+    sent before test cases existed)."""
+
     template_json: str
     guidelines: str = ""
     context: str = ""
+    test_cases: tuple[TestCase, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices_server.core.service import ToolService
+from aiservices_server.faces.definitions import ConvertedDefinitions
 from aiservices_server.faces.envelope import ToolOutcome
 from aiservices_server.faces.grpc.convert import (
     dict_from,
@@ -31,10 +32,8 @@ class ToolServicer:
         self._service = service
         self._log_payloads = log_payloads
         self._max_reply_bytes = max_reply_bytes
-        # The definitions never change while the server runs: converted once.
-        self._messages = {
-            definition.name: tool_message(definition) for definition in service.definitions
-        }
+        # Converted once per definition: a reload of the tools file makes new ones.
+        self._messages = ConvertedDefinitions(tool_message, service.definitions)
 
     def methods(self) -> dict[str, Method]:
         """The handler of each ToolService method, by method name."""
@@ -49,7 +48,7 @@ class ToolServicer:
         return Reply(
             pb.GetStatusResponse(
                 enabled=self._service.enabled,
-                tools=[self._messages[t.name] for t in tools],
+                tools=[self._messages.form(t) for t in tools],
                 upstream=self._service.upstream,
             )
         )
@@ -58,7 +57,7 @@ class ToolServicer:
         page = self._service.list_tools(rpc.call.principal, request.cursor, request.page_size)
         return Reply(
             pb.ListToolsResponse(
-                tools=[self._messages[t.name] for t in page.tools], next_cursor=page.next_cursor
+                tools=[self._messages.form(t) for t in page.tools], next_cursor=page.next_cursor
             )
         )
 

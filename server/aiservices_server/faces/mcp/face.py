@@ -30,6 +30,7 @@ from aiservices_server.core.auth import Authenticator
 from aiservices_server.core.headers import REQUEST_ID_HEADER, Headers, traceparent_in
 from aiservices_server.core.service import MAX_NAME_SHOWN, ToolService
 from aiservices_server.errors import InvalidArgument, ServiceError
+from aiservices_server.faces.definitions import ConvertedDefinitions
 from aiservices_server.faces.envelope import CallRecord, Envelope, ToolOutcome
 from aiservices_server.faces.mcp.answers import (
     BodyTooSlow,
@@ -104,8 +105,13 @@ class McpFace:
         self._envelope = envelope
         self._max_body_bytes = max_body_bytes
         self._log_payloads = log_payloads
-        self._tools = {definition.name: _tool(definition) for definition in service.definitions}
-        schemas = {definition.name: definition.input_schema for definition in service.definitions}
+        # Converted once per definition: a reload of the tools file makes new ones.
+        self._tools = ConvertedDefinitions(_tool, service.definitions)
+
+        def input_schema(name: str) -> dict[str, Any] | None:
+            definition = service.definition(name)
+            return None if definition is None else definition.input_schema
+
         mcp_server: Server[Any] = Server(
             SERVER_NAME,
             version=__version__,
@@ -113,7 +119,7 @@ class McpFace:
             on_call_tool=self._call_tool,
             # The SDK checks a call's parameter headers against the tool's input schema; given
             # here, it need not list the tools for every call to find it.
-            get_tool_input_schema=schemas.get,
+            get_tool_input_schema=input_schema,
         )
         self._holder: asyncio.Future[None] | None = None
         self._stopping = asyncio.Event()
@@ -298,7 +304,7 @@ class McpFace:
             raise self._refusal(exchange, self._envelope.unexpected(exc, exchange.record)) from None
         exchange.record.code = "OK"
         return types.ListToolsResult(
-            tools=[self._tools[t.name] for t in page.tools], next_cursor=page.next_cursor or None
+            tools=[self._tools.form(t) for t in page.tools], next_cursor=page.next_cursor or None
         )
 
     async def _call_tool(

@@ -1,0 +1,313 @@
+"""Structured chat completions: the port a declared tool calls on an OpenAI-compatible upstream,
+and its adapter.
+
+The port: messages in (the tool's, already rendered), the model's answer text, its trace id and
+the HTTP attempt out (a `RefineReply`, the same shape refine_prompt gets), or an UpstreamError.
+What stays the same for every call of one tool (its output schema, its name, the model and its
+options) is given once, when the tool's `StructuredChat` is made (`OpenAIChat.for_tool`), and
+the fixed parts of the request body are encoded then.
+
+The request asks for the tool's output schema as the `json_schema` response format, and falls
+back to `json_object` by the same rules as the refine adapter (`upstream.openai`): only an
+error's structured fields, or a probe of the service's own, decide that the endpoint refuses the
+format, and the verdict holds FORMAT_VERDICT_SECONDS for the model, shared by every tool that
+uses it. In `json_object` mode the model is not given the schema by the response format, so a
+last system message tells it: `SCHEMA_INSTRUCTION` followed by the schema as compact JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import httpx
+
+from aiservices_server.upstream.http import JsonEndpoint, UpstreamLimits
+from aiservices_server.upstream.openai import (
+    CHAT_PATH,
+    FORMAT_VERDICT_SECONDS,
+    _format_verdict,
+    _names_format,
+    parse_chat_completion,
+)
+from aiservices_server.upstream.refiner import RefineReply, UpstreamError, UpstreamStatusError
+
+# json, not orjson: as in the refine adapter, one encoder and no buffer per call.
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+SCHEMA_INSTRUCTION = (
+    "Answer with one JSON object, and nothing else, that matches this JSON Schema: "
+)
+"""The start of the system message that carries the output schema in `json_object` mode."""
+# A json_schema format's name: what OpenAI accepts ([A-Za-z0-9_-], at most 64 characters).
+MAX_FORMAT_NAME_CHARS = 64
+# The probe: a request of the service's own, no caller's words in it; one token is enough, as
+# only the status counts.
+_PROBE_MESSAGES = ({"role": "user", "content": "Hello."},)
+_PROBE_MAX_TOKENS = 1
+# What OpenAI's strict structured outputs take. A schema using anything else (bounds, lengths,
+# formats) is sent with `strict: false`: the format then guides the model, and the tool still
+# checks every answer against the whole schema.
+STRICT_KEYWORDS = frozenset(
+    {
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "enum",
+        "const",
+        "anyOf",
+        "description",
+        "title",
+    }
+)
+
+Message = dict[str, str]
+
+
+class StructuredChat(Protocol):
+    """One tool's chat completions: `messages` (role and content) in, the model's answer out,
+    within `time_left` seconds (None: the adapter's own timeout), `traceparent` passed on;
+    raises UpstreamError."""
+
+    async def complete(
+        self, messages: Sequence[Message], *, time_left: float | None, traceparent: str | None
+    ) -> RefineReply: ...
+
+
+class ChatModels(Protocol):
+    """Where tools' structured chats are made: one per tool, its output schema, name and model
+    options fixed when it is made (see `OpenAIChat.for_tool`)."""
+
+    def for_tool(
+        self,
+        name: str,
+        output_schema: dict[str, Any],
+        *,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> StructuredChat: ...
+
+
+def format_name(tool_name: str) -> str:
+    """The json_schema format's name for a tool: its name with dots as underscores, cut to what
+    OpenAI accepts (tool names hold only a-z 0-9 _ - and dots)."""
+    return tool_name.replace(".", "_")[:MAX_FORMAT_NAME_CHARS]
+
+
+def strict_compatible(schema: Any) -> bool:
+    """Whether `schema` is one OpenAI's strict mode takes: only `STRICT_KEYWORDS`, and every
+    object closed (`additionalProperties: false`) with every property required. Walked with a
+    stack of its own; the loader has bounded the schema's size and depth."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict) or set(node) - STRICT_KEYWORDS:
+            return False
+        properties = node.get("properties")
+        if node.get("type") == "object" or properties is not None:
+            properties = properties or {}
+            if not isinstance(properties, dict) or node.get("additionalProperties") is not False:
+                return False
+            if set(node.get("required") or ()) != set(properties):
+                return False
+            stack.extend(properties.values())
+        if "items" in node:
+            stack.append(node["items"])
+        if "anyOf" in node:
+            if not isinstance(node["anyOf"], list):
+                return False
+            stack.extend(node["anyOf"])
+    return True
+
+
+class _FormatVerdict:
+    """Whether one model at one endpoint takes the json_schema format, as last found: shared by
+    every tool that asks that model, so one refusal moves them all to json_object."""
+
+    __slots__ = ("json_object_until", "probe_accepted_until")
+
+    def __init__(self) -> None:
+        # Until when this model is asked for json_object: the endpoint refused the schema.
+        self.json_object_until = -math.inf
+        # Until when a probe's success stands (see `_OpenAIToolChat._refuses_json_schema`).
+        self.probe_accepted_until = -math.inf
+
+
+class OpenAIChat:
+    """An OpenAI-compatible chat completions endpoint at `base_url`, through the shared
+    transport and limits; `model`, `temperature` and `max_tokens` are the settings' defaults,
+    which a tool may override. `clock` decides how long format verdicts hold (injectable)."""
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport,
+        limits: UpstreamLimits,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._endpoint = JsonEndpoint(
+            transport,
+            base_url.rstrip("/") + CHAT_PATH,
+            limits,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+        )
+        self._model = model
+        self._temperature = temperature
+        self._max_tokens = max_tokens
+        self._clock = clock
+        self._verdicts: dict[str, _FormatVerdict] = {}
+
+    def for_tool(
+        self,
+        name: str,
+        output_schema: dict[str, Any],
+        *,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> StructuredChat:
+        """The structured chat of the tool `name`: its answers asked in `output_schema`, through
+        `model` (default: the settings') with its options (each defaulting to the settings')."""
+        chosen = model or self._model
+        verdict = self._verdicts.setdefault(chosen, _FormatVerdict())
+        options: dict[str, Any] = {}
+        chosen_temperature = self._temperature if temperature is None else temperature
+        if chosen_temperature is not None:
+            options["temperature"] = chosen_temperature
+        chosen_max_tokens = self._max_tokens if max_tokens is None else max_tokens
+        if chosen_max_tokens is not None:
+            options["max_tokens"] = chosen_max_tokens
+        return _OpenAIToolChat(
+            self._endpoint,
+            name=name,
+            output_schema=output_schema,
+            model=chosen,
+            options=options,
+            verdict=verdict,
+            clock=self._clock,
+        )
+
+
+class _OpenAIToolChat:
+    """One tool's structured chat on an OpenAI-compatible endpoint; see the module's words."""
+
+    def __init__(
+        self,
+        endpoint: JsonEndpoint,
+        *,
+        name: str,
+        output_schema: dict[str, Any],
+        model: str,
+        options: dict[str, Any],
+        verdict: _FormatVerdict,
+        clock: Callable[[], float],
+    ) -> None:
+        self._endpoint = endpoint
+        self._verdict = verdict
+        self._clock = clock
+        json_schema = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": format_name(name),
+                "strict": strict_compatible(output_schema),
+                "schema": output_schema,
+            },
+        }
+        self._schema_message: Message = {
+            "role": "system",
+            "content": SCHEMA_INSTRUCTION + _JSON.encode(output_schema),
+        }
+        # Everything but the messages is the same for every call: encoded once per format, as
+        # the text before and after the messages list.
+        marker = "\x00messages\x00"
+        self._frames: dict[bool, tuple[str, str]] = {}
+        for schema, response_format in ((True, json_schema), (False, {"type": "json_object"})):
+            encoded = _JSON.encode(
+                {
+                    "model": model,
+                    "messages": marker,
+                    "response_format": response_format,
+                    **options,
+                }
+            )
+            before, _, after = encoded.partition(_JSON.encode(marker))
+            self._frames[schema] = (before, after)
+        probe = {
+            "model": model,
+            "messages": list(_PROBE_MESSAGES),
+            "response_format": json_schema,
+            **options,
+            "max_tokens": _PROBE_MAX_TOKENS,
+        }
+        self._probe = _JSON.encode(probe).encode()
+
+    def _body(self, messages: Sequence[Message], json_schema: bool) -> bytes:
+        before, after = self._frames[json_schema]
+        sent = list(messages) if json_schema else [*messages, self._schema_message]
+        return (before + _JSON.encode(sent) + after).encode()
+
+    async def complete(
+        self, messages: Sequence[Message], *, time_left: float | None, traceparent: str | None
+    ) -> RefineReply:
+        # One budget for the first request and, should it fall back, the second.
+        timeout = self._endpoint.timeout
+        deadline = time.monotonic() + (timeout if time_left is None else min(timeout, time_left))
+        asked_for_schema = self._clock() >= self._verdict.json_object_until
+        try:
+            answer = await self._endpoint.post(
+                self._body(messages, asked_for_schema),
+                time_left=time_left,
+                traceparent=traceparent,
+            )
+        except UpstreamStatusError as error:
+            if not (
+                asked_for_schema and await self._refuses_json_schema(error, deadline, traceparent)
+            ):
+                raise
+            self._verdict.json_object_until = self._clock() + FORMAT_VERDICT_SECONDS
+            answer = await self._endpoint.post(
+                self._body(messages, False),
+                time_left=deadline - time.monotonic(),
+                traceparent=traceparent,
+            )
+        try:
+            return parse_chat_completion(answer.body, attempt=answer.attempt)
+        except UpstreamError as error:
+            raise error.with_attempt(answer.attempt) from None
+
+    async def _refuses_json_schema(
+        self, error: UpstreamStatusError, deadline: float, traceparent: str | None
+    ) -> bool:
+        """Whether `error` refuses the json_schema format, by the refine adapter's rules: a 400
+        whose structured fields name the format; or one whose message alone names it (it may
+        be the caller's words echoed) when the probe, which holds none, is refused as well."""
+        if error.status != 400:
+            return False
+        verdict = _format_verdict(error.body)
+        if verdict is not None:
+            return verdict
+        if not _names_format(error.body) or self._clock() < self._verdict.probe_accepted_until:
+            return False
+        try:
+            await self._endpoint.post(
+                self._probe, time_left=deadline - time.monotonic(), traceparent=traceparent
+            )
+        except UpstreamStatusError as refused:
+            if refused.status != 400:
+                return False
+            verdict = _format_verdict(refused.body)
+            return _names_format(refused.body) if verdict is None else verdict
+        except UpstreamError:
+            return False  # the probe tells nothing: keep asking for the schema
+        self._verdict.probe_accepted_until = self._clock() + FORMAT_VERDICT_SECONDS
+        return False
