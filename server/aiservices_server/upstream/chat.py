@@ -18,7 +18,6 @@ last system message tells it: `SCHEMA_INSTRUCTION` followed by the schema as com
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -26,14 +25,8 @@ from typing import Any, Protocol
 import httpx
 
 from aiservices_server.upstream.http import JsonEndpoint, UpstreamLimits
-from aiservices_server.upstream.openai import (
-    CHAT_PATH,
-    FORMAT_VERDICT_SECONDS,
-    _format_verdict,
-    _names_format,
-    parse_chat_completion,
-)
-from aiservices_server.upstream.refiner import RefineReply, UpstreamError, UpstreamStatusError
+from aiservices_server.upstream.openai import CHAT_PATH, SchemaFormat, parse_chat_completion
+from aiservices_server.upstream.refiner import RefineReply, UpstreamError
 
 # json, not orjson: as in the refine adapter, one encoder and no buffer per call.
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -125,19 +118,6 @@ def strict_compatible(schema: Any) -> bool:
     return True
 
 
-class _FormatVerdict:
-    """Whether one model at one endpoint takes the json_schema format, as last found: shared by
-    every tool that asks that model, so one refusal moves them all to json_object."""
-
-    __slots__ = ("json_object_until", "probe_accepted_until")
-
-    def __init__(self) -> None:
-        # Until when this model is asked for json_object: the endpoint refused the schema.
-        self.json_object_until = -math.inf
-        # Until when a probe's success stands (see `_OpenAIToolChat._refuses_json_schema`).
-        self.probe_accepted_until = -math.inf
-
-
 class OpenAIChat:
     """An OpenAI-compatible chat completions endpoint at `base_url`, through the shared
     transport and limits; `model`, `temperature` and `max_tokens` are the settings' defaults,
@@ -165,7 +145,7 @@ class OpenAIChat:
         self._temperature = temperature
         self._max_tokens = max_tokens
         self._clock = clock
-        self._verdicts: dict[str, _FormatVerdict] = {}
+        self._formats: dict[str, SchemaFormat] = {}
 
     def for_tool(
         self,
@@ -179,7 +159,9 @@ class OpenAIChat:
         """The structured chat of the tool `name`: its answers asked in `output_schema`, through
         `model` (default: the settings') with its options (each defaulting to the settings')."""
         chosen = model or self._model
-        verdict = self._verdicts.setdefault(chosen, _FormatVerdict())
+        schema_format = self._formats.get(chosen)
+        if schema_format is None:
+            schema_format = self._formats[chosen] = SchemaFormat(self._endpoint, self._clock)
         options: dict[str, Any] = {}
         chosen_temperature = self._temperature if temperature is None else temperature
         if chosen_temperature is not None:
@@ -188,13 +170,11 @@ class OpenAIChat:
         if chosen_max_tokens is not None:
             options["max_tokens"] = chosen_max_tokens
         return _OpenAIToolChat(
-            self._endpoint,
+            schema_format,
             name=name,
             output_schema=output_schema,
             model=chosen,
             options=options,
-            verdict=verdict,
-            clock=self._clock,
         )
 
 
@@ -203,18 +183,14 @@ class _OpenAIToolChat:
 
     def __init__(
         self,
-        endpoint: JsonEndpoint,
+        schema_format: SchemaFormat,
         *,
         name: str,
         output_schema: dict[str, Any],
         model: str,
         options: dict[str, Any],
-        verdict: _FormatVerdict,
-        clock: Callable[[], float],
     ) -> None:
-        self._endpoint = endpoint
-        self._verdict = verdict
-        self._clock = clock
+        self._format = schema_format
         json_schema = {
             "type": "json_schema",
             "json_schema": {
@@ -259,55 +235,13 @@ class _OpenAIToolChat:
     async def complete(
         self, messages: Sequence[Message], *, time_left: float | None, traceparent: str | None
     ) -> RefineReply:
-        # One budget for the first request and, should it fall back, the second.
-        timeout = self._endpoint.timeout
-        deadline = time.monotonic() + (timeout if time_left is None else min(timeout, time_left))
-        asked_for_schema = self._clock() >= self._verdict.json_object_until
-        try:
-            answer = await self._endpoint.post(
-                self._body(messages, asked_for_schema),
-                time_left=time_left,
-                traceparent=traceparent,
-            )
-        except UpstreamStatusError as error:
-            if not (
-                asked_for_schema and await self._refuses_json_schema(error, deadline, traceparent)
-            ):
-                raise
-            self._verdict.json_object_until = self._clock() + FORMAT_VERDICT_SECONDS
-            answer = await self._endpoint.post(
-                self._body(messages, False),
-                time_left=deadline - time.monotonic(),
-                traceparent=traceparent,
-            )
+        answer = await self._format.post(
+            lambda json_schema: self._body(messages, json_schema),
+            self._probe,
+            time_left=time_left,
+            traceparent=traceparent,
+        )
         try:
             return parse_chat_completion(answer.body, attempt=answer.attempt)
         except UpstreamError as error:
             raise error.with_attempt(answer.attempt) from None
-
-    async def _refuses_json_schema(
-        self, error: UpstreamStatusError, deadline: float, traceparent: str | None
-    ) -> bool:
-        """Whether `error` refuses the json_schema format, by the refine adapter's rules: a 400
-        whose structured fields name the format; or one whose message alone names it (it may
-        be the caller's words echoed) when the probe, which holds none, is refused as well."""
-        if error.status != 400:
-            return False
-        verdict = _format_verdict(error.body)
-        if verdict is not None:
-            return verdict
-        if not _names_format(error.body) or self._clock() < self._verdict.probe_accepted_until:
-            return False
-        try:
-            await self._endpoint.post(
-                self._probe, time_left=deadline - time.monotonic(), traceparent=traceparent
-            )
-        except UpstreamStatusError as refused:
-            if refused.status != 400:
-                return False
-            verdict = _format_verdict(refused.body)
-            return _names_format(refused.body) if verdict is None else verdict
-        except UpstreamError:
-            return False  # the probe tells nothing: keep asking for the schema
-        self._verdict.probe_accepted_until = self._clock() + FORMAT_VERDICT_SECONDS
-        return False

@@ -9,7 +9,7 @@ checked by the tool exactly as the Agenta runner's. The response format asks for
 output JSON Schema; when the endpoint refuses that format, the call is made again with
 `json_object`, and so is every call for the next FORMAT_VERDICT_SECONDS. Only what no caller
 can write decides that the format was refused: the error's structured fields, or a probe of the
-service's own (see `OpenAIRefiner._refuses_json_schema`).
+service's own (see `SchemaFormat`, which the declared tools' adapter in `upstream.chat` shares).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, TypeGuard
 import httpx
 
 from aiservices_server.upstream.http import (
+    Answer,
     JsonEndpoint,
     UpstreamLimits,
     check_value_count,
@@ -57,6 +58,81 @@ FORMAT_VERDICT_SECONDS = 600.0
 # token of answer is enough, as only the status counts.
 _PROBE_REQUEST = RefineRequest(json.dumps({"messages": [{"role": "user", "content": "Hello."}]}))
 _PROBE_MAX_TOKENS = 1
+
+
+class SchemaFormat:
+    """Whether one model at one endpoint takes the JSON Schema response format, as last found,
+    and the requests that find out. `post` asks for it and, when the endpoint refuses it, asks
+    again for `json_object`; the verdict holds FORMAT_VERDICT_SECONDS on `clock` either way
+    (injectable, so tests need not wait minutes). One per model, shared by whatever asks it."""
+
+    def __init__(self, endpoint: JsonEndpoint, clock: Callable[[], float]) -> None:
+        self._endpoint = endpoint
+        self._clock = clock
+        # Until when this model is asked for json_object: the endpoint refused the schema.
+        self._json_object_until = -math.inf
+        # Until when a probe's success stands: a 400 whose text alone names the format is then
+        # passed on without another probe, so no caller can have one sent for each of its calls.
+        self._probe_accepted_until = -math.inf
+
+    async def post(
+        self,
+        body: Callable[[bool], bytes],
+        probe: bytes,
+        *,
+        time_left: float | None,
+        traceparent: str | None,
+    ) -> Answer:
+        """The answer to `body(True)` (asking for the schema) or, once the endpoint refused
+        that, to `body(False)` (json_object), both within one budget. `probe` is a request of
+        the service's own asking for the schema, with no caller's words in it."""
+        timeout = self._endpoint.timeout
+        deadline = time.monotonic() + (timeout if time_left is None else min(timeout, time_left))
+        asked_for_schema = self._clock() >= self._json_object_until
+        try:
+            return await self._endpoint.post(
+                body(asked_for_schema), time_left=time_left, traceparent=traceparent
+            )
+        except UpstreamStatusError as error:
+            if not (asked_for_schema and await self._refused(error, probe, deadline, traceparent)):
+                raise
+        self._json_object_until = self._clock() + FORMAT_VERDICT_SECONDS
+        return await self._endpoint.post(
+            body(False), time_left=deadline - time.monotonic(), traceparent=traceparent
+        )
+
+    async def _refused(
+        self, error: UpstreamStatusError, probe: bytes, deadline: float, traceparent: str | None
+    ) -> bool:
+        """Whether `error`, the answer to a request for the JSON Schema format, refuses that
+        format: a 400 whose structured fields name it (`param: "response_format"`, or a `code`
+        such as `unsupported_response_format`), as OpenAI gives.
+
+        A 400 whose message alone names the format may be the caller's own words echoed (a
+        template that mentions `response_format`), so it only counts when the probe, which
+        carries none, is refused as well; `deadline` bounds the probe with the call.
+        """
+        if error.status != 400:
+            return False
+        verdict = _format_verdict(error.body)
+        if verdict is not None:
+            return verdict
+        if not _names_format(error.body) or self._clock() < self._probe_accepted_until:
+            return False
+        try:
+            await self._endpoint.post(
+                probe, time_left=deadline - time.monotonic(), traceparent=traceparent
+            )
+        except UpstreamStatusError as refused:
+            if refused.status != 400:
+                return False
+            # The probe holds no caller's words, so its message can be trusted too.
+            verdict = _format_verdict(refused.body)
+            return _names_format(refused.body) if verdict is None else verdict
+        except UpstreamError:
+            return False  # the probe tells nothing: keep asking for the schema
+        self._probe_accepted_until = self._clock() + FORMAT_VERDICT_SECONDS
+        return False
 
 
 class OpenAIRefiner:
@@ -103,76 +179,22 @@ class OpenAIRefiner:
             for schema in (True, False)
             for cases in (True, False)
         }
-        self._clock = clock
-        # Until when this model is asked for json_object: the endpoint refused the schema.
-        self._json_object_until = -math.inf
-        # Until when a probe's success stands: a 400 whose text alone names the format is then
-        # passed on without another probe, so no caller can have one sent for each of its calls.
-        self._probe_accepted_until = -math.inf
+        self._format = SchemaFormat(self._endpoint, clock)
+        self._probe = self._body(_PROBE_REQUEST, json_schema=True, max_tokens=_PROBE_MAX_TOKENS)
 
     async def refine(
         self, request: RefineRequest, *, time_left: float | None, traceparent: str | None
     ) -> RefineReply:
-        # One budget for the first request and, should it fall back, the second.
-        timeout = self._endpoint.timeout
-        deadline = time.monotonic() + (timeout if time_left is None else min(timeout, time_left))
-        asked_for_schema = self._clock() >= self._json_object_until
-        try:
-            answer = await self._endpoint.post(
-                self._body(request, json_schema=asked_for_schema),
-                time_left=time_left,
-                traceparent=traceparent,
-            )
-        except UpstreamStatusError as error:
-            if not (
-                asked_for_schema and await self._refuses_json_schema(error, deadline, traceparent)
-            ):
-                raise
-            self._json_object_until = self._clock() + FORMAT_VERDICT_SECONDS
-            answer = await self._endpoint.post(
-                self._body(request, json_schema=False),
-                time_left=deadline - time.monotonic(),
-                traceparent=traceparent,
-            )
+        answer = await self._format.post(
+            lambda json_schema: self._body(request, json_schema=json_schema),
+            self._probe,
+            time_left=time_left,
+            traceparent=traceparent,
+        )
         try:
             return parse_chat_completion(answer.body, attempt=answer.attempt)
         except UpstreamError as error:
             raise error.with_attempt(answer.attempt) from None
-
-    async def _refuses_json_schema(
-        self, error: UpstreamStatusError, deadline: float, traceparent: str | None
-    ) -> bool:
-        """Whether `error`, the answer to a request for the JSON Schema format, refuses that
-        format: a 400 whose structured fields name it (`param: "response_format"`, or a `code`
-        such as `unsupported_response_format`), as OpenAI gives.
-
-        A 400 whose message alone names the format may be the caller's own words echoed (a
-        template that mentions `response_format`), so it only counts when the probe, which
-        carries none, is refused as well; `deadline` bounds the probe with the call.
-        """
-        if error.status != 400:
-            return False
-        verdict = _format_verdict(error.body)
-        if verdict is not None:
-            return verdict
-        if not _names_format(error.body) or self._clock() < self._probe_accepted_until:
-            return False
-        try:
-            await self._endpoint.post(
-                self._body(_PROBE_REQUEST, json_schema=True, max_tokens=_PROBE_MAX_TOKENS),
-                time_left=deadline - time.monotonic(),
-                traceparent=traceparent,
-            )
-        except UpstreamStatusError as refused:
-            if refused.status != 400:
-                return False
-            # The probe holds no caller's words, so its message can be trusted too.
-            verdict = _format_verdict(refused.body)
-            return _names_format(refused.body) if verdict is None else verdict
-        except UpstreamError:
-            return False  # the probe tells nothing: keep asking for the schema
-        self._probe_accepted_until = self._clock() + FORMAT_VERDICT_SECONDS
-        return False
 
     def _body(
         self, request: RefineRequest, *, json_schema: bool, max_tokens: int | None = None
