@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 import aiohttp
@@ -58,6 +58,8 @@ class LoadConfig:
     timeout_s: float = 30.0
     server_cpu: int | None = None  # the CPU the server is pinned to
     channels: int = 0  # gRPC channels; 0: 1 to 8, by concurrency
+    tool: str = TOOL_NAME  # which tool a gRPC CallTool calls, with these arguments
+    arguments: dict[str, Any] = field(default_factory=lambda: dict(ARGUMENTS))
 
 
 @dataclass(slots=True)
@@ -82,8 +84,8 @@ def _grpc_call(config: LoadConfig, channel: grpc.aio.Channel, index: int) -> Cal
     user = [("x-agenta-user-id", f"user-{index}")] if config.users else []
     metadata = (("authorization", f"Bearer {config.key}"), *user)
     arguments = struct_pb2.Struct()
-    arguments.update(ARGUMENTS)
-    request = pb.CallToolRequest(name=TOOL_NAME, arguments=arguments)
+    arguments.update(config.arguments)
+    request = pb.CallToolRequest(name=config.tool, arguments=arguments)
     timeout = config.timeout_s
 
     async def call() -> str:

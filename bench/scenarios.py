@@ -212,7 +212,7 @@ class Harness(contextlib.ExitStack):
         }
         if "openai" in options:
             settings |= {"UPSTREAM": "openai", "OPENAI_BASE_URL": f"{url}/v1"}
-            settings["OPENAI_MODEL"] = "stand-in"
+            settings |= {"OPENAI_MODEL": "stand-in", "TOOLS_FILE": str(ROOT / DECLARED_FILE)}
         if mcp_port:
             settings["MCP_ADDRESS"] = f"127.0.0.1:{mcp_port}"
         if "any" in options:  # every core, sharing one budget with the others
@@ -283,6 +283,8 @@ SCENARIOS += ("thousands", "workers")
 FAST = 64  # calls in flight against the instant upstream
 SLOW = 1000  # calls in flight against the 1 s upstream
 HUGE = 10_000  # calls in flight against a 10 s upstream, over 16 channels
+DECLARED_FILE = "examples/tools.toml"  # the upstreams scenario's declared tool, served by openai
+DECLARED_CALL = {"tool": "tools.examples.support.classify_ticket", "arguments": {"ticket": "Hi"}}
 GROWTH_CONCURRENCY = (1, 16, 64, 256)
 GROWTH_IN_FLIGHT = (100, 500, SLOW)  # SLOW last: the slow scenario's row stands in for it
 SATURATED = 0.85  # a process using this share of its core is what limits the run
@@ -303,7 +305,7 @@ class Row:
     rpc: str = "call"  # status or call over gRPC, rest or mcp
     ratio_to: Row | None = None  # its req/s is shown against this row's, in the same rounds
     slow: bool = False
-    channels: int = 0  # gRPC channels (connections); 0: as the load generator chooses
+    load: Json = field(default_factory=dict)  # LoadConfig fields: channels, tool, arguments
     runs: list[LoadResult] = field(default_factory=list)
 
     def median(self, metric: str) -> float | None:
@@ -393,7 +395,7 @@ class Runner:
         def measure(row: Row) -> LoadResult:
             if not row.slow:
                 server = servers[row.server]
-                return self.h.load(server, row.rpc, row.concurrency, False, channels=row.channels)
+                return self.h.load(server, row.rpc, row.concurrency, False, **row.load)
             server = self.h.start(row.server, self.h.slow)
             try:
                 return self.h.load(server, row.rpc, row.concurrency, slow=True)
@@ -448,19 +450,23 @@ class Runner:
         progress(f"upstreams: CallTool through each upstream adapter, {FAST} in flight")
         agenta = Row("service CallTool, Agenta runner", FAST)
         openai = Row("service CallTool, OpenAI-compatible", FAST, "service openai", ratio_to=agenta)
-        self._measure(agenta, openai)
-        ratio = openai.ratio(agenta)
+        label, call = "service CallTool, declared tool, OpenAI-compatible", DECLARED_CALL
+        declared = Row(label, FAST, "service openai", ratio_to=openai, load=call)
+        self._measure(agenta, openai, declared)
+        ratio, declared_ratio = openai.ratio(agenta), declared.ratio(openai)
         inverse = round(1 / ratio, 2) if ratio else None
         targets = [
             target("CallTool req/s, OpenAI-compatible / Agenta runner", ratio, ">=", 0.9),
             target("CallTool req/s, Agenta runner / OpenAI-compatible", inverse, ">=", 0.9),
+            target("CallTool req/s, declared tool / refine_prompt", declared_ratio, ">=", 0.9),
         ]
         note = (
             "The same service and stand-in, refining through the Agenta completion runner's "
-            "endpoint or its OpenAI-compatible chat completions endpoint."
+            "endpoint or its OpenAI-compatible chat completions endpoint; the declared tool is "
+            f"{DECLARED_CALL['tool']} of {DECLARED_FILE}, answered by the stand-in."
         )
         title = "CallTool through each upstream"
-        return scenario("upstreams", title, [agenta, openai], targets, [note])
+        return scenario("upstreams", title, [agenta, openai, declared], targets, [note])
 
     def rest(self) -> Json:
         progress(f"rest: CallTool against the REST design, {FAST} in flight")
@@ -576,9 +582,10 @@ class Runner:
         """CallTool on every core: WORKERS=2 and two replicas behind nginx against one process,
         all sharing one Redis budget, unpinned, beside the load generator."""
         progress(f"workers: CallTool, {FAST} in flight over 16 channels, every core")
-        one = Row("service, 1 process", FAST, "service any", channels=16)
-        two = Row("service, WORKERS=2", FAST, "service any workers", ratio_to=one, channels=16)
-        fronted = Row("2 replicas behind nginx", FAST, "nginx", ratio_to=one, channels=16)
+        wide = {"channels": 16}
+        one = Row("service, 1 process", FAST, "service any", load=wide)
+        two = Row("service, WORKERS=2", FAST, "service any workers", ratio_to=one, load=wide)
+        fronted = Row("2 replicas behind nginx", FAST, "nginx", ratio_to=one, load=wide)
         self._measure(one, two, fronted)
         used = ", ".join(
             f"{r.label} {(r.median('server_util') or 0) + (r.median('client_util') or 0):.2f}"

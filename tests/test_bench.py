@@ -108,6 +108,22 @@ def test_a_quick_workers_run_sets_two_workers_and_nginx_beside_one_process(
     assert "| workers | 2 replicas behind nginx | 64 |" in finished.stdout
 
 
+def test_a_quick_upstreams_run_sets_a_declared_tool_beside_refine_prompt(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    finished = run_bench("--quick", "--only", "upstreams", "--out", str(out))
+
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    results = json.loads(out.read_text())
+    rows = {row["label"]: row for row in results["scenarios"][0]["rows"]}
+    declared = rows["service CallTool, declared tool, OpenAI-compatible"]
+    assert declared["ratio_to"] == "service CallTool, OpenAI-compatible"
+    for label, row in rows.items():
+        assert row["errors"] == {}, label  # the declared tool's answers fit its schema
+        assert row["median"]["rps"] > 0, label
+    targets = {t["name"]: t for t in results["targets"]}
+    assert targets["CallTool req/s, declared tool / refine_prompt"]["value"] == declared["ratio"]
+
+
 def test_an_unknown_scenario_is_refused_before_anything_starts(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     finished = run_bench("--only", "status,nonsense", "--out", str(out))
