@@ -18,6 +18,12 @@ from typing import Any
 import grpc
 import mcp_types as types
 import pytest
+from google.protobuf import json_format
+from google.protobuf.descriptor_pool import DescriptorPool
+from google.protobuf.message_factory import GetMessageClass
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
@@ -58,6 +64,7 @@ from tests.support.processes import REPO_ROOT, ServerProcess, run_printed
 from tests.support.servers import ENVIRONMENT, UPSTREAM_KEY, ServerThread, make_settings
 
 SUMMARIZE = "tools.test.text.summarize"
+SERVICE = "aiservices.v1.ToolService"
 CLASSIFY = "tools.test.support.classify"
 AGENTA_ONLY = "tools.test.only.agenta"
 TIMEOUT = 10.0
@@ -214,6 +221,30 @@ async def test_a_declared_tool_is_listed_and_called_over_both_faces(
             "schema": SUMMARIZE_OUTPUT,
         },
     }
+
+
+def test_a_declared_tool_is_called_through_reflection_as_grpcurl_calls_it(
+    openai_server: ServerThread, keys: TestKeys
+) -> None:
+    """A client with no generated code (grpcurl, buf curl) learns the service by reflection,
+    builds CallTool's messages from the descriptors and calls a declared tool by its name."""
+    with grpc.insecure_channel(openai_server.target) as channel:
+        pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        method = pool.FindServiceByName(SERVICE).FindMethodByName("CallTool")
+        request_class = GetMessageClass(method.input_type)
+        reply_class = GetMessageClass(method.output_type)
+        request = json_format.ParseDict(
+            {"name": SUMMARIZE, "arguments": {"text": "The meeting moved.", "limit": 3}},
+            request_class(),
+        )
+        call = channel.unary_unary(
+            f"/{SERVICE}/CallTool",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=reply_class.FromString,
+        )
+        reply = json_format.MessageToDict(call(request, metadata=bearer(keys.full), timeout=10))
+    assert reply.get("isError") is not True, reply
+    assert reply["structuredContent"] == {"summary": "example summary", "words": 1}
 
 
 async def test_an_argument_that_holds_a_placeholder_is_sent_as_it_is(
