@@ -909,3 +909,30 @@ def test_the_example_in_docs_tools_md_loads_as_described(tmp_path: Path) -> None
     assert render(spec.messages[0].content, {"labels": ["billing", "bug"]}).startswith(
         'Classify the ticket into exactly one of these labels: ["billing","bug"].'
     )
+
+
+def test_tools_whose_definitions_would_not_fit_a_get_status_reply_stop_the_server(
+    tmp_path: Path, keys: TestKeys
+) -> None:
+    """GetStatus lists every tool in one message: a file within its byte bound whose tools
+    encode past MAX_MESSAGE_BYTES (numbers take 9 bytes each in a Struct, 2 to 5 as text) is
+    refused at start-up, not left to fail every GetStatus."""
+    properties = {**INPUT_SCHEMA["properties"], "size": {"type": "number", "enum": [*range(9000)]}}
+    big_enum = {**INPUT_SCHEMA, "properties": properties}
+    tools = [
+        tool(name=f"tools.acme.big.t{n}", input_schema=json.dumps(big_enum)) for n in range(14)
+    ]
+    path = write(tmp_path, tools_text(*tools))
+    assert path.stat().st_size < 1024 * 1024
+    settings = {
+        "API_KEYS_FILE": str(keys.path),
+        "TOOLS_FILE": str(path),
+        "UPSTREAM": "openai",
+        "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "OPENAI_MODEL": "m",
+    }
+    result = run_to_exit(tmp_path, {"GRPC_ADDRESS": "127.0.0.1:0", **settings})
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("aiservices: invalid setting AGENTA_AI_SERVICES_TOOLS_FILE: its tools'")
+    assert line.endswith("a GetStatus reply may hold (AGENTA_AI_SERVICES_MAX_MESSAGE_BYTES)")

@@ -23,6 +23,7 @@ from aiservices.v1 import tool_service_pb2 as pb
 from aiservices_server.auth import KeysFileError, KeyStore
 from aiservices_server.auth.reload import FileState, KeysReloader, file_state
 from aiservices_server.config import (
+    ENV_PREFIX,
     AuthMode,
     EventLoop,
     Settings,
@@ -36,6 +37,7 @@ from aiservices_server.core.limits import RateLimits
 from aiservices_server.core.service import ToolService, ToolSet
 from aiservices_server.faces.envelope import Envelope
 from aiservices_server.faces.grpc.auth import AuthenticationInterceptor
+from aiservices_server.faces.grpc.convert import tool_message
 from aiservices_server.faces.grpc.handlers import generic_handler
 from aiservices_server.faces.grpc.outermost import OutermostInterceptor
 from aiservices_server.faces.grpc.servicer import ToolServicer
@@ -322,6 +324,18 @@ def build_declared_tools(
     return list(tools)
 
 
+def check_status_fits(tools: Sequence[Tool], max_reply_bytes: int) -> None:
+    """GetStatus answers with every tool a caller may see in one message: ValueError when all
+    their definitions together would not fit in one this server may send (MAX_MESSAGE_BYTES),
+    which would fail GetStatus for every caller allowed them all."""
+    size = pb.GetStatusResponse(tools=[tool_message(t.definition) for t in tools]).ByteSize()
+    if size > max_reply_bytes:
+        raise ValueError(
+            f"its tools' definitions take {size} bytes together, over the {max_reply_bytes} "
+            f"a GetStatus reply may hold ({ENV_PREFIX}MAX_MESSAGE_BYTES)"
+        )
+
+
 def grpc_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, int]]:
     """The gRPC listener's bounds: message sizes, connections, how long each may live, and how
     it pings its clients and lets them ping it."""
@@ -416,6 +430,10 @@ class AiServicesServer:
         tools_state = file_state(settings.tools_file) if settings.tools_file else None
         declared = load_declared_tools(settings, reserved)
         tools = [*built, *declare(declared)]
+        try:
+            check_status_fits(tools, settings.max_message_bytes)
+        except ValueError as exc:
+            raise StartupError(f"invalid setting {ENV_PREFIX}TOOLS_FILE: {exc}") from None
         gate = CallGate(
             settings.max_concurrent_calls,
             max_wait=settings.queue_timeout,
@@ -435,7 +453,14 @@ class AiServicesServer:
         )
         if settings.tools_file is not None:
             self._tools_reloader = self._tools_file_reloader(
-                settings.tools_file, service, built, declare, declared, tools_state, reserved
+                settings.tools_file,
+                service,
+                built,
+                declare,
+                declared,
+                tools_state,
+                reserved,
+                settings.max_message_bytes,
             )
         return service
 
@@ -448,6 +473,7 @@ class AiServicesServer:
         declared: tuple[DeclaredToolSpec, ...],
         state: FileState | None,
         reserved: frozenset[str],
+        max_reply_bytes: int,
     ) -> ToolsReloader[ToolSet]:
         """The reloader that has the core serve each version of the tools file that loads, in
         one swap of its whole tool set (the other tools stay as they are). The set is made, and
@@ -455,7 +481,9 @@ class AiServicesServer:
 
         def prepare(specs: tuple[DeclaredToolSpec, ...]) -> ToolSet:
             try:
-                return ToolSet([*built, *declare(specs)])
+                tools = [*built, *declare(specs)]
+                check_status_fits(tools, max_reply_bytes)
+                return ToolSet(tools)
             except ValueError as exc:
                 raise ToolsFileError(path, f"cannot serve its tools ({exc})") from None
 
