@@ -1,4 +1,5 @@
-"""Reading the small files an operator points the server at: the API keys file, certificates.
+"""Reading the small files an operator points the server at: the API keys and tools files,
+certificates.
 
 Each is opened without blocking (a FIFO in its place is refused, not waited on), must be a
 regular file, and is read up to a byte bound: a larger file is the wrong one.
@@ -41,3 +42,34 @@ def read_small_file(
     if len(data) > max_bytes:
         raise FileTooLarge(f"too large (over {max_bytes >> 20} MiB)")
     return data
+
+
+def read_text_file(
+    path: str | os.PathLike[str],
+    max_bytes: int,
+    *,
+    fail: Callable[[str], Exception],
+    check_mode: Callable[[int], None] | None = None,
+) -> str:
+    """An operator's TOML file as text (`read_small_file`, then UTF-8); each way it can fail is
+    raised as `fail(reason)`, the reader's own one-line error saying why."""
+    try:
+        return read_small_file(path, max_bytes, check_mode=check_mode).decode("utf-8")
+    except NotRegularFile as exc:
+        raise fail(f"cannot read it ({exc})") from None
+    except FileTooLarge as exc:
+        raise fail(str(exc)) from None
+    except UnicodeDecodeError:
+        raise fail("not valid TOML (not UTF-8 text)") from None
+    except OSError as exc:
+        raise fail(f"cannot read it ({exc.strerror or exc})") from None
+
+
+def refuse_writable_by_others(mode: int, could_add: str, fail: Callable[[str], Exception]) -> None:
+    """Raise `fail(reason)` when group or others may write the file: they could add
+    `could_add` (a key, a tool) to what the server trusts."""
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise fail(
+            f"is writable by group or others (mode {stat.S_IMODE(mode):04o}), so they could add "
+            f"{could_add}: run chmod go-w on it"
+        )

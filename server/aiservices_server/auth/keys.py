@@ -31,7 +31,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from aiservices_server.call import Principal
-from aiservices_server.files import FileTooLarge, NotRegularFile, read_small_file
+from aiservices_server.files import read_text_file, refuse_writable_by_others
 from aiservices_server.ratelimit.gcra import RateLimit, RateLimitError, check_rate_limit
 from aiservices_server.tomltext import MAX_KEY_PARTS, has_deep_dotted_key
 
@@ -359,12 +359,7 @@ _log = logging.getLogger("aiservices.auth")
 def _check_mode(path: str | os.PathLike[str], mode: int) -> None:
     """Refuse a keys file others may write (they could add a key); warn when others may read it
     (hashes are no keys, but they name every caller and permission)."""
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise KeysFileError(
-            path,
-            f"is writable by group or others (mode {stat.S_IMODE(mode):04o}), so they could add "
-            "a key: run chmod go-w on it",
-        )
+    refuse_writable_by_others(mode, "a key", lambda problem: KeysFileError(path, problem))
     if mode & (stat.S_IRGRP | stat.S_IROTH):
         _log.warning(
             "API keys file is readable by group or others: run chmod go-r on it",
@@ -375,19 +370,12 @@ def _check_mode(path: str | os.PathLike[str], mode: int) -> None:
 def read_keys_text(path: str | os.PathLike[str]) -> str:
     """The keys file's text: at most MAX_KEYS_FILE_BYTES of UTF-8, from a file others cannot
     write; KeysFileError (one line) otherwise."""
-    try:
-        data = read_small_file(
-            path, MAX_KEYS_FILE_BYTES, check_mode=lambda mode: _check_mode(path, mode)
-        )
-        return data.decode("utf-8")
-    except NotRegularFile as exc:
-        raise KeysFileError(path, f"cannot read it ({exc})") from None
-    except FileTooLarge as exc:
-        raise KeysFileError(path, str(exc)) from None
-    except UnicodeDecodeError:
-        raise KeysFileError(path, "not valid TOML (not UTF-8 text)") from None
-    except OSError as exc:
-        raise KeysFileError(path, f"cannot read it ({exc.strerror or exc})") from None
+    return read_text_file(
+        path,
+        MAX_KEYS_FILE_BYTES,
+        fail=lambda problem: KeysFileError(path, problem),
+        check_mode=lambda mode: _check_mode(path, mode),
+    )
 
 
 def load_keys_file(path: str | os.PathLike[str]) -> list[ApiKey]:

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import stat
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import orjson
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from aiservices_server.files import FileTooLarge, NotRegularFile, read_small_file
+from aiservices_server.files import read_text_file, refuse_writable_by_others
 from aiservices_server.tomltext import MAX_KEY_PARTS, has_deep_dotted_key
 from aiservices_server.tools.base import JsonObject, ToolAnnotations, ToolDefinition
 
@@ -705,32 +704,20 @@ def _tool(entry: Mapping[str, Any], name: str) -> DeclaredToolSpec:
 # --- the file --------------------------------------------------------------------------------
 
 
-def _check_mode(path: str | os.PathLike[str], mode: int) -> None:
-    """Refuse a tools file others may write: they could add tools that reach the upstream."""
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ToolsFileError(
-            path,
-            f"is writable by group or others (mode {stat.S_IMODE(mode):04o}), so they could add "
-            "a tool: run chmod go-w on it",
-        )
-
-
 def read_tools_text(path: str | os.PathLike[str]) -> str:
-    """The tools file's text: a regular file others cannot write, at most MAX_TOOLS_FILE_BYTES
-    of UTF-8 (at most one byte more is read); ToolsFileError (one line) otherwise."""
-    try:
-        data = read_small_file(
-            path, MAX_TOOLS_FILE_BYTES, check_mode=lambda mode: _check_mode(path, mode)
-        )
-        return data.decode("utf-8")
-    except NotRegularFile as exc:
-        raise ToolsFileError(path, f"cannot read it ({exc})") from None
-    except FileTooLarge as exc:
-        raise ToolsFileError(path, str(exc)) from None
-    except UnicodeDecodeError:
-        raise ToolsFileError(path, "not valid TOML (not UTF-8 text)") from None
-    except OSError as exc:
-        raise ToolsFileError(path, f"cannot read it ({exc.strerror or exc})") from None
+    """The tools file's text: a regular file others cannot write (they could add tools that
+    reach the upstream), at most MAX_TOOLS_FILE_BYTES of UTF-8 (at most one byte more is
+    read); ToolsFileError (one line) otherwise."""
+
+    def fail(problem: str) -> ToolsFileError:
+        return ToolsFileError(path, problem)
+
+    return read_text_file(
+        path,
+        MAX_TOOLS_FILE_BYTES,
+        fail=fail,
+        check_mode=lambda mode: refuse_writable_by_others(mode, "a tool", fail),
+    )
 
 
 def _toml_problem(exc: tomllib.TOMLDecodeError) -> str:
