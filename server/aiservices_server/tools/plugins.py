@@ -32,6 +32,13 @@ from aiservices_server.errors import clip
 from aiservices_server.startup import StartupError
 from aiservices_server.tools.base import Tool, ToolAnnotations, ToolDefinition
 from aiservices_server.tools.declared import (
+    MAX_DESCRIPTION_CHARS,
+    MAX_PERMISSION_CHARS,
+    MAX_SCHEMA_DEPTH,
+    MAX_SCHEMA_INTEGER,
+    MAX_SCHEMA_VALUES,
+    MAX_TITLE_CHARS,
+    MAX_TOOLS,
     TOOL_NAME_RULE,
     Problem,
     check_keywords,
@@ -57,15 +64,8 @@ PLUGINS_SETTING = "AGENTA_AI_SERVICES_PLUGINS"
 PLUGIN_SETTINGS_PREFIX = "AGENTA_AI_SERVICES_PLUGIN_"
 MAX_PLUGIN_SETTINGS_BYTES = 64 * 1024
 """A plugin's settings, names and values together (UTF-8): plenty for keys, URLs and knobs."""
-MAX_TOOLS_PER_PLUGIN = 500
-"""As many as a tools file may declare."""
-MAX_TITLE_CHARS = 200
-MAX_DESCRIPTION_CHARS = 10_000
-MAX_PERMISSION_CHARS = 128
-MAX_SCHEMA_DEPTH = 32
-MAX_SCHEMA_VALUES = 10_000
-MAX_SCHEMA_INTEGER = 2**53
-"""Schemas travel as protobuf Structs, whose numbers are doubles."""
+MAX_TOOLS_PER_PLUGIN = MAX_TOOLS
+"""As many as a tools file may declare; a plugin's tools have a tools file's other bounds."""
 MAX_SHOWN_CHARS = 200
 """An exception's message, a name or a type in a failure line, at most."""
 log = logging.getLogger("aiservices.tools")
