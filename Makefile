@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # --locked: refuses to install when uv.lock and a pyproject.toml disagree (run `make lock`).
 $(STAMP): $(UV) uv.lock pyproject.toml clients/pyproject.toml
-	$(UV) sync --locked --quiet --python $(PYTHON)
+	$(UV) sync --locked --quiet --extra otel --python $(PYTHON)
 	touch $(STAMP)
 
 $(UV):
@@ -85,12 +85,13 @@ bench: install
 
 # What a deployment installs, into $(DIST): the server's and the client's wheels (built from
 # their sdists, which land there too, so nothing is built inside the checkout), and
-# constraints.txt, the versions uv.lock holds for what they depend on (docs/operations.md).
+# constraints.txt, the versions uv.lock holds for what they depend on, the `otel` extra included
+# (docs/operations.md).
 DIST ?= dist
 dist: $(UV)
 	rm -f $(DIST)/*.whl $(DIST)/*.tar.gz $(DIST)/constraints.txt
 	$(UV) build --quiet --python $(PYTHON) --all-packages --out-dir $(DIST)
-	$(UV) export --frozen --quiet --no-default-groups --no-emit-workspace --no-hashes \
+	$(UV) export --frozen --quiet --no-default-groups --all-extras --no-emit-workspace --no-hashes \
 	  --output-file $(DIST)/constraints.txt
 
 clean:

@@ -58,6 +58,7 @@ from aiservices_server.tools.plugins import ToolContext, load_plugin_tools
 from aiservices_server.tools.refine_prompt import NAME as REFINE_PROMPT_NAME
 from aiservices_server.tools.refine_prompt import OUTPUT_SCHEMA, RefinePromptTool
 from aiservices_server.tools.reload import ToolsReloader
+from aiservices_server.tracing import NO_TRACER, Tracer, from_environment, shutdown_within
 from aiservices_server.upstream.agenta import AgentaCompletionClient, AgentaRefiner
 from aiservices_server.upstream.chat import OpenAIChat
 from aiservices_server.upstream.http import UpstreamLimits, build_http_transport
@@ -193,10 +194,13 @@ def listen_grpc(
 
 
 def build_refiner(
-    settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport,
+    metrics: Metrics,
+    tracer: Tracer = NO_TRACER,
 ) -> Refiner:
     """The adapter of the upstream the settings choose (complete: see `upstream_enabled`)."""
-    limits = upstream_limits(settings, metrics)
+    limits = upstream_limits(settings, metrics, tracer)
     if settings.upstream is UpstreamKind.OPENAI:
         assert settings.openai_base_url and settings.openai_model
         key = settings.openai_api_key
@@ -214,13 +218,17 @@ def build_refiner(
     return AgentaRefiner(client, app=str(settings.refine_prompt_key).strip())
 
 
-def upstream_limits(settings: Settings, metrics: Metrics) -> UpstreamLimits:
-    """The bounds of every upstream request, whichever tool makes it."""
+def upstream_limits(
+    settings: Settings, metrics: Metrics, tracer: Tracer = NO_TRACER
+) -> UpstreamLimits:
+    """The bounds of every upstream request, whichever tool makes it; each attempt is counted
+    in `metrics` and, when traces are on, is a client span of `tracer`."""
     return UpstreamLimits(
         timeout=settings.upstream_timeout,
         max_retries=settings.upstream_retries,
         max_reply_bytes=settings.upstream_max_reply_bytes,
         observer=metrics.upstream_request,
+        tracer=tracer,
     )
 
 
@@ -239,13 +247,17 @@ def agenta_client(
 
 
 def build_tools(
-    settings: Settings, transport: httpx.AsyncBaseTransport, metrics: Metrics
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport,
+    metrics: Metrics,
+    tracer: Tracer = NO_TRACER,
 ) -> list[Tool]:
     """refine_prompt when the upstream is configured, and the tools of the plugins (loaded
     either way, so a broken plugin stops start-up whatever the upstream settings)."""
-    refiner = build_refiner(settings, transport, metrics) if settings.upstream_enabled else None
+    enabled = settings.upstream_enabled
+    refiner = build_refiner(settings, transport, metrics, tracer) if enabled else None
     built: list[Tool] = [] if refiner is None else [RefinePromptTool(refiner)]
-    return [*built, *build_plugin_tools(settings, transport, metrics, refiner)]
+    return [*built, *build_plugin_tools(settings, transport, metrics, refiner, tracer)]
 
 
 def build_plugin_tools(
@@ -253,6 +265,7 @@ def build_plugin_tools(
     transport: httpx.AsyncBaseTransport,
     metrics: Metrics,
     refiner: Refiner | None,
+    tracer: Tracer = NO_TRACER,
 ) -> list[Tool]:
     """The tools of the plugins PLUGINS selects, each factory given what a tool may use: the
     shared transport, the upstream limits, the refine port and its own settings from the
@@ -260,7 +273,7 @@ def build_plugin_tools(
     context = ToolContext(
         plugin="",
         transport=transport,
-        limits=upstream_limits(settings, metrics),
+        limits=upstream_limits(settings, metrics, tracer),
         upstream=settings.upstream.value if settings.upstream_enabled else "",
         refiner=refiner,
     )
@@ -291,6 +304,7 @@ def build_declared_tools(
     transport: httpx.AsyncBaseTransport,
     metrics: Metrics,
     specs: Sequence[DeclaredToolSpec],
+    tracer: Tracer = NO_TRACER,
 ) -> list[Tool]:
     """The declared tools the configured upstream serves, made from their specs; at start-up
     and at each reload of the tools file. A spec with nothing for the configured upstream
@@ -298,7 +312,7 @@ def build_declared_tools(
     so. Their upstream clients share `transport` and the upstream limits with refine_prompt."""
     if not settings.upstream_enabled or not specs:
         return []
-    limits = upstream_limits(settings, metrics)
+    limits = upstream_limits(settings, metrics, tracer)
     if settings.upstream is UpstreamKind.OPENAI:
         assert settings.openai_base_url and settings.openai_model
         key = settings.openai_api_key
@@ -388,11 +402,16 @@ class AiServicesServer:
         self._server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
+        # Traces, when the OTEL_* variables ask for them (tracing.from_environment).
+        self.tracer = from_environment(os.environ, on_dropped=self.metrics.spans_dropped.inc)
         self._drain = Drain()
         self._signalled = asyncio.Event()
         self._handling_signals = False
         self._envelope = Envelope(
-            self.metrics, self._drain, unauthenticated_lines=unauthenticated_lines
+            self.metrics,
+            self._drain,
+            unauthenticated_lines=unauthenticated_lines,
+            tracer=self.tracer,
         )
         self._outermost = OutermostInterceptor(self._envelope)
         self._unauthenticated_lines = self._envelope.unauthenticated_lines
@@ -423,8 +442,9 @@ class AiServicesServer:
             http = self._http = build_http_transport(
                 max_connections=settings.upstream_max_connections
             )
-            built = build_tools(settings, http, metrics)
-            declare = lambda specs: build_declared_tools(settings, http, metrics, specs)  # noqa: E731
+            tracer = self.tracer
+            built = build_tools(settings, http, metrics, tracer)
+            declare = lambda specs: build_declared_tools(settings, http, metrics, specs, tracer)  # noqa: E731
         reserved = BUILT_IN_TOOL_NAMES | {tool.definition.name for tool in built}
         # Taken before the file is read, so a change made while it loads is not missed.
         tools_state = file_state(settings.tools_file) if settings.tools_file else None
@@ -548,7 +568,10 @@ class AiServicesServer:
         """The gRPC server with the ToolService behind its interceptors, health and (when the
         settings say so) reflection; not listening yet."""
         servicer = ToolServicer(
-            service, log_payloads=settings.log_payloads, max_reply_bytes=settings.max_message_bytes
+            service,
+            log_payloads=settings.log_payloads,
+            max_reply_bytes=settings.max_message_bytes,
+            tracer=self.tracer,
         )
         server = grpc.aio.server(options=grpc_options(settings, reuse_port=self.reuse_port))
         authentication = AuthenticationInterceptor(authenticator)
@@ -804,5 +827,7 @@ class AiServicesServer:
         self._unauthenticated_lines.flush()
         for lines in (*self._refusal_lines, self._nothing_to_reload):
             lines.flush()
+        # Spans still queued go out within what is left of the grace period (a second at least).
+        shutdown_within(self.tracer, max(1.0, deadline - time.monotonic()))
         self.metrics.close()
         log.info("stopped")

@@ -210,6 +210,12 @@ class Metrics:
             ("listener",),
             registry=registry,
         )
+        self.spans_dropped = Counter(
+            "aiservices_trace_spans_dropped",
+            "Trace spans not exported: the export queue was full, or the collector did not "
+            "take them (down, slow or refusing). Calls never wait for the collector.",
+            registry=registry,
+        )
         for reason in UNAUTHENTICATED_REASONS:
             self.unauthenticated_refusals.labels(reason)  # exported as 0 from the start
         self._http: WSGIServer | None = None

@@ -142,6 +142,7 @@ class ServerProcess:
     (an `aiservices-server` script), with nothing of the checkout on its import path.
     `open_files` sets the child's open-file limit (soft, hard). `import_path` puts directories
     before the checkout's on the child's import path (packages installed with `--target`).
+    `variables` are set as named, no prefix added (`OTEL_EXPORTER_OTLP_ENDPOINT`, ...).
     """
 
     def __init__(
@@ -154,6 +155,7 @@ class ServerProcess:
         command: Sequence[str] | None = None,
         open_files: tuple[int, int] | None = None,
         import_path: Sequence[str | os.PathLike[str]] = (),
+        variables: Mapping[str, str] | None = None,
     ) -> None:
         self.name = name
         self.startup_timeout = startup_timeout
@@ -161,7 +163,7 @@ class ServerProcess:
         if open_files is not None:
             self._command = with_open_files_limit(*open_files, command=self._command)
         self._args = list(args)
-        self._env = self._child_env(env or {})
+        self._env = {**self._child_env(env or {}), **(variables or {})}
         if command is not None:
             del self._env["PYTHONPATH"]
         if import_path:

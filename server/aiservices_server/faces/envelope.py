@@ -7,22 +7,29 @@ answer has gone out. The access line and the metrics are decided there, from the
 so what the caller saw, the log and the metrics agree, and both faces use the same words: the
 gRPC code name (`OK`, `RESOURCE_EXHAUSTED`, ...) for how the request ended, and `outcome`, OK or
 the tool error code, for a tool call that ran.
+
+When traces are on (`tracing`), the record holds the call's server span, started with the record
+and ended with it, described from the record alone too; `traced_tool_call` is the tool span both
+faces run a tool call in.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiservices_server import errors
-from aiservices_server.call import Principal
+from aiservices_server.call import Call, Principal
 from aiservices_server.core.drain import Drain
-from aiservices_server.core.headers import Headers, request_id_for
-from aiservices_server.core.service import MAX_NAME_SHOWN
+from aiservices_server.core.headers import Headers, request_id_for, traceparent_in
+from aiservices_server.core.service import MAX_NAME_SHOWN, ToolService
 from aiservices_server.logs import LineSampler
-from aiservices_server.metrics import Metrics, RpcLabels
+from aiservices_server.metrics import Metrics, RpcLabels, rpc_labels
+from aiservices_server.tools.base import JsonObject, ToolFailure, ToolResult
+from aiservices_server.tracing import NO_SPAN, NO_TRACER, Span, Tracer
 from aiservices_server.upstream.refiner import UpstreamAttempt
 
 access_log = logging.getLogger("aiservices.access")
@@ -75,6 +82,7 @@ class CallRecord:
     tool: str | None = None
     outcome: ToolOutcome | None = None
     labels: RpcLabels = ("", "", "")  # the gRPC method's metric labels, found once per call
+    span: Span = NO_SPAN  # the server span, when traces are on
 
     def refused(self, error: errors.ServiceError) -> None:
         """The request ended with `error`: its code, and its key when it named one."""
@@ -94,10 +102,16 @@ class Envelope:
     one."""
 
     def __init__(
-        self, metrics: Metrics, drain: Drain, *, unauthenticated_lines: LineSampler | None = None
+        self,
+        metrics: Metrics,
+        drain: Drain,
+        *,
+        unauthenticated_lines: LineSampler | None = None,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
         self.metrics = metrics
         self.drain = drain
+        self.tracer = tracer
         self.unauthenticated_lines = unauthenticated_lines or LineSampler(
             log_suppressed_unauthenticated
         )
@@ -107,6 +121,8 @@ class Envelope:
         record = CallRecord(transport, method, request_id_for(headers), time.perf_counter())
         if transport == "grpc":
             record.labels = self.metrics.rpc_started(method)
+        if self.tracer.enabled:
+            record.span = _server_span(self.tracer, transport, method, headers)
         return record
 
     def unexpected(self, exc: BaseException, record: CallRecord) -> errors.Internal:
@@ -127,6 +143,8 @@ class Envelope:
         outcome = record.outcome
         if outcome is not None and record.tool is not None:
             metrics.tool_call(record.tool, outcome.code, key_id, record.transport, outcome.upstream)
+        if record.span.recording:
+            _end_server_span(record)
         if record.code == "UNAUTHENTICATED" and not self.unauthenticated_lines.admit():
             return
         if access_log.isEnabledFor(logging.INFO):
@@ -164,4 +182,98 @@ def _access_fields(record: CallRecord, key_id: str, duration: float) -> dict[str
             fields["trace_id"] = outcome.trace_id
         if outcome.payload is not None:
             fields["payload"] = outcome.payload
+    ids = record.span.ids()
+    if ids is not None:
+        fields["otel_trace_id"], fields["otel_span_id"] = ids
     return fields
+
+
+# gRPC's status codes by name, for `rpc.grpc.status_code`.
+_GRPC_CODES = {
+    name: number
+    for number, name in enumerate(
+        [
+            "OK",
+            "CANCELLED",
+            "UNKNOWN",
+            "INVALID_ARGUMENT",
+            "DEADLINE_EXCEEDED",
+            "NOT_FOUND",
+            "ALREADY_EXISTS",
+            "PERMISSION_DENIED",
+            "RESOURCE_EXHAUSTED",
+            "FAILED_PRECONDITION",
+            "ABORTED",
+            "OUT_OF_RANGE",
+            "UNIMPLEMENTED",
+            "INTERNAL",
+            "UNAVAILABLE",
+            "DATA_LOSS",
+            "UNAUTHENTICATED",
+        ]
+    )
+}
+
+
+def _server_span(tracer: Tracer, transport: str, method: str, headers: Headers) -> Span:
+    """The server span of a request just arrived, child of the caller's traceparent."""
+    parent = traceparent_in(headers)
+    if transport == "grpc":
+        _, service, name = rpc_labels(method)
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        return tracer.server(method.lstrip("/"), parent, attributes)
+    return tracer.server(
+        "POST /mcp",
+        parent,
+        {"http.request.method": "POST", "url.path": "/mcp", "network.protocol.name": "http"},
+    )
+
+
+def _end_server_span(record: CallRecord) -> None:
+    """Describes the server span from the record (never arguments or prompt text) and ends
+    it; a request that did not end OK is a failed span with its code as `error.type`."""
+    span = record.span
+    if record.transport == "grpc":
+        span.set({"rpc.grpc.status_code": _GRPC_CODES.get(record.code, 2)})
+    elif record.method != "http":
+        named = f"{record.method} {record.tool[:MAX_NAME_SHOWN]}" if record.tool else record.method
+        span.rename(named)
+        span.set({"mcp.method.name": record.method})
+    if record.tool:
+        span.set({"gen_ai.tool.name": record.tool[:MAX_NAME_SHOWN]})
+    if record.outcome is not None:
+        span.set({"aiservices.tool.outcome": record.outcome.code})
+    span.end(None if record.code == "OK" else record.code)
+
+
+async def traced_tool_call(
+    tracer: Tracer, service: ToolService, call: Call, name: str, arguments: JsonObject
+) -> ToolResult:
+    """`service.call`, in a tool span (child of the call's server span) when traces are on;
+    the upstream's client spans are its children. A tool failure or a refusal fails the span
+    with the tool error code or the refusal's code as `error.type`."""
+    if not tracer.enabled:
+        return await service.call(call, name, arguments)
+    shown = name[:MAX_NAME_SHOWN]
+    span = tracer.child(
+        f"execute_tool {shown}",
+        call.traceparent,
+        {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": shown},
+        client=False,
+    )
+    error_type: str | None = None
+    try:
+        return await service.call(
+            replace(call, traceparent=span.traceparent(None)), name, arguments
+        )
+    except ToolFailure as failure:
+        error_type = failure.code.value
+        raise
+    except errors.ServiceError as refusal:
+        error_type = code_of(refusal)
+        raise
+    except BaseException as exc:
+        error_type = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
+        raise
+    finally:
+        span.end(error_type)

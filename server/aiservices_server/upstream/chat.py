@@ -24,7 +24,12 @@ from typing import Any, Protocol
 
 import httpx
 
-from aiservices_server.upstream.http import JsonEndpoint, UpstreamLimits
+from aiservices_server.upstream.http import (
+    MAX_SPAN_TEXT,
+    JsonEndpoint,
+    UpstreamLimits,
+    chat_reply_attributes,
+)
 from aiservices_server.upstream.openai import CHAT_PATH, SchemaFormat, parse_chat_completion
 from aiservices_server.upstream.refiner import RefineReply, UpstreamError
 
@@ -140,6 +145,12 @@ class OpenAIChat:
             base_url.rstrip("/") + CHAT_PATH,
             limits,
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            span_attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": model[:MAX_SPAN_TEXT],
+            },
+            describe_reply=chat_reply_attributes,
         )
         self._model = model
         self._temperature = temperature

@@ -25,6 +25,7 @@ import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
+from aiservices_server.tracing import NO_TRACER, Attributes, AttributeValue, Tracer
 from aiservices_server.upstream.refiner import (
     UpstreamAttempt,
     UpstreamBadReply,
@@ -183,12 +184,14 @@ def _check_encoding(response: httpx.Response) -> None:
 class UpstreamLimits:
     """What bounds every request to an upstream: `timeout` seconds at most (less when the
     caller has less time left), `max_retries` retries where safe, `max_reply_bytes` read of a
-    reply; `observer` hears of every attempt (status or failure kind, seconds), for metrics."""
+    reply; `observer` hears of every attempt (status or failure kind, seconds), for metrics;
+    `tracer` makes each attempt a client span (when traces are on)."""
 
     timeout: float
     max_retries: int = 1
     max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES
     observer: ResponseObserver | None = None
+    tracer: Tracer = NO_TRACER
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +215,11 @@ class JsonEndpoint:
     Each HTTP attempt is an UpstreamAttempt: the answer carries the last one, and so does every
     UpstreamError out of `post()` (None when no attempt was made). `observer`, when given, hears
     of every attempt as it ends, retried ones included.
+
+    When traces are on, each attempt is a client span, child of the `traceparent` given to
+    `post()` (the tool span's), and the `traceparent` sent upstream names that span;
+    `span_attributes` (GenAI: the operation, the requested model) describe every one of them,
+    and `describe_reply` what a 2xx reply says (the model, its token usage, finish reasons).
     """
 
     def __init__(
@@ -221,9 +229,15 @@ class JsonEndpoint:
         limits: UpstreamLimits,
         *,
         headers: Mapping[str, str],
+        span_attributes: Attributes | None = None,
+        describe_reply: Callable[[bytes | bytearray], Attributes] | None = None,
     ) -> None:
         self._transport = transport
         self._url = httpx.URL(url)  # parsed once, not per call
+        self._tracer = limits.tracer
+        self._describe_reply = describe_reply
+        if limits.tracer.enabled:
+            self._span_attributes = _client_attributes(self._url, span_attributes or {})
         self._headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -249,6 +263,10 @@ class JsonEndpoint:
         last_attempt: UpstreamAttempt | None = None
         while True:
             try:
+                if self._tracer.enabled:
+                    return await self._traced_attempt(
+                        content, headers, deadline - time.monotonic(), traceparent
+                    )
                 return await self._attempt(content, headers, deadline - time.monotonic())
             except UpstreamError as error:
                 last_attempt = error.attempt or last_attempt
@@ -277,6 +295,33 @@ class JsonEndpoint:
         if time.monotonic() + delay + MIN_ATTEMPT_SECONDS > deadline:
             return None
         return delay
+
+    async def _traced_attempt(
+        self, content: bytes, headers: dict[str, str], budget: float, parent: str | None
+    ) -> Answer:
+        """`_attempt` in a client span whose traceparent is the one sent upstream."""
+        span = self._tracer.child("POST", parent, self._span_attributes, client=True)
+        traced = {**headers, "traceparent": span.traceparent(parent) or ""}
+        error_type: str | None = None
+        try:
+            answer = await self._attempt(content, traced, budget)
+            span.set({"http.response.status_code": int(answer.attempt.status)})
+            if self._describe_reply is not None:
+                span.set(self._describe_reply(answer.body))
+            return answer
+        except UpstreamError as error:
+            attempt = error.attempt
+            if isinstance(error, UpstreamStatusError):
+                span.set({"http.response.status_code": error.status})
+                error_type = str(error.status)
+            else:
+                error_type = attempt.status if attempt is not None else "timeout"
+            raise
+        except BaseException as exc:
+            error_type = _failure_kind(exc)
+            raise
+        finally:
+            span.end(error_type)
 
     async def _attempt(self, content: bytes, headers: dict[str, str], budget: float) -> Answer:
         """One HTTP attempt within `budget` seconds, reported to the observer once it ends."""
@@ -346,6 +391,55 @@ class JsonEndpoint:
     def _report(self, attempt: UpstreamAttempt) -> None:
         if self._observer is not None:
             self._observer(attempt.status, attempt.seconds)
+
+
+def _client_attributes(url: httpx.URL, extra: Attributes) -> dict[str, AttributeValue]:
+    """What every client span to `url` says: the HTTP client conventions (the URL without its
+    query or user info) and `extra`."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return {
+        "http.request.method": "POST",
+        "server.address": url.host,
+        "server.port": port,
+        "url.full": f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}",
+        **extra,
+    }
+
+
+MAX_FINISH_REASONS = 16
+MAX_SPAN_TEXT = 128
+
+
+def chat_reply_attributes(body: bytes | bytearray) -> Attributes:
+    """The GenAI attributes of an OpenAI-compatible chat completion reply: the model that
+    answered, the token usage and the finish reasons (never the text). Only short strings and
+    whole numbers are taken; a reply that does not parse says nothing (the tool reports it)."""
+    try:
+        reply = load_reply(body)
+    except UpstreamError:
+        return {}
+    if not isinstance(reply, dict):
+        return {}
+    found: dict[str, AttributeValue] = {}
+    model = reply.get("model")
+    if isinstance(model, str) and model:
+        found["gen_ai.response.model"] = model[:MAX_SPAN_TEXT]
+    usage = reply.get("usage")
+    if isinstance(usage, dict):
+        for key, name in (("prompt_tokens", "input"), ("completion_tokens", "output")):
+            count = usage.get(key)
+            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+                found[f"gen_ai.usage.{name}_tokens"] = count
+    choices = reply.get("choices")
+    if isinstance(choices, list):
+        reasons = [
+            choice["finish_reason"][:MAX_SPAN_TEXT]
+            for choice in choices[:MAX_FINISH_REASONS]
+            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str)
+        ]
+        if reasons:
+            found["gen_ai.response.finish_reasons"] = reasons
+    return found
 
 
 def _failure_kind(exc: BaseException) -> str:

@@ -25,9 +25,11 @@ from typing import Any, TypeGuard
 import httpx
 
 from aiservices_server.upstream.http import (
+    MAX_SPAN_TEXT,
     Answer,
     JsonEndpoint,
     UpstreamLimits,
+    chat_reply_attributes,
     check_value_count,
     load_reply,
     trace_token,
@@ -161,6 +163,12 @@ class OpenAIRefiner:
             base_url.rstrip("/") + CHAT_PATH,
             limits,
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            span_attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": model[:MAX_SPAN_TEXT],
+            },
+            describe_reply=chat_reply_attributes,
         )
         self._model = model
         self._options: dict[str, Any] = {}

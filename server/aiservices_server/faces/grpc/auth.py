@@ -27,7 +27,8 @@ class AuthenticationInterceptor:
                     principal,
                     rpc.request_id,
                     deadline=None if remaining is None else time.monotonic() + remaining,
-                    traceparent=traceparent_in(rpc.headers),
+                    # The server span's when traces are on, else the caller's.
+                    traceparent=rpc.span.traceparent(traceparent_in(rpc.headers)),
                 )
             )
             return await handler(request, rpc)

@@ -12,7 +12,7 @@ from typing import Any
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices_server.core.service import ToolService
 from aiservices_server.faces.definitions import ConvertedDefinitions
-from aiservices_server.faces.envelope import ToolOutcome
+from aiservices_server.faces.envelope import ToolOutcome, traced_tool_call
 from aiservices_server.faces.grpc.convert import (
     dict_from,
     failure_response,
@@ -22,14 +22,22 @@ from aiservices_server.faces.grpc.convert import (
 from aiservices_server.faces.grpc.handlers import Method
 from aiservices_server.faces.grpc.rpc import Reply, Rpc
 from aiservices_server.tools.base import ToolErrorCode, ToolFailure
+from aiservices_server.tracing import NO_TRACER, Tracer
 
 
 class ToolServicer:
     def __init__(
-        self, service: ToolService, *, log_payloads: bool = False, max_reply_bytes: int
+        self,
+        service: ToolService,
+        *,
+        log_payloads: bool = False,
+        max_reply_bytes: int,
+        tracer: Tracer = NO_TRACER,
     ) -> None:
-        """`max_reply_bytes`: the server's send limit (grpc.max_send_message_length)."""
+        """`max_reply_bytes`: the server's send limit (grpc.max_send_message_length); `tracer`
+        runs each tool call in a tool span (`traced_tool_call`)."""
         self._service = service
+        self._tracer = tracer
         self._log_payloads = log_payloads
         self._max_reply_bytes = max_reply_bytes
         # Converted once per definition: a reload of the tools file makes new ones.
@@ -66,7 +74,9 @@ class ToolServicer:
         arguments = dict_from(request.arguments)
         payload: dict[str, Any] | None = {"arguments": arguments} if self._log_payloads else None
         try:
-            result = await self._service.call(call, request.name, arguments)
+            result = await traced_tool_call(
+                self._tracer, self._service, call, request.name, arguments
+            )
         except ToolFailure as failure:
             return _failed(failure, call.request_id, payload)
         response = result_response(result, call.request_id)

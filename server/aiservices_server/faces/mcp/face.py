@@ -31,7 +31,12 @@ from aiservices_server.core.headers import REQUEST_ID_HEADER, Headers, tracepare
 from aiservices_server.core.service import MAX_NAME_SHOWN, ToolService
 from aiservices_server.errors import InvalidArgument, ServiceError
 from aiservices_server.faces.definitions import ConvertedDefinitions
-from aiservices_server.faces.envelope import CallRecord, Envelope, ToolOutcome
+from aiservices_server.faces.envelope import (
+    CallRecord,
+    Envelope,
+    ToolOutcome,
+    traced_tool_call,
+)
 from aiservices_server.faces.mcp.answers import (
     BodyTooSlow,
     HostNotAllowed,
@@ -173,7 +178,9 @@ class McpFace:
             try:
                 principal = self._authenticator.principal(headers)
                 record.caller = principal
-                call = Call(principal, record.request_id, None, traceparent_in(headers))
+                # The server span's traceparent when traces are on, else the caller's.
+                traceparent = record.span.traceparent(traceparent_in(headers))
+                call = Call(principal, record.request_id, None, traceparent)
                 exchange = Exchange(call, record)
                 await self._serve(scope, receive, send, exchange)
             finally:
@@ -321,7 +328,9 @@ class McpFace:
         # Logged for calls that ran, as over gRPC; a refused call's arguments are not.
         payload = {"arguments": arguments} if self._log_payloads else None
         try:
-            result = await self._service.call(exchange.call, params.name, arguments)
+            result = await traced_tool_call(
+                self._envelope.tracer, self._service, exchange.call, params.name, arguments
+            )
         except ToolFailure as failure:
             return _failed(exchange, failure, payload)
         except ServiceError as error:

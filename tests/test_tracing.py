@@ -1,0 +1,277 @@
+"""OpenTelemetry traces, end to end: real server processes export over OTLP/HTTP to a real
+receiver (tests/support/otlp.py), callers send a W3C traceparent, and the stand-in upstream
+records the traceparent the server sent it. Off by default, at no cost: no SDK is imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+
+import pytest
+
+from aiservices import PermissionDenied, ToolClient
+from aiservices_server.startup import StartupError
+from aiservices_server.tracing import NO_TRACER, from_environment
+from tests.standin import StandinUpstream, Status
+from tests.support.keys import TestKeys
+from tests.support.mcp import mcp_client
+from tests.support.otlp import OtlpReceiver, ReceivedSpan
+from tests.support.processes import ServerProcess, clean_env
+from tests.support.waiting import closed_port, wait_until
+
+TOOL = "tools.agenta.api.refine_prompt"
+MODEL = "gpt-standin-mini"
+PROMPT_TEXT = "You answer questions about {{product}}."
+TEMPLATE = json.dumps(
+    {"messages": [{"role": "system", "content": PROMPT_TEXT}, {"role": "user", "content": "Hi"}]}
+)
+ARGUMENTS = {"prompt_template_json": TEMPLATE}
+CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"
+
+
+def settings(upstream: StandinUpstream, keys: TestKeys) -> dict[str, str]:
+    """The server on the stand-in's OpenAI-compatible endpoint, with MCP and metrics."""
+    return {
+        "API_KEYS_FILE": str(keys.path),
+        "UPSTREAM": "openai",
+        "OPENAI_BASE_URL": upstream.openai_url,
+        "OPENAI_MODEL": MODEL,
+        "RATE_LIMIT_BURST": "100000",
+        "MCP_ADDRESS": "127.0.0.1:0",
+        "METRICS_ADDRESS": "127.0.0.1:0",
+        "SHUTDOWN_GRACE": "3",
+    }
+
+
+def otel(endpoint: str) -> dict[str, str]:
+    """The standard variables that turn traces on, exported every 50 ms."""
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_SERVICE_NAME": "aiservices-test",
+        "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=test",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "2",
+    }
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as running:
+        yield running
+
+
+@pytest.fixture
+def traced(
+    upstream: StandinUpstream, keys: TestKeys, receiver: OtlpReceiver
+) -> Iterator[ServerProcess]:
+    with ServerProcess(
+        settings(upstream, keys), variables=otel(receiver.endpoint), name="traced"
+    ) as process:
+        yield process
+
+
+def only(spans: list[ReceivedSpan], **wanted: object) -> ReceivedSpan:
+    found = [s for s in spans if all(getattr(s, k) == v for k, v in wanted.items())]
+    assert len(found) == 1, (wanted, spans)
+    return found[0]
+
+
+def no_secrets(spans: list[ReceivedSpan], *secrets: str) -> None:
+    """No span attribute holds prompt text, arguments or a key."""
+    text = repr([span.attributes for span in spans])
+    for secret in secrets:
+        assert secret not in text
+
+
+def tool_and_client(spans: list[ReceivedSpan], server: ReceivedSpan) -> tuple[ReceivedSpan, ...]:
+    """The tool span under `server` and the upstream client span under it, checked as such."""
+    tool = only(spans, parent_id=server.span_id, kind="internal")
+    assert tool.trace_id == CALLER_TRACE
+    assert tool.attributes["gen_ai.tool.name"] == TOOL
+    assert tool.attributes["gen_ai.operation.name"] == "execute_tool"
+    client = only(spans, parent_id=tool.span_id, kind="client")
+    attributes = client.attributes
+    assert attributes["http.request.method"] == "POST"
+    assert attributes["http.response.status_code"] == 200
+    assert attributes["url.full"].endswith("/chat/completions")
+    assert attributes["gen_ai.operation.name"] == "chat"
+    assert attributes["gen_ai.request.model"] == MODEL
+    assert attributes["gen_ai.response.model"]
+    assert attributes["gen_ai.usage.input_tokens"] > 0
+    assert attributes["gen_ai.usage.output_tokens"] > 0
+    assert attributes["gen_ai.response.finish_reasons"] == ["stop"]
+    return tool, client
+
+
+def test_a_call_tool_over_grpc_is_a_server_span_a_tool_span_and_a_client_span(
+    traced: ServerProcess,
+    receiver: OtlpReceiver,
+    upstream: StandinUpstream,
+    keys: TestKeys,
+) -> None:
+    with ToolClient(traced.target, api_key=keys.editor, timeout=10) as client:
+        assert not client.call_tool(TOOL, ARGUMENTS, traceparent=TRACEPARENT).is_error
+    spans = receiver.wait_for(3)
+    server = only(spans, kind="server")
+    assert server.name == "aiservices.v1.ToolService/CallTool"
+    assert (server.trace_id, server.parent_id) == (CALLER_TRACE, CALLER_SPAN)
+    assert not server.error
+    assert server.attributes["rpc.system"] == "grpc"
+    assert server.attributes["rpc.service"] == "aiservices.v1.ToolService"
+    assert server.attributes["rpc.method"] == "CallTool"
+    assert server.attributes["rpc.grpc.status_code"] == 0
+    assert server.resource["service.name"] == "aiservices-test"
+    assert server.resource["deployment.environment.name"] == "test"
+    _, upstream_span = tool_and_client(spans, server)
+    # The upstream was told of the client span, in the caller's trace.
+    (sent,) = upstream.requests
+    assert sent.headers["traceparent"] == f"00-{CALLER_TRACE}-{upstream_span.span_id}-01"
+    no_secrets(spans, PROMPT_TEXT, keys.editor)
+
+    # The access line names the server span.
+    def access_lines() -> list[dict[str, object]]:
+        return [r for r in traced.records if r.get("msg") == "rpc"]
+
+    assert wait_until(access_lines, 10)
+    (line,) = access_lines()
+    assert (line["otel_trace_id"], line["otel_span_id"]) == (CALLER_TRACE, server.span_id)
+
+
+async def test_a_tools_call_over_mcp_is_a_server_span_a_tool_span_and_a_client_span(
+    traced: ServerProcess,
+    receiver: OtlpReceiver,
+    upstream: StandinUpstream,
+    keys: TestKeys,
+) -> None:
+    url = f"http://127.0.0.1:{traced.port_of('mcp_port')}/mcp"
+    async with mcp_client(url, keys.editor, headers={"traceparent": TRACEPARENT}) as client:
+        await client.list_tools()
+        assert not (await client.call_tool(TOOL, ARGUMENTS)).is_error
+    assert wait_until(
+        lambda: (
+            any(s.name == f"tools/call {TOOL}" for s in receiver.spans)
+            and any(s.kind == "client" for s in receiver.spans)
+        ),
+        15,
+    )
+    spans = receiver.spans
+    server = only(spans, name=f"tools/call {TOOL}")
+    assert (server.kind, server.trace_id, server.parent_id) == ("server", CALLER_TRACE, CALLER_SPAN)
+    assert server.attributes["mcp.method.name"] == "tools/call"
+    assert server.attributes["gen_ai.tool.name"] == TOOL
+    assert server.attributes["http.request.method"] == "POST"
+    assert not server.error
+    _, upstream_span = tool_and_client(spans, server)
+    (sent,) = upstream.requests
+    assert sent.headers["traceparent"] == f"00-{CALLER_TRACE}-{upstream_span.span_id}-01"
+    listing = only(spans, name="tools/list")
+    assert listing.attributes["mcp.method.name"] == "tools/list"
+    no_secrets(spans, PROMPT_TEXT, keys.editor)
+
+
+def test_a_refusal_fails_the_server_and_tool_spans_with_its_code(
+    traced: ServerProcess, receiver: OtlpReceiver, upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    with (
+        ToolClient(traced.target, api_key=keys.viewer, timeout=10) as client,
+        pytest.raises(PermissionDenied),
+    ):
+        client.call_tool(TOOL, ARGUMENTS, traceparent=TRACEPARENT)
+    spans = receiver.wait_for(2)
+    server = only(spans, kind="server")
+    assert server.error
+    assert server.attributes["error.type"] == "PERMISSION_DENIED"
+    assert server.attributes["rpc.grpc.status_code"] == 7
+    tool = only(spans, kind="internal", parent_id=server.span_id)
+    assert (tool.error, tool.attributes["error.type"]) == (True, "PERMISSION_DENIED")
+    assert not upstream.requests
+    no_secrets(spans, PROMPT_TEXT, keys.viewer)
+
+
+def test_a_tool_error_fails_the_tool_and_client_spans(
+    traced: ServerProcess, receiver: OtlpReceiver, upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    upstream.push(Status(500))
+    with ToolClient(traced.target, api_key=keys.editor, timeout=10) as client:
+        assert client.call_tool(TOOL, ARGUMENTS).is_error
+    spans = receiver.wait_for(3)
+    server = only(spans, kind="server")
+    assert not server.error  # the RPC itself is OK, with is_error
+    tool = only(spans, kind="internal")
+    assert (tool.error, tool.attributes["error.type"]) == (True, "UPSTREAM_ERROR")
+    upstream_span = only(spans, kind="client")
+    assert upstream_span.error
+    assert upstream_span.attributes["http.response.status_code"] == 500
+    assert upstream_span.attributes["error.type"] == "500"
+
+
+def dropped_spans(process: ServerProcess) -> float:
+    port = process.port_of("metrics_port")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("aiservices_trace_spans_dropped_total ")
+    )
+
+
+def test_a_dead_collector_neither_fails_nor_stalls_calls_and_its_spans_are_counted_dropped(
+    upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}"
+    with ServerProcess(settings(upstream, keys), variables=otel(dead), name="dead") as process:
+        with ToolClient(process.target, api_key=keys.editor, timeout=10) as client:
+            for _ in range(5):
+                started = time.monotonic()
+                assert not client.call_tool(TOOL, ARGUMENTS, traceparent=TRACEPARENT).is_error
+                assert time.monotonic() - started < 2.0
+        assert wait_until(lambda: dropped_spans(process) >= 3, 20)
+        started = time.monotonic()
+        assert process.terminate() == 0
+        assert time.monotonic() - started < 3 + 3  # the grace period and a margin
+
+
+def test_without_the_variables_the_sdk_is_never_imported(keys: TestKeys) -> None:
+    """A server started and stopped without OTEL_* variables has not imported the SDK; with
+    them it has (so this test can tell)."""
+    script = (
+        "import asyncio, sys\n"
+        "from aiservices_server.app import AiServicesServer\n"
+        "from aiservices_server.config import load_settings\n"
+        "async def main():\n"
+        "    server = AiServicesServer(load_settings())\n"
+        "    await server.start()\n"
+        "    await server.stop(0)\n"
+        "    print('opentelemetry.sdk' in sys.modules)\n"
+        "asyncio.run(main())\n"
+    )
+    env = clean_env({"API_KEYS_FILE": str(keys.path), "GRPC_ADDRESS": "127.0.0.1:0"})
+
+    def sdk_imported(variables: Mapping[str, str]) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**env, **variables},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout.strip().splitlines()[-1]
+
+    assert sdk_imported({}) == "False"
+    assert sdk_imported(otel(f"http://127.0.0.1:{closed_port()}")) == "True"
+
+
+def test_a_protocol_other_than_http_protobuf_stops_start_up_in_one_line() -> None:
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    with pytest.raises(StartupError, match=r"OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc' is not"):
+        from_environment({**environ, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert from_environment({}) is NO_TRACER
+    assert from_environment({**environ, "OTEL_SDK_DISABLED": "true"}) is NO_TRACER
