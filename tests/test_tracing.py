@@ -12,10 +12,17 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aiservices import PermissionDenied, ToolClient
 from aiservices_server.startup import StartupError
 from aiservices_server.tracing import NO_TRACER, from_environment
+from aiservices_server.upstream.http import (
+    MAX_FINISH_REASONS,
+    MAX_SPAN_TEXT,
+    chat_reply_attributes,
+)
 from tests.standin import StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.mcp import mcp_client
@@ -275,3 +282,51 @@ def test_a_protocol_other_than_http_protobuf_stops_start_up_in_one_line() -> Non
         from_environment({**environ, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
     assert from_environment({}) is NO_TRACER
     assert from_environment({**environ, "OTEL_SDK_DISABLED": "true"}) is NO_TRACER
+
+
+# --- what a reply may put in a span ----------------------------------------------------------
+
+_ALLOWED_REPLY_ATTRIBUTES = {
+    "gen_ai.response.model",
+    "gen_ai.usage.input_tokens",
+    "gen_ai.usage.output_tokens",
+    "gen_ai.response.finish_reasons",
+}
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=20) | st.dictionaries(st.text(max_size=20), inner),
+    max_leaves=60,
+)
+_replies = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": _json_values,
+        "usage": st.fixed_dictionaries(
+            {}, optional={"prompt_tokens": _json_values, "completion_tokens": _json_values}
+        )
+        | _json_values,
+        "choices": st.lists(
+            st.fixed_dictionaries({}, optional={"finish_reason": _json_values}) | _json_values,
+            max_size=40,
+        )
+        | _json_values,
+        "id": _json_values,
+    },
+)
+
+
+@given(st.binary(max_size=2000) | _replies.map(lambda reply: json.dumps(reply).encode()))
+def test_a_reply_puts_only_short_named_facts_in_a_span_whatever_it_holds(body: bytes) -> None:
+    """Whatever an upstream answers, its span gets at most the model, two token counts and the
+    finish reasons: short strings and non-negative whole numbers, never its text."""
+    found = chat_reply_attributes(body)
+    assert set(found) <= _ALLOWED_REPLY_ATTRIBUTES
+    model = found.get("gen_ai.response.model")
+    assert model is None or (isinstance(model, str) and 0 < len(model) <= MAX_SPAN_TEXT)
+    for name in ("gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"):
+        count = found.get(name)
+        assert count is None or (type(count) is int and count >= 0)
+    reasons = found.get("gen_ai.response.finish_reasons")
+    if reasons is not None:
+        assert isinstance(reasons, list) and 0 < len(reasons) <= MAX_FINISH_REASONS
+        assert all(isinstance(r, str) and len(r) <= MAX_SPAN_TEXT for r in reasons)
