@@ -25,12 +25,9 @@ from typing import Any, Protocol
 import httpx
 
 from aiservices_server.upstream.http import (
-    MAX_SPAN_TEXT,
-    JsonEndpoint,
     UpstreamLimits,
-    chat_reply_attributes,
 )
-from aiservices_server.upstream.openai import CHAT_PATH, SchemaFormat, parse_chat_completion
+from aiservices_server.upstream.openai import SchemaFormat, chat_endpoint, parse_chat_completion
 from aiservices_server.upstream.refiner import RefineReply, UpstreamError
 
 # json, not orjson: as in the refine adapter, one encoder and no buffer per call.
@@ -140,18 +137,7 @@ class OpenAIChat:
         max_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._endpoint = JsonEndpoint(
-            transport,
-            base_url.rstrip("/") + CHAT_PATH,
-            limits,
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
-            span_attributes={
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": "openai",
-                "gen_ai.request.model": model[:MAX_SPAN_TEXT],
-            },
-            describe_reply=chat_reply_attributes,
-        )
+        self._endpoint = chat_endpoint(transport, limits, base_url, model, api_key)
         self._model = model
         self._temperature = temperature
         self._max_tokens = max_tokens

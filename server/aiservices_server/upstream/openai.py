@@ -62,6 +62,29 @@ _PROBE_REQUEST = RefineRequest(json.dumps({"messages": [{"role": "user", "conten
 _PROBE_MAX_TOKENS = 1
 
 
+def chat_endpoint(
+    transport: httpx.AsyncBaseTransport,
+    limits: UpstreamLimits,
+    base_url: str,
+    model: str,
+    api_key: str | None,
+) -> JsonEndpoint:
+    """`{base_url}/chat/completions` through the shared transport, `api_key` as a Bearer token
+    when given (local servers need none); with traces on, its client spans name the model."""
+    return JsonEndpoint(
+        transport,
+        base_url.rstrip("/") + CHAT_PATH,
+        limits,
+        headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+        span_attributes={
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": "openai",
+            "gen_ai.request.model": model[:MAX_SPAN_TEXT],
+        },
+        describe_reply=chat_reply_attributes,
+    )
+
+
 class SchemaFormat:
     """Whether one model at one endpoint takes the JSON Schema response format, as last found,
     and the requests that find out. `post` asks for it and, when the endpoint refuses it, asks
@@ -158,18 +181,7 @@ class OpenAIRefiner:
         max_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._endpoint = JsonEndpoint(
-            transport,
-            base_url.rstrip("/") + CHAT_PATH,
-            limits,
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
-            span_attributes={
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": "openai",
-                "gen_ai.request.model": model[:MAX_SPAN_TEXT],
-            },
-            describe_reply=chat_reply_attributes,
-        )
+        self._endpoint = chat_endpoint(transport, limits, base_url, model, api_key)
         self._model = model
         self._options: dict[str, Any] = {}
         if temperature is not None:
