@@ -47,12 +47,15 @@ __all__ = [
     "TOOL_NAME_RULE",
     "DeclaredToolSpec",
     "PromptMessage",
+    "TemplateParts",
     "ToolsFileError",
+    "fill",
     "is_valid_tool_name",
     "load_tools_file",
     "load_tools_text",
     "read_tools_text",
     "render",
+    "template_parts",
 ]
 
 MAX_TOOLS_FILE_BYTES = 1024 * 1024
@@ -276,6 +279,30 @@ def _tokens(content: str) -> Iterator[str | tuple[str] | _Malformed]:
         start = i + 2
 
 
+TemplateParts = tuple[str | tuple[str], ...]
+"""A message's content split into literal text (str) and placeholders (a 1-tuple of the name)."""
+
+
+def template_parts(content: str) -> TemplateParts:
+    """`content` split once, so a tool fills its messages on each call without reading them
+    again; text that is no placeholder (which the loader refuses in a tools file) is literal."""
+    return tuple(token for token in _tokens(content) if not isinstance(token, _Malformed))
+
+
+def fill(parts: TemplateParts, arguments: Mapping[str, Any]) -> str:
+    """The content `parts` came from, each placeholder replaced as `render` says."""
+    pieces: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            pieces.append(part)
+            continue
+        value = arguments.get(part[0])
+        if value is None and part[0] not in arguments:
+            continue
+        pieces.append(value if isinstance(value, str) else _compact_json(value))
+    return "".join(pieces)
+
+
 def render(content: str, arguments: Mapping[str, Any]) -> str:
     """`content` with each `{{name}}` placeholder replaced by the argument `name`: a string as
     it is, any other value as compact JSON, an absent argument as "". Substitution is literal
@@ -285,16 +312,7 @@ def render(content: str, arguments: Mapping[str, Any]) -> str:
     """
     if "{{" not in content:
         return content
-    pieces: list[str] = []
-    for token in _tokens(content):
-        if isinstance(token, str):
-            pieces.append(token)
-        elif isinstance(token, tuple):
-            value = arguments.get(token[0])
-            if value is None and token[0] not in arguments:
-                continue
-            pieces.append(value if isinstance(value, str) else _compact_json(value))
-    return "".join(pieces)
+    return fill(template_parts(content), arguments)
 
 
 def _compact_json(value: Any) -> str:

@@ -25,7 +25,12 @@ from aiservices_server.tools.base import (
     ToolFailure,
     ToolResult,
 )
-from aiservices_server.tools.declared import DeclaredToolSpec, PromptMessage, render
+from aiservices_server.tools.declared import (
+    DeclaredToolSpec,
+    PromptMessage,
+    fill,
+    template_parts,
+)
 from aiservices_server.tools.outcomes import decode_model_json, upstream_failure
 from aiservices_server.upstream.apps import AppRunner
 from aiservices_server.upstream.chat import ChatModels, Message, StructuredChat
@@ -49,20 +54,20 @@ class _Asker(Protocol):
 
 
 class _ChatAsker:
-    """The tool's messages, each placeholder filled with its argument (`declared.render`)."""
+    """The tool's messages, each placeholder filled with its argument (`declared.render`); the
+    contents are split into text and placeholders once, when the tool is made."""
 
     __slots__ = ("_chat", "_messages")
 
     def __init__(self, messages: Sequence[PromptMessage], chat: StructuredChat) -> None:
-        self._messages = tuple((message.role, message.content) for message in messages)
+        self._messages = tuple((m.role, template_parts(m.content)) for m in messages)
         self._chat = chat
 
     async def __call__(
         self, arguments: JsonObject, *, time_left: float | None, traceparent: str | None
     ) -> RefineReply:
         messages: list[Message] = [
-            {"role": role, "content": render(content, arguments)}
-            for role, content in self._messages
+            {"role": role, "content": fill(parts, arguments)} for role, parts in self._messages
         ]
         return await self._chat.complete(messages, time_left=time_left, traceparent=traceparent)
 

@@ -27,8 +27,8 @@ import httpx
 from aiservices_server.upstream.http import (
     UpstreamLimits,
 )
-from aiservices_server.upstream.openai import SchemaFormat, chat_endpoint, parse_chat_completion
-from aiservices_server.upstream.refiner import RefineReply, UpstreamError
+from aiservices_server.upstream.openai import SchemaFormat, chat_endpoint
+from aiservices_server.upstream.refiner import RefineReply
 
 # json, not orjson: as in the refine adapter, one encoder and no buffer per call.
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -232,13 +232,9 @@ class _OpenAIToolChat:
     async def complete(
         self, messages: Sequence[Message], *, time_left: float | None, traceparent: str | None
     ) -> RefineReply:
-        answer = await self._format.post(
+        return await self._format.complete(
             lambda json_schema: self._body(messages, json_schema),
             self._probe,
             time_left=time_left,
             traceparent=traceparent,
         )
-        try:
-            return parse_chat_completion(answer.body, attempt=answer.attempt)
-        except UpstreamError as error:
-            raise error.with_attempt(answer.attempt) from None

@@ -100,7 +100,25 @@ class SchemaFormat:
         # passed on without another probe, so no caller can have one sent for each of its calls.
         self._probe_accepted_until = -math.inf
 
-    async def post(
+    async def complete(
+        self,
+        body: Callable[[bool], bytes],
+        probe: bytes,
+        *,
+        time_left: float | None,
+        traceparent: str | None,
+    ) -> RefineReply:
+        """The model's answer (`parse_chat_completion`) to `body(True)` (asking for the
+        schema) or, once the endpoint refused that, to `body(False)` (json_object), both within
+        one budget. `probe` is a request of the service's own asking for the schema, with no
+        caller's words in it."""
+        answer = await self._post(body, probe, time_left=time_left, traceparent=traceparent)
+        try:
+            return parse_chat_completion(answer.body, attempt=answer.attempt)
+        except UpstreamError as error:
+            raise error.with_attempt(answer.attempt) from None
+
+    async def _post(
         self,
         body: Callable[[bool], bytes],
         probe: bytes,
@@ -108,9 +126,6 @@ class SchemaFormat:
         time_left: float | None,
         traceparent: str | None,
     ) -> Answer:
-        """The answer to `body(True)` (asking for the schema) or, once the endpoint refused
-        that, to `body(False)` (json_object), both within one budget. `probe` is a request of
-        the service's own asking for the schema, with no caller's words in it."""
         timeout = self._endpoint.timeout
         deadline = time.monotonic() + (timeout if time_left is None else min(timeout, time_left))
         asked_for_schema = self._clock() >= self._json_object_until
@@ -205,16 +220,12 @@ class OpenAIRefiner:
     async def refine(
         self, request: RefineRequest, *, time_left: float | None, traceparent: str | None
     ) -> RefineReply:
-        answer = await self._format.post(
+        return await self._format.complete(
             lambda json_schema: self._body(request, json_schema=json_schema),
             self._probe,
             time_left=time_left,
             traceparent=traceparent,
         )
-        try:
-            return parse_chat_completion(answer.body, attempt=answer.attempt)
-        except UpstreamError as error:
-            raise error.with_attempt(answer.attempt) from None
 
     def _body(
         self, request: RefineRequest, *, json_schema: bool, max_tokens: int | None = None
