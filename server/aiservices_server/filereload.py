@@ -234,21 +234,23 @@ class FileReloader(ABC, Generic[T]):
     def _refused(self, trigger: str, exc: Exception, *, news: bool) -> None:
         """A version not seen before is logged once; a SIGHUP finding the same one again is
         logged at most once per REPEAT_LOG_INTERVAL."""
-        if news or self._may_repeat():
+        if self._may_repeat(news):
             self.log.error(self.refused_line, extra={"reason": str(exc), "trigger": trigger})
 
     def _unchanged(self, trigger: str, *, news: bool) -> None:
         """A file back at what is in use is logged once; a SIGHUP finding nothing new is
         logged at most once per REPEAT_LOG_INTERVAL."""
-        if news or self._may_repeat():
+        if self._may_repeat(news):
             self.log.info(
                 self.unchanged_line,
                 extra={"trigger": trigger, **self.count_fields(self._current)},
             )
 
-    def _may_repeat(self) -> bool:
+    def _may_repeat(self, news: bool) -> bool:
+        """Whether to log: always for news, which starts a quiet REPEAT_LOG_INTERVAL as a
+        repeat logged does (so a SIGHUP right after a new version is logged says nothing)."""
         now = time.monotonic()
-        if now < self._quiet_until:
+        if not news and now < self._quiet_until:
             return False
         self._quiet_until = now + REPEAT_LOG_INTERVAL
         return True
