@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -431,11 +432,15 @@ async def test_a_reply_the_caller_stopped_waiting_for_is_not_logged_as_ok(
                 client.call_tool(TOOL, ARGUMENTS, timeout=2, metadata=[("x-request-id", "late-1")])
             )
             assert await upstream.until_requests(1, timeout=10)
+            # The server's deadline is its receipt of the call plus 2 s, and it received the call
+            # before the upstream saw the request: so it has passed by `upstream_saw + 2`.
+            upstream_saw = time.monotonic()
             os.kill(process.pid, signal.SIGSTOP)
             try:
                 gate.open()
                 with pytest.raises(ToolServiceError) as caught:
                     await call
+                await asyncio.sleep(max(0.0, upstream_saw + 2.0 - time.monotonic()))
             finally:
                 os.kill(process.pid, signal.SIGCONT)
         assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
