@@ -438,7 +438,7 @@ async def test_an_mcp_call_is_logged_and_counted_under_its_transport(
         "tool": TOOL,
         "key_id": "editor",
         "upstream_status": "200",
-        "trace_id": "trace-ok",
+        "upstream_trace_id": "trace-ok",
         "request_id": request_id,
     }
     assert {name: vars(line).get(name) for name in expected} == expected

@@ -318,7 +318,7 @@ ACCESS_FIELDS = {
     "outcome",
     "upstream_status",
     "upstream_ms",
-    "trace_id",
+    "upstream_trace_id",
 }
 
 
@@ -394,7 +394,7 @@ def test_access_log_line_has_every_field_and_echoes_the_request_id(
     assert entry["tool"] == TOOL
     assert entry["outcome"] == "OK"
     assert entry["upstream_status"] == "200"
-    assert entry["trace_id"] == TRACE_ID
+    assert entry["upstream_trace_id"] == TRACE_ID
     assert isinstance(entry["duration_ms"], float | int)
     assert isinstance(entry["upstream_ms"], float | int)
     assert 0 <= entry["upstream_ms"] <= entry["duration_ms"]

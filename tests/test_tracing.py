@@ -5,6 +5,7 @@ records the traceparent the server sent it. Off by default, at no cost: no SDK i
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from tests.standin import StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.mcp import mcp_client
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
-from tests.support.processes import ServerProcess, clean_env
+from tests.support.processes import ServerProcess, clean_env, upstream_settings
 from tests.support.waiting import closed_port, wait_until
 
 TOOL = "tools.agenta.api.refine_prompt"
@@ -147,7 +148,7 @@ def test_a_call_tool_over_grpc_is_a_server_span_a_tool_span_and_a_client_span(
 
     assert wait_until(access_lines, 10)
     (line,) = access_lines()
-    assert (line["otel_trace_id"], line["otel_span_id"]) == (CALLER_TRACE, server.span_id)
+    assert (line["trace_id"], line["span_id"]) == (CALLER_TRACE, server.span_id)
 
 
 async def test_a_tools_call_over_mcp_is_a_server_span_a_tool_span_and_a_client_span(
@@ -243,6 +244,65 @@ def test_a_dead_collector_neither_fails_nor_stalls_calls_and_its_spans_are_count
         started = time.monotonic()
         assert process.terminate() == 0
         assert time.monotonic() - started < 3 + 3  # the grace period and a margin
+
+
+def test_a_collector_that_never_answers_costs_calls_nothing_and_a_full_queue_drops_spans(
+    upstream: StandinUpstream, keys: TestKeys
+) -> None:
+    """Spans waiting for a collector that accepts connections and never answers are bounded by
+    OTEL_BSP_MAX_QUEUE_SIZE: the rest are dropped and counted at once, calls never wait, and
+    the server still exits within its grace period."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # the kernel accepts the exporter's connections; nothing reads them
+        variables = {
+            **otel(f"http://127.0.0.1:{hung.getsockname()[1]}"),
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "60",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "32",
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "8",
+        }
+        with ServerProcess(settings(upstream, keys), variables=variables, name="hung") as process:
+            with ToolClient(process.target, api_key=keys.editor, timeout=10) as client:
+                for _ in range(40):
+                    started = time.monotonic()
+                    assert not client.call_tool(TOOL, ARGUMENTS).is_error
+                    assert time.monotonic() - started < 2.0
+            # 3 spans a call; 32 may wait for the export that never ends, the other 88 may not.
+            assert wait_until(lambda: dropped_spans(process) >= 40 * 3 - 32, 10)
+            assert dropped_spans(process) == 40 * 3 - 32
+            started = time.monotonic()
+            assert process.terminate() == 0
+            assert time.monotonic() - started < 3 + 3  # the grace period and a margin
+
+
+def test_a_queue_bound_that_is_not_a_positive_integer_stops_start_up_in_one_line() -> None:
+    environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    for bad in ("0", "-5", "many", "1e3", "9" * 20):
+        with pytest.raises(StartupError, match=r"^invalid setting OTEL_BSP_MAX_QUEUE_SIZE: "):
+            from_environment({**environ, "OTEL_BSP_MAX_QUEUE_SIZE": bad})
+
+
+def test_a_call_to_the_agenta_runner_is_a_chat_client_span_named_in_the_traceparent_sent(
+    upstream: StandinUpstream, keys: TestKeys, receiver: OtlpReceiver
+) -> None:
+    base = {"API_KEYS_FILE": str(keys.path), **upstream_settings(upstream.url)}
+    with (
+        ServerProcess(base, variables=otel(receiver.endpoint), name="agenta") as process,
+        ToolClient(process.target, api_key=keys.editor, timeout=10) as client,
+    ):
+        assert not client.call_tool(TOOL, ARGUMENTS, traceparent=TRACEPARENT).is_error
+    spans = receiver.wait_for(3)
+    server = only(spans, kind="server")
+    tool = only(spans, parent_id=server.span_id, kind="internal")
+    runner = only(spans, parent_id=tool.span_id, kind="client")
+    assert runner.trace_id == CALLER_TRACE
+    assert runner.attributes["url.full"].endswith("/services/completion/run")
+    assert runner.attributes["http.response.status_code"] == 200
+    assert runner.attributes["gen_ai.operation.name"] == "chat"
+    assert runner.attributes["gen_ai.provider.name"] == "agenta"
+    (sent,) = upstream.requests
+    assert sent.headers["traceparent"] == f"00-{CALLER_TRACE}-{runner.span_id}-01"
+    no_secrets(spans, PROMPT_TEXT, keys.editor)
 
 
 def test_without_the_variables_the_sdk_is_never_imported(keys: TestKeys) -> None:

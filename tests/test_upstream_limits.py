@@ -284,7 +284,7 @@ def test_a_hostile_trace_id_is_dropped_from_the_reply_and_the_log(
     assert result.trace_id == ""
     entry = access_entry(caplog, result.request_id)
     assert entry["code"] == "OK"
-    assert "trace_id" not in entry
+    assert "upstream_trace_id" not in entry
     logged = everything_logged(caplog)
     assert MARK not in logged
     assert "injected" not in logged

@@ -147,7 +147,9 @@ class SdkTracer(Tracer):
         resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: service_name}))
-        self._provider = TracerProvider(resource=resource)  # OTEL_TRACES_SAMPLER(_ARG)
+        # OTEL_TRACES_SAMPLER(_ARG). No shutdown at exit: `tracing.shutdown_within` bounds it,
+        # and the SDK's own would wait for a collector that never answers.
+        self._provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         self._provider.add_span_processor(
             _BoundedProcessor(OTLPSpanExporter(), max_queue, on_dropped)
         )

@@ -31,6 +31,7 @@ DEFAULT_SERVICE_NAME = "aiservices"
 # The SDK's own default, kept explicit: spans waiting for export are bounded whatever the
 # collector does (OTEL_BSP_MAX_QUEUE_SIZE may set another bound).
 DEFAULT_MAX_QUEUE = 2048
+MAX_QUEUE_VARIABLE = "OTEL_BSP_MAX_QUEUE_SIZE"
 EXTRA_HINT = "pip install 'aiservices-server[otel]'"
 
 
@@ -120,9 +121,19 @@ def from_environment(
             + EXTRA_HINT
         ) from None
     try:
-        return _otel.SdkTracer(DEFAULT_SERVICE_NAME, DEFAULT_MAX_QUEUE, on_dropped)
+        return _otel.SdkTracer(DEFAULT_SERVICE_NAME, _max_queue(environ), on_dropped)
     except ValueError as exc:  # an OTEL_BSP_* or exporter value the SDK refuses
         raise StartupError(f"invalid OpenTelemetry setting: {str(exc)[:200]}") from None
+
+
+def _max_queue(environ: Mapping[str, str]) -> int:
+    """The bound on spans waiting for export: OTEL_BSP_MAX_QUEUE_SIZE, a positive integer."""
+    text = environ.get(MAX_QUEUE_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_MAX_QUEUE
+    if not (text.isascii() and text.isdigit() and 0 < len(text) <= 9 and int(text) > 0):
+        raise StartupError(f"invalid setting {MAX_QUEUE_VARIABLE}: expected a positive integer")
+    return int(text)
 
 
 def shutdown_within(tracer: Tracer, timeout: float) -> None:

@@ -179,12 +179,12 @@ def _access_fields(record: CallRecord, key_id: str, duration: float) -> dict[str
             if upstream.tokens is not None:
                 fields["prompt_tokens"], fields["completion_tokens"] = upstream.tokens
         if outcome.trace_id:
-            fields["trace_id"] = outcome.trace_id
+            fields["upstream_trace_id"] = outcome.trace_id
         if outcome.payload is not None:
             fields["payload"] = outcome.payload
     ids = record.span.ids()
     if ids is not None:
-        fields["otel_trace_id"], fields["otel_span_id"] = ids
+        fields["trace_id"], fields["span_id"] = ids
     return fields
 
 

@@ -92,6 +92,9 @@ class AgentaCompletionClient:
             base_url.rstrip("/") + RUN_PATH,
             limits,
             headers={"Authorization": f"ApiKey {api_key}"},
+            # The runner's reply names no model nor usage: its own spans, joined by the
+            # traceparent sent, hold them.
+            span_attributes={"gen_ai.operation.name": "chat", "gen_ai.provider.name": "agenta"},
         )
         self._environment = environment
 
