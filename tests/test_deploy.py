@@ -12,12 +12,14 @@ secrets come from Secrets.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -170,12 +172,52 @@ def test_the_runtime_stage_installs_only_the_wheels(stages: list[Stage], runtime
     assert "apt-get" not in commands, "no system packages (compilers, tools) in the runtime image"
     installs = re.findall(r"pip install ([^&]+)", commands)
     assert len(installs) == 1, installs
-    words = installs[0].split()
+    words = shlex.split(installs[0])
     assert "--only-binary=:all:" in words, "the runtime stage must not compile anything"
     assert words[words.index("-c") + 1] == f"{mount.group(3)}/constraints.txt"
     packages = [word for word in words[words.index("-c") + 2 :] if not word.startswith("-")]
-    assert packages == [f"{mount.group(3)}/*.whl"], packages
+    assert packages[0] == f"{mount.group(3)}/aiservices_client-*.whl", packages
+    assert len(packages) == 2, packages
     assert not runtime.all("COPY"), "the wheels come in through a mount, not a layer"
+
+
+def test_the_image_installs_the_server_with_its_otel_extra_unless_the_build_says_not(
+    runtime: Stage, tmp_path: Path
+) -> None:
+    """The server wheel's word of the runtime stage's `pip install`, expanded by a POSIX shell
+    over a directory holding the two wheels, as the build would."""
+    (argument,) = [args for args in runtime.all("ARG") if args.startswith("SERVER_EXTRAS=")]
+    default = argument.partition("=")[2]
+    assert default == "otel"
+    assert (
+        "otel"
+        in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+            "optional-dependencies"
+        ]
+    )
+    commands = " ".join(runtime.all("RUN"))
+    mount = re.search(r"target=(\S+)", commands)
+    (install,) = re.findall(r"pip install ([^&]+)", commands)
+    (word,) = [w for w in shlex.split(install) if "aiservices_server-" in w]
+    assert mount is not None
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    for name in (
+        "aiservices_client-1.0-py3-none-any.whl",
+        "aiservices_server-1.0-py3-none-any.whl",
+    ):
+        (dist / name).touch()
+    script = 'printf "%s" "' + word.replace(mount.group(1), str(dist)) + '"'
+    server = f"{dist}/aiservices_server-1.0-py3-none-any.whl"
+    for extras, expected in ((default, f"{server}[otel]"), ("", server)):
+        shown = subprocess.run(
+            ["sh", "-c", script],
+            env={"PATH": os.environ["PATH"], "SERVER_EXTRAS": extras},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert shown.stdout == expected
 
 
 def test_the_entry_point_is_the_declared_console_script(runtime: Stage) -> None:
