@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 
@@ -174,6 +175,7 @@ async def test_a_tools_call_over_mcp_is_a_server_span_a_tool_span_and_a_client_s
     assert server.attributes["mcp.method.name"] == "tools/call"
     assert server.attributes["gen_ai.tool.name"] == TOOL
     assert server.attributes["http.request.method"] == "POST"
+    assert server.attributes["http.response.status_code"] == 200
     assert not server.error
     _, upstream_span = tool_and_client(spans, server)
     (sent,) = upstream.requests
@@ -200,6 +202,24 @@ def test_a_refusal_fails_the_server_and_tool_spans_with_its_code(
     assert (tool.error, tool.attributes["error.type"]) == (True, "PERMISSION_DENIED")
     assert not upstream.requests
     no_secrets(spans, PROMPT_TEXT, keys.viewer)
+
+
+def test_an_mcp_request_refused_before_mcp_is_a_failed_http_server_span(
+    traced: ServerProcess, receiver: OtlpReceiver
+) -> None:
+    url = f"http://127.0.0.1:{traced.port_of('mcp_port')}/mcp"
+    request = urllib.request.Request(
+        url,
+        data=b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list"}',
+        headers={"Content-Type": "application/json", "traceparent": TRACEPARENT},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+    (server,) = receiver.wait_for(1)
+    assert (server.kind, server.name, server.parent_id) == ("server", "POST /mcp", CALLER_SPAN)
+    assert server.attributes["http.response.status_code"] == 401
+    assert (server.error, server.attributes["error.type"]) == (True, "UNAUTHENTICATED")
 
 
 def test_a_tool_error_fails_the_tool_and_client_spans(

@@ -187,11 +187,11 @@ class McpFace:
                 envelope.drain.leave()
         except ServiceError as refusal:
             record.refused(refusal)
-            await self._refuse_http(send, refusal, record.request_id)
+            await self._refuse_http(send, refusal, record)
         except Exception as exc:
             internal = envelope.unexpected(exc, record)
             if exchange is None or not exchange.answered:
-                await self._refuse_http(send, internal, record.request_id)
+                await self._refuse_http(send, internal, record)
         finally:
             envelope.finish(record)
 
@@ -234,6 +234,7 @@ class McpFace:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                record.span.set({"http.response.status_code": status})
                 exchange.answered = True
                 extra = {REQUEST_ID_HEADER: exchange.call.request_id, **exchange.headers}
                 message = {
@@ -277,12 +278,13 @@ class McpFace:
             record.code = code_of_status(status)
 
     @staticmethod
-    async def _refuse_http(send: Send, refusal: ServiceError, request_id: str) -> None:
+    async def _refuse_http(send: Send, refusal: ServiceError, record: CallRecord) -> None:
         """A refusal before the SDK saw the request: an HTTP status, and as its body the same
         JSON-RPC error a refusal inside MCP gets (id null: the body was not read), which MCP
         clients pass on to their caller as they would that one."""
         status = answer_for(refusal).http_status
-        headers = {REQUEST_ID_HEADER: request_id}
+        record.span.set({"http.response.status_code": status})
+        headers = {REQUEST_ID_HEADER: record.request_id}
         if status == 401:
             headers["www-authenticate"] = 'Bearer realm="aiservices"'
         if status == 405:
