@@ -1,5 +1,5 @@
-"""OpenTelemetry traces, end to end: real server processes export over OTLP/HTTP to a real
-receiver (tests/support/otlp.py), callers send a W3C traceparent, and the stand-in upstream
+"""OpenTelemetry traces, end to end: real server processes export over OTLP (HTTP or gRPC) to
+a real receiver (tests/support/otlp.py), callers send a W3C traceparent, and the stand-in upstream
 records the traceparent the server sent it. Off by default, at no cost: no SDK is imported."""
 
 from __future__ import annotations
@@ -367,10 +367,29 @@ def test_without_the_variables_the_sdk_is_never_imported(keys: TestKeys) -> None
     assert sdk_imported(otel(f"http://127.0.0.1:{closed_port()}")) == "True"
 
 
-def test_a_protocol_other_than_http_protobuf_stops_start_up_in_one_line() -> None:
+def test_spans_go_over_otlp_grpc_when_the_protocol_says_so(
+    upstream: StandinUpstream, keys: TestKeys, receiver: OtlpReceiver
+) -> None:
+    variables = {
+        **otel(receiver.grpc_endpoint),
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+    }
+    with (
+        ServerProcess(settings(upstream, keys), variables=variables, name="grpc") as process,
+        ToolClient(process.target, api_key=keys.editor, timeout=10) as client,
+    ):
+        assert not client.call_tool(TOOL, ARGUMENTS, traceparent=TRACEPARENT).is_error
+        spans = receiver.wait_for(3)
+    server = only(spans, kind="server")
+    assert (server.trace_id, server.parent_id) == (CALLER_TRACE, CALLER_SPAN)
+    assert server.resource["service.name"] == "aiservices-test"
+    tool_and_client(spans, server)
+
+
+def test_a_protocol_other_than_http_protobuf_or_grpc_stops_start_up_in_one_line() -> None:
     environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
-    with pytest.raises(StartupError, match=r"OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc' is not"):
-        from_environment({**environ, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    with pytest.raises(StartupError, match=r"OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json' is not"):
+        from_environment({**environ, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
     assert from_environment({}) is NO_TRACER
     assert from_environment({**environ, "OTEL_SDK_DISABLED": "true"}) is NO_TRACER
 

@@ -136,13 +136,29 @@ class _BoundedProcessor(SpanProcessor):
         return self._batch.force_flush(timeout_millis)
 
 
+def _exporter(protocol: str) -> SpanExporter:
+    """The OTLP exporter for `protocol` (`grpc`, or `http/protobuf`), configured by the
+    standard variables (endpoint, headers, timeout, TLS)."""
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter as GrpcSpanExporter,  # only when asked for: it loads grpc's sync API
+        )
+
+        return GrpcSpanExporter()
+    return OTLPSpanExporter()
+
+
 class SdkTracer(Tracer):
-    """Spans of the SDK, exported over OTLP/HTTP as the standard variables say."""
+    """Spans of the SDK, exported over OTLP (HTTP or gRPC) as the standard variables say."""
 
     enabled = True
 
     def __init__(
-        self, service_name: str, max_queue: int, on_dropped: Callable[[int], None]
+        self,
+        service_name: str,
+        protocol: str,
+        max_queue: int,
+        on_dropped: Callable[[int], None],
     ) -> None:
         resource = Resource.create()  # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
@@ -151,7 +167,7 @@ class SdkTracer(Tracer):
         # and the SDK's own would wait for a collector that never answers.
         self._provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         self._provider.add_span_processor(
-            _BoundedProcessor(OTLPSpanExporter(), max_queue, on_dropped)
+            _BoundedProcessor(_exporter(protocol), max_queue, on_dropped)
         )
         self._tracer = self._provider.get_tracer("aiservices_server", __version__)
 

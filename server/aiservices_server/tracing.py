@@ -7,7 +7,7 @@ goes upstream), so no global context is read or set on the hot path.
 
 Off (no `OTEL_EXPORTER_OTLP_ENDPOINT` nor `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`): `NO_TRACER`,
 whose spans are one shared object whose methods do nothing, and the SDK is never imported. On:
-`from_environment` imports the SDK (the `otel` extra) and exports over OTLP/HTTP through a
+`from_environment` imports the SDK (the `otel` extra) and exports over OTLP through a
 `BatchSpanProcessor` whose queue is bounded, in its own thread, so a collector that is down, slow
 or refusing costs callers nothing; spans that do not fit the queue, or that the collector
 refuses, are counted (`on_dropped`), never retried at a caller's expense.
@@ -26,7 +26,8 @@ Attributes = Mapping[str, AttributeValue]
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
-SUPPORTED_PROTOCOL = "http/protobuf"
+DEFAULT_PROTOCOL = "http/protobuf"
+PROTOCOLS = (DEFAULT_PROTOCOL, "grpc")
 DEFAULT_SERVICE_NAME = "aiservices"
 # The SDK's own default, kept explicit: spans waiting for export are bounded whatever the
 # collector does (OTEL_BSP_MAX_QUEUE_SIZE may set another bound).
@@ -100,18 +101,19 @@ def from_environment(
     """NO_TRACER unless the variables ask for traces; then the SDK's tracer, configured by the
     standard variables (endpoint, headers, timeout, `OTEL_SERVICE_NAME`,
     `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`/`_ARG`, `OTEL_BSP_*`). StartupError, in one
-    line, for a protocol other than http/protobuf or when the `otel` extra is not installed."""
+    line, for a protocol other than http/protobuf or grpc, or when the `otel` extra is not
+    installed."""
     environ = os.environ if environ is None else environ
     if not configured(environ):
         return NO_TRACER
     protocol = next(
         (environ[name].strip() for name in PROTOCOL_VARIABLES if environ.get(name, "").strip()),
-        SUPPORTED_PROTOCOL,
+        DEFAULT_PROTOCOL,
     )
-    if protocol != SUPPORTED_PROTOCOL:
+    if protocol not in PROTOCOLS:
         raise StartupError(
             f"invalid setting OTEL_EXPORTER_OTLP_PROTOCOL: {protocol[:40]!r} is not supported; "
-            f"use {SUPPORTED_PROTOCOL}"
+            f"use {' or '.join(PROTOCOLS)}"
         )
     try:
         from aiservices_server import _otel  # noqa: PLC0415 (only when traces are asked for)
@@ -121,7 +123,7 @@ def from_environment(
             + EXTRA_HINT
         ) from None
     try:
-        return _otel.SdkTracer(DEFAULT_SERVICE_NAME, _max_queue(environ), on_dropped)
+        return _otel.SdkTracer(DEFAULT_SERVICE_NAME, protocol, _max_queue(environ), on_dropped)
     except ValueError as exc:  # an OTEL_BSP_* or exporter value the SDK refuses
         raise StartupError(f"invalid OpenTelemetry setting: {str(exc)[:200]}") from None
 

@@ -1,17 +1,24 @@
-"""A real OTLP/HTTP trace receiver on 127.0.0.1, for the tracing tests: it takes what an
-OpenTelemetry exporter posts to `/v1/traces` (`ExportTraceServiceRequest`, protobuf), decodes
-it with `opentelemetry-proto` and keeps each span in a plain form a test can assert on."""
+"""A real OTLP trace receiver on 127.0.0.1, for the tracing tests: it takes what an
+OpenTelemetry exporter posts to `/v1/traces` (`ExportTraceServiceRequest`, protobuf) and what
+one sends to the OTLP/gRPC `TraceService` on another port, decodes it with `opentelemetry-proto`
+and keeps each span in a plain form a test can assert on."""
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
+import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+    TraceServiceServicer,
+    add_TraceServiceServicer_to_server,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
@@ -44,7 +51,8 @@ class ReceivedSpan:
 
 
 class OtlpReceiver:
-    """Serves `POST /v1/traces` in a thread; `spans` is everything received so far."""
+    """Serves `POST /v1/traces` in a thread, and OTLP/gRPC's `TraceService`; `spans` is
+    everything received so far, by either."""
 
     def __init__(self) -> None:
         self._spans: list[ReceivedSpan] = []
@@ -69,14 +77,29 @@ class OtlpReceiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+        class Service(TraceServiceServicer):
+            def Export(
+                self, request: ExportTraceServiceRequest, context: grpc.ServicerContext
+            ) -> ExportTraceServiceResponse:
+                receiver._add(request)
+                return ExportTraceServiceResponse()
+
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._grpc = grpc.server(ThreadPoolExecutor(2))
+        add_TraceServiceServicer_to_server(Service(), self._grpc)  # type: ignore[no-untyped-call]
+        self._grpc_port = self._grpc.add_insecure_port("127.0.0.1:0")
 
     @property
     def endpoint(self) -> str:
         """What OTEL_EXPORTER_OTLP_ENDPOINT is set to (the exporter appends /v1/traces)."""
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def grpc_endpoint(self) -> str:
+        """What OTEL_EXPORTER_OTLP_ENDPOINT is set to with the `grpc` protocol."""
+        return f"http://127.0.0.1:{self._grpc_port}"
 
     def _add(self, request: ExportTraceServiceRequest) -> None:
         found = []
@@ -114,9 +137,11 @@ class OtlpReceiver:
 
     def start(self) -> Self:
         self._thread.start()
+        self._grpc.start()
         return self
 
     def stop(self) -> None:
+        self._grpc.stop(None)
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
