@@ -200,6 +200,27 @@ def test_more_than_one_worker_without_redis_is_refused_in_one_line(
     ]
 
 
+def test_a_file_no_worker_can_start_with_is_refused_in_one_line(
+    keys: TestKeys, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    tools = tmp_path / "tools.toml"
+    tools.write_text('[[tools]]\nname = "no dots"\n')
+    finished = run_to_exit(
+        tmp_path,
+        {
+            "API_KEYS_FILE": str(keys.path),
+            "WORKERS": "2",
+            "REDIS_URL": redis_server.url,
+            "TOOLS_FILE": str(tools),
+        },
+    )
+    assert finished.returncode == 2
+    said = (finished.stdout + finished.stderr).strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(
+        f"aiservices: tools file {tools}: tool #1: name"
+    ), said
+
+
 def test_a_maximum_connection_age_moves_one_clients_calls_between_workers(
     upstream: StandinUpstream, keys: TestKeys, redis_server: RedisServer
 ) -> None:

@@ -190,7 +190,10 @@ class Supervisor:
                 ports["metrics_port"] = metrics_server.server_port
             workers = [Worker(n, env, lifeline_read) for n in range(1, self.count + 1)]
             self._handle_signals()
-            started = await asyncio.gather(*(worker.start() for worker in workers))
+            # The first alone: a setting or file no worker can start with is said once, by it.
+            started = [await workers[0].start()]
+            if started[0]:
+                started += await asyncio.gather(*(worker.start() for worker in workers[1:]))
             if not all(started):
                 failed = workers[started.index(False)]
                 await self._stop(workers)
