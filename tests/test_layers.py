@@ -443,3 +443,38 @@ async def handle(exchange, response):
         "bad.py:38: del failure.headers",
         "bad.py:39: failure.headers.setdefault('a', 'b')",
     ]
+
+
+# --- one access line --------------------------------------------------------------------------
+
+ACCESS_MESSAGE = "rpc"  # the `msg` of every access line (docs/operations.md)
+
+
+def access_line_writers(paths: list[Path], root: Path) -> list[str]:
+    """Where a logging call writes an access line (a call whose first argument is its
+    message), as `file:line`."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and node.args[0].value == ACCESS_MESSAGE
+            ):
+                found.append(f"{path.relative_to(root).as_posix()}:{node.lineno}")
+    return found
+
+
+def test_the_access_line_of_either_face_is_written_in_one_place() -> None:
+    found = access_line_writers(sorted(SERVER.rglob("*.py")), SERVER.parent)
+    assert [where.partition(":")[0] for where in found] == [
+        "aiservices_server/faces/envelope.py"
+    ], found
+
+
+def test_the_check_sees_a_second_access_line_writer(tmp_path: Path) -> None:
+    module = tmp_path / "face.py"
+    module.write_text('log.info("rpc", extra=fields)\nlog.info("other")\naccess.info("rpc")\n')
+    assert access_line_writers([module], tmp_path) == ["face.py:1", "face.py:3"]
