@@ -306,6 +306,22 @@ def test_a_collector_that_never_answers_costs_calls_nothing_and_a_full_queue_dro
             assert time.monotonic() - started < 3 + 3  # the grace period and a margin
 
 
+def test_spans_still_queued_at_shutdown_are_exported_before_the_server_exits(
+    upstream: StandinUpstream, keys: TestKeys, receiver: OtlpReceiver
+) -> None:
+    variables = {**otel(receiver.endpoint), "OTEL_BSP_SCHEDULE_DELAY": "600000"}
+    with ServerProcess(settings(upstream, keys), variables=variables, name="flush") as process:
+        with ToolClient(process.target, api_key=keys.editor, timeout=10) as client:
+            assert not client.call_tool(TOOL, ARGUMENTS, traceparent=TRACEPARENT).is_error
+        assert receiver.spans == []  # a batch of 3 waits for the 10-minute schedule
+        started = time.monotonic()
+        assert process.terminate() == 0
+        assert time.monotonic() - started < 3 + 3  # the grace period and a margin
+        spans = receiver.spans
+    assert sorted(span.kind for span in spans) == ["client", "internal", "server"]
+    assert {span.trace_id for span in spans} == {CALLER_TRACE}
+
+
 def test_a_queue_bound_that_is_not_a_positive_integer_stops_start_up_in_one_line() -> None:
     environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
     for bad in ("0", "-5", "many", "1e3", "9" * 20):
