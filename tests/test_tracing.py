@@ -322,6 +322,20 @@ def test_spans_still_queued_at_shutdown_are_exported_before_the_server_exits(
     assert {span.trace_id for span in spans} == {CALLER_TRACE}
 
 
+def test_a_sampler_that_drops_the_trace_exports_nothing_and_says_so_upstream(
+    upstream: StandinUpstream, keys: TestKeys, receiver: OtlpReceiver
+) -> None:
+    variables = {**otel(receiver.endpoint), "OTEL_TRACES_SAMPLER": "always_off"}
+    with ServerProcess(settings(upstream, keys), variables=variables, name="off") as process:
+        with ToolClient(process.target, api_key=keys.editor, timeout=10) as client:
+            assert not client.call_tool(TOOL, ARGUMENTS, traceparent=TRACEPARENT).is_error
+        assert process.terminate() == 0  # what was queued is exported by now
+    assert receiver.spans == []
+    (sent,) = upstream.requests
+    version, trace, _, flags = sent.headers["traceparent"].split("-")
+    assert (version, trace, flags) == ("00", CALLER_TRACE, "00")
+
+
 def test_a_queue_bound_that_is_not_a_positive_integer_stops_start_up_in_one_line() -> None:
     environ = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
     for bad in ("0", "-5", "many", "1e3", "9" * 20):
