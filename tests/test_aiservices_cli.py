@@ -146,7 +146,10 @@ def test_status_and_tools_for_people_and_as_json(service: ServerThread, keys: Te
 
     tools = json.loads(as_caller(service, keys.editor, "--json", "tools").stdout)
     assert [(tool["name"], tool["title"]) for tool in tools] == [(TOOL, "Refine prompt")]
-    assert tools[0]["input_schema"]["required"] == ["prompt_template_json"]
+    # Field names as grpcurl, buf and MCP spell them; the schema itself is data, kept as sent.
+    assert tools[0]["inputSchema"]["required"] == ["prompt_template_json"]
+    assert tools[0]["annotations"]["readOnlyHint"] is True
+    assert "input_schema" not in tools[0]
 
 
 def test_flags_win_over_the_environment(
@@ -189,10 +192,11 @@ def test_call_reads_arguments_from_a_file_or_stdin(
     )
     assert piped.returncode == 0, piped.stderr
     result = json.loads(piped.stdout)
-    assert result["is_error"] is False
-    assert result["structured_content"]["messages"] == refined
+    assert result["isError"] is False
+    assert result["structuredContent"]["messages"] == refined
     assert result["content"] == [{"type": "text", "text": "Tightened the wording."}]
-    assert result["trace_id"] and result["request_id"]
+    assert result["traceId"] and result["requestId"]
+    assert not any("_" in key for key in result)
 
 
 def test_refine_prints_a_diff_per_message_and_the_summary(
@@ -222,7 +226,7 @@ def test_refine_writes_the_refined_template_and_prints_the_raw_result(
     ran = as_caller(service, keys.editor, "refine", str(template), "-o", str(output), "--json")
     assert ran.returncode == 0, ran.stderr
     refined = refine_template(json.dumps(TEMPLATE))
-    assert json.loads(ran.stdout)["structured_content"]["messages"] == refined
+    assert json.loads(ran.stdout)["structuredContent"]["messages"] == refined
     assert json.loads(output.read_text()) == {**TEMPLATE, "messages": refined}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompt.json", "refined.json"]
 
@@ -287,7 +291,7 @@ def test_a_tool_error_exits_1_with_one_line(
             "code": "UPSTREAM_ERROR",
             "message": "the upstream answered HTTP 400",
             "retryable": False,
-            "exit_code": 1,
+            "exitCode": 1,
         }
     }
 
@@ -425,8 +429,8 @@ def test_no_api_key_is_refused_before_anything_is_sent() -> None:
     ran = aiservices("status", env=env)
     assert (ran.returncode, ran.stdout) == (2, "")
     assert one_line(ran.stderr) == (
-        "aiservices: no API key: pass --api-key or --api-key-file, or set AISERVICES_API_KEY "
-        "(a server with authentication disabled takes any key)"
+        "aiservices: no API key: set AISERVICES_API_KEY (the aiservices command also takes "
+        "--api-key or --api-key-file); a server with authentication disabled takes any key"
     )
 
 
@@ -439,7 +443,7 @@ def test_with_json_every_error_is_one_json_object(service: ServerThread) -> None
         "error": {
             "kind": "usage",
             "message": "--args must be a JSON object, not list",
-            "exit_code": 2,
+            "exitCode": 2,
         }
     }
     assert usage.returncode == 2
@@ -449,7 +453,7 @@ def test_with_json_every_error_is_one_json_object(service: ServerThread) -> None
     refused = as_caller(service, "ais_not-a-key-anyone-issued", "status", "--json")
     assert refused.returncode == 3
     error = json.loads(refused.stderr)["error"]
-    assert (error["kind"], error["status"], error["exit_code"]) == ("refused", "UNAUTHENTICATED", 3)
+    assert (error["kind"], error["status"], error["exitCode"]) == ("refused", "UNAUTHENTICATED", 3)
     assert error["hints"] == ["check --api-key, --api-key-file or AISERVICES_API_KEY"]
 
     down = aiservices(
@@ -457,7 +461,7 @@ def test_with_json_every_error_is_one_json_object(service: ServerThread) -> None
     )
     assert down.returncode == 4
     error = json.loads(down.stderr)["error"]
-    assert (error["kind"], error["status"], error["exit_code"]) == ("unreachable", "UNAVAILABLE", 4)
+    assert (error["kind"], error["status"], error["exitCode"]) == ("unreachable", "UNAVAILABLE", 4)
 
 
 # --- TLS --------------------------------------------------------------------------------------
@@ -635,7 +639,7 @@ def test_model_output_cannot_drive_the_terminal(tmp_path: Path) -> None:
     )
     # Machine output keeps the text exactly, as valid JSON.
     assert raw.stdout.isascii()
-    assert json.loads(raw.stdout)["structured_content"]["summary"] == hostile
+    assert json.loads(raw.stdout)["structuredContent"]["summary"] == hostile
 
 
 def test_tls_against_a_plaintext_server_is_one_line_without_grpc_logs(
@@ -814,7 +818,7 @@ def test_a_listing_past_its_bounds_is_one_json_error(tmp_path: Path) -> None:
             "reason": None,
             "message": "ListTools pages hold more than 4 MiB in all, by page 5; stopping",
             "hints": [],
-            "exit_code": 3,
+            "exitCode": 3,
         }
     }
     assert peak < PEAK_RSS_LIMIT

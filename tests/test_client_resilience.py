@@ -1,5 +1,6 @@
-"""The client against the real server: error classes per status, opt-in retries, channels and
-interceptors from the caller, wait_for_ready, traceparent and the default deadlines.
+"""The client against the real server: error classes per status, retries (a policy's; the reads'
+default is in test_client_helpers.py), channels and interceptors from the caller,
+wait_for_ready, traceparent and the default deadlines.
 
 Retry waits go through an injected sleep that records each wait, so tests assert what the
 client waited for, never how long the test took.
@@ -208,7 +209,7 @@ def test_deadline_and_unavailable(
         ToolClient(f"127.0.0.1:{closed_port()}", api_key=keys.editor) as nowhere,
         pytest.raises(Unavailable) as gone,
     ):
-        nowhere.status()
+        nowhere.status(retry=NO_RETRY)  # sent once: a read would otherwise retry its timeout out
     assert late.value.retryable is False
     assert gone.value.retryable is True
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aiservices import ToolClient, ToolServiceError
+from aiservices import NO_RETRY, ToolClient, ToolServiceError
 from aiservices_server.app import AiServicesServer, StartupError
 from aiservices_server.config import ENV_PREFIX, SettingsError, load_settings
 from tests.standin import StandinUpstream
@@ -68,7 +68,8 @@ def status_with(
     target: str, api_key: str | None, credentials: grpc.ChannelCredentials | None
 ) -> Any:
     with ToolClient(target, api_key=api_key, timeout=TIMEOUT, credentials=credentials) as client:
-        return client.status()
+        # Sent once: a refused handshake is UNAVAILABLE, which a read retries by default.
+        return client.status(retry=NO_RETRY)
 
 
 def refused(

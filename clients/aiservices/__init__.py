@@ -1,10 +1,15 @@
 """Python client for aiservices.v1.ToolService; the generated stubs live in aiservices.v1."""
 
+from importlib.metadata import PackageNotFoundError, version
+
+from aiservices._convert import as_json
 from aiservices.client import (
     DEFAULT_CALL_TIMEOUT,
     DEFAULT_TIMEOUT,
+    READ_RETRY,
     AsyncToolClient,
     CallOptions,
+    ClientOptions,
     ContentItem,
     Status,
     TextContent,
@@ -29,17 +34,30 @@ from aiservices.errors import (
     PermissionDenied,
     RateLimited,
     ResourceExhausted,
+    ToolError,
     Unauthenticated,
     Unavailable,
 )
+from aiservices.refine import REFINE_PROMPT, PromptMessage, RefinedPrompt
 from aiservices.retry import NO_RETRY, RetryPolicy, service_config
+from aiservices.settings import SettingsError
+
+DISTRIBUTION = "aiservices-client"
+try:
+    # The installed distribution's version: one number for the package, the command and pip.
+    __version__: str = version(DISTRIBUTION)
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DEFAULT_CALL_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "NO_RETRY",
+    "READ_RETRY",
+    "REFINE_PROMPT",
     "AsyncToolClient",
     "CallOptions",
+    "ClientOptions",
     "ContentItem",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -48,13 +66,17 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "PromptMessage",
     "RateLimited",
+    "RefinedPrompt",
     "ResourceExhausted",
     "RetryPolicy",
+    "SettingsError",
     "Status",
     "TextContent",
     "ToolAnnotations",
     "ToolClient",
+    "ToolError",
     "ToolErrorInfo",
     "ToolInfo",
     "ToolPage",
@@ -63,6 +85,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "UnknownContent",
+    "__version__",
+    "as_json",
     "dict_to_struct",
     "service_config",
     "struct_to_dict",

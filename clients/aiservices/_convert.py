@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, TypeAlias
 
 from google.protobuf import duration_pb2, struct_pb2
@@ -292,3 +292,37 @@ def status_of(response: pb.GetStatusResponse) -> Status:
 
 def page_of(response: pb.ListToolsResponse) -> ToolPage:
     return ToolPage(tools=[tool_info(t) for t in response.tools], next_cursor=response.next_cursor)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON for people and scripts
+
+
+def as_json(value: object) -> Any:
+    """A result (Status, ToolInfo, ToolPage, ToolResult, RefinedPrompt..., or a list of them) as
+    JSON-ready Python values, its field names in lowerCamelCase.
+
+    lowerCamelCase is protobuf's JSON mapping: what grpcurl and buf curl print for the same
+    response, and how MCP spells the same fields (`structuredContent`, `isError`,
+    `inputSchema`, `readOnlyHint`), so one jq filter reads all three. What is data rather than a
+    field (structured content, schemas) keeps its keys as they came. A content block is
+    `{"type": "text", "text": ...}` as in MCP; durations are numbers of seconds.
+    """
+    if isinstance(value, TextContent):
+        return {"type": "text", "text": value.text}
+    if isinstance(value, UnknownContent):
+        return {"type": value.kind}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {
+            _camel(item.name): as_json(getattr(value, item.name))
+            for item in fields(value)
+            if item.repr
+        }
+    if isinstance(value, list | tuple):
+        return [as_json(item) for item in value]
+    return value
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part[:1].upper() + part[1:] for part in rest)

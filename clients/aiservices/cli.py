@@ -8,30 +8,26 @@ only ever sent to the server, never printed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from aiservices import __version__
 from aiservices._cli.elapsed import Elapsed
 from aiservices._cli.inputs import (
-    MAX_SECRET_FILE_BYTES,
     UsageError,
     call_arguments,
     parse_object,
-    read_bytes,
     read_text,
     test_cases_file,
     write_atomically,
 )
 from aiservices._cli.output import (
-    ENV_API_KEY,
     EXIT_UNREACHABLE,
     PROG,
     error_json,
@@ -39,18 +35,31 @@ from aiservices._cli.output import (
     messages_diff,
     refusal_json,
     refusal_line,
-    result_json,
     tool_error_json,
     tool_error_line,
     tools_table,
 )
+from aiservices._convert import as_json
 from aiservices.client import Status, ToolClient, ToolResult, ToolServiceError
+from aiservices.refine import REFINE_PROMPT, refine_arguments
+from aiservices.retry import NO_RETRY
+from aiservices.settings import (
+    DEFAULT_TARGET,
+    ENV_API_KEY,
+    ENV_CA_FILE,
+    ENV_CERT_FILE,
+    ENV_KEY_FILE,
+    ENV_TARGET,
+    ENV_TLS,
+    Connection,
+    Flags,
+    SettingsError,
+    read_connection,
+)
 
 T = TypeVar("T")
 
-REFINE_TOOL = "tools.agenta.api.refine_prompt"
-DEFAULT_TARGET = "127.0.0.1:50051"
-ENV_TARGET = "AISERVICES_TARGET"
+REFINE_TOOL = REFINE_PROMPT
 # The largest ListTools page `tools` takes, refused by gRPC as it arrives, before it is parsed: a
 # page is at most 100 tools of a few KB, and tiny tools parse into some 50 times their bytes
 # (16 MiB of them, the client's usual limit, into 800 MB). The listing's own bounds are the
@@ -65,9 +74,12 @@ EXIT_BUG = 70
 EXIT_INTERRUPTED = 130
 
 EPILOG = f"""\
-environment:
-  {ENV_TARGET}    the server address (default {DEFAULT_TARGET}); --target wins
-  {ENV_API_KEY}   the API key; --api-key and --api-key-file win
+environment (read as ToolClient.from_env reads it; a flag wins):
+  {ENV_TARGET}     the server address (default {DEFAULT_TARGET})
+  {ENV_API_KEY}    the API key
+  {ENV_TLS}        1 (true, yes, on) for TLS with the system's CAs
+  {ENV_CA_FILE}    TLS: trust this CA file
+  {ENV_CERT_FILE}  mTLS: the client certificate file ({ENV_KEY_FILE}: its key)
 
 exit codes:
   0    ok
@@ -132,16 +144,28 @@ def _add_connection_flags(parser: argparse.ArgumentParser, *, top: bool) -> None
         help="seconds to wait for each call (default: the client's)",
     )
     group.add_argument(
-        "--tls", action="store_true", default=default, help="use TLS with the system's CAs"
+        "--tls",
+        action="store_true",
+        default=default,
+        help=f"use TLS with the system's CAs (env {ENV_TLS})",
     )
     group.add_argument(
-        "--ca-file", metavar="PEM", default=default, help="TLS: trust this CA file; implies --tls"
+        "--ca-file",
+        metavar="PEM",
+        default=default,
+        help=f"TLS: trust this CA file; implies --tls (env {ENV_CA_FILE})",
     )
     group.add_argument(
-        "--cert-file", metavar="PEM", default=default, help="mTLS: the client certificate file"
+        "--cert-file",
+        metavar="PEM",
+        default=default,
+        help=f"mTLS: the client certificate file (env {ENV_CERT_FILE})",
     )
     group.add_argument(
-        "--key-file", metavar="PEM", default=default, help="mTLS: the client certificate's key file"
+        "--key-file",
+        metavar="PEM",
+        default=default,
+        help=f"mTLS: the client certificate's key file (env {ENV_KEY_FILE})",
     )
     parser.add_argument(
         "--json", action="store_true", default=default, help="print machine-readable JSON"
@@ -155,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _add_connection_flags(parser, top=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -218,75 +242,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
-    try:
-        return version("aiservices-client")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 # --------------------------------------------------------------------------------------------
 # Connection
 
 
-def _api_key(args: argparse.Namespace) -> str:
-    # argparse sees the two only within one side of the command; one on each side is caught here.
-    if args.api_key is not None and args.api_key_file is not None:
-        raise UsageError("argument --api-key: not allowed with argument --api-key-file")
-    if args.api_key is not None:
-        if not str(args.api_key).strip():
-            raise UsageError("--api-key is empty")
-        return str(args.api_key).strip()
-    if args.api_key_file is not None:
-        key = read_bytes(str(args.api_key_file), "API key file", MAX_SECRET_FILE_BYTES)
-        text = key.decode("utf-8", errors="replace").strip()
-        if not text:
-            raise UsageError(f"API key file {args.api_key_file} is empty")
-        return text
-    from_env = os.environ.get(ENV_API_KEY, "").strip()
-    if not from_env:
-        # Refused here: sent without a key, every call would come back UNAUTHENTICATED.
-        raise UsageError(
-            f"no API key: pass --api-key or --api-key-file, or set {ENV_API_KEY} (a server "
-            "with authentication disabled takes any key)"
-        )
-    return from_env
-
-
-def _uses_tls(args: argparse.Namespace) -> bool:
-    return bool(args.tls or args.ca_file or args.cert_file)
-
-
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if (args.cert_file is None) != (args.key_file is None):
-        raise UsageError("--cert-file and --key-file go together")
-    if not _uses_tls(args):
-        return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=read_bytes(args.ca_file, "CA file") if args.ca_file else None,
-        private_key=read_bytes(args.key_file, "key file") if args.key_file else None,
-        certificate_chain=read_bytes(args.cert_file, "certificate file")
-        if args.cert_file
-        else None,
+def _connection(args: argparse.Namespace) -> Connection:
+    """The flags over the environment, read by the one reader `ToolClient.from_env` uses."""
+    flags = Flags(
+        target=args.target,
+        api_key=args.api_key,
+        api_key_file=args.api_key_file,
+        tls=bool(args.tls),
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
     )
+    try:
+        return read_connection(os.environ, flags)
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
 
 
-def _target(args: argparse.Namespace) -> str:
-    target = args.target or os.environ.get(ENV_TARGET, "").strip() or DEFAULT_TARGET
-    return str(target)
-
-
-def _connect(args: argparse.Namespace) -> ToolClient:
+def _connect(args: argparse.Namespace, connection: Connection) -> ToolClient:
     options: list[tuple[str, int]] = []
     if args.command == "tools":
         options.append(("grpc.max_receive_message_length", MAX_TOOLS_PAGE_BYTES))
     try:
+        # Each call is sent once, reads included: a person sees at once that nothing answers
+        # (exit 4), and a script decides itself whether to try again.
         return ToolClient(
-            _target(args),
-            api_key=_api_key(args),
-            credentials=_credentials(args),
+            connection.target,
+            api_key=connection.api_key,
+            credentials=connection.credentials,
             timeout=args.timeout,
             options=options,
+            retry=NO_RETRY,
         )
     except ValueError as exc:  # settings the client refuses; its messages never hold the key
         raise UsageError(str(exc)) from None
@@ -308,9 +298,10 @@ def _show(text: str) -> None:
 
 
 def _print_json(value: Any) -> None:
-    # Keys sorted: a Struct's keys come in no set order, and the same result should print the
-    # same every time (as buf and grpcurl print it).
-    _show(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True))
+    # Field names as aiservices.as_json spells them (lowerCamelCase, as grpcurl, buf and MCP
+    # do). Keys sorted: a Struct's keys come in no set order, and the same result should print
+    # the same every time.
+    _show(json.dumps(as_json(value), indent=2, ensure_ascii=False, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +311,7 @@ def _print_json(value: Any) -> None:
 def _status(client: ToolClient, args: argparse.Namespace) -> int:
     status: Status = _waiting("status", client.status)
     if args.json:
-        _print_json(dataclasses.asdict(status))
+        _print_json(status)
         return EXIT_OK
     _show(f"enabled   {'yes' if status.enabled else 'no'}")
     _show(f"upstream  {status.upstream or '-'}")
@@ -331,7 +322,7 @@ def _status(client: ToolClient, args: argparse.Namespace) -> int:
 def _tools(client: ToolClient, args: argparse.Namespace) -> int:
     tools = _waiting("tools", client.list_tools)
     if args.json:
-        _print_json([dataclasses.asdict(tool) for tool in tools])
+        _print_json(tools)
     elif tools:
         _show(tools_table(tools))
     else:
@@ -341,7 +332,7 @@ def _tools(client: ToolClient, args: argparse.Namespace) -> int:
 
 def _finish(result: ToolResult, args: argparse.Namespace, show: Callable[[], None]) -> int:
     if args.json:
-        _print_json(result_json(result))
+        _print_json(result)
     elif not result.is_error:
         show()
     if result.is_error:
@@ -368,15 +359,15 @@ def _refine(client: ToolClient, args: argparse.Namespace) -> int:
     source = str(args.template)
     text = read_text(source, "template")
     template = parse_object(text, "stdin" if source == "-" else source)
-    arguments: dict[str, Any] = {"prompt_template_json": text}
-    if args.guidelines is not None:
-        arguments["guidelines"] = args.guidelines
-    if args.context is not None:
-        arguments["context"] = args.context
+    test_cases = None
     if args.test_cases is not None:
         if args.test_cases == "-" == source:
             raise UsageError("the template and --test-cases cannot both be read from stdin")
-        arguments["test_cases"] = test_cases_file(args.test_cases)
+        test_cases = test_cases_file(args.test_cases)
+    # The file's text is sent exactly as it is written, as refine_prompt sends a str template.
+    arguments = refine_arguments(
+        text, guidelines=args.guidelines, context=args.context, test_cases=test_cases
+    )
     result = _waiting("refining", lambda: client.call_tool(REFINE_TOOL, arguments))
     refined = (result.structured_content or {}).get("messages")
     if not result.is_error and args.output is not None:
@@ -407,24 +398,25 @@ COMMANDS: dict[str, Callable[[ToolClient, argparse.Namespace], int]] = {
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the command, and return its exit code; errors are printed here, one
     line each, or one JSON object each with `--json`."""
-    as_json = _wants_json(argv)
+    wants_json = _wants_json(argv)
     try:
         args = build_parser().parse_args(argv)
-        with _connect(args) as client:
+        connection = _connection(args)
+        with _connect(args, connection) as client:
             try:
                 return COMMANDS[str(args.command)](client, args)
             except ToolServiceError as err:
                 code = _exit_code(err)
-                target, tls = _target(args), _uses_tls(args)
+                target, tls = connection.target, connection.tls
                 shown = (
                     refusal_json(err, target, tls=tls, exit_code=code)
-                    if as_json
+                    if wants_json
                     else refusal_line(err, target, tls=tls)
                 )
                 print(shown, file=sys.stderr)
                 return code
     except UsageError as exc:
-        return _failed(as_json, EXIT_USAGE, "usage", str(exc))
+        return _failed(wants_json, EXIT_USAGE, "usage", str(exc))
 
 
 def _wants_json(argv: Sequence[str] | None) -> bool:
@@ -433,10 +425,10 @@ def _wants_json(argv: Sequence[str] | None) -> bool:
     return "--json" in (sys.argv[1:] if argv is None else argv)
 
 
-def _failed(as_json: bool, exit_code: int, kind: str, message: str) -> int:
+def _failed(wants_json: bool, exit_code: int, kind: str, message: str) -> int:
     """A failure of the command itself (not a call's): one line or one JSON object."""
-    shown = error_json({"kind": kind, "message": message, "exit_code": exit_code})
-    print(shown if as_json else f"{PROG}: {message}", file=sys.stderr)
+    shown = error_json({"kind": kind, "message": message, "exitCode": exit_code})
+    print(shown if wants_json else f"{PROG}: {message}", file=sys.stderr)
     return exit_code
 
 

@@ -42,7 +42,9 @@ from aiservices._convert import (
     tool_result,
 )
 from aiservices.errors import ToolServiceError, error_for, error_from_rpc
+from aiservices.refine import REFINE_PROMPT, RefinedPrompt, refine_arguments, refined_prompt
 from aiservices.retry import RetryPolicy, delay_after_error, delay_after_result, service_config
+from aiservices.settings import read_connection
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 
@@ -53,8 +55,10 @@ __all__ = [
     "DEFAULT_CALL_TIMEOUT",
     "DEFAULT_TIMEOUT",
     "MAX_NESTING",
+    "READ_RETRY",
     "AsyncToolClient",
     "CallOptions",
+    "ClientOptions",
     "ContentItem",
     "Status",
     "TextContent",
@@ -78,6 +82,13 @@ DEFAULT_TIMEOUT = 10.0
 # caller as the UPSTREAM_TIMEOUT tool error (retryable, explained) rather than a bare
 # DEADLINE_EXCEEDED from the caller's own gRPC library.
 DEFAULT_CALL_TIMEOUT = 75.0
+# What status, list_tools and list_tools_page are sent again with when neither the client nor
+# the call names a policy: they only read, so an UNAVAILABLE (no server, one restarting or
+# draining, one overloaded) is worth another try, after the server's RetryInfo delay if it gave
+# one. The call's timeout bounds every attempt and wait together; the attempts are many so that
+# the timeout, not the count, is what ends a retried read (a channel that lost its server fails
+# each attempt at once until gRPC's own reconnection backoff lets it try the address again).
+READ_RETRY = RetryPolicy(max_attempts=20, initial_backoff=0.1, max_backoff=1.0)
 # A 100,000-character template can be 400 KB of UTF-8 before JSON escaping; gRPC's 4 MiB
 # default receive limit leaves too little room for a refined template plus structure.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -125,6 +136,20 @@ class CallOptions(TypedDict, total=False):
     retry: RetryPolicy | None
     wait_for_ready: bool | None
     traceparent: str | None
+
+
+class ClientOptions(TypedDict, total=False):
+    """What `from_env` passes on to the client besides what the environment gives (target, key,
+    TLS): each means what the constructor's argument of the same name means."""
+
+    timeout: float | None
+    call_timeout: float | None
+    metadata: Metadata
+    options: Sequence[tuple[str, Any]]
+    retry: RetryPolicy | None
+    wait_for_ready: bool | None
+    load_balancing: Literal["round_robin", "pick_first"] | None
+    grpc_retry_attempts: int
 
 
 @dataclass(frozen=True)
@@ -204,6 +229,8 @@ class _ClientCore:
         self._call_timeout = DEFAULT_CALL_TIMEOUT if given is None else float(given)
         self._credentials = credentials
         self._retry = retry
+        # gRPC's own retries replace the client's default for reads (two layers multiply).
+        self._read_retry = READ_RETRY if grpc_retry_attempts <= 1 else None
         self._wait_for_ready = wait_for_ready
         base: list[tuple[str, str]] = []
         if api_key is not None:
@@ -227,17 +254,17 @@ class _ClientCore:
     # -- plans: what each method does, as steps ----------------------------------------------
 
     def _status_plan(self, options: CallOptions) -> _Plan[Status]:
-        call = self._resolve(options, self._timeout)
+        call = self._resolve(options, self._timeout, read=True)
         response = yield from self._rpc("GetStatus", pb.GetStatusRequest(), call)
         return status_of(response)
 
     def _page_plan(self, cursor: str, page_size: int, options: CallOptions) -> _Plan[ToolPage]:
-        call = self._resolve(options, self._timeout)
+        call = self._resolve(options, self._timeout, read=True)
         request = pb.ListToolsRequest(cursor=cursor, page_size=page_size)
         return page_of((yield from self._rpc("ListTools", request, call)))
 
     def _list_plan(self, page_size: int, options: CallOptions) -> _Plan[list[ToolInfo]]:
-        call = self._resolve(options, self._timeout)
+        call = self._resolve(options, self._timeout, read=True)
         listing_ends = time.monotonic() + call.timeout
         # Retries of a page (attempts and waits) stay within the listing's timeout too.
         call = replace(call, overall=min(call.overall or listing_ends, listing_ends))
@@ -266,6 +293,19 @@ class _ClientCore:
         request = pb.CallToolRequest(name=name, arguments=dict_to_struct(arguments))
         return tool_result((yield from self._rpc("CallTool", request, call)))
 
+    def _refine_plan(
+        self,
+        template: Mapping[str, Any] | str,
+        guidelines: str | None,
+        context: str | None,
+        test_cases: Sequence[Mapping[str, Any]] | None,
+        options: CallOptions,
+    ) -> _Plan[RefinedPrompt]:
+        arguments = refine_arguments(
+            template, guidelines=guidelines, context=context, test_cases=test_cases
+        )
+        return refined_prompt((yield from self._call_plan(REFINE_PROMPT, arguments, options)))
+
     def _rpc(self, method: str, request: Message, call: _Resolved) -> _Plan[Any]:
         """One RPC, sent again as `call.retry` allows. An attempt gets its timeout or what is
         left of the overall deadline, whichever is shorter; a wait is made only if it ends
@@ -293,7 +333,12 @@ class _ClientCore:
             yield _Wait(delay)
             attempt, previous = attempt + 1, delay
 
-    def _resolve(self, options: CallOptions, default_timeout: float) -> _Resolved:
+    def _resolve(
+        self, options: CallOptions, default_timeout: float, *, read: bool = False
+    ) -> _Resolved:
+        """The call's settings: its own, else the client's, else the defaults. A read with no
+        policy from the call or the client gets READ_RETRY, bounded as a whole by its timeout;
+        a tool call with none is sent once."""
         unknown = sorted(options.keys() - CallOptions.__optional_keys__)
         if unknown:
             raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
@@ -304,6 +349,9 @@ class _ClientCore:
         timeout = default_timeout if timeout is None else timeout
         retry = options.get("retry")
         retry = self._retry if retry is None else retry
+        overall = None if retry is None or retry.deadline is None else now + retry.deadline
+        if retry is None and read and self._read_retry is not None:
+            retry, overall = self._read_retry, now + timeout
         extra = _pairs(options.get("metadata", ()))
         traceparent = options.get("traceparent")
         if traceparent is not None:
@@ -317,7 +365,7 @@ class _ClientCore:
         wait_for_ready = options.get("wait_for_ready")
         return _Resolved(
             timeout=timeout,
-            overall=None if retry is None or retry.deadline is None else now + retry.deadline,
+            overall=overall,
             metadata=tuple(_merge(self._metadata, extra)),
             retry=retry,
             wait_for_ready=self._wait_for_ready if wait_for_ready is None else wait_for_ready,
@@ -396,7 +444,9 @@ class ToolClient(_ClientCore):
 
     `timeout` is the default deadline of GetStatus/ListTools (10 s) and, when given, of
     CallTool too; `call_timeout` is CallTool's (75 s: longer than the server's upstream
-    timeout). `retry` is the default RetryPolicy (None: every call is sent once).
+    timeout). `retry` is the RetryPolicy of every call; None (the default) retries the reads
+    (status, list_tools, list_tools_page) with READ_RETRY within their timeout and sends tool
+    calls once, since a tool call may cost an upstream call. `NO_RETRY` sends every call once.
     `channel` is used as is and never closed by the client; `channel_factory(target, options)`
     builds one the client owns. `interceptors` wrap the channel (grpc.intercept_channel).
     `sleep` waits between retries (by default a wait that close() cuts short); replace it to
@@ -474,6 +524,43 @@ class ToolClient(_ClientCore):
         """Run a tool. A tool failure is a result with `is_error`; a refusal raises a
         ToolServiceError subclass."""
         return self._drive(self._call_plan(name, arguments, options))
+
+    def refine_prompt(
+        self,
+        template: Mapping[str, Any] | str,
+        *,
+        guidelines: str | None = None,
+        context: str | None = None,
+        test_cases: Sequence[Mapping[str, Any]] | None = None,
+        **options: Unpack[CallOptions],
+    ) -> RefinedPrompt:
+        """Refine a prompt template (a mapping, or its JSON text) with
+        tools.agenta.api.refine_prompt. A tool failure raises ToolError; a refusal raises the
+        ToolServiceError subclass call_tool raises. Sent once unless a policy says otherwise."""
+        plan = self._refine_plan(template, guidelines, context, test_cases, options)
+        return self._drive(plan)
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+        **options: Unpack[ClientOptions],
+    ) -> Self:
+        """A client for the server the `aiservices` command would call: AISERVICES_TARGET
+        (default 127.0.0.1:50051), AISERVICES_API_KEY (required), AISERVICES_TLS,
+        AISERVICES_CA_FILE, AISERVICES_CERT_FILE and AISERVICES_KEY_FILE, read from `environ`
+        (os.environ when None). Raises aiservices.SettingsError, as the command does, when the
+        key is missing or a setting cannot be used. `options` are the constructor's."""
+        connection = read_connection(environ)
+        return cls(
+            connection.target,
+            connection.api_key,
+            credentials=connection.credentials,
+            interceptors=interceptors,
+            **options,
+        )
 
     def close(self) -> None:
         """Close the channel the client made (not one it was given); later calls raise
@@ -600,6 +687,39 @@ class AsyncToolClient(_ClientCore):
         """Run a tool. A tool failure is a result with `is_error`; a refusal raises a
         ToolServiceError subclass."""
         return await self._drive(self._call_plan(name, arguments, options))
+
+    async def refine_prompt(
+        self,
+        template: Mapping[str, Any] | str,
+        *,
+        guidelines: str | None = None,
+        context: str | None = None,
+        test_cases: Sequence[Mapping[str, Any]] | None = None,
+        **options: Unpack[CallOptions],
+    ) -> RefinedPrompt:
+        """Refine a prompt template (a mapping, or its JSON text) with
+        tools.agenta.api.refine_prompt. A tool failure raises ToolError; a refusal raises the
+        ToolServiceError subclass call_tool raises. Sent once unless a policy says otherwise."""
+        plan = self._refine_plan(template, guidelines, context, test_cases, options)
+        return await self._drive(plan)
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        **options: Unpack[ClientOptions],
+    ) -> Self:
+        """ToolClient.from_env, for asyncio: the same variables, defaults and errors."""
+        connection = read_connection(environ)
+        return cls(
+            connection.target,
+            connection.api_key,
+            credentials=connection.credentials,
+            interceptors=interceptors,
+            **options,
+        )
 
     async def close(self) -> None:
         """Close the channel the client made (not one it was given), cancelling its calls in

@@ -15,7 +15,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
-from aiservices._convert import delay_seconds, duration_delay
+from aiservices._convert import ToolResult, delay_seconds, duration_delay
 
 __all__ = [
     "DeadlineExceeded",
@@ -27,6 +27,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "ResourceExhausted",
+    "ToolError",
     "ToolServiceError",
     "Unauthenticated",
     "Unavailable",
@@ -144,6 +145,32 @@ class Internal(ToolServiceError):
     @property
     def support_id(self) -> str | None:
         return self.error_metadata.get("support_id")
+
+
+class ToolError(Exception):
+    """The tool ran and failed (a result with `is_error`): what the typed helpers
+    (`refine_prompt`) raise where `call_tool` returns the result.
+
+    Not a ToolServiceError: the call itself succeeded (status OK), so there is no status code.
+    `code` is the tool error's code without prefix (e.g. "UPSTREAM_TIMEOUT"; "UNKNOWN" when the
+    result carries none), `retryable` and `retry_after` (seconds) say whether and when the same
+    call may pass, `trace_id`/`request_id` find it in the upstream's traces and the server's log,
+    and `result` is the whole ToolResult.
+    """
+
+    def __init__(self, result: ToolResult) -> None:
+        info = result.error
+        self.result = result
+        self.code = info.code if info is not None else "UNKNOWN"
+        self.message = (info.message if info is not None else "") or result.text
+        self.retryable = info is not None and info.retryable
+        self.retry_after = info.retry_after if info is not None else None
+        self.trace_id = result.trace_id
+        self.request_id = result.request_id
+        super().__init__(self.code, self.message)
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
 
 
 _BY_CODE: dict[grpc.StatusCode, type[ToolServiceError]] = {

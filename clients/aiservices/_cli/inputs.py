@@ -1,5 +1,6 @@
-"""What the command reads and writes locally: argument and template files, stdin, the key
-file, and the refined template. Every read is bounded; every problem is a UsageError."""
+"""What the command reads and writes locally: argument, template and test case files, stdin,
+and the refined template (the key and TLS files are read by aiservices.settings). Every read is
+bounded; every problem is a UsageError."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from aiservices.client import dict_to_struct
 
 # Inputs are bounded like everything read from outside: the client sends at most 16 MiB.
 MAX_INPUT_BYTES = 16 * 1024 * 1024
-MAX_SECRET_FILE_BYTES = 64 * 1024
 
 
 class UsageError(Exception):

@@ -12,10 +12,10 @@ from typing import Any
 
 import grpc
 
-from aiservices.client import TextContent, ToolInfo, ToolResult, ToolServiceError
+from aiservices.client import ToolInfo, ToolResult, ToolServiceError
+from aiservices.settings import ENV_API_KEY
 
 PROG = "aiservices"
-ENV_API_KEY = "AISERVICES_API_KEY"
 EXIT_UNREACHABLE = 4
 
 
@@ -120,15 +120,15 @@ def refusal_json(err: ToolServiceError, target: str, *, tls: bool, exit_code: in
         "reason": err.reason,
         "message": err.message,
         "hints": list(found.hints),
-        "exit_code": exit_code,
+        "exitCode": exit_code,
     }
     if err.field_violations:
-        error["field_violations"] = [
+        error["fieldViolations"] = [
             {"field": field, "description": description}
             for field, description in err.field_violations
         ]
     if err.retry_after is not None:
-        error["retry_after_seconds"] = math.ceil(err.retry_after)
+        error["retryAfterSeconds"] = math.ceil(err.retry_after)
     if err.error_metadata:
         error["metadata"] = dict(err.error_metadata)
     return error_json(error)
@@ -153,32 +153,17 @@ def tool_error_json(result: ToolResult, exit_code: int) -> str:
         "code": None if error is None else error.code,
         "message": result.text if error is None else (error.message or result.text),
         "retryable": error is not None and error.retryable,
-        "exit_code": exit_code,
+        "exitCode": exit_code,
     }
     if error is not None and error.retry_after is not None:
-        shown["retry_after_seconds"] = math.ceil(error.retry_after)
+        shown["retryAfterSeconds"] = math.ceil(error.retry_after)
     return error_json(shown)
 
 
 def error_json(error: dict[str, Any]) -> str:
-    """`{"error": {...}}` on one line, ASCII only: nothing in it can drive a terminal."""
+    """`{"error": {...}}` on one line, ASCII only: nothing in it can drive a terminal. Field
+    names in lowerCamelCase, as every JSON the command prints (see aiservices.as_json)."""
     return json.dumps({"error": error}, separators=(",", ":"))
-
-
-def result_json(result: ToolResult) -> dict[str, Any]:
-    return {
-        "is_error": result.is_error,
-        "content": [
-            {"type": "text", "text": item.text}
-            if isinstance(item, TextContent)
-            else {"type": item.kind}
-            for item in result.content
-        ],
-        "structured_content": result.structured_content,
-        "error": None if result.error is None else dataclasses.asdict(result.error),
-        "trace_id": result.trace_id,
-        "request_id": result.request_id,
-    }
 
 
 def _hints(tool: ToolInfo) -> str:
