@@ -1,20 +1,10 @@
 """``python -m bench`` (``make bench``): the service against its baselines, side by side.
 
-Scenarios, every server a process of its own on 127.0.0.1 pinned to one core (their targets are
-in the report and in docs/performance.md; * needs pip install -e '.[bench]'):
-  status     GetStatus: the service against a bare grpc.aio server
-  calltool   CallTool to an instant upstream: the service against a bare grpc.aio + aiohttp server
-  upstreams  CallTool through the Agenta runner and through the OpenAI-compatible upstream
-  rest*      CallTool: the service against the REST design it replaces, tuned and as merged
-  mcp*       tools/call: the service's MCP face against a plain MCP SDK server; 1,000 slow calls
-  slow       1,000 calls in flight to an upstream answering after 1 s
-  growth     CallTool at 1/16/64/256 in flight; RSS at 100/500/1,000 slow calls in flight
-  thousands  10,000 calls in flight to an upstream answering after 10 s, over 16 channels
-  workers    CallTool on every core: WORKERS=2 and 2 replicas behind nginx against 1 process
+Scenarios (listed below, from TITLES in bench/scenarios.py): every server a process of its own on
+127.0.0.1 pinned to one core; their targets are in the report and in docs/performance.md.
 
 Prints a table on stdout (progress on stderr) and writes bench/results/latest.json; a run with
---quick or --only writes bench/results/partial.json instead, unless --out says otherwise.
-"""
+--quick or --only writes bench/results/partial.json instead, unless --out says otherwise."""
 
 from __future__ import annotations
 
@@ -36,27 +26,26 @@ from bench import scenarios
 from bench.scenarios import ROOT
 
 PACKAGES = ("grpcio", "protobuf", "httpx", "aiohttp", "fastapi", "uvicorn", "uvloop", "mcp")
+EXTRA = ("rest", "mcp")  # the scenarios that need the bench extra
 
 
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
+    listing = [f"  {k + '*' * (k in EXTRA):10} {title}" for k, title in scenarios.TITLES.items()]
     parser = argparse.ArgumentParser(  # RawDescription: the docstring's layout kept as written
         "python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.epilog = "scenarios (* needs pip install -e '.[bench]'):\n" + "\n".join(listing)
     parser.add_argument("--quick", action="store_true", help="1 run per row, shorter windows")
     parser.add_argument(
-        "--only", action="append", default=[], metavar="SCENARIO", help="repeat or comma-separate"
+        "--only", action="extend", type=names, default=[], help="repeat or comma-separate"
     )
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args(args_list)
-    try:
-        selected = scenarios.parse_only(args.only)
-    except ValueError as exc:
-        parser.error(str(exc))
-    needs_extra = [name for name in ("rest", "mcp") if name in selected]
-    if needs_extra and importlib.util.find_spec("fastapi") is None:
-        parser.error(f"{needs_extra[0]} needs pip install -e '.[bench]'")
+    selected = [name for name in scenarios.TITLES if name in args.only or not args.only]
+    if (extra := sorted(set(EXTRA) & set(selected))) and not importlib.util.find_spec("fastapi"):
+        parser.error(f"{extra[0]} needs pip install -e '.[bench]'")
     profile = scenarios.QUICK if args.quick else scenarios.FULL
     name = "partial" if args.quick or args.only else "latest"
     out: Path = args.out or ROOT / "bench" / "results" / f"{name}.json"
@@ -69,19 +58,18 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     try:
-        with scenarios.Harness(pinning, profile) as harness:
-            results = scenarios.Runner(harness).run(selected)
+        with scenarios.Runner(pinning, profile) as runner:
+            results = runner.run(selected)
     except scenarios.ProcessFailed as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("python -m bench: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
-    command = shlex.join([".venv/bin/python", "-m", "bench", *args_list])
-    info = {"command": command, "elapsed_s": round(time.monotonic() - started, 1)}
     targets = [t for s in results for t in s["targets"]]
-    doc = {**info, "machine": machine(pinning.note), "profile": asdict(profile)}
-    doc |= {"scenarios": results, "targets": targets}
+    doc: dict[str, Any] = {"command": shlex.join([".venv/bin/python", "-m", "bench", *args_list])}
+    doc |= {"elapsed_s": round(time.monotonic() - started, 1), "machine": machine(pinning.note)}
+    doc |= {"profile": asdict(profile), "scenarios": results, "targets": targets}
     doc["all_targets_passed"] = all(t["passed"] for t in targets)
     print(render(doc))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(out)
     print(f"written to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 1 if args.strict and not doc["all_targets_passed"] else 0
+
+
+def names(value: str) -> list[str]:
+    """``--only status,slow``: scenario names, each refused unless known."""
+    found = [name.strip().lower() for name in value.split(",")]
+    if unknown := [name for name in found if name not in scenarios.TITLES]:
+        known = ", ".join(scenarios.TITLES)
+        raise argparse.ArgumentTypeError(f"unknown scenario {unknown[0]!r}: use {known}")
+    return found
 
 
 def machine(pinning: str) -> dict[str, Any]:
@@ -131,10 +128,9 @@ def render(doc: dict[str, Any]) -> str:
     lines += [
         "",
         "server/client CPU: share of one core the server / the load generator used; RSS: peak "
-        "VmRSS sampled in the window, or VmHWM where the server was fresh for the run; ratio: "
-        "median of per-round req/s ratios to the named row; bound by: the side whose CPU was "
-        "at least 85 % busy (CLIENT CPU: the load generator limited the run, so its req/s is "
-        "a floor for the server, not its limit).",
+        "VmRSS in the window, or VmHWM where the server was fresh for the run; ratio: median of "
+        "per-round req/s ratios to the named row; bound by: the side at least 85 % busy (CLIENT "
+        "CPU: the load generator limited the run, its req/s a floor for the server's).",
     ]
     notes = [f"- {s['key']}. {note}" for s in doc["scenarios"] for note in s["notes"]]
     if notes:

@@ -3,15 +3,12 @@ the service is, importing no server code: ``python -m bench.baseline --port N --
 [--status-file F]``. GetStatus answers the service's own reply, read once from the status file,
 so both put the same bytes on the wire. CallTool makes one POST with a plain aiohttp session to
 the upstream (the body and header the service sends) and returns the summary and the refined
-messages: no argument or output checks, no auth, no rate limit, no logging.
-"""
+messages: no argument or output checks, no auth, no rate limit, no logging."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +61,7 @@ async def serve(port: int, status: pb.GetStatusResponse, upstream: str, limit: i
         pb_grpc.add_ToolServiceServicer_to_server(servicer, server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
-        stop = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            await server.stop(1.0)
+        await server.wait_for_termination()  # until SIGTERM ends the process
 
 
 if __name__ == "__main__":

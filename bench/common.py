@@ -9,7 +9,6 @@ TOOL_NAME: Final = "tools.agenta.api.refine_prompt"
 SYSTEM: Final = {"role": "system", "content": "You are helpful to {{name}}."}
 USER: Final = {"role": "user", "content": "{{question}}"}
 ARGUMENTS: Final = {"prompt_template_json": json.dumps({"messages": [SYSTEM, USER]})}
-
 UPSTREAM_API_KEY: Final = "bench-upstream-key"
 ENVIRONMENT_SLUG: Final = "production"
 REFINE_PROMPT_KEY: Final = "bench-refine-prompt"

@@ -2,8 +2,7 @@
 
 Workers call back to back: GetStatus or CallTool over gRPC channels (each its own connection),
 or REST or MCP calls through one aiohttp session. Calls ending in the window after the warm-up
-count; CPU and memory are read at the window's edges. It prints a LoadResult as JSON.
-"""
+count; CPU and memory are read at the window's edges. It prints a LoadResult as JSON."""
 
 from __future__ import annotations
 

@@ -5,8 +5,7 @@ serves on 127.0.0.1 with one uvicorn worker (uvloop, httptools, access log on); 
 what the service does for refine_prompt with the same building blocks. ``shared`` and
 ``per-call``: the REST design it replaced, tuned (one shared ``httpx.AsyncClient``) and as merged
 (one client, and so one SSL context, per call); ``mcp``: a plain MCP server from the SDK the
-service's MCP face uses. Needs ``pip install -e '.[bench]'``.
-"""
+service's MCP face uses. Needs ``pip install -e '.[bench]'``."""
 
 from __future__ import annotations
 

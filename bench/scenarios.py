@@ -1,13 +1,13 @@
 """The scenarios (which servers run side by side, under which load, with which targets) and the
 harness: upstreams, servers and load generator each a process of its own, pinned with taskset
 (servers on one CPU, the load side on the other), stopped when the harness closes. Rows compared
-run in rounds, the order flipped every round, so drift on a shared machine hits them alike.
-"""
+run in rounds, the order flipped every round, so drift on a shared machine hits them alike."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import operator
 import os
@@ -33,7 +33,9 @@ from aiservices_server.config import ENV_PREFIX
 from bench import common
 from bench.loadgen import LoadConfig, LoadResult, sample
 from tests.support.nginx import NginxProcess
+from tests.support.otlp import OtlpReceiver
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import closed_port
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 30.0
@@ -67,25 +69,17 @@ def pinned(cpu: int | None, *args: str) -> list[str]:
     return [*([] if cpu is None else ["taskset", "-c", str(cpu)]), sys.executable, *args]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
+@dataclass
 class Server:
-    """A process the harness started, listening on ``target`` (serving MCP on ``mcp_target``)."""
+    """A process the harness started (or nginx's master, in front of replicas started with it),
+    listening on ``target`` (MCP on ``mcp_target`` when that is set), its log in ``log_path``."""
 
-    def __init__(
-        self, name: str, cmd: list[str], port: int, logs: Path, cpu: int | None, **popen: Any
-    ) -> None:
-        self.name, self.cpu = name, cpu
-        self.target = self.mcp_target = f"127.0.0.1:{port}"
-        self.log_path = logs / f"{name}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdin=DEVNULL, stdout=log, stderr=log, start_new_session=True, **popen
-            )
+    name: str
+    proc: subprocess.Popen[Any]
+    target: str
+    log_path: Path
+    cpu: int | None
+    mcp_target: str = ""
 
     def tail(self) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").strip().splitlines()[-10:])
@@ -108,23 +102,6 @@ class Server:
             self.proc.wait(timeout=5.0)
         self.proc.kill()  # when SIGTERM has not stopped it in 5 s
         self.proc.wait()
-
-
-class Fronted(Server):
-    """nginx in front of replicas, all stopped together: its CPU is nginx's own."""
-
-    def __init__(self, nginx: NginxProcess, replicas: list[Server]) -> None:
-        self.name, self.cpu, self.proc = "nginx", None, nginx.process
-        self.target, self.mcp_target = nginx.grpc_target, nginx.mcp_url
-        self._nginx, self._replicas = nginx, replicas
-
-    def tail(self) -> str:
-        return self._nginx.errors()
-
-    def stop(self) -> None:
-        self._nginx.close()
-        for replica in self._replicas:
-            replica.stop()
 
 
 @dataclass(frozen=True)
@@ -150,15 +127,16 @@ class Harness(contextlib.ExitStack):
         super().__init__()
         self.pinning, self.profile = pinning, profile
         self._tmp = Path(self.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
-        self._count = 0
-        self._redis: RedisServer | None = None
+        self._count = itertools.count(1)
+        self._redis: RedisServer | None = None  # the shared budget's store, once needed
+        self.otlp: OtlpReceiver | None = None  # the traces row's receiver, once needed
         self.keys_file = self._tmp / "keys.toml"
         self.status_file: Path | None = None
         self.key = generate_key()
         self.keys_file.touch(mode=0o600)  # a keys file others can read draws a warning
         keys = f'[[keys]]\nid = "bench"\nhash = "{hash_key(self.key)}"\n'
         self.keys_file.write_text(keys + 'permissions = ["*", "act_for_users"]\n')
-        self.instant, self.slow = self.upstream(0.0), self.upstream(1.0)
+        self.instant, self.delayed = self.upstream(0.0), self.upstream(1.0)
 
     def upstream(self, delay: float) -> Server:  # the stand-in, answering after ``delay`` s
         standin = ("-m", "tests.standin", "--api-key", common.UPSTREAM_API_KEY, "--delay")
@@ -167,24 +145,28 @@ class Harness(contextlib.ExitStack):
     def _start(self, name: str, cpu: int | None, *args: str, port: int = 0, **popen: Any) -> Server:
         """``python args`` on ``cpu``, with ``--port`` unless ``port`` is given, once listening."""
         if not port:
-            port = free_port()
+            port = closed_port()
             args = (*args, "--port", str(port))
-        self._count += 1
-        name = f"{self._count:03d}-{name}"
-        process = Server(name, pinned(cpu, *args), port, self._tmp, cpu, **popen)
+        name = f"{next(self._count):03d}-{name}"
+        with open(log_path := self._tmp / f"{name}.log", "wb") as log:
+            popen |= {"stdin": DEVNULL, "stdout": log, "stderr": log, "start_new_session": True}
+            proc = subprocess.Popen(pinned(cpu, *args), **popen)
+        process = Server(name, proc, f"127.0.0.1:{port}", log_path, cpu)
         self.callback(process.stop)
         process.wait_listening(process.target)
         return process
 
     def start(self, spec: str, upstream: Server) -> Server:
         """A server under test calling ``upstream``: ``baseline`` (GetStatus as ``capture_status``
-        saved it), ``rest shared|per-call|mcp`` or ``service`` (``mcp``, ``openai``, ``wide``: room
-        for HUGE calls), run in a temporary directory, the bench's own environment winning."""
+        saved it), ``rest shared|per-call|mcp``, ``nginx`` (two replicas behind deploy/nginx.conf)
+        or ``service`` (``mcp``, ``openai``, ``traces``, ``any`` core, ``workers``, ``wide``: room
+        for HUGE calls), in a temporary directory; the bench's environment wins, traces aside."""
         module, *options = spec.split()
-        if module == "nginx":  # two replicas (REDIS_URL, any core) behind deploy/nginx.conf
+        if module == "nginx":  # the replicas stop with the harness
             replicas = [self.start("service any mcp", upstream) for _ in range(2)]
-            nginx = NginxProcess([r.target for r in replicas], [r.mcp_target for r in replicas])
-            return Fronted(nginx.start(), replicas)
+            upstreams = [r.target for r in replicas], [r.mcp_target for r in replicas]
+            nginx = self.enter_context(NginxProcess(*upstreams))
+            return Server("nginx", nginx.process, nginx.grpc_target, nginx.error_log, None)
         cpu = None if "any" in options else self.pinning.server_cpu
         url = f"http://{upstream.target}"
         if module != "service":
@@ -196,7 +178,7 @@ class Harness(contextlib.ExitStack):
             if "wide" in options:  # a baseline with the service's room for HUGE connections
                 args += ["--connections", str(HUGE)]
             return self._start(module, cpu, *args, cwd=ROOT)
-        port, mcp_port = free_port(), free_port() if "mcp" in options else 0
+        port = closed_port()
         settings = {
             "GRPC_ADDRESS": f"127.0.0.1:{port}",
             "API_KEYS_FILE": str(self.keys_file),
@@ -207,31 +189,29 @@ class Harness(contextlib.ExitStack):
             "ENVIRONMENT_SLUG": common.ENVIRONMENT_SLUG,
             "REFINE_PROMPT_KEY": common.REFINE_PROMPT_KEY,
             "METRICS_ADDRESS": "127.0.0.1:0",
-            "LOG_LEVEL": "INFO",
             "SHUTDOWN_GRACE": "2",
         }
         if "openai" in options:
             settings |= {"UPSTREAM": "openai", "OPENAI_BASE_URL": f"{url}/v1"}
             settings |= {"OPENAI_MODEL": "stand-in", "TOOLS_FILE": str(ROOT / DECLARED_FILE)}
-        if mcp_port:
-            settings["MCP_ADDRESS"] = f"127.0.0.1:{mcp_port}"
+        if "mcp" in options:
+            settings["MCP_ADDRESS"] = f"127.0.0.1:{closed_port()}"
         if "any" in options:  # every core, sharing one budget with the others
-            settings |= {"WORKERS": "2" if "workers" in options else "1", "REDIS_URL": self.redis()}
+            self._redis = self._redis or self.enter_context(RedisServer())
+            workers = "2" if "workers" in options else "1"
+            settings |= {"WORKERS": workers, "REDIS_URL": self._redis.url}
         if "wide" in options:  # room for HUGE calls in flight, each holding an upstream connection
             settings |= {"MAX_CONCURRENT_CALLS": str(2 * HUGE), "UPSTREAM_MAX_CONNECTIONS": "10000"}
         env = {**{ENV_PREFIX + name: value for name, value in settings.items()}, **os.environ}
+        env["OTEL_SDK_DISABLED"] = str("traces" not in options).lower()
+        if "traces" in options:  # exported over OTLP/HTTP to a receiver in the harness
+            self.otlp = self.otlp or self.enter_context(OtlpReceiver())
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.otlp.endpoint
         args = ["-m", "aiservices_server"]
         server = self._start("service", cpu, *args, port=port, env=env, cwd=self._tmp)
-        if mcp_port:
-            server.mcp_target = settings["MCP_ADDRESS"]
-            server.wait_listening(server.mcp_target)
+        server.mcp_target = settings.get("MCP_ADDRESS", server.target)
+        server.wait_listening(server.mcp_target)
         return server
-
-    def redis(self) -> str:
-        """A redis-server for the rows that share a budget, started once, on every core."""
-        if self._redis is None:
-            self._redis = self.enter_context(RedisServer())
-        return self._redis.url
 
     def capture_status(self, service: Server) -> None:
         """Save the service's GetStatus reply so the baseline answers with the same bytes."""
@@ -242,16 +222,14 @@ class Harness(contextlib.ExitStack):
         self.status_file = self._tmp / "status.bin"
         self.status_file.write_bytes(reply.SerializeToString())
 
-    def load(
-        self, server: Server, rpc: str, concurrency: int, slow: bool, **override: Any
-    ) -> LoadResult:
-        """One run of the load generator; workers start spread over half the warm-up or, when
-        ``slow``, over ``slow_ramp_s``, each its own user. ``override``: LoadConfig fields."""
-        p = self.profile
-        load = LoadConfig(
-            target=server.mcp_target if rpc == "mcp" else server.target,
-            rpc=rpc,
-            concurrency=concurrency,
+    def load(self, server: Server, row: Row, **override: Any) -> LoadResult:
+        """One run of the load generator for ``row`` (workers start over half the warm-up, or for
+        a slow row over ``slow_ramp_s``, a user each); ``row.load``, ``override``: config fields."""
+        p, slow = self.profile, row.slow
+        config = LoadConfig(
+            target=(server.mcp_target or server.target) if row.rpc == "mcp" else server.target,
+            rpc=row.rpc,
+            concurrency=row.concurrency,
             key=self.key,
             server_pid=server.proc.pid,
             server_cpu=server.cpu,
@@ -261,7 +239,7 @@ class Harness(contextlib.ExitStack):
             duration_s=p.slow_duration_s if slow else p.duration_s,
             timeout_s=30.0 if slow else 10.0,
         )
-        load = replace(load, **override)
+        load = replace(config, **row.load | override)
         bound = load.warmup_s + load.duration_s + load.timeout_s + 40.0
         cpu = None if server.cpu is None else self.pinning.load_cpu  # unpinned beside them
         argv = pinned(cpu, "-m", "bench.loadgen", json.dumps(asdict(load)))
@@ -278,21 +256,50 @@ class Harness(contextlib.ExitStack):
         return LoadResult(**json.loads(stdout.splitlines()[-1]))
 
 
-SCENARIOS: tuple[str, ...] = ("status", "calltool", "upstreams", "rest", "mcp", "slow", "growth")
-SCENARIOS += ("thousands", "workers")
+# Every scenario by its key, with its title, in the order they run (slow before growth).
+TITLES = {
+    "status": "GetStatus: the service against a bare grpc.aio server",
+    "calltool": "CallTool: the service, traces off and on, against bare grpc.aio + aiohttp",
+    "upstreams": "CallTool through the Agenta runner and through the OpenAI-compatible upstream",
+    "rest": "CallTool: the service against the REST design it replaces, tuned and as merged",
+    "mcp": "tools/call: the service's MCP face against a plain MCP SDK server; 1,000 slow calls",
+    "slow": "1,000 calls in flight to an upstream answering after 1 s",
+    "growth": "CallTool at 1/16/64/256 in flight; RSS at 100/500/1,000 slow calls in flight",
+    "thousands": "10,000 calls in flight to an upstream answering after 10 s, over 16 channels",
+    "workers": "CallTool on every core: WORKERS=2 and 2 replicas behind nginx against 1 process",
+}
+DECLARED_FILE = "examples/tools.toml"  # the upstreams scenario's declared tool, served by openai
+DECLARED_CALL = {"tool": "tools.examples.support.classify_ticket", "arguments": {"ticket": "Hi"}}
+# What a reader of a scenario's table should know, beside the notes its run adds.
+NOTES = {
+    "status": "The bare server answers the service's own GetStatus reply, with no interceptors: "
+    "the ratio is what authentication, metrics and the access line cost (no rate limit).",
+    "calltool": "The bare handler posts the same body with one aiohttp session and returns the "
+    "reply, with no checks, auth, rate limit or logging. Traces on: the same service exporting "
+    "its spans over OTLP/HTTP to the tests' receiver (tests/support/otlp.py), which runs in the "
+    "harness's process, unpinned; off, the OpenTelemetry SDK is not even imported.",
+    "upstreams": "The same service and stand-in, through the Agenta runner's endpoint or the "
+    f"OpenAI-compatible one; the declared tool is {DECLARED_CALL['tool']} of {DECLARED_FILE}.",
+    "rest": "FastAPI, one uvicorn worker (uvloop, httptools) on the service's core, same keys, "
+    "limiter and checks; tuned shares one httpx.AsyncClient, as merged builds one per call.",
+    "mcp": "The SDK's stateless JSON MCPServer, one tool, one uvicorn worker on the service's "
+    "core, doing the REST design's work; the service serves gRPC and MCP from one process. Slow "
+    "rows: a fresh service per run, a user per call.",
+    "slow": "A fresh server per run; RSS is its VmHWM. The req/s target is 900, or 0.9 of the bare "
+    "server's req/s in the same run when that is under 900.",
+    "workers": "Servers (with REDIS_URL), nginx, Redis and the load generator share all cores; the "
+    "stand-in keeps the load's. The nginx row's server CPU is nginx's own.",
+}
 FAST = 64  # calls in flight against the instant upstream
 SLOW = 1000  # calls in flight against the 1 s upstream
 HUGE = 10_000  # calls in flight against a 10 s upstream, over 16 channels
-DECLARED_FILE = "examples/tools.toml"  # the upstreams scenario's declared tool, served by openai
-DECLARED_CALL = {"tool": "tools.examples.support.classify_ticket", "arguments": {"ticket": "Hi"}}
-GROWTH_CONCURRENCY = (1, 16, 64, 256)
-GROWTH_IN_FLIGHT = (100, 500, SLOW)  # SLOW last: the slow scenario's row stands in for it
 SATURATED = 0.85  # a process using this share of its core is what limits the run
 # The medians each row reports, with their format in the table.
 METRICS = {"rps": ",.0f", "p50_ms": ",.1f", "p99_ms": ",.1f", "server_cpu_us_per_call": ",.0f"}
 METRICS |= {"server_util": ".0%", "client_util": ".0%"}
 COMPARE = {">=": operator.ge, "<": operator.lt, "==": operator.eq}
 Json = dict[str, Any]  # a part of the report, as written to the JSON file
+Report = tuple[list["Row"], list[Json], list[str]]  # a scenario's rows, targets and notes
 
 
 @dataclass
@@ -355,22 +362,7 @@ def target(name: str, value: float | None, op: str, threshold: float) -> Json:
     return {"name": name, "value": value, "op": op, "threshold": threshold, "passed": passed}
 
 
-def scenario(key: str, title: str, rows: list[Row], targets: list[Json], notes: list[str]) -> Json:
-    """A scenario as the report holds it, every row with every run."""
-    rows_json = [row.to_json() for row in rows]
-    return {"key": key, "title": title, "rows": rows_json, "targets": targets, "notes": notes}
-
-
 progress = functools.partial(print, file=sys.stderr, flush=True)
-
-
-def parse_only(values: list[str]) -> list[str]:
-    """``--only status --only slow`` or ``--only status,slow``; none means all, in order."""
-    names = {name.strip().lower() for value in values for name in value.split(",")}
-    unknown = sorted(names - set(SCENARIOS))
-    if unknown:
-        raise ValueError(f"unknown scenario {unknown[0]!r}: use {', '.join(SCENARIOS)}")
-    return [name for name in SCENARIOS if name in names or not names]
 
 
 def slow_rps_floor(bare_rps: float) -> float:
@@ -379,75 +371,63 @@ def slow_rps_floor(bare_rps: float) -> float:
     return 900.0 if bare_rps >= 900 else round(0.9 * bare_rps, 1)
 
 
-class Runner:
-    def __init__(self, harness: Harness) -> None:
-        self.h = harness
-        self.at_1000: Row | None = None  # the slow scenario's service row, for growth to reuse
+class Runner(Harness):
+    """The harness running the scenarios."""
+
+    at_1000: Row | None = None  # the slow scenario's service row, for growth to reuse
 
     def run(self, selected: list[str]) -> list[Json]:
-        """The scenarios in ``selected``, in SCENARIOS order (slow before growth)."""
-        return [getattr(self, name)() for name in selected]
+        """The scenarios in ``selected``, in TITLES order, as the report holds them."""
+        results = []
+        for key in selected:
+            progress(f"{key}: {TITLES[key]}")
+            rows, targets, notes = getattr(self, key)()
+            notes = [NOTES[key], *notes] if key in NOTES else notes
+            report = {"key": key, "title": TITLES[key], "rows": [row.to_json() for row in rows]}
+            results.append(report | {"targets": targets, "notes": notes})
+        return results
 
     def _measure(self, *rows: Row) -> None:
-        """Rounds of runs of ``rows``: one server per spec, or a fresh one per run of a slow row."""
+        """Rounds of runs of ``rows``: one server per spec, or a fresh one per run of a slow row
+        (should a run fail, the harness stops them all when it closes)."""
         servers: dict[str, Server] = {}
+        # The baseline starts last, once it can answer GetStatus with the service's reply.
+        specs = dict.fromkeys(row.server for row in rows if not row.slow)
+        for spec in sorted(specs, key=lambda spec: spec == "baseline"):
+            if spec == "baseline" and "service" in servers:
+                self.capture_status(servers["service"])
+            servers[spec] = self.start(spec, self.instant)
+        for round_no in range(self.profile.runs):
+            for row in rows if round_no % 2 == 0 else reversed(rows):
+                server = self.start(row.server, self.delayed) if row.slow else servers[row.server]
+                row.runs.append(run := self.load(server, row))
+                if row.slow:
+                    server.stop()
+                done = f"{run.rps:,.0f} req/s, p50 {run.p50_ms:,.1f} ms, errors {run.errors}"
+                progress(f"  {row.label} c={row.concurrency}: {done}")
+        for server in servers.values():
+            server.stop()
 
-        def measure(row: Row) -> LoadResult:
-            if not row.slow:
-                server = servers[row.server]
-                return self.h.load(server, row.rpc, row.concurrency, False, **row.load)
-            server = self.h.start(row.server, self.h.slow)
-            try:
-                return self.h.load(server, row.rpc, row.concurrency, slow=True)
-            finally:
-                server.stop()
+    def status(self) -> Report:
+        return self._vs_bare("GetStatus", "bare grpc.aio GetStatus")
 
-        try:
-            # The baseline starts last, once it can answer GetStatus with the service's reply.
-            specs = dict.fromkeys(row.server for row in rows if not row.slow)
-            for spec in sorted(specs, key=lambda spec: spec == "baseline"):
-                if spec == "baseline" and "service" in servers:
-                    self.h.capture_status(servers["service"])
-                servers[spec] = self.h.start(spec, self.h.instant)
-            for round_no in range(self.h.profile.runs):
-                for row in rows if round_no % 2 == 0 else reversed(rows):
-                    row.runs.append(run := measure(row))
-                    progress(
-                        f"  {row.label} c={row.concurrency}: {run.rps:,.0f} req/s, "
-                        f"p50 {run.p50_ms:,.1f} ms, server {run.server_cpu_us_per_call:,.0f} "
-                        f"µs/call, errors {sum(run.errors.values())}"
-                    )
-        finally:
-            for server in servers.values():
-                server.stop()
+    def calltool(self) -> Report:
+        rows, targets, _ = self._vs_bare("CallTool", "bare grpc.aio + aiohttp CallTool", "traces")
+        spans = len(self.otlp.spans) if self.otlp else 0
+        return rows, targets, [f"The receiver took {spans:,} spans from the traces row's service."]
 
-    def status(self) -> Json:
-        note = (
-            "The bare server answers with the service's own GetStatus reply and has no "
-            "interceptors: the ratio is what authentication, metrics and the access line cost "
-            "on the cheapest call (not rate limited)."
-        )
-        return self._against_bare("status", "GetStatus", "bare grpc.aio GetStatus", note)
-
-    def calltool(self) -> Json:
-        note = (
-            "The bare handler posts the same body with one aiohttp session and returns the "
-            "reply, with no checks, auth, rate limit or logging."
-        )
-        return self._against_bare("calltool", "CallTool", "bare grpc.aio + aiohttp CallTool", note)
-
-    def _against_bare(self, key: str, method: str, bare_label: str, note: str) -> Json:
-        progress(f"{key}: {method}, {FAST} in flight")
+    def _vs_bare(self, method: str, bare_label: str, *also: str) -> Report:
+        """``method`` on the bare server and on the service (also with each option in ``also``,
+        its req/s shown against the service's), 64 in flight, in the same rounds."""
         rpc = "status" if method == "GetStatus" else "call"
-        bare = Row(bare_label, FAST, "baseline", rpc)
-        row = Row(f"service {method}", FAST, rpc=rpc, ratio_to=bare)
-        self._measure(bare, row)
-        against = "a bare grpc.aio server" + (" doing one aiohttp POST" if rpc == "call" else "")
+        rows = [bare := Row(bare_label, FAST, "baseline", rpc)]
+        rows.append(row := Row(f"service {method}", FAST, rpc=rpc, ratio_to=bare))
+        rows += [Row(f"service {method}, {o} on", FAST, f"service {o}", rpc, row) for o in also]
+        self._measure(*rows)
         targets = [target(f"{method} req/s / {bare_label}", row.ratio(bare), ">=", 0.6)]
-        return scenario(key, f"{method} against {against}", [bare, row], targets, [note])
+        return rows, targets, []
 
-    def upstreams(self) -> Json:
-        progress(f"upstreams: CallTool through each upstream adapter, {FAST} in flight")
+    def upstreams(self) -> Report:
         agenta = Row("service CallTool, Agenta runner", FAST)
         openai = Row("service CallTool, OpenAI-compatible", FAST, "service openai", ratio_to=agenta)
         label, call = "service CallTool, declared tool, OpenAI-compatible", DECLARED_CALL
@@ -460,16 +440,9 @@ class Runner:
             target("CallTool req/s, Agenta runner / OpenAI-compatible", inverse, ">=", 0.9),
             target("CallTool req/s, declared tool / refine_prompt", declared_ratio, ">=", 0.9),
         ]
-        note = (
-            "The same service and stand-in, refining through the Agenta completion runner's "
-            "endpoint or its OpenAI-compatible chat completions endpoint; the declared tool is "
-            f"{DECLARED_CALL['tool']} of {DECLARED_FILE}, answered by the stand-in."
-        )
-        title = "CallTool through each upstream"
-        return scenario("upstreams", title, [agenta, openai, declared], targets, [note])
+        return [agenta, openai, declared], targets, []
 
-    def rest(self) -> Json:
-        progress(f"rest: CallTool against the REST design, {FAST} in flight")
+    def rest(self) -> Report:
         row = Row("service CallTool", FAST)
         tuned = Row("REST, tuned POST /tools/call", FAST, "rest shared", "rest", row)
         merged = Row("REST, as merged POST /tools/call", FAST, "rest per-call", "rest", row)
@@ -478,21 +451,13 @@ class Runner:
             target("CallTool req/s, service / REST, tuned", row.ratio(tuned), ">=", 3),
             target("CallTool req/s, service / REST, as merged", row.ratio(merged), ">=", 30),
         ]
-        note = (
-            "FastAPI on one uvicorn worker (uvloop, httptools) on the service's core, with the "
-            "same keys file, limiter and checks; tuned shares one httpx.AsyncClient, as merged "
-            "builds one per call. Load: one aiohttp session, same concurrency."
-        )
-        title = "CallTool against the REST design the service replaces"
-        return scenario("rest", title, [row, tuned, merged], targets, [note])
+        return [row, tuned, merged], targets, []
 
-    def mcp(self) -> Json:
-        progress(f"mcp: tools/call against a plain MCP SDK server, {FAST} in flight")
+    def mcp(self) -> Report:
         sdk = Row("plain MCP SDK server tools/call", FAST, "rest mcp", "mcp")
         face = Row("service MCP tools/call", FAST, "service mcp", "mcp", sdk)
         grpc = Row("service CallTool", FAST, "service mcp", ratio_to=sdk)
         self._measure(grpc, face, sdk)
-        progress(f"mcp: 1 s upstream, {SLOW:,} calls in flight over gRPC and MCP")
         slow_grpc = Row("service CallTool, 1 s upstream", SLOW, "service mcp", slow=True)
         label = "service MCP tools/call, 1 s upstream"
         slow_face = Row(label, SLOW, "service mcp", "mcp", slow_grpc, slow=True)
@@ -504,17 +469,9 @@ class Runner:
             target("1,000 in flight over MCP: errors", float(slow_face.errors.total()), "==", 0),
             target("1,000 in flight: req/s, MCP / gRPC", slow_face.ratio(slow_grpc), ">=", 0.5),
         ]
-        note = (
-            "The SDK server is the SDK's stateless JSON MCPServer with one tool on one uvicorn "
-            "worker on the service's core, doing the REST design's work. Load: tools/call bodies "
-            "with the SDK client's headers through one aiohttp session; the service serves gRPC "
-            "and MCP from one process. Slow rows: a fresh service per run, a user per call."
-        )
-        title = "MCP tools/call: the service's MCP face against a plain MCP SDK server"
-        return scenario("mcp", title, [grpc, face, sdk, slow_grpc, slow_face], targets, [note])
+        return [grpc, face, sdk, slow_grpc, slow_face], targets, []
 
-    def slow(self) -> Json:
-        progress(f"slow: 1 s upstream, {SLOW:,} calls in flight")
+    def slow(self) -> Report:
         bare = Row("bare grpc.aio + aiohttp, 1 s upstream", SLOW, "baseline", slow=True)
         row = Row("service, 1 s upstream", SLOW, ratio_to=bare, slow=True)
         self._measure(bare, row)
@@ -524,40 +481,31 @@ class Runner:
             target("1,000 in flight: peak RSS MB", row.rss_mb, "<", 130),
             target("1,000 in flight: req/s", row.median("rps"), ">=", slow_rps_floor(bare_rps)),
         ]
-        note = (
-            "A fresh server per run; RSS is its VmHWM. The req/s target is 900, or 0.9 of the "
-            f"bare server's req/s in the same run when that is under 900 (here {bare_rps:,.0f})."
-        )
-        title = f"{SLOW:,} calls in flight to a 1 s upstream"
         self.at_1000 = row
-        return scenario("slow", title, [bare, row], targets, [note])
+        return [bare, row], targets, [f"The bare server's req/s here: {bare_rps:,.0f}."]
 
-    def growth(self) -> Json:
+    def growth(self) -> Report:
         """CallTool by concurrency, then the service's RSS by slow calls in flight."""
-        progress(f"growth: CallTool at {', '.join(map(str, GROWTH_CONCURRENCY))} in flight")
-        rows = [Row("service CallTool", c) for c in GROWTH_CONCURRENCY]
+        rows = [Row("service CallTool", c) for c in (1, 16, 64, 256)]
         self._measure(*rows)
-        progress(f"growth: 1 s upstream, {', '.join(map(str, GROWTH_IN_FLIGHT))} in flight")
-        slow = [Row("service, 1 s upstream", n, slow=True) for n in GROWTH_IN_FLIGHT]
-        if self.at_1000:  # the slow scenario measured 1,000 in flight already
+        slow = [Row("service, 1 s upstream", n, slow=True) for n in (100, 500, SLOW)]
+        if self.at_1000:  # the slow scenario measured SLOW in flight already: its row stands in
             slow[-1] = self.at_1000
         self._measure(*(row for row in slow if not row.runs))
-        title = "Cost growth: CallTool by concurrency; RSS by slow calls in flight"
         notes = ["The 1,000 row is the slow scenario's, when it ran."] if self.at_1000 else []
-        return scenario("growth", title, rows + slow, [], notes)
+        return rows + slow, [], notes
 
-    def thousands(self) -> Json:
+    def thousands(self) -> Report:
         """HUGE calls in flight: callers' and access lines' counts must agree; RSS per call.
         The bare server under the same load shows what grpc.aio and aiohttp hold alone."""
-        progress(f"thousands: 10 s upstream, {HUGE:,} calls in flight over 16 channels")
         bare = Row("bare grpc.aio + aiohttp, 10 s upstream", HUGE, "baseline wide", slow=True)
         row = Row("service, 10 s upstream", HUGE, "service wide", ratio_to=bare, slow=True)
-        upstream, idle_kb = self.h.upstream(10.0), 0.0
-        window = {"ramp_s": 10.0, "warmup_s": 12.0, "duration_s": 10.0, "timeout_s": 60.0}
+        window = {"channels": 16, "ramp_s": 10.0, "warmup_s": 12.0, "duration_s": 10.0}
+        upstream, idle_kb = self.upstream(10.0), 0.0
         for each in (bare, row):
-            server = self.h.start(each.server, upstream)
+            server = self.start(each.server, upstream)
             idle_kb = sample(server.proc.pid)[1]
-            each.runs.append(self.h.load(server, "call", HUGE, True, channels=16, **window))
+            each.runs.append(self.load(server, each, timeout_s=60.0, **window))
             server.stop()  # every access line is written once it has exited
         lines = server.log_path.read_text(errors="replace").splitlines()
         records = [json.loads(line) for line in lines if line.startswith('{"')]
@@ -575,13 +523,11 @@ class Runner:
             f"{dict(logged)}; callers of the bare server saw {bare.runs[0].totals}. "
             f"{per_call_kb:,.0f} KB of RSS per call in flight, over {idle_kb / 1024:,.0f} MB idle."
         )
-        title = f"{HUGE:,} calls to a 10 s upstream"
-        return scenario("thousands", title, [bare, row], targets, [note])
+        return [bare, row], targets, [note]
 
-    def workers(self) -> Json:
+    def workers(self) -> Report:
         """CallTool on every core: WORKERS=2 and two replicas behind nginx against one process,
         all sharing one Redis budget, unpinned, beside the load generator."""
-        progress(f"workers: CallTool, {FAST} in flight over 16 channels, every core")
         wide = {"channels": 16}
         one = Row("service, 1 process", FAST, "service any", load=wide)
         two = Row("service, WORKERS=2", FAST, "service any workers", ratio_to=one, load=wide)
@@ -591,10 +537,4 @@ class Runner:
             f"{r.label} {(r.median('server_util') or 0) + (r.median('client_util') or 0):.2f}"
             for r in (one, two)
         )
-        note = (
-            f"Servers (with REDIS_URL), nginx, Redis and the load generator share all "
-            f"{len(os.sched_getaffinity(0))} cores; the stand-in keeps the load's. Server + load "
-            f"generator CPU, in cores: {used}. The nginx row's server CPU is nginx's own."
-        )
-        title = "CallTool with every core: workers and replicas against one process"
-        return scenario("workers", title, [one, two, fronted], [], [note])
+        return [one, two, fronted], [], [f"Server + load generator CPU, in cores: {used}."]

@@ -1,6 +1,7 @@
 """`make bench` keeps working: a quick run of the GetStatus and CallTool scenarios starts the
 service and the bare baseline as processes, measures both, and reports every row with its ratio,
-in the table and in the JSON file; a quick run of the MCP scenario does the same for the MCP
+in the table and in the JSON file, CallTool also with traces exported to a real OTLP receiver
+beside the same service with traces off; a quick run of the MCP scenario does the same for the MCP
 face, the plain SDK server and the gRPC face, and of the workers scenario for two workers and
 two replicas behind nginx beside one process. The figures themselves are not judged here
 (machines differ); the benchmark's own targets are."""
@@ -8,6 +9,7 @@ two replicas behind nginx beside one process. The figures themselves are not jud
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +44,7 @@ def test_a_quick_run_reports_the_service_and_the_bare_baseline_side_by_side(
         "service GetStatus",
         "bare grpc.aio + aiohttp CallTool",
         "service CallTool",
+        "service CallTool, traces on",
     }
     for label, row in rows.items():
         assert row["errors"] == {}, label
@@ -52,6 +55,13 @@ def test_a_quick_run_reports_the_service_and_the_bare_baseline_side_by_side(
     assert rows["service GetStatus"]["ratio"] > 0
     assert rows["service CallTool"]["ratio_to"] == "bare grpc.aio + aiohttp CallTool"
     assert rows["service CallTool"]["ratio"] > 0
+    assert rows["service CallTool, traces on"]["ratio_to"] == "service CallTool"
+    assert rows["service CallTool, traces on"]["ratio"] > 0
+    # The traced service's spans reached the receiver: the row measured tracing, not a no-op.
+    calltool = next(s for s in results["scenarios"] if s["key"] == "calltool")
+    took = [m[1] for note in calltool["notes"] if (m := re.search(r"receiver took ([\d,]+)", note))]
+    assert len(took) == 1, calltool["notes"]
+    assert int(took[0].replace(",", "")) > 0, calltool["notes"]
     targets = {t["name"]: t for t in results["targets"]}
     assert set(targets) == {
         "GetStatus req/s / bare grpc.aio GetStatus",
@@ -63,6 +73,8 @@ def test_a_quick_run_reports_the_service_and_the_bare_baseline_side_by_side(
     table = [line for line in finished.stdout.splitlines() if line.startswith("| status |")]
     assert len(table) == 2
     assert "of bare grpc.aio GetStatus" in table[1]
+    assert "| calltool | service CallTool, traces on | 64 |" in finished.stdout
+    assert "of service CallTool |" in finished.stdout
 
 
 def test_a_quick_mcp_run_sets_the_mcp_face_beside_the_sdk_server_and_grpc(tmp_path: Path) -> None:

@@ -478,3 +478,16 @@ def test_the_check_sees_a_second_access_line_writer(tmp_path: Path) -> None:
     module = tmp_path / "face.py"
     module.write_text('log.info("rpc", extra=fields)\nlog.info("other")\naccess.info("rpc")\n')
     assert access_line_writers([module], tmp_path) == ["face.py:1", "face.py:3"]
+
+
+# --- the bench stays small ------------------------------------------------------------------
+
+MAX_BENCH_LINES = 1200
+
+
+def test_the_bench_stays_within_its_line_budget() -> None:
+    """bench/ measures every scenario docs/performance.md lists in at most MAX_BENCH_LINES."""
+    files = sorted((SERVER.parent.parent / "bench").glob("*.py"))
+    assert files
+    counts = {path.name: len(path.read_bytes().splitlines()) for path in files}
+    assert sum(counts.values()) <= MAX_BENCH_LINES, counts
