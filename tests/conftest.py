@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from aiservices import ToolClient
 from tests.standin import StandinUpstream
 from tests.support.certs import TestCertificates, make_certificates
+from tests.support.clients import Harness
 from tests.support.keys import TestKeys, load_test_keys
 from tests.support.redis_server import RedisServer
 from tests.support.servers import UPSTREAM_KEY, ServerThread, make_settings
@@ -26,6 +27,22 @@ def upstream() -> Iterator[StandinUpstream]:
 def server(upstream: StandinUpstream) -> Iterator[ServerThread]:
     with ServerThread(make_settings(upstream.url)) as running:
         yield running
+
+
+@pytest.fixture
+def no_upstream_retry_server(upstream: StandinUpstream) -> Iterator[ServerThread]:
+    """Each upstream failure becomes a tool error at once (the server retries nothing)."""
+    with ServerThread(make_settings(upstream.url, upstream_retries=0)) as running:
+        yield running
+
+
+@pytest.fixture
+async def harnesses() -> AsyncIterator[list[Harness]]:
+    """Clients a test makes (tests.support.clients.Harness), closed after it."""
+    made: list[Harness] = []
+    yield made
+    for harness in made:
+        await harness.close()
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from aiservices import (
 from aiservices import client as client_module
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
+from tests.support.clients import Harness
 
 MiB = 1024 * 1024
 
@@ -225,27 +226,6 @@ async def fake_server() -> AsyncIterator[tuple[str, FakeToolService]]:
         yield f"127.0.0.1:{port}", service
     finally:
         await grpc_server.stop(None)
-
-
-class Harness:
-    """One client of either kind behind an awaitable call(method, ...)."""
-
-    def __init__(self, kind: str, target: str, **kwargs: Any) -> None:
-        self.kind = kind
-        self.sync = ToolClient(target, **kwargs) if kind == "sync" else None
-        self.aio = AsyncToolClient(target, **kwargs) if kind == "aio" else None
-
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self.sync is not None:
-            return await asyncio.to_thread(getattr(self.sync, method), *args, **kwargs)
-        assert self.aio is not None
-        return await getattr(self.aio, method)(*args, **kwargs)
-
-    async def close(self) -> None:
-        if self.sync is not None:
-            self.sync.close()
-        if self.aio is not None:
-            await self.aio.close()
 
 
 MakeClient = Callable[..., Harness]

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import tomllib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -54,13 +54,13 @@ from aiservices.v1 import tool_service_pb2_grpc as pb_grpc
 from tests.standin import Gate, Held, StandinUpstream, refine_template
 from tests.standin import Status as UpstreamStatus
 from tests.support.certs import TestCertificates
+from tests.support.clients import Harness
 from tests.support.keys import TestKeys
 from tests.support.processes import REPO_ROOT, ServerProcess, upstream_settings
 from tests.support.servers import ServerThread, make_settings
 from tests.support.waiting import closed_port, wait_until
 from tests.test_aiservices_cli import aiservices as run_command
 from tests.test_aiservices_cli import command_env
-from tests.test_client import Harness
 from tests.test_client_resilience import Recorder
 
 KINDS = ["sync", "aio"]
@@ -76,21 +76,6 @@ TEMPLATE: dict[str, Any] = {
 EXAMPLE = Path(__file__).with_name("client_example.py")
 
 
-@pytest.fixture
-async def harnesses() -> AsyncIterator[list[Harness]]:
-    made: list[Harness] = []
-    yield made
-    for harness in made:
-        await harness.close()
-
-
-@pytest.fixture
-def plain_server(upstream: StandinUpstream) -> Iterator[ServerThread]:
-    # No upstream retries: one queued upstream failure is one tool error.
-    with ServerThread(make_settings(upstream.url, upstream_retries=0)) as running:
-        yield running
-
-
 def only_inputs(upstream: StandinUpstream) -> dict[str, Any]:
     (request,) = upstream.requests
     inputs: dict[str, Any] = request.body["inputs"]
@@ -103,12 +88,12 @@ def only_inputs(upstream: StandinUpstream) -> dict[str, Any]:
 @pytest.mark.parametrize("kind", KINDS)
 async def test_refine_prompt_takes_the_template_as_an_object_and_returns_typed_messages(
     kind: str,
-    plain_server: ServerThread,
+    no_upstream_retry_server: ServerThread,
     upstream: StandinUpstream,
     keys: TestKeys,
     harnesses: list[Harness],
 ) -> None:
-    client = Harness(kind, plain_server.target, api_key=keys.editor)
+    client = Harness(kind, no_upstream_retry_server.target, api_key=keys.editor)
     harnesses.append(client)
 
     refined = await client.call(
@@ -132,12 +117,12 @@ async def test_refine_prompt_takes_the_template_as_an_object_and_returns_typed_m
 @pytest.mark.parametrize("kind", KINDS)
 async def test_refine_prompt_sends_a_string_template_as_written_and_its_test_cases(
     kind: str,
-    plain_server: ServerThread,
+    no_upstream_retry_server: ServerThread,
     upstream: StandinUpstream,
     keys: TestKeys,
     harnesses: list[Harness],
 ) -> None:
-    client = Harness(kind, plain_server.target, api_key=keys.editor)
+    client = Harness(kind, no_upstream_retry_server.target, api_key=keys.editor)
     harnesses.append(client)
     text = json.dumps(TEMPLATE, indent=4)  # a file's text, spacing and all
     case = {"inputs": {"company": "Acme", "question": "Hours?"}, "expected_output": "9 to 5"}
@@ -153,12 +138,12 @@ async def test_refine_prompt_sends_a_string_template_as_written_and_its_test_cas
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_tool_error_raises_tool_error_where_call_tool_returns_it(
     kind: str,
-    plain_server: ServerThread,
+    no_upstream_retry_server: ServerThread,
     upstream: StandinUpstream,
     keys: TestKeys,
     harnesses: list[Harness],
 ) -> None:
-    client = Harness(kind, plain_server.target, api_key=keys.editor)
+    client = Harness(kind, no_upstream_retry_server.target, api_key=keys.editor)
     harnesses.append(client)
     upstream.push(UpstreamStatus(503, headers={"Retry-After": "7"}))
     upstream.push(UpstreamStatus(503, headers={"Retry-After": "7"}))
@@ -181,10 +166,10 @@ async def test_a_tool_error_raises_tool_error_where_call_tool_returns_it(
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_refine_prompt_refusals_raise_what_call_tool_raises(
-    kind: str, plain_server: ServerThread, keys: TestKeys, harnesses: list[Harness]
+    kind: str, no_upstream_retry_server: ServerThread, keys: TestKeys, harnesses: list[Harness]
 ) -> None:
-    editor = Harness(kind, plain_server.target, api_key=keys.editor)
-    viewer = Harness(kind, plain_server.target, api_key=keys.viewer)
+    editor = Harness(kind, no_upstream_retry_server.target, api_key=keys.editor)
+    viewer = Harness(kind, no_upstream_retry_server.target, api_key=keys.viewer)
     harnesses.extend([editor, viewer])
 
     with pytest.raises(InvalidArgument) as invalid:
@@ -202,9 +187,9 @@ async def test_refine_prompt_refusals_raise_what_call_tool_raises(
 
 
 def test_a_template_json_cannot_carry_is_refused_before_sending(
-    plain_server: ServerThread, upstream: StandinUpstream, keys: TestKeys
+    no_upstream_retry_server: ServerThread, upstream: StandinUpstream, keys: TestKeys
 ) -> None:
-    with ToolClient(plain_server.target, api_key=keys.editor) as client:
+    with ToolClient(no_upstream_retry_server.target, api_key=keys.editor) as client:
         with pytest.raises(TypeError, match="template"):
             client.refine_prompt({"messages": {1, 2}})
         with pytest.raises(ValueError, match="template"):
@@ -218,19 +203,19 @@ def test_a_template_json_cannot_carry_is_refused_before_sending(
 
 
 def test_from_env_reads_the_target_and_key_and_refuses_without_a_key(
-    plain_server: ServerThread, keys: TestKeys, monkeypatch: pytest.MonkeyPatch
+    no_upstream_retry_server: ServerThread, keys: TestKeys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = {"AISERVICES_TARGET": plain_server.target, "AISERVICES_API_KEY": keys.editor}
+    env = {"AISERVICES_TARGET": no_upstream_retry_server.target, "AISERVICES_API_KEY": keys.editor}
     with ToolClient.from_env(env) as client:
         assert client.status().tools[0].name == TOOL
 
     # Without a key: the same error, word for word, as the command's.
     with pytest.raises(SettingsError) as missing:
-        ToolClient.from_env({"AISERVICES_TARGET": plain_server.target})
+        ToolClient.from_env({"AISERVICES_TARGET": no_upstream_retry_server.target})
     with pytest.raises(SettingsError):
         AsyncToolClient.from_env({"AISERVICES_API_KEY": "  "})  # blank is unset
     assert str(missing.value) == MISSING_KEY
-    ran = run_command("status", env=command_env(AISERVICES_TARGET=plain_server.target))
+    ran = run_command("status", env=command_env(AISERVICES_TARGET=no_upstream_retry_server.target))
     assert (ran.returncode, ran.stderr) == (2, f"aiservices: {MISSING_KEY}\n")
 
     # Without a target: the command's default. From os.environ when no mapping is given.
@@ -239,16 +224,16 @@ def test_from_env_reads_the_target_and_key_and_refuses_without_a_key(
     )
     for name in [n for n in os.environ if n.startswith("AISERVICES_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setenv("AISERVICES_TARGET", plain_server.target)
+    monkeypatch.setenv("AISERVICES_TARGET", no_upstream_retry_server.target)
     monkeypatch.setenv("AISERVICES_API_KEY", keys.viewer)
     with ToolClient.from_env(timeout=5.0) as client:
         assert client.status().tools == []  # the viewer's key: no tool it may call
 
 
 async def test_async_from_env_passes_the_constructor_options_on(
-    plain_server: ServerThread, keys: TestKeys
+    no_upstream_retry_server: ServerThread, keys: TestKeys
 ) -> None:
-    env = {"AISERVICES_TARGET": plain_server.target, "AISERVICES_API_KEY": keys.editor}
+    env = {"AISERVICES_TARGET": no_upstream_retry_server.target, "AISERVICES_API_KEY": keys.editor}
     async with AsyncToolClient.from_env(env, metadata={"x-request-id": "from-env"}) as client:
         refined = await client.refine_prompt(TEMPLATE)
     assert refined.request_id == "from-env"
@@ -301,12 +286,14 @@ TLS_CASES = {
 def test_from_env_and_the_command_read_the_tls_variables_alike(
     case: str,
     tls_servers: tuple[ServerThread, ServerThread],
-    plain_server: ServerThread,
+    no_upstream_retry_server: ServerThread,
     certs: TestCertificates,
     keys: TestKeys,
 ) -> None:
     which, variables, expected = TLS_CASES[case]
-    server = {"tls": tls_servers[0], "mtls": tls_servers[1], "plain": plain_server}[which]
+    server = {"tls": tls_servers[0], "mtls": tls_servers[1], "plain": no_upstream_retry_server}[
+        which
+    ]
     files = {
         "ca": str(certs.ca.cert_file),
         "cert": str(certs.client.cert_file),
@@ -484,22 +471,24 @@ def test_the_version_is_the_distributions() -> None:
 
 
 def test_json_field_names_are_protobufs_json_names(
-    plain_server: ServerThread, keys: TestKeys
+    no_upstream_retry_server: ServerThread, keys: TestKeys
 ) -> None:
     """What the client and the command print for GetStatus is what protobuf's JSON mapping
     (grpcurl, buf curl) prints for the same response, key for key."""
-    with grpc.insecure_channel(plain_server.target) as channel:
+    with grpc.insecure_channel(no_upstream_retry_server.target) as channel:
         response = pb_grpc.ToolServiceStub(channel).GetStatus(
             pb.GetStatusRequest(), metadata=(("authorization", f"Bearer {keys.editor}"),)
         )
     by_protobuf = json_format.MessageToDict(response)
-    with ToolClient(plain_server.target, api_key=keys.editor) as client:
+    with ToolClient(no_upstream_retry_server.target, api_key=keys.editor) as client:
         by_client = as_json(client.status())
     by_command = json.loads(
         run_command(
             "status",
             "--json",
-            env=command_env(AISERVICES_TARGET=plain_server.target, AISERVICES_API_KEY=keys.editor),
+            env=command_env(
+                AISERVICES_TARGET=no_upstream_retry_server.target, AISERVICES_API_KEY=keys.editor
+            ),
         ).stdout
     )
     assert by_client == by_protobuf == by_command
@@ -532,7 +521,7 @@ with ToolClient.from_env() as client:
 
 
 def test_the_example_type_checks_strictly_and_runs(
-    plain_server: ServerThread, keys: TestKeys, tmp_path: Path
+    no_upstream_retry_server: ServerThread, keys: TestKeys, tmp_path: Path
 ) -> None:
     misuse = tmp_path / "misuse.py"
     misuse.write_text(MISUSES)
@@ -562,7 +551,9 @@ def test_the_example_type_checks_strictly_and_runs(
     assert 'Unsupported operand types for + ("str" and "int")' in found, found
     assert 'Argument "guidelines" to "refine_prompt" of "ToolClient"' in found, found
 
-    env = command_env(AISERVICES_TARGET=plain_server.target, AISERVICES_API_KEY=keys.editor)
+    env = command_env(
+        AISERVICES_TARGET=no_upstream_retry_server.target, AISERVICES_API_KEY=keys.editor
+    )
     ran = subprocess.run(
         [sys.executable, str(EXAMPLE)],
         env=env,

@@ -12,7 +12,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -44,10 +44,10 @@ from aiservices_server.app import AiServicesServer
 from aiservices_server.config import Settings
 from tests.standin import Hang, Refine, Slow, StandinUpstream
 from tests.standin import Status as HttpStatus
+from tests.support.clients import Harness
 from tests.support.keys import TestKeys
 from tests.support.servers import ServerThread, make_settings
 from tests.support.waiting import closed_port
-from tests.test_client import Harness
 from tests.test_client import _expect_error as _refused
 from tests.test_interceptor_errors import BrokenStore
 from tests.test_resilience import ARGUMENTS, TOOL, TRACEPARENT
@@ -132,21 +132,6 @@ def slow_limit_server(upstream: StandinUpstream) -> Iterator[ServerThread]:
     """One call, then RESOURCE_EXHAUSTED with a 2 s RetryInfo (the default 30 a minute)."""
     with ServerThread(make_settings(upstream.url, rate_limit_burst=1)) as running:
         yield running
-
-
-@pytest.fixture
-def no_upstream_retry_server(upstream: StandinUpstream) -> Iterator[ServerThread]:
-    """Each upstream failure becomes a tool error at once (the server retries nothing)."""
-    with ServerThread(make_settings(upstream.url, upstream_retries=0)) as running:
-        yield running
-
-
-@pytest.fixture
-async def harnesses() -> AsyncIterator[list[Harness]]:
-    made: list[Harness] = []
-    yield made
-    for harness in made:
-        await harness.close()
 
 
 # --- one exception class per documented status ----------------------------------------------
