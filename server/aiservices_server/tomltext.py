@@ -1,4 +1,5 @@
-"""A check that runs before `tomllib` reads a file from outside.
+"""Reading a TOML file from outside: a check that runs before `tomllib` sees the text, and
+tomllib's errors as one line.
 
 tomllib keeps, for each key it defines, the tuple of every prefix of its dotted path: a key of k
 parts costs it k tuples of up to k parts. A 200 KB line `a.a.a...` of 100,000 parts asks for
@@ -10,8 +11,10 @@ sees the text.
 from __future__ import annotations
 
 import re
+import tomllib
+from typing import Any
 
-__all__ = ["MAX_KEY_PARTS", "has_deep_dotted_key"]
+__all__ = ["MAX_KEY_PARTS", "TomlProblem", "has_deep_dotted_key", "load_toml"]
 
 MAX_KEY_PARTS = 64
 
@@ -78,3 +81,29 @@ def has_deep_dotted_key(text: str, max_parts: int = MAX_KEY_PARTS) -> bool:
         else:
             dots = 0
             position = at + 1
+
+
+class TomlProblem(ValueError):
+    """Why a TOML text cannot be read, in one line that quotes none of it."""
+
+
+def load_toml(text: str, kind: str) -> dict[str, Any]:
+    """The TOML `text` of a `kind` of file (say "keys file", for the message), its dotted keys
+    checked first; TomlProblem for a key too deep or text that is not TOML."""
+    if has_deep_dotted_key(text):
+        raise TomlProblem(f"a dotted key of more than {MAX_KEY_PARTS} parts (no {kind} needs one)")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TomlProblem(_decode_problem(str(exc))) from None
+    except RecursionError:
+        raise TomlProblem("not valid TOML (nested too deeply)") from None
+
+
+def _decode_problem(message: str) -> str:
+    """tomllib's message, `msg (at line L, column C)`, as `line L, column C: msg`; read by
+    splitting at its last " (at ", so no pattern runs over the text."""
+    problem, found, where = message.rpartition(" (at ")
+    if not found or not where.endswith(")"):
+        return f"not valid TOML ({message[:200]})"
+    return f"not valid TOML ({where[:-1]}: {problem[:200]})"

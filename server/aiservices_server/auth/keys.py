@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import stat
-import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -33,7 +32,7 @@ from pydantic_core import PydanticCustomError
 from aiservices_server.call import Principal
 from aiservices_server.files import read_text_file, refuse_writable_by_others
 from aiservices_server.ratelimit.gcra import RateLimit, RateLimitError, check_rate_limit
-from aiservices_server.tomltext import MAX_KEY_PARTS, has_deep_dotted_key
+from aiservices_server.tomltext import TomlProblem, load_toml
 
 __all__ = [
     "KEY_ID_PATTERN",
@@ -340,16 +339,6 @@ def _format_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
     return text
 
 
-_TOML_POSITION = re.compile(r"^(?P<msg>.*) \(at (?P<where>line \d+, column \d+|end of document)\)$")
-
-
-def _format_toml_error(exc: tomllib.TOMLDecodeError) -> str:
-    match = _TOML_POSITION.match(str(exc))
-    if match is None:
-        return f"not valid TOML ({exc})"
-    return f"not valid TOML ({match['where']}: {match['msg']})"
-
-
 MAX_KEYS_FILE_BYTES = 1024 * 1024
 """A keys file is a few hundred bytes per key: anything larger is the wrong file."""
 
@@ -390,17 +379,10 @@ def load_keys_text(text: str, path: str | os.PathLike[str]) -> list[ApiKey]:
 
     Indexes in messages count `[[keys]]` tables from 0, in file order.
     """
-    if has_deep_dotted_key(text):
-        # tomllib would keep every prefix of the key: a long one costs it gigabytes.
-        raise KeysFileError(
-            path, f"a dotted key of more than {MAX_KEY_PARTS} parts (no keys file needs one)"
-        )
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise KeysFileError(path, _format_toml_error(exc)) from None
-    except RecursionError:
-        raise KeysFileError(path, "not valid TOML (nested too deeply)") from None
+        data = load_toml(text, "keys file")
+    except TomlProblem as problem:
+        raise KeysFileError(path, str(problem)) from None
     if not data.get("keys"):
         if set(data) - {"keys"}:
             unknown = sorted(set(data) - {"keys"})[0]

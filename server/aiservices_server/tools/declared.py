@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from aiservices_server.files import read_text_file, refuse_writable_by_others
-from aiservices_server.tomltext import MAX_KEY_PARTS, has_deep_dotted_key
+from aiservices_server.tomltext import TomlProblem, load_toml
 from aiservices_server.tools.base import JsonObject, ToolAnnotations, ToolDefinition
 
 __all__ = [
@@ -738,16 +737,6 @@ def read_tools_text(path: str | os.PathLike[str]) -> str:
     )
 
 
-def _toml_problem(exc: tomllib.TOMLDecodeError) -> str:
-    """tomllib's message, `msg (at line L, column C)`, as `line L, column C: msg`; read by
-    splitting at its last " (at ", so no pattern runs over the text."""
-    text = str(exc)
-    message, found, where = text.rpartition(" (at ")
-    if not found or not where.endswith(")"):
-        return f"not valid TOML ({text[:200]})"
-    return f"not valid TOML ({where[:-1]}: {message[:200]})"
-
-
 def load_tools_file(path: Path, *, reserved_names: frozenset[str]) -> tuple[DeclaredToolSpec, ...]:
     """Read and check the tools file at `path`: every tool, in file order, or ToolsFileError
     (one line) for the first problem. `reserved_names` are tools served otherwise (the built-in
@@ -759,16 +748,10 @@ def load_tools_text(
     text: str, path: str | os.PathLike[str], *, reserved_names: frozenset[str]
 ) -> tuple[DeclaredToolSpec, ...]:
     """Check the text of the tools file at `path` (named in messages), as `load_tools_file`."""
-    if has_deep_dotted_key(text):
-        raise ToolsFileError(
-            path, f"a dotted key of more than {MAX_KEY_PARTS} parts (no tools file needs one)"
-        )
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ToolsFileError(path, _toml_problem(exc)) from None
-    except RecursionError:
-        raise ToolsFileError(path, "not valid TOML (nested too deeply)") from None
+        data = load_toml(text, "tools file")
+    except TomlProblem as problem:
+        raise ToolsFileError(path, str(problem)) from None
     for key in data:
         if key != "tools":
             raise ToolsFileError(
