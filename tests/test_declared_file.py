@@ -28,6 +28,7 @@ from aiservices_server.tools.declared import (
     ToolsFileError,
     is_valid_tool_name,
     load_tools_file,
+    argument_text,
     load_tools_text,
     render,
 )
@@ -769,6 +770,9 @@ def test_render_fills_in_strings_as_they_are_and_other_values_as_compact_json() 
     assert render(content, arguments) == 'héllo {{x}}|["a","b"]|3|true|null||'
     # An integer restored from a double (1e30 where the schema says integer) is beyond 64 bits.
     assert render("{{n}}", {"n": [10**30]}) == "[" + "1" + "0" * 30 + "]"
+    # An Agenta app's inputs are the same texts.
+    assert argument_text([10**30]) == "[" + "1" + "0" * 30 + "]"
+    assert argument_text("as it is") == "as it is"
 
 
 def test_render_keeps_what_is_no_placeholder() -> None:

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aiservices.v1 import tool_service_pb2 as pb
 from aiservices_server.auth import KeysFileError, KeyStore
-from aiservices_server.auth.reload import FileState, KeysReloader, file_state
+from aiservices_server.auth.reload import KeysReloader
 from aiservices_server.config import (
     ENV_PREFIX,
     AuthMode,
@@ -41,6 +41,7 @@ from aiservices_server.faces.grpc.convert import tool_message
 from aiservices_server.faces.grpc.handlers import generic_handler
 from aiservices_server.faces.grpc.outermost import OutermostInterceptor
 from aiservices_server.faces.grpc.servicer import ToolServicer
+from aiservices_server.filereload import FileState, file_state
 from aiservices_server.logs import LineSampler
 from aiservices_server.metrics import METRICS_MAX_CONNECTIONS, Metrics
 from aiservices_server.ratelimit import (

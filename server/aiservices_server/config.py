@@ -338,11 +338,9 @@ class Settings(BaseSettings):
     @field_validator("plugins", mode="before")
     @classmethod
     def _split_plugins(cls, value: object) -> object:
-        if isinstance(value, str):
-            if len(value) > MAX_PLUGINS_CHARS:
-                raise ValueError(f"must be at most {MAX_PLUGINS_CHARS:,} characters")
-            return tuple(item.strip() for item in value.split(",") if item.strip())
-        return value
+        if isinstance(value, str) and len(value) > MAX_PLUGINS_CHARS:
+            raise ValueError(f"must be at most {MAX_PLUGINS_CHARS:,} characters")
+        return cls._split_list(value)
 
     @field_validator("mcp_allowed_hosts")
     @classmethod

@@ -119,7 +119,7 @@ _TOOL_KEYS = frozenset(
 )
 _ANNOTATION_KEYS = ("read_only_hint", "destructive_hint", "idempotent_hint", "open_world_hint")
 # Permissions that are no tool's: "*" grants every tool, act_for_users is the right to delegate.
-_NOT_TOOL_PERMISSIONS = frozenset({"*", "act_for_users"})
+NOT_TOOL_PERMISSIONS = frozenset({"*", "act_for_users"})
 
 
 # --- the data the runtime uses -------------------------------------------------------------
@@ -298,7 +298,7 @@ def fill(parts: TemplateParts, arguments: Mapping[str, Any]) -> str:
         value = arguments.get(part[0])
         if value is None and part[0] not in arguments:
             continue
-        pieces.append(value if isinstance(value, str) else _compact_json(value))
+        pieces.append(argument_text(value))
     return "".join(pieces)
 
 
@@ -314,9 +314,12 @@ def render(content: str, arguments: Mapping[str, Any]) -> str:
     return fill(template_parts(content), arguments)
 
 
-def _compact_json(value: Any) -> str:
-    """`value` as compact JSON. Arguments are JSON already, but an integer restored from a
-    Struct's double (1e300 where the schema says integer) is beyond what orjson writes."""
+def argument_text(value: Any) -> str:
+    """An argument as text: a string as it is, anything else as compact JSON. Arguments are
+    JSON already, but an integer restored from a Struct's double (1e300 where the schema says
+    integer) is beyond what orjson writes."""
+    if isinstance(value, str):
+        return value
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:
@@ -543,9 +546,9 @@ def _permission(entry: Mapping[str, Any], name: str) -> str:
     value = _string(entry, "permission", limit=MAX_PERMISSION_CHARS, required=False)
     if value is None:
         return name
-    if not value.isprintable() or any(ch.isspace() for ch in value):
+    if any(ch.isspace() for ch in value):  # `_string` has refused what is not printable
         raise Problem("permission", "must be a name without spaces, as in the keys file")
-    if value in _NOT_TOOL_PERMISSIONS:
+    if value in NOT_TOOL_PERMISSIONS:
         raise Problem("permission", f"{value!r} is no tool's permission: name the tool's own")
     return value
 

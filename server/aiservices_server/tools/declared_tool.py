@@ -28,6 +28,7 @@ from aiservices_server.tools.base import (
 from aiservices_server.tools.declared import (
     DeclaredToolSpec,
     PromptMessage,
+    argument_text,
     fill,
     template_parts,
 )
@@ -70,11 +71,6 @@ class _ChatAsker:
             {"role": role, "content": fill(parts, arguments)} for role, parts in self._messages
         ]
         return await self._chat.complete(messages, time_left=time_left, traceparent=traceparent)
-
-
-def argument_text(value: Any) -> str:
-    """An argument as an input's text: a string as it is, anything else as compact JSON."""
-    return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
 class _AppAsker:
@@ -128,7 +124,6 @@ class DeclaredTool:
     """A declared tool on one upstream: `asker` is how it asks (see `on_chat`, `on_app`)."""
 
     def __init__(self, spec: DeclaredToolSpec, asker: _Asker) -> None:
-        self.spec = spec
         self._definition = spec.definition
         self._text_field = spec.text_field
         self._asker = asker
@@ -189,16 +184,14 @@ class DeclaredTool:
         # is_valid first: a third cheaper than finding the error, which only a refusal needs.
         if self._validator.is_valid(output):
             return output
-        error = next(self._validator.iter_errors(output), None)
-        if error is not None:
-            # The schema's path and rule, the operator's words; never the value, the model's.
-            path = _schema_path(error.absolute_schema_path)
-            raise _invalid_output(
-                f"it does not match the tool's output schema (rule {error.validator} at {path})",
-                trace_id,
-                reply,
-            )
-        return output
+        error = next(self._validator.iter_errors(output))  # there is one: is_valid said so
+        # The schema's path and rule, the operator's words; never the value, the model's.
+        path = _schema_path(error.absolute_schema_path)
+        raise _invalid_output(
+            f"it does not match the tool's output schema (rule {error.validator} at {path})",
+            trace_id,
+            reply,
+        )
 
 
 @dataclass(frozen=True, slots=True)

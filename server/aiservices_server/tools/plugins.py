@@ -39,6 +39,7 @@ from aiservices_server.tools.declared import (
     MAX_SCHEMA_VALUES,
     MAX_TITLE_CHARS,
     MAX_TOOLS,
+    NOT_TOOL_PERMISSIONS,
     TOOL_NAME_RULE,
     Problem,
     check_keywords,
@@ -69,9 +70,6 @@ MAX_TOOLS_PER_PLUGIN = MAX_TOOLS
 MAX_SHOWN_CHARS = 200
 """An exception's message, a name or a type in a failure line, at most."""
 log = logging.getLogger("aiservices.tools")
-
-# "*" grants every tool and act_for_users is the right to delegate: neither is a tool's.
-_NOT_TOOL_PERMISSIONS = frozenset({"*", "act_for_users"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +308,7 @@ def _check_definition(definition: ToolDefinition) -> None:
             f"permission: must be a name of 1 to {MAX_PERMISSION_CHARS} characters without "
             "spaces, as in the keys file"
         )
-    if permission in _NOT_TOOL_PERMISSIONS:
+    if permission in NOT_TOOL_PERMISSIONS:
         raise ValueError(f"permission: {permission!r} is no tool's permission")
     if not isinstance(definition.annotations, ToolAnnotations):
         raise ValueError(
