@@ -648,6 +648,23 @@ def test_an_answer_of_too_many_values_is_refused_before_it_is_parsed() -> None:
     assert "more than 10,000 JSON values" in refused.value.message
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"label": "bug", "reason": [0] * MAX_OUTPUT_VALUES},
+        {"label": "bug", "reason": {str(n): [n] for n in range(MAX_OUTPUT_VALUES // 2)}},
+    ],
+    ids=["one long list", "many small ones"],
+)
+def test_an_answer_sent_parsed_is_held_to_the_same_number_of_values(data: Any) -> None:
+    """The Agenta runner may send `data` as an object, not text: it gets the same bound."""
+    with pytest.raises(ToolFailure) as refused:
+        CHECKER._check(RefineReply(data, "", ATTEMPT))
+    assert "more than 10,000 JSON values" in refused.value.message
+    fits = {"label": "bug", "reason": "x" * 1000}
+    assert CHECKER._check(RefineReply(fits, "", ATTEMPT)) == fits
+
+
 def test_only_a_closed_fully_required_schema_is_sent_as_strict() -> None:
     closed = {
         "type": "object",

@@ -139,14 +139,12 @@ class ToolService:
         self._gate = gate
         self._entries = ToolSet(tools).entries
 
-    def use_tools(self, tools: ToolSet | Sequence[Tool]) -> None:
+    def use_tools(self, tools: ToolSet) -> None:
         """Serve `tools` from now on, in place of those served so far (a reload of the tools
-        file). The new set is built whole (names checked, validators compiled; `ToolSet` does
-        that beforehand) and then put in place as one reference, so each call sees either the
-        old set or the new one: a call already past its look-up keeps running the tool it
-        found. ValueError, with the set in use unchanged, for a name given twice or a malformed
-        input schema."""
-        self._entries = (tools if isinstance(tools, ToolSet) else ToolSet(tools)).entries
+        file). The set was built whole beforehand (names checked, validators compiled) and is
+        put in place as one reference, so each call sees either the old set or the new one: a
+        call already past its look-up keeps running the tool it found."""
+        self._entries = tools.entries
 
     @property
     def definitions(self) -> list[ToolDefinition]:

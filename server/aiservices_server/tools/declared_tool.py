@@ -115,6 +115,28 @@ def _too_many_values(text: str) -> bool:
     return 2 * (text.count("[") + text.count("{") + text.count(",")) + 1 > MAX_OUTPUT_VALUES
 
 
+def _holds_too_many_values(value: Any) -> bool:
+    """Whether `value`, an answer the upstream sent parsed (the Agenta runner's `data` may be an
+    object), holds more than MAX_OUTPUT_VALUES values: a walk with its own stack that stops as
+    soon as the count runs out."""
+    left = MAX_OUTPUT_VALUES
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            left -= len(node)
+            items: Iterable[Any] = node.values()
+        elif isinstance(node, list):
+            left -= len(node)
+            items = node
+        else:
+            continue
+        if left < 0:
+            return True
+        stack.extend(items)
+    return False
+
+
 def _schema_path(parts: Iterable[Any]) -> str:
     path = "/" + "/".join(str(part) for part in parts)
     return path if len(path) <= _MAX_PATH_CHARS else path[:_MAX_PATH_CHARS] + "..."
@@ -171,7 +193,7 @@ class DeclaredTool:
     def _check(self, reply: RefineReply) -> JsonObject:
         """The answer as an object that fits the output schema, or INVALID_MODEL_OUTPUT."""
         data, trace_id = reply.output, reply.trace_id
-        if isinstance(data, str) and _too_many_values(data):
+        if _too_many_values(data) if isinstance(data, str) else _holds_too_many_values(data):
             raise _invalid_output(
                 f"it holds more than {MAX_OUTPUT_VALUES:,} JSON values", trace_id, reply
             )
