@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -184,6 +185,42 @@ async def test_a_tools_call_over_mcp_is_a_server_span_a_tool_span_and_a_client_s
     listing = only(spans, name="tools/list")
     assert listing.attributes["mcp.method.name"] == "tools/list"
     no_secrets(spans, PROMPT_TEXT, keys.editor)
+
+
+SUMMARIZE = "tools.test.text.summarize"
+TOOL_MODEL = "gpt-standin-large"
+TOOLS_FILE = f"""
+[[tools]]
+name = "{SUMMARIZE}"
+title = "Summarise"
+description = "Summarises a text."
+model = "{TOOL_MODEL}"
+input_schema.type = "object"
+input_schema.required = ["text"]
+input_schema.properties.text.type = "string"
+output_schema = {{ type = "object", properties = {{ summary = {{ type = "string" }} }} }}
+messages = [{{ role = "user", content = "Summarise: {{{{text}}}}" }}]
+"""
+
+
+def test_a_declared_tools_client_span_names_the_model_it_asks_for(
+    upstream: StandinUpstream, keys: TestKeys, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    tools = tmp_path / "tools.toml"
+    tools.write_text(TOOLS_FILE)
+    with (
+        ServerProcess(
+            {**settings(upstream, keys), "TOOLS_FILE": str(tools)},
+            variables=otel(receiver.endpoint),
+            name="declared",
+        ) as process,
+        ToolClient(process.target, api_key=keys.full, timeout=10) as client,
+    ):
+        client.call_tool(SUMMARIZE, {"text": "A long text."})
+    client_span = only(receiver.wait_for(3), kind="client")
+    assert client_span.attributes["gen_ai.request.model"] == TOOL_MODEL
+    (sent,) = upstream.requests
+    assert sent.body["model"] == TOOL_MODEL
 
 
 def test_a_refusal_fails_the_server_and_tool_spans_with_its_code(

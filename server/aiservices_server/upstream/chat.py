@@ -24,9 +24,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from aiservices_server.upstream.http import (
-    UpstreamLimits,
-)
+from aiservices_server.upstream.http import JsonEndpoint, UpstreamLimits
 from aiservices_server.upstream.openai import SchemaFormat, chat_endpoint
 from aiservices_server.upstream.refiner import RefineReply
 
@@ -137,7 +135,10 @@ class OpenAIChat:
         max_tokens: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._endpoint = chat_endpoint(transport, limits, base_url, model, api_key)
+        # One endpoint per model, so its client spans name the model asked (a tool may choose).
+        self._endpoint_for: Callable[[str], JsonEndpoint] = lambda chosen: chat_endpoint(
+            transport, limits, base_url, chosen, api_key
+        )
         self._model = model
         self._temperature = temperature
         self._max_tokens = max_tokens
@@ -158,7 +159,8 @@ class OpenAIChat:
         chosen = model or self._model
         schema_format = self._formats.get(chosen)
         if schema_format is None:
-            schema_format = self._formats[chosen] = SchemaFormat(self._endpoint, self._clock)
+            endpoint = self._endpoint_for(chosen)
+            schema_format = self._formats[chosen] = SchemaFormat(endpoint, self._clock)
         options: dict[str, Any] = {}
         chosen_temperature = self._temperature if temperature is None else temperature
         if chosen_temperature is not None:
