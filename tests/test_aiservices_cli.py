@@ -403,6 +403,10 @@ def test_an_unreachable_or_silent_service_exits_4(
     [
         (["call", TOOL, "--args", "{not json"], "aiservices: --args is not valid JSON: "),
         (["call", TOOL, "--args", "[1]"], "aiservices: --args must be a JSON object, not list"),
+        (
+            ["call", TOOL, "--args", '{"a": ' + "[" * 100_000],
+            "aiservices: --args is not valid JSON: nested too deeply",
+        ),
         (["call", TOOL, "--args", "@missing.json"], "aiservices: cannot read --args file "),
         (["refine", "missing.json"], "aiservices: cannot read template missing.json: "),
         (["refine", "-"], "aiservices: stdin is not valid JSON: "),
@@ -422,6 +426,25 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], message: str, tmp_pa
     assert ran.returncode == 2
     assert one_line(ran.stderr).startswith(message)
     assert ran.stdout == ""
+
+
+def test_test_cases_a_call_cannot_carry_are_a_usage_error(tmp_path: Path) -> None:
+    env = command_env(AISERVICES_TARGET=f"127.0.0.1:{closed_port()}", AISERVICES_API_KEY="k")
+    template = write_template(tmp_path)
+    cases = tmp_path / "cases.json"
+    cases.write_text('[{"inputs": {"n": 12345678901234567890}, "expected_output": "x"}]')
+    ran = aiservices("refine", str(template), "--test-cases", str(cases), env=env)
+    assert ran.returncode == 2
+    assert one_line(ran.stderr) == (
+        f"aiservices: --test-cases file {cases}: $.test_cases[0].inputs.n: integer "
+        "12345678901234567890 is too large to send exactly (max 2**53)"
+    )
+    cases.write_text("[" * 100_000)
+    ran = aiservices("refine", str(template), "--test-cases", str(cases), env=env)
+    assert ran.returncode == 2
+    assert one_line(ran.stderr) == (
+        f"aiservices: --test-cases file {cases} is not valid JSON: nested too deeply"
+    )
 
 
 def test_no_api_key_is_refused_before_anything_is_sent() -> None:

@@ -50,6 +50,16 @@ def _parse_json(text: str, where: str) -> Any:
         raise UsageError(
             f"{where} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
+    except RecursionError:
+        raise UsageError(f"{where} is not valid JSON: nested too deeply") from None
+
+
+def _fits_a_struct(arguments: dict[str, Any], where: str) -> None:
+    """UsageError for numbers JSON allows but the Struct the call is sent as cannot carry."""
+    try:
+        dict_to_struct(arguments)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def parse_object(text: str, where: str) -> dict[str, Any]:
@@ -66,6 +76,7 @@ def test_cases_file(path: str) -> list[Any]:
     value = _parse_json(read_text(path, "--test-cases file"), where)
     if not isinstance(value, list):
         raise UsageError(f"{where} must be a JSON list, not {type(value).__name__}")
+    _fits_a_struct({"test_cases": value}, where)
     return value
 
 
@@ -77,10 +88,7 @@ def call_arguments(spec: str) -> dict[str, Any]:
     else:
         text, where = spec, "--args"
     value = parse_object(text, where)
-    try:
-        dict_to_struct(value)  # numbers JSON allows but a Struct cannot carry exactly
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: {exc}") from None
+    _fits_a_struct(value, where)
     return value
 
 
