@@ -282,3 +282,30 @@ def test_reloads_under_load_fail_no_call(
         titles = {tool.name: tool.title for tool in client.list_tools()}
     assert titles[SUMMARIZE] == "Summarize, version 6"
     assert KEYWORDS not in titles
+
+
+def test_what_was_learned_of_the_endpoint_outlives_a_reload(
+    tools_file: Path, keys: TestKeys
+) -> None:
+    """An endpoint that refuses the JSON Schema format is asked for json_object from then on,
+    and a reload of the tools file does not make it be asked again."""
+    standin = StandinUpstream(reject_json_schema=True).start_in_thread()
+    env = {
+        "API_KEYS_FILE": str(keys.path),
+        "TOOLS_FILE": str(tools_file),
+        "UPSTREAM": "openai",
+        "OPENAI_BASE_URL": standin.openai_url,
+        "OPENAI_MODEL": "standin-model",
+    }
+    try:
+        with ServerProcess(env, name="verdict").start() as server:
+            assert not call(server.target, keys.full, SUMMARIZE).is_error
+            assert len(standin.requests) == 2  # refused json_schema, then json_object
+            replace_file(tools_file, declared(SUMMARIZE) + declared(KEYWORDS))
+            os.kill(server.pid, signal.SIGHUP)
+            assert reloads(server, 1), server.lines[-5:]
+            assert not call(server.target, keys.full, SUMMARIZE).is_error
+            formats = [r.body["response_format"]["type"] for r in standin.requests]
+    finally:
+        standin.stop_thread()
+    assert formats == ["json_schema", "json_object", "json_object"]

@@ -300,19 +300,18 @@ def load_declared_tools(
         raise StartupError(str(exc)) from None
 
 
-def build_declared_tools(
+def build_declared_upstream(
     settings: Settings,
     transport: httpx.AsyncBaseTransport,
     metrics: Metrics,
-    specs: Sequence[DeclaredToolSpec],
     tracer: Tracer = NO_TRACER,
-) -> list[Tool]:
-    """The declared tools the configured upstream serves, made from their specs; at start-up
-    and at each reload of the tools file. A spec with nothing for the configured upstream
-    (no `messages` for openai, no `agenta_app` for agenta) is left out, with one line saying
-    so. Their upstream clients share `transport` and the upstream limits with refine_prompt."""
-    if not settings.upstream_enabled or not specs:
-        return []
+) -> DeclaredUpstream | None:
+    """What declared tools ask through, made once and kept across reloads of the tools file
+    (so what it learned of the endpoint, such as a model's response-format verdict, stays);
+    None when the upstream is not configured. It shares `transport` and the upstream limits
+    with refine_prompt."""
+    if not settings.upstream_enabled:
+        return None
     limits = upstream_limits(settings, metrics, tracer)
     if settings.upstream is UpstreamKind.OPENAI:
         assert settings.openai_base_url and settings.openai_model
@@ -326,10 +325,19 @@ def build_declared_tools(
             temperature=settings.openai_temperature,
             max_tokens=settings.openai_max_tokens,
         )
-        upstream = DeclaredUpstream(settings.upstream.value, chat=chat)
-    else:
-        apps = agenta_client(settings, transport, limits)
-        upstream = DeclaredUpstream(settings.upstream.value, apps=apps)
+        return DeclaredUpstream(settings.upstream.value, chat=chat)
+    apps = agenta_client(settings, transport, limits)
+    return DeclaredUpstream(settings.upstream.value, apps=apps)
+
+
+def build_declared_tools(
+    specs: Sequence[DeclaredToolSpec], upstream: DeclaredUpstream | None
+) -> list[Tool]:
+    """The declared tools `upstream` serves, made from their specs; at start-up and at each
+    reload of the tools file. A spec with nothing for the configured upstream (no `messages`
+    for openai, no `agenta_app` for agenta) is left out, with one line saying so."""
+    if upstream is None or not specs:
+        return []
     tools, left_out = declared_tools(specs, upstream)
     for tool in left_out:
         log.warning(
@@ -445,7 +453,8 @@ class AiServicesServer:
             )
             tracer = self.tracer
             built = build_tools(settings, http, metrics, tracer)
-            declare = lambda specs: build_declared_tools(settings, http, metrics, specs, tracer)  # noqa: E731
+            upstream = build_declared_upstream(settings, http, metrics, tracer)
+            declare = lambda specs: build_declared_tools(specs, upstream)  # noqa: E731
         reserved = BUILT_IN_TOOL_NAMES | {tool.definition.name for tool in built}
         # Taken before the file is read, so a change made while it loads is not missed.
         tools_state = file_state(settings.tools_file) if settings.tools_file else None
