@@ -27,7 +27,7 @@ from aiservices_server.core.drain import Drain
 from aiservices_server.core.headers import Headers, request_id_for, traceparent_in
 from aiservices_server.core.service import MAX_NAME_SHOWN, ToolService
 from aiservices_server.logs import LineSampler
-from aiservices_server.metrics import Metrics, RpcLabels, rpc_labels
+from aiservices_server.metrics import Metrics, RpcLabels
 from aiservices_server.tools.base import JsonObject, ToolFailure, ToolResult
 from aiservices_server.tracing import NO_SPAN, NO_TRACER, Span, Tracer
 from aiservices_server.upstream.refiner import UpstreamAttempt
@@ -83,6 +83,9 @@ class CallRecord:
     outcome: ToolOutcome | None = None
     labels: RpcLabels = ("", "", "")  # the gRPC method's metric labels, found once per call
     span: Span = NO_SPAN  # the server span, when traces are on
+    # What the call passes on: the server span's traceparent when traces are on, else the
+    # caller's (well formed, or None).
+    traceparent: str | None = None
 
     def refused(self, error: errors.ServiceError) -> None:
         """The request ended with `error`: its code, and its key when it named one."""
@@ -121,8 +124,10 @@ class Envelope:
         record = CallRecord(transport, method, request_id_for(headers), time.perf_counter())
         if transport == "grpc":
             record.labels = self.metrics.rpc_started(method)
+        parent = traceparent_in(headers)
         if self.tracer.enabled:
-            record.span = _server_span(self.tracer, transport, method, headers)
+            record.span = _server_span(self.tracer, record, parent)
+        record.traceparent = record.span.traceparent(parent)
         return record
 
     def unexpected(self, exc: BaseException, record: CallRecord) -> errors.Internal:
@@ -215,13 +220,12 @@ _GRPC_CODES = {
 }
 
 
-def _server_span(tracer: Tracer, transport: str, method: str, headers: Headers) -> Span:
+def _server_span(tracer: Tracer, record: CallRecord, parent: str | None) -> Span:
     """The server span of a request just arrived, child of the caller's traceparent."""
-    parent = traceparent_in(headers)
-    if transport == "grpc":
-        _, service, name = rpc_labels(method)
+    if record.transport == "grpc":
+        _, service, name = record.labels
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-        return tracer.server(method.lstrip("/"), parent, attributes)
+        return tracer.server(record.method.lstrip("/"), parent, attributes)
     return tracer.server(
         "POST /mcp",
         parent,

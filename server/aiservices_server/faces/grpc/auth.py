@@ -8,7 +8,6 @@ from typing import Any
 
 from aiservices_server.call import Call
 from aiservices_server.core.auth import Authenticator
-from aiservices_server.core.headers import traceparent_in
 from aiservices_server.faces.grpc.rpc import Handler, Reply, Rpc
 
 
@@ -27,8 +26,7 @@ class AuthenticationInterceptor:
                     principal,
                     rpc.request_id,
                     deadline=None if remaining is None else time.monotonic() + remaining,
-                    # The server span's when traces are on, else the caller's.
-                    traceparent=rpc.span.traceparent(traceparent_in(rpc.headers)),
+                    traceparent=rpc.traceparent,
                 )
             )
             return await handler(request, rpc)

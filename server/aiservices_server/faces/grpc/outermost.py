@@ -48,7 +48,7 @@ class OutermostInterceptor:
         async def run(request: Any, context: GrpcContext) -> bytes:
             headers = headers_of(context)
             record = envelope.open("grpc", method, headers)
-            rpc = Rpc(method, record.request_id, headers, context, record.span)
+            rpc = Rpc(method, record.request_id, headers, context, record.traceparent)
             if isinstance(request, pb.CallToolRequest):
                 record.tool = request.name
             trailers = {REQUEST_ID_HEADER: rpc.request_id}

@@ -12,7 +12,6 @@ from google.protobuf.message import Message
 from aiservices_server.call import Call, Principal
 from aiservices_server.core.headers import Headers
 from aiservices_server.faces.envelope import ToolOutcome
-from aiservices_server.tracing import NO_SPAN, Span
 
 GrpcContext = grpc.aio.ServicerContext[Any, bytes]
 """grpc.aio's context for one of the face's methods: the request is whatever the method's
@@ -27,7 +26,7 @@ class Rpc:
     the outermost interceptor reads `caller` afterwards, so the access line says who called
     whatever happened next."""
 
-    __slots__ = ("_call", "context", "headers", "method", "request_id", "span")
+    __slots__ = ("_call", "context", "headers", "method", "request_id", "traceparent")
 
     def __init__(
         self,
@@ -35,13 +34,14 @@ class Rpc:
         request_id: str,
         headers: Headers,
         context: GrpcContext,
-        span: Span = NO_SPAN,
+        traceparent: str | None = None,
     ) -> None:
         self.method = method
         self.request_id = request_id
         self.headers = headers
         self.context = context
-        self.span = span  # the call's server span, when traces are on
+        # The server span's traceparent when traces are on, else the caller's.
+        self.traceparent = traceparent
         self._call: Call | None = None
 
     def authenticated(self, call: Call) -> None:

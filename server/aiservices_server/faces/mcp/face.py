@@ -27,7 +27,7 @@ from aiservices_server import __version__
 from aiservices_server.call import Call
 from aiservices_server.core.arguments import check_bounds
 from aiservices_server.core.auth import Authenticator
-from aiservices_server.core.headers import REQUEST_ID_HEADER, Headers, traceparent_in
+from aiservices_server.core.headers import REQUEST_ID_HEADER, Headers
 from aiservices_server.core.service import MAX_NAME_SHOWN, ToolService
 from aiservices_server.errors import InvalidArgument, ServiceError
 from aiservices_server.faces.definitions import ConvertedDefinitions
@@ -178,9 +178,7 @@ class McpFace:
             try:
                 principal = self._authenticator.principal(headers)
                 record.caller = principal
-                # The server span's traceparent when traces are on, else the caller's.
-                traceparent = record.span.traceparent(traceparent_in(headers))
-                call = Call(principal, record.request_id, None, traceparent)
+                call = Call(principal, record.request_id, None, record.traceparent)
                 exchange = Exchange(call, record)
                 await self._serve(scope, receive, send, exchange)
             finally:
