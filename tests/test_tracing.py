@@ -22,11 +22,8 @@ from hypothesis import strategies as st
 from aiservices import PermissionDenied, ToolClient
 from aiservices_server.startup import StartupError
 from aiservices_server.tracing import NO_TRACER, from_environment
-from aiservices_server.upstream.http import (
-    MAX_FINISH_REASONS,
-    MAX_SPAN_TEXT,
-    chat_reply_attributes,
-)
+from aiservices_server.upstream.http import MAX_SPAN_TEXT
+from aiservices_server.upstream.openai import MAX_FINISH_REASONS, chat_reply_attributes
 from tests.standin import StandinUpstream, Status
 from tests.support.keys import TestKeys
 from tests.support.mcp import mcp_client

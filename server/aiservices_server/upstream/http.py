@@ -406,40 +406,8 @@ def _client_attributes(url: httpx.URL, extra: Attributes) -> dict[str, Attribute
     }
 
 
-MAX_FINISH_REASONS = 16
 MAX_SPAN_TEXT = 128
-
-
-def chat_reply_attributes(body: bytes | bytearray) -> Attributes:
-    """The GenAI attributes of an OpenAI-compatible chat completion reply: the model that
-    answered, the token usage and the finish reasons (never the text). Only short strings and
-    whole numbers are taken; a reply that does not parse says nothing (the tool reports it)."""
-    try:
-        reply = load_reply(body)
-    except UpstreamError:
-        return {}
-    if not isinstance(reply, dict):
-        return {}
-    found: dict[str, AttributeValue] = {}
-    model = reply.get("model")
-    if isinstance(model, str) and model:
-        found["gen_ai.response.model"] = model[:MAX_SPAN_TEXT]
-    usage = reply.get("usage")
-    if isinstance(usage, dict):
-        for key, name in (("prompt_tokens", "input"), ("completion_tokens", "output")):
-            count = usage.get(key)
-            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-                found[f"gen_ai.usage.{name}_tokens"] = count
-    choices = reply.get("choices")
-    if isinstance(choices, list):
-        reasons = [
-            choice["finish_reason"][:MAX_SPAN_TEXT]
-            for choice in choices[:MAX_FINISH_REASONS]
-            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str)
-        ]
-        if reasons:
-            found["gen_ai.response.finish_reasons"] = reasons
-    return found
+"""The longest text (a model name, a finish reason) a span attribute takes from a reply."""
 
 
 def _failure_kind(exc: BaseException) -> str:

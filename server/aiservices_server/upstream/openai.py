@@ -24,12 +24,12 @@ from typing import Any, TypeGuard
 
 import httpx
 
+from aiservices_server.tracing import Attributes, AttributeValue
 from aiservices_server.upstream.http import (
     MAX_SPAN_TEXT,
     Answer,
     JsonEndpoint,
     UpstreamLimits,
-    chat_reply_attributes,
     check_value_count,
     load_reply,
     trace_token,
@@ -328,6 +328,38 @@ def parse_chat_completion(body: bytes | bytearray, *, attempt: UpstreamAttempt) 
     if tokens is not None:
         attempt = replace(attempt, tokens=tokens)
     return RefineReply(content, trace_token(reply.get("id")), attempt)
+
+
+MAX_FINISH_REASONS = 16
+
+
+def chat_reply_attributes(body: bytes | bytearray) -> Attributes:
+    """The GenAI attributes of an OpenAI-compatible chat completion reply: the model that
+    answered, the token usage and the finish reasons (never the text). Only short strings and
+    whole numbers are taken; a reply that does not parse says nothing (the tool reports it)."""
+    try:
+        reply = load_reply(body)
+    except UpstreamError:
+        return {}
+    if not isinstance(reply, dict):
+        return {}
+    found: dict[str, AttributeValue] = {}
+    model = reply.get("model")
+    if isinstance(model, str) and model:
+        found["gen_ai.response.model"] = model[:MAX_SPAN_TEXT]
+    tokens = _tokens(reply.get("usage"))  # as the access line counts them
+    if tokens is not None:
+        found["gen_ai.usage.input_tokens"], found["gen_ai.usage.output_tokens"] = tokens
+    choices = reply.get("choices")
+    if isinstance(choices, list):
+        reasons = [
+            choice["finish_reason"][:MAX_SPAN_TEXT]
+            for choice in choices[:MAX_FINISH_REASONS]
+            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str)
+        ]
+        if reasons:
+            found["gen_ai.response.finish_reasons"] = reasons
+    return found
 
 
 # More tokens than any model's context holds is not a count this service believes.
