@@ -120,6 +120,8 @@ class _BoundedProcessor(SpanProcessor):
         pass
 
     def on_end(self, span: ReadableSpan) -> None:
+        if span.context is None or not span.context.trace_flags.sampled:
+            return  # recorded but not sampled: the batch processor would never export it
         with self._lock:
             full = self._pending >= self._max_queue
             if not full:

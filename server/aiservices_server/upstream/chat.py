@@ -25,7 +25,14 @@ from typing import Any, Protocol
 import httpx
 
 from aiservices_server.upstream.http import JsonEndpoint, UpstreamLimits
-from aiservices_server.upstream.openai import SchemaFormat, chat_endpoint
+from aiservices_server.upstream.openai import (
+    PROBE_MAX_TOKENS,
+    PROBE_MESSAGES,
+    SchemaFormat,
+    chat_endpoint,
+    chat_options,
+    frame,
+)
 from aiservices_server.upstream.refiner import RefineReply
 
 # json, not orjson: as in the refine adapter, one encoder and no buffer per call.
@@ -36,10 +43,6 @@ SCHEMA_INSTRUCTION = (
 """The start of the system message that carries the output schema in `json_object` mode."""
 # A json_schema format's name: what OpenAI accepts ([A-Za-z0-9_-], at most 64 characters).
 MAX_FORMAT_NAME_CHARS = 64
-# The probe: a request of the service's own, no caller's words in it; one token is enough, as
-# only the status counts.
-_PROBE_MESSAGES = ({"role": "user", "content": "Hello."},)
-_PROBE_MAX_TOKENS = 1
 # What OpenAI's strict structured outputs take. A schema using anything else (bounds, lengths,
 # formats) is sent with `strict: false`: the format then guides the model, and the tool still
 # checks every answer against the whole schema.
@@ -161,13 +164,10 @@ class OpenAIChat:
         if schema_format is None:
             endpoint = self._endpoint_for(chosen)
             schema_format = self._formats[chosen] = SchemaFormat(endpoint, self._clock)
-        options: dict[str, Any] = {}
-        chosen_temperature = self._temperature if temperature is None else temperature
-        if chosen_temperature is not None:
-            options["temperature"] = chosen_temperature
-        chosen_max_tokens = self._max_tokens if max_tokens is None else max_tokens
-        if chosen_max_tokens is not None:
-            options["max_tokens"] = chosen_max_tokens
+        options = chat_options(
+            self._temperature if temperature is None else temperature,
+            self._max_tokens if max_tokens is None else max_tokens,
+        )
         return _OpenAIToolChat(
             schema_format,
             name=name,
@@ -205,24 +205,19 @@ class _OpenAIToolChat:
         # Everything but the messages is the same for every call: encoded once per format, as
         # the text before and after the messages list.
         marker = "\x00messages\x00"
-        self._frames: dict[bool, tuple[str, str]] = {}
-        for schema, response_format in ((True, json_schema), (False, {"type": "json_object"})):
-            encoded = _JSON.encode(
-                {
-                    "model": model,
-                    "messages": marker,
-                    "response_format": response_format,
-                    **options,
-                }
+        self._frames = {
+            schema: frame(
+                {"model": model, "messages": marker, "response_format": response_format, **options},
+                marker,
             )
-            before, _, after = encoded.partition(_JSON.encode(marker))
-            self._frames[schema] = (before, after)
+            for schema, response_format in ((True, json_schema), (False, {"type": "json_object"}))
+        }
         probe = {
             "model": model,
-            "messages": list(_PROBE_MESSAGES),
+            "messages": list(PROBE_MESSAGES),
             "response_format": json_schema,
             **options,
-            "max_tokens": _PROBE_MAX_TOKENS,
+            "max_tokens": PROBE_MAX_TOKENS,
         }
         self._probe = _JSON.encode(probe).encode()
 

@@ -58,8 +58,27 @@ _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 FORMAT_VERDICT_SECONDS = 600.0
 # The probe: a refine of a fixed template of the service's own, no caller's words in it; one
 # token of answer is enough, as only the status counts.
-_PROBE_REQUEST = RefineRequest(json.dumps({"messages": [{"role": "user", "content": "Hello."}]}))
-_PROBE_MAX_TOKENS = 1
+PROBE_MESSAGES = ({"role": "user", "content": "Hello."},)
+PROBE_MAX_TOKENS = 1
+_PROBE_REQUEST = RefineRequest(json.dumps({"messages": list(PROBE_MESSAGES)}))
+
+
+def chat_options(temperature: float | None, max_tokens: int | None) -> dict[str, Any]:
+    """The request's sampling options: those set, and no others."""
+    options: dict[str, Any] = {}
+    if temperature is not None:
+        options["temperature"] = temperature
+    if max_tokens is not None:
+        options["max_tokens"] = max_tokens
+    return options
+
+
+def frame(request: dict[str, Any], marker: str) -> tuple[str, str]:
+    """`request` encoded and split around the string `marker` it holds in one place, so that
+    a body is the text before, one encoded value, and the text after: what stays the same for
+    every call is encoded once. `marker` must encode as itself and appear nowhere else."""
+    before, _, after = _JSON.encode(request).partition(_JSON.encode(marker))
+    return before, after
 
 
 def chat_endpoint(
@@ -198,11 +217,7 @@ class OpenAIRefiner:
     ) -> None:
         self._endpoint = chat_endpoint(transport, limits, base_url, model, api_key)
         self._model = model
-        self._options: dict[str, Any] = {}
-        if temperature is not None:
-            self._options["temperature"] = temperature
-        if max_tokens is not None:
-            self._options["max_tokens"] = max_tokens
+        self._options = chat_options(temperature, max_tokens)
         self._json_schema = {
             "type": "json_schema",
             "json_schema": {"name": "refined_prompt", "strict": True, "schema": output_schema},
@@ -215,7 +230,7 @@ class OpenAIRefiner:
             for cases in (True, False)
         }
         self._format = SchemaFormat(self._endpoint, clock)
-        self._probe = self._body(_PROBE_REQUEST, json_schema=True, max_tokens=_PROBE_MAX_TOKENS)
+        self._probe = self._body(_PROBE_REQUEST, json_schema=True, max_tokens=PROBE_MAX_TOKENS)
 
     async def refine(
         self, request: RefineRequest, *, time_left: float | None, traceparent: str | None
@@ -261,12 +276,9 @@ class OpenAIRefiner:
         }
 
     def _frame(self, json_schema: bool, test_cases: bool) -> tuple[str, str]:
-        """The encoded request around its user message's JSON string, split at a marker that
-        encodes as itself and that no JSON text of a request holds."""
-        marker = "\x00user\x00"
-        encoded = _JSON.encode(self._request(marker, json_schema, test_cases))
-        before, _, after = encoded.partition(_JSON.encode(marker))
-        return before, after
+        """The encoded request around its user message's JSON string."""
+        marker = "\x00user\x00"  # encodes as itself; no JSON text of a request holds it
+        return frame(self._request(marker, json_schema, test_cases), marker)
 
 
 def _format_verdict(body: bytes) -> bool | None:
