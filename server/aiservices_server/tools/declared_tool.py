@@ -18,6 +18,7 @@ import orjson
 from jsonschema import Draft202012Validator
 
 from aiservices_server.call import Call
+from aiservices_server.jsonbounds import holds_more_values, may_hold_more_values
 from aiservices_server.tools.base import (
     JsonObject,
     ToolDefinition,
@@ -106,37 +107,6 @@ def _invalid_output(message: str, trace_id: str, reply: RefineReply) -> ToolFail
     )
 
 
-def _too_many_values(text: str) -> bool:
-    """Whether parsing `text` might build more than MAX_OUTPUT_VALUES values: every value but
-    the first follows `[`, `{` or `,` (a member counts twice, key and value), counted at memchr
-    speed and only for text long enough to hold that many."""
-    if 2 * len(text) + 1 <= MAX_OUTPUT_VALUES:
-        return False
-    return 2 * (text.count("[") + text.count("{") + text.count(",")) + 1 > MAX_OUTPUT_VALUES
-
-
-def _holds_too_many_values(value: Any) -> bool:
-    """Whether `value`, an answer the upstream sent parsed (the Agenta runner's `data` may be an
-    object), holds more than MAX_OUTPUT_VALUES values: a walk with its own stack that stops as
-    soon as the count runs out."""
-    left = MAX_OUTPUT_VALUES
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            left -= len(node)
-            items: Iterable[Any] = node.values()
-        elif isinstance(node, list):
-            left -= len(node)
-            items = node
-        else:
-            continue
-        if left < 0:
-            return True
-        stack.extend(items)
-    return False
-
-
 def _schema_path(parts: Iterable[Any]) -> str:
     path = "/" + "/".join(str(part) for part in parts)
     return path if len(path) <= _MAX_PATH_CHARS else path[:_MAX_PATH_CHARS] + "..."
@@ -193,7 +163,9 @@ class DeclaredTool:
     def _check(self, reply: RefineReply) -> JsonObject:
         """The answer as an object that fits the output schema, or INVALID_MODEL_OUTPUT."""
         data, trace_id = reply.output, reply.trace_id
-        if _too_many_values(data) if isinstance(data, str) else _holds_too_many_values(data):
+        # The Agenta runner may send `data` parsed (an object), not as text: the same bound.
+        too_many = may_hold_more_values if isinstance(data, str) else holds_more_values
+        if too_many(data, MAX_OUTPUT_VALUES):
             raise _invalid_output(
                 f"it holds more than {MAX_OUTPUT_VALUES:,} JSON values", trace_id, reply
             )

@@ -25,6 +25,7 @@ import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
+from aiservices_server.jsonbounds import may_hold_more_values
 from aiservices_server.tracing import NO_TRACER, Attributes, AttributeValue, Tracer
 from aiservices_server.upstream.refiner import (
     UpstreamAttempt,
@@ -118,19 +119,8 @@ def classify(exc: httpx.TransportError) -> UpstreamError:
 
 def check_value_count(text: str | bytes | bytearray) -> None:
     """UpstreamReplyTooLarge when a JSON parse of `text` might build more than
-    MAX_REPLY_VALUES values, so no reply within the byte cap holds the event loop for long.
-
-    Every array element follows `[` or `,`, every object member (a key and a value) `{` or `,`,
-    so the values number at most twice the count of those characters, plus one. Counting runs at
-    memchr speed and is skipped for text too short to hold that many.
-    """
-    if 2 * len(text) + 1 <= MAX_REPLY_VALUES:
-        return
-    if isinstance(text, str):
-        openers = text.count("[") + text.count("{") + text.count(",")
-    else:
-        openers = text.count(b"[") + text.count(b"{") + text.count(b",")
-    if 2 * openers + 1 > MAX_REPLY_VALUES:
+    MAX_REPLY_VALUES values, so no reply within the byte cap holds the event loop for long."""
+    if may_hold_more_values(text, MAX_REPLY_VALUES):
         raise UpstreamReplyTooLarge(
             f"the upstream reply is too large: more than {MAX_REPLY_VALUES:,} JSON values"
         )
