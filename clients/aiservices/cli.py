@@ -41,7 +41,7 @@ from aiservices._cli.output import (
 )
 from aiservices._convert import as_json
 from aiservices.client import Status, ToolClient, ToolResult, ToolServiceError
-from aiservices.refine import REFINE_PROMPT, refine_arguments
+from aiservices.refine import REFINE_PROMPT, refine_arguments, refined_prompt
 from aiservices.retry import NO_RETRY
 from aiservices.settings import (
     DEFAULT_TARGET,
@@ -372,8 +372,9 @@ def _refine(client: ToolClient, args: argparse.Namespace) -> int:
     refined = (result.structured_content or {}).get("messages")
     if not result.is_error and args.output is not None:
         output = Path(args.output)
+        written = refined_prompt(result).apply_to(template)  # checked: Internal if malformed
         try:
-            write_atomically(output, json.dumps({**template, "messages": refined}, indent=2) + "\n")
+            write_atomically(output, json.dumps(written, indent=2) + "\n")
         except OSError as exc:
             raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
 
