@@ -26,9 +26,9 @@ from aiservices_server.tools.declared import (
     DeclaredToolSpec,
     PromptMessage,
     ToolsFileError,
+    argument_text,
     is_valid_tool_name,
     load_tools_file,
-    argument_text,
     load_tools_text,
     render,
 )
